@@ -1,0 +1,22 @@
+"""Choosing an engine by name: the one place that knows which engines exist."""
+
+from __future__ import annotations
+
+from .graph import Graph
+
+ENGINE_NAMES = ("compiled", "reference")
+DEFAULT_ENGINE = "reference"  # becomes "compiled" once the compiled engine lands
+
+
+def make_engine(graph: Graph, name: str | None = None, **options):
+    """An engine bound to ``graph``: an object with ``run(params, inputs, **kw) -> RunResult``."""
+    name = name or DEFAULT_ENGINE
+    if name == "reference":
+        from .reference import ReferenceEngine
+
+        return ReferenceEngine(graph)
+    if name == "compiled":
+        from .compiled import CompiledEngine
+
+        return CompiledEngine(graph, **options)
+    raise ValueError(f"unknown engine '{name}'; known engines: {', '.join(ENGINE_NAMES)}")

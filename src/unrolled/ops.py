@@ -1,0 +1,303 @@
+"""The closed table of operations: for each, its shape rule, forward rule and
+vector-Jacobian product (VJP), side by side.
+
+Every engine (reference, compiled) evaluates vertices through this table, so
+an op defined here is correct everywhere or nowhere; the op tests check each
+VJP against central finite differences.
+
+Conventions. A vertex value at one step is ``[B, F]`` (``[B]`` integers for an
+index input). A parameter value has its own shape and no batch axis; when an
+elementwise op mixes a parameter ``[F]`` with a vertex ``[B, F]`` the VJP
+returns the broadcast gradient ``[B, F]`` and the engine sums it over the
+batch (see :func:`unbroadcast`). A VJP returns one gradient per argument, or
+``None`` for an argument that has none (indices, targets of a loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """What a shape rule may know about an argument: its name and shape."""
+
+    name: str
+    shape: tuple[int, ...]  # a vertex: (F,); a parameter: its own shape
+    is_param: bool = False
+    is_index: bool = False  # integer indices in [0, shape[0])
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    arity: int | None  # None: any number >= 1
+    shape: Callable[[list[ArgSpec], dict], int]
+    forward: Callable[[list[np.ndarray], dict], np.ndarray]
+    vjp: Callable[[np.ndarray, list[np.ndarray], np.ndarray, dict], list]
+    is_loss: bool = False
+    params_allowed: tuple[int, ...] = field(default=())  # argument positions that may be parameters
+    index_allowed: tuple[int, ...] = field(default=())  # positions that may be index inputs
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum a gradient over the batch axis a parameter was broadcast along."""
+    while grad.ndim > len(shape):
+        grad = grad.sum(axis=0)
+    return grad
+
+
+# ---------------------------------------------------------------- shape rules
+
+
+def _need_vector(a: ArgSpec, what: str) -> None:
+    if a.is_param and len(a.shape) != 1:
+        raise ValueError(f"{what} '{a.name}' is a parameter of shape {list(a.shape)}; it must be a vector")
+    if a.is_index:
+        raise ValueError(f"'{a.name}' holds integer indices; convert it first with one_hot or embedding")
+
+
+def _same_size(args: list[ArgSpec], attrs: dict) -> int:
+    for a in args:
+        _need_vector(a, "argument")
+    sizes = [a.shape[0] for a in args]
+    if len(set(sizes)) != 1:
+        listed = " and ".join(f"'{a.name}' has {a.shape[0]}" for a in args)
+        raise ValueError(f"{listed} features; elementwise operands must have equal sizes")
+    if all(a.is_param for a in args):
+        raise ValueError("every operand is a parameter; at least one must be a vertex")
+    return sizes[0]
+
+
+def _unary(args: list[ArgSpec], attrs: dict) -> int:
+    _need_vector(args[0], "argument")
+    if args[0].is_param:
+        raise ValueError(f"'{args[0].name}' is a parameter; this op takes a vertex")
+    return args[0].shape[0]
+
+
+def _matmul_shape(args: list[ArgSpec], attrs: dict) -> int:
+    W, x = args[0], args[1]
+    if not W.is_param or len(W.shape) != 2:
+        raise ValueError(f"'{W.name}' must be a parameter matrix [out, in]")
+    _need_vector(x, "input")
+    if x.is_param:
+        raise ValueError(f"'{x.name}' is a parameter; the second operand must be a vertex")
+    if W.shape[1] != x.shape[0]:
+        raise ValueError(
+            f"{W.name} is {list(W.shape)} but {x.name} has {x.shape[0]} features; "
+            f"{W.name}'s second size must equal {x.name}'s size"
+        )
+    return W.shape[0]
+
+
+def _linear_shape(args: list[ArgSpec], attrs: dict) -> int:
+    out = _matmul_shape(args[:2], attrs)
+    b = args[2]
+    if not b.is_param or b.shape != (out,):
+        raise ValueError(f"bias '{b.name}' is {list(b.shape)} but must be a parameter [{out}]")
+    return out
+
+
+def _concat_shape(args: list[ArgSpec], attrs: dict) -> int:
+    for a in args:
+        _need_vector(a, "operand")
+        if a.is_param:
+            raise ValueError(f"'{a.name}' is a parameter; concat joins vertices")
+    return sum(a.shape[0] for a in args)
+
+
+def _slice_shape(args: list[ArgSpec], attrs: dict) -> int:
+    size = _unary(args, attrs)
+    start, stop = attrs["start"], attrs["stop"]
+    if not 0 <= start < stop <= size:
+        raise ValueError(f"slice [{start}:{stop}] does not fit in '{args[0].name}' of size {size}")
+    return stop - start
+
+
+def _embedding_shape(args: list[ArgSpec], attrs: dict) -> int:
+    E, idx = args
+    if not E.is_param or len(E.shape) != 2:
+        raise ValueError(f"'{E.name}' must be a parameter matrix [vocabulary, dim]")
+    if not idx.is_index:
+        raise ValueError(f"'{idx.name}' must be an index input (g.index_input)")
+    if E.shape[0] != idx.shape[0]:
+        raise ValueError(
+            f"{E.name} has {E.shape[0]} rows but {idx.name} indexes {idx.shape[0]} tokens; they must be equal"
+        )
+    return E.shape[1]
+
+
+def _one_hot_shape(args: list[ArgSpec], attrs: dict) -> int:
+    if not args[0].is_index:
+        raise ValueError(f"'{args[0].name}' must be an index input (g.index_input)")
+    return args[0].shape[0]
+
+
+def _xent_shape(args: list[ArgSpec], attrs: dict) -> int:
+    logits, target = args
+    _unary([logits], attrs)
+    if not target.is_index:
+        raise ValueError(f"target '{target.name}' must be an index input of class numbers")
+    if target.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"'{logits.name}' has {logits.shape[0]} classes but target '{target.name}' has {target.shape[0]}"
+        )
+    return 1
+
+
+def _mse_shape(args: list[ArgSpec], attrs: dict) -> int:
+    _same_size(args, attrs)
+    return 1
+
+
+# ------------------------------------------------------------ numerics helpers
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function without overflow at large |x|."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _scatter_rows(shape, idx, g):
+    out = np.zeros(shape, dtype=g.dtype)
+    np.add.at(out, idx, g)
+    return out
+
+
+def _one_hot(idx: np.ndarray, n: int, dtype) -> np.ndarray:
+    out = np.zeros((idx.shape[0], n), dtype=dtype)
+    out[np.arange(idx.shape[0]), idx] = 1
+    return out
+
+
+def _xent_forward(v, a):
+    logits, target = v
+    logp = log_softmax(logits)
+    return -logp[np.arange(target.shape[0]), target][:, None]
+
+
+def _xent_vjp(g, v, out, a):
+    logits, target = v
+    d = softmax(logits)
+    d[np.arange(target.shape[0]), target] -= 1
+    return [g * d, None]
+
+
+def _mse_forward(v, a):
+    p, y = v
+    return np.mean((p - y) ** 2, axis=-1, keepdims=True)
+
+
+def _mse_vjp(g, v, out, a):
+    p, y = v
+    d = g * (2.0 / p.shape[-1]) * (p - y)
+    return [d, -d]
+
+
+def _concat_vjp(g, v, out, a):
+    grads, start = [], 0
+    for x in v:
+        grads.append(g[:, start : start + x.shape[-1]])
+        start += x.shape[-1]
+    return grads
+
+
+def _slice_vjp(g, v, out, a):
+    full = np.zeros_like(v[0], dtype=g.dtype)
+    full[:, a["start"] : a["stop"]] = g
+    return [full]
+
+
+def _softmax_vjp(g, v, s, a):
+    return [s * (g - (g * s).sum(axis=-1, keepdims=True))]
+
+
+def _log_softmax_vjp(g, v, out, a):
+    return [g - np.exp(out) * g.sum(axis=-1, keepdims=True)]
+
+
+# --------------------------------------------------------------------- table
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in [
+        Op("matmul", 2, _matmul_shape,
+           lambda v, a: v[1] @ v[0].T,
+           lambda g, v, out, a: [g.T @ v[1], g @ v[0]],
+           params_allowed=(0,)),
+        Op("linear", 3, _linear_shape,
+           lambda v, a: v[1] @ v[0].T + v[2],
+           lambda g, v, out, a: [g.T @ v[1], g @ v[0], g.sum(axis=0)],
+           params_allowed=(0, 2)),
+        Op("add", 2, _same_size,
+           lambda v, a: v[0] + v[1],
+           lambda g, v, out, a: [g, g],
+           params_allowed=(0, 1)),
+        Op("sub", 2, _same_size,
+           lambda v, a: v[0] - v[1],
+           lambda g, v, out, a: [g, -g],
+           params_allowed=(0, 1)),
+        Op("mul", 2, _same_size,
+           lambda v, a: v[0] * v[1],
+           lambda g, v, out, a: [g * v[1], g * v[0]],
+           params_allowed=(0, 1)),
+        Op("scale", 1, _unary,
+           lambda v, a: v[0] * a["c"],
+           lambda g, v, out, a: [g * a["c"]]),
+        Op("one_minus", 1, _unary,
+           lambda v, a: 1 - v[0],
+           lambda g, v, out, a: [-g]),
+        Op("concat", None, _concat_shape,
+           lambda v, a: np.concatenate(v, axis=-1),
+           _concat_vjp),
+        Op("slice", 1, _slice_shape,
+           lambda v, a: v[0][:, a["start"] : a["stop"]],
+           _slice_vjp),
+        Op("tanh", 1, _unary,
+           lambda v, a: np.tanh(v[0]),
+           lambda g, v, out, a: [g * (1 - out * out)]),
+        Op("sigmoid", 1, _unary,
+           lambda v, a: sigmoid(v[0]),
+           lambda g, v, out, a: [g * out * (1 - out)]),
+        Op("relu", 1, _unary,
+           lambda v, a: np.maximum(v[0], 0),
+           lambda g, v, out, a: [g * (v[0] > 0)]),
+        Op("identity", 1, _unary,
+           lambda v, a: v[0].copy(),
+           lambda g, v, out, a: [g]),
+        Op("softmax", 1, _unary,
+           lambda v, a: softmax(v[0]),
+           _softmax_vjp),
+        Op("log_softmax", 1, _unary,
+           lambda v, a: log_softmax(v[0]),
+           _log_softmax_vjp),
+        Op("embedding", 2, _embedding_shape,
+           lambda v, a: v[0][v[1]],
+           lambda g, v, out, a: [_scatter_rows(v[0].shape, v[1], g), None],
+           params_allowed=(0,), index_allowed=(1,)),
+        Op("one_hot", 1, _one_hot_shape,
+           lambda v, a: _one_hot(v[0], a["n"], a["dtype"]),
+           lambda g, v, out, a: [None],
+           index_allowed=(0,)),
+        Op("cross_entropy", 2, _xent_shape, _xent_forward, _xent_vjp,
+           is_loss=True, index_allowed=(1,)),
+        Op("mse", 2, _mse_shape, _mse_forward, _mse_vjp, is_loss=True),
+    ]
+}
+
+LOSS_KINDS = tuple(name for name, op in OPS.items() if op.is_loss)
