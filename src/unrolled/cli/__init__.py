@@ -1,0 +1,67 @@
+"""The command line: ``unrolled SUBCOMMAND ...``, one small module per subcommand.
+
+Each subcommand module has ``add_arguments(parser)`` and ``run(args) -> int``.
+:func:`main` turns a user's mistake (``ValueError``, ``OSError``) into one line
+on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": "train a character-level language model on text files",
+    "sample": "generate text from a trained checkpoint",
+    "evaluate": "bits per character of a text under a checkpoint",
+    "draw": "draw the folded or the unrolled graph",
+    "diagnose": "draw gradients through time",
+    "gradcheck": "check a network's gradients against finite differences",
+    "bench": "time unrolled against PyTorch, JAX and NumPy",
+    "demo": "the classic Elman network, printed, unrolled and trained briefly",
+}
+
+
+class UsageError(Exception):
+    """A mistake in the command line itself (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unrolled",
+        description="Recurrent networks as cyclic graphs with delay edges, unrolled in time, trained by BPTT.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        module = _module(name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(f"unrolled.cli.{name}_cmd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one-line usage error
+        return int(e.code or 0)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(_module(args.command).run(args) or 0)
+    except UsageError as e:
+        print(f"unrolled {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"unrolled {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"unrolled {args.command}: interrupted", file=sys.stderr)
+        return 130

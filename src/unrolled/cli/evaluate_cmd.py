@@ -1,0 +1,9 @@
+"""Not built yet."""
+
+
+def add_arguments(p) -> None:
+    pass
+
+
+def run(args) -> int:
+    raise RuntimeError("'evaluate' is not available yet")
