@@ -20,3 +20,15 @@ def make_engine(graph: Graph, name: str | None = None, **options):
 
         return CompiledEngine(graph, **options)
     raise ValueError(f"unknown engine '{name}'; known engines: {', '.join(ENGINE_NAMES)}")
+
+
+def available_engines() -> list[str]:
+    """The engines that import on this installation (the tests run every one of them)."""
+    names = ["reference"]
+    try:
+        from . import compiled  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        names.insert(0, "compiled")
+    return names
