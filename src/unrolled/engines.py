@@ -5,7 +5,7 @@ from __future__ import annotations
 from .graph import Graph
 
 ENGINE_NAMES = ("compiled", "reference")
-DEFAULT_ENGINE = "reference"  # becomes "compiled" once the compiled engine lands
+DEFAULT_ENGINE = "compiled"
 
 
 def make_engine(graph: Graph, name: str | None = None, **options):
