@@ -79,7 +79,35 @@ class Plan:
     wants_grad: set[str] = field(default_factory=set)
 
     def of(self, phase: str) -> list[Vertex]:
+        """The vertices of one phase in a same-step order (the loop's order, for the core)."""
         return [v for v in self.order if self.phase[v.name] == phase]
+
+    def batched(self, phase: str) -> list[Vertex]:
+        """The vertices of a loop-free phase in an order where a delay follows its source.
+
+        Outside the core the whole graph, delay edges included, is acyclic
+        (every cycle is in the core), so such an order exists."""
+        members = [v for v in self.order if self.phase[v.name] == phase]
+        names = {v.name for v in members}
+        edges = _edges(self.order)
+        indegree = {v.name: 0 for v in members}
+        for src, dsts in edges.items():
+            for d in dsts:
+                if d in names and src in names:
+                    indegree[d] += 1
+        by_name = {v.name: v for v in members}
+        ready = [v.name for v in members if indegree[v.name] == 0]
+        out = []
+        while ready:
+            n = ready.pop(0)
+            out.append(by_name[n])
+            for d in edges[n]:
+                if d in names:
+                    indegree[d] -= 1
+                    if indegree[d] == 0:
+                        ready.append(d)
+        assert len(out) == len(members)
+        return out
 
 
 def plan(graph: Graph) -> Plan:
@@ -274,6 +302,7 @@ class _Writer:
         self.names: dict[str, str] = {}
         for i, v in enumerate(p.order):
             self.names[v.name] = f"v{i}"
+        self.pnames = {name: f"p{i}" for i, name in enumerate(graph.params)}
         # concatenations read only by split products are never built: the products read their parts
         readers: dict[str, list[Vertex]] = {}
         for u in p.order:
@@ -291,7 +320,7 @@ class _Writer:
         """The expression of ``v``'s value at step ``t`` inside the loop."""
         n, ph = self.names[v.name], self.p.phase[v.name]
         if isinstance(v, Param):
-            return f"P_{v.name}"
+            return f"P_{self.pnames[v.name]}"
         if v.kind == "delay":
             if ph == "core":
                 src, D = v.source, self.p.depth[v.source.name]
@@ -308,7 +337,7 @@ class _Writer:
         return f"S_{n}"
 
     def arg(self, a) -> str:
-        return f"P_{a.name}" if isinstance(a, Param) else self.val(a)
+        return f"P_{self.pnames[a.name]}" if isinstance(a, Param) else self.val(a)
 
     # ---- forward
 
@@ -341,7 +370,7 @@ class _Writer:
             if s.pre:
                 c(f"add({dst}, Y_{n}[t], out={dst})")
             elif s.bias:
-                c(f"add({dst}, P_{s.bias}, out={dst})")
+                c(f"add({dst}, P_{self.pnames[s.bias]}, out={dst})")
         elif op in ("add", "sub", "mul"):
             fn = {"add": "add", "sub": "subtract", "mul": "multiply"}[op]
             c(f"{fn}({a[0]}, {a[1]}, out={dst})")
@@ -704,14 +733,12 @@ class _RunState:
 
     def forward(self) -> None:
         T, B = self.T, self.B
-        for v in self.p.order:
-            if self.p.phase[v.name] == "pre":
-                self._batched_forward(v)
+        for v in self.p.batched("pre"):
+            self._batched_forward(v)
         self._prepare_loop()
         self._call("forward_loop")
-        for v in self.p.order:
-            if self.p.phase[v.name] == "post":
-                self._batched_forward(v)
+        for v in self.p.batched("post"):
+            self._batched_forward(v)
 
     def _call(self, fn: str) -> None:
         ns = self.eng._namespace
@@ -749,7 +776,7 @@ class _RunState:
 
     def _prepare_loop(self) -> None:
         T, B, w, p = self.T, self.B, self.w, self.p
-        bind = {f"P_{k}": v for k, v in self.params.items()}
+        bind = {f"P_{w.pnames[k]}": self.params[k] for k in self.g.params}
         for v in p.of("core"):
             n = w.names[v.name]
             if v.name in p.depth:
@@ -765,7 +792,7 @@ class _RunState:
                 s = p.split[v.name]
                 W = self.params[s.W]
                 Wc = _columns(W, s.core_cols)
-                bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, Wc.T
+                bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, np.ascontiguousarray(Wc.T)
                 if len(s.core) > 1:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))
@@ -814,15 +841,20 @@ class _RunState:
             self._add_grad(l.vertex, seed)
         for name, a in f.output_grads.items():
             self._add_grad(self.g.vertices[name], a)
-        for v in reversed(p.order):
-            if p.phase[v.name] == "post":
-                self._batched_backward(v)
+        for name, D in p.depth.items():
+            if p.phase[name] != "core" and name in f.final_state_grads:
+                # a delayed vertex outside the loop: its final states are its last values
+                hist = np.zeros((D + T, B, self.g.vertices[name].size), dtype=self.dtype)
+                hist[T:T + D] = f.final_state_grads[name]
+                self.init_grads[name] = self.init_grads.get(name, 0) + hist[:D]
+                self._add_grad(self.g.vertices[name], hist[D:])
+        for v in reversed(p.batched("post")):
+            self._batched_backward(v)
         self._prepare_backward_loop()
         self._call("backward_loop")
         self._loop_param_grads()
-        for v in reversed(p.order):
-            if p.phase[v.name] == "pre":
-                self._batched_backward(v)
+        for v in reversed(p.batched("pre")):
+            self._batched_backward(v)
         self._finish(result, combine)
 
     def _add_grad(self, v: Vertex, g: np.ndarray) -> None:
@@ -900,13 +932,6 @@ class _RunState:
                     bind[f"GF_{n}"] = GF
                 else:
                     bind[f"G_{n}"] = self.alloc(f"G_{n}", (B, v.size))
-        for name, D in p.depth.items():
-            if p.phase[name] != "core" and name in f.final_state_grads:
-                # a delayed vertex outside the loop: its final states are its last values
-                hist = np.zeros((D + T, B, self.g.vertices[name].size), dtype=self.dtype)
-                hist[T:T + D] = f.final_state_grads[name]
-                self.init_grads[name] = self.init_grads.get(name, 0) + hist[:D]
-                self._add_grad(self.g.vertices[name], hist[D:])
         # gradients the loop sends to pre vertices (and pre delays), one [T, B, F] buffer each
         for target, rng in w._contributions():
             if p.phase[target.name] != "core":
@@ -1013,9 +1038,9 @@ def _flat(a: np.ndarray) -> np.ndarray:
 
 
 def _columns(W: np.ndarray, cols: list[int]) -> np.ndarray:
-    """``W[:, cols]``: a view when the columns are one run, else a copy."""
+    """A contiguous copy of ``W[:, cols]``: NumPy hands a strided view to a slow non-BLAS loop."""
     if cols and cols == list(range(cols[0], cols[-1] + 1)):
-        return W[:, cols[0]: cols[-1] + 1]
+        return np.ascontiguousarray(W[:, cols[0]: cols[-1] + 1])
     return np.ascontiguousarray(W[:, cols])
 
 

@@ -98,7 +98,7 @@ def _collect_forward(dag: UnrolledGraph, values, feeds: Feeds) -> RunResult:
         for l in g.losses
     }
     loss = sum(float(step_losses[l.name].sum(dtype=np.float64)) / feeds.norms[l.name] for l in g.losses)
-    outputs = {v.name: np.stack([values[Node(v.name, t)] for t in range(T)]) for v in g.outputs}
+    outputs = {v.name: np.stack([values[_node(v, t)] for t in range(T)]) for v in g.outputs}
     finals = {
         name: as_state(np.stack([values[Node(name, t)] for t in range(T - D, T)]))
         for name, D in g.delayed().items()
@@ -122,13 +122,18 @@ def _backward(dag: UnrolledGraph, params, feeds: Feeds, values, result: RunResul
             add(Node(l.name, t), seed[t][:, None])
     for name, a in feeds.output_grads.items():
         for t in range(T):
-            add(Node(name, t), a[t])
+            add(_node(g.vertices[name], t), a[t])
     for name, a in feeds.final_state_grads.items():
         D = a.shape[0]
         for k, t in enumerate(range(T - D, T)):
             add(Node(name, t), a[k])
 
+    # every copy counts, even one no gradient reaches (its contribution is zero)
     copies: dict[str, dict[int, np.ndarray]] = {p: {} for p in g.params}
+    for p, users in dag.params_of().items():
+        for user in users:
+            if dag.kind[user] == "op" or user.name not in feeds.given_init:
+                copies[p][user.t] = np.zeros(params[p].shape, dtype=dtype)
     for node in reversed(dag.topological_order()):
         if node not in grads or dag.kind[node] == "param":
             continue
@@ -155,6 +160,11 @@ def _backward(dag: UnrolledGraph, params, feeds: Feeds, values, result: RunResul
             else:
                 add(a, ga)
     _fill_gradients(dag, params, feeds, grads, copies, result, combine, per_copy)
+
+
+def _node(v, t: int) -> Node:
+    """The unrolled node holding vertex ``v`` at step ``t`` (a delay vertex is its source, earlier)."""
+    return Node(v.source.name, t - v.depth) if v.kind == "delay" else Node(v.name, t)
 
 
 def _init_param_contribution(dag, node: Node, gout, feeds: Feeds, copies) -> None:
