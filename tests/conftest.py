@@ -1,0 +1,26 @@
+"""Shared test fixtures: strict numerics and a seeded generator.
+
+NumPy's floating-point warnings (overflow, invalid, divide by zero) become
+errors, so a NaN born deep inside a computation fails the test where it is
+born instead of three asserts later. Underflow stays ignored, as NumPy's
+default: flushing exp(-800) to 0 is correct arithmetic, not a warning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def strict_numpy():
+    old = np.seterr(all="raise", under="ignore")
+    try:
+        yield
+    finally:
+        np.seterr(**old)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
