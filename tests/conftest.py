@@ -8,8 +8,15 @@ default: flushing exp(-800) to 0 is correct arithmetic, not a warning.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+# The compiled engine's "auto" mode would hand small runs to Numba, compiling each
+# test graph for seconds; tests take the NumPy loop unless they ask for jit=True
+# (tests/test_jit.py does, on a fixed set of graphs).
+os.environ.setdefault("UNROLLED_JIT", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,9 @@ the tests hold the two to 1e-10 in float64 on random cyclic graphs.
 from __future__ import annotations
 
 import linecache
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,12 +80,20 @@ class Plan:
     split: dict[str, _Split] = field(default_factory=dict)
     stored: set[str] = field(default_factory=set)  # core vertices kept for all steps
     wants_grad: set[str] = field(default_factory=set)
+    memo: dict = field(default_factory=dict)
 
     def of(self, phase: str) -> list[Vertex]:
         """The vertices of one phase in a same-step order (the loop's order, for the core)."""
         return [v for v in self.order if self.phase[v.name] == phase]
 
     def batched(self, phase: str) -> list[Vertex]:
+        """Cached :meth:`_batched`."""
+        key = "batched:" + phase
+        if key not in self.memo:
+            self.memo[key] = self._batched(phase)
+        return self.memo[key]
+
+    def _batched(self, phase: str) -> list[Vertex]:
         """The vertices of a loop-free phase in an order where a delay follows its source.
 
         Outside the core the whole graph, delay edges included, is acyclic
@@ -296,8 +307,8 @@ class _Code:
 class _Writer:
     """Emits the forward and backward step loops for a plan."""
 
-    def __init__(self, graph: Graph, p: Plan):
-        self.g, self.p = graph, p
+    def __init__(self, graph: Graph, p: Plan, jit: bool = False):
+        self.g, self.p, self.jit = graph, p, jit
         self.core = p.of("core")
         self.names: dict[str, str] = {}
         for i, v in enumerate(p.order):
@@ -365,7 +376,7 @@ class _Writer:
             xs = [self.val(part) for part, _, _ in s.core]
             x = xs[0] if len(xs) == 1 else f"C_{n}"
             if len(xs) > 1:
-                c(f"concatenate(({', '.join(xs)}), axis=1, out={x})")
+                self._concat(c, xs, [part.size for part, _, _ in s.core], x)
             c(f"matmul({x}, WT_{n}, out={dst})")
             if s.pre:
                 c(f"add({dst}, Y_{n}[t], out={dst})")
@@ -380,6 +391,8 @@ class _Writer:
             c(f"subtract(1, {a[0]}, out={dst})")
         elif op == "tanh":
             c(f"tanh({a[0]}, out={dst})")
+        elif op == "sigmoid" and self.jit:
+            c(f"sigmoid({a[0]}, out={dst})")
         elif op == "sigmoid":
             c(f"negative({a[0]}, out={dst}); exp({dst}, out={dst}); add({dst}, 1, out={dst}); "
               f"reciprocal({dst}, out={dst})")
@@ -388,7 +401,7 @@ class _Writer:
         elif op == "identity":
             c(f"copyto({dst}, {a[0]})")
         elif op == "concat":
-            c(f"concatenate(({', '.join(a)},), axis=1, out={dst})")
+            self._concat(c, a, [x.size for x in v.args], dst)
         else:
             c(f"{dst}[...] = F_{self.names[v.name]}([{', '.join(a)}])")
 
@@ -439,6 +452,12 @@ class _Writer:
 
     def _post_grad(self, v: Vertex) -> bool:
         """Does ``v`` receive gradient from outside the loop (post phase, output seeds)?"""
+        memo = self.p.memo.setdefault("post_grad", {})
+        if v.name not in memo:
+            memo[v.name] = self._find_post_grad(v)
+        return memo[v.name]
+
+    def _find_post_grad(self, v: Vertex) -> bool:
         if any(_sliced(o)[0] is v for o in self.g.outputs):
             return True
         for u in self.p.order:
@@ -452,6 +471,11 @@ class _Writer:
 
     def _contributions(self):
         """(target vertex, column range or None) for every gradient the loop body produces, in order."""
+        if "contributions" not in self.p.memo:
+            self.p.memo["contributions"] = self._find_contributions()
+        return self.p.memo["contributions"]
+
+    def _find_contributions(self):
         out = []
         for v in reversed(self.core):
             if v.kind != "op" or v.op == "slice" or v.name in self.skip:
@@ -592,6 +616,15 @@ class _Writer:
 
     # ---- shared
 
+    def _concat(self, c: _Code, parts: list[str], sizes: list[int], dst: str) -> None:
+        if not self.jit:
+            c(f"concatenate(({', '.join(parts)},), axis=1, out={dst})")
+            return
+        off = 0
+        for part, size in zip(parts, sizes):
+            c(f"copyto({dst}[:, {off}:{off + size}], {part})")
+            off += size
+
     def sources(self) -> tuple[str, str]:
         self.temp_widths: set[int] = set()
         self.mask_widths: set[int] = set()
@@ -633,14 +666,35 @@ class CompiledEngine:
 
     name = "compiled"
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, jit: bool | str = "auto"):
         self.graph = graph.check()
         self.plan = plan(graph)
+        self.jit = jit  # True, False, or "auto": Numba for runs whose steps are small
+        self._jit_ok = _jit_available(jit, self.plan)
         self._writer = _Writer(graph, self.plan)
         fwd, bwd = self._writer.sources()
         self.code = _header(self._writer) + fwd + "\n" + bwd
         self._namespace = self._compile(self.code)
+        self._jit_namespace: dict | None = None
         self._buffers: dict = {}
+
+    def uses_jit(self, B: int) -> bool:
+        """Whether a run over batches of ``B`` rows takes the Numba loop."""
+        if not self._jit_ok:
+            return False
+        if self.jit is True:
+            return True
+        widest = max((v.size for v in self.plan.of("core")), default=0)
+        return B * widest <= JIT_AUTO_LIMIT
+
+    def jit_namespace(self) -> dict:
+        """The Numba-compiled loops, built on first use (compiling takes seconds; Numba caches it on disk)."""
+        if self._jit_namespace is None:
+            writer = _Writer(self.graph, self.plan, jit=True)
+            fwd, bwd = writer.sources()
+            self.jit_code = _header(writer) + _with_arguments(fwd) + "\n" + _with_arguments(bwd)
+            self._jit_namespace = _load_jit_loops(self.jit_code)
+        return self._jit_namespace
 
     def _compile(self, source: str) -> dict:
         filename = f"<unrolled compiled {self.graph.name} {id(self):x}>"
@@ -684,6 +738,92 @@ class CompiledEngine:
         return self._buffers[key]
 
 
+# ------------------------------------------------------------ the JIT path
+
+_NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+)\b")
+JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps
+
+
+def _jit_available(jit, p: Plan) -> bool:
+    """Can this graph take the Numba loop? (``jit=True`` insists, and says why not.)"""
+    if jit is False or (jit != True and os.environ.get("UNROLLED_JIT", "1") == "0"):  # noqa: E712
+        return False
+    unsupported = sorted({v.op for v in p.of("core") if v.kind == "op" and v.op not in _INLINE})
+    if unsupported:
+        if jit is True:
+            raise ValueError(f"the JIT loop cannot run {', '.join(unsupported)} inside the recurrent core; "
+                             f"use jit=False or 'auto'")
+        return False
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        if jit is True:
+            raise ValueError("jit=True needs Numba: pip install numba") from None
+        return False
+    return True
+
+
+def _with_arguments(source: str) -> str:
+    """Numba freezes globals at compile time, so every buffer becomes an argument instead."""
+    names = sorted(set(_NAME.findall(source)), key=lambda n: (n.split("_")[0], n))
+    head, _, body = source.partition("\n")
+    fn = head.split("(")[0]
+    return f"@numba.njit(cache=True, nogil=True)\n{fn}(T, {', '.join(names)}):\n{body}"
+
+
+def _load_jit_loops(source: str) -> dict:
+    """Import the generated loops from a file, so that Numba's on-disk cache can keep them compiled."""
+    import hashlib
+    import importlib.util
+
+    text = "import numba\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n\n" + source
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    folder = _cache_folder()
+    path = folder / f"loops_{digest}.py"
+    if not path.exists():
+        from .atomic import atomic_write_text
+
+        atomic_write_text(path, text)
+    spec = importlib.util.spec_from_file_location(f"unrolled_loops_{digest}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Numba's cache finds the module again by name
+    spec.loader.exec_module(module)
+    ns = {}
+    for fn in ("forward_loop", "backward_loop"):
+        compiled = getattr(module, fn)
+        names = compiled.py_func.__code__.co_varnames[1:compiled.py_func.__code__.co_argcount]
+        ns[fn] = _binder(compiled, names)
+    return ns
+
+
+def _binder(compiled, names):
+    def call(T, bind):
+        return compiled(T, *[bind[n] for n in names])
+
+    return call
+
+
+def _cache_folder():
+    """Where generated JIT loops live: $UNROLLED_CACHE, else ~/.cache/unrolled, else a temporary folder."""
+    import tempfile
+    from pathlib import Path
+
+    for candidate in (os.environ.get("UNROLLED_CACHE"), os.path.join(os.path.expanduser("~"), ".cache", "unrolled"),
+                      os.path.join(tempfile.gettempdir(), "unrolled-cache")):
+        if not candidate:
+            continue
+        folder = Path(candidate) / "jit"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            return folder
+        except OSError:
+            continue
+    raise OSError("no writable folder for the JIT cache: set UNROLLED_CACHE to one, or use jit=False")
+
+
 def _header(w: _Writer) -> str:
     lines = [f"# generated by unrolled.compiled for graph '{w.g.name}'",
              "# core (step by step): " + ", ".join(v.name for v in w.p.of("core")),
@@ -701,6 +841,7 @@ class _RunState:
         self.p, self.w, self.g = eng.plan, eng._writer, eng.graph
         self.T, self.B, self.dtype = feeds.T, feeds.B, feeds.dtype
         self.buf = eng.buffers(self.T, self.B, self.dtype)
+        self.use_jit = eng.uses_jit(self.B)
         self.X: dict[str, np.ndarray] = {}  # pre/post values, [T, B, F] (or [T, B] indices)
 
     # ---- buffers
@@ -741,11 +882,14 @@ class _RunState:
             self._batched_forward(v)
 
     def _call(self, fn: str) -> None:
-        ns = self.eng._namespace
-        # buffers and parameters become globals of the generated functions: the fastest lookup there is
-        ns.update(self.bind)
         try:
-            ns[fn](self.T, self.B, self.buf, self.params)
+            if self.use_jit:
+                self.eng.jit_namespace()[fn](self.T, self.bind)
+            else:
+                # buffers and parameters become globals of the generated functions: the fastest lookup there is
+                ns = self.eng._namespace
+                ns.update(self.bind)
+                ns[fn](self.T, self.B, self.buf, self.params)
         except (FloatingPointError, ValueError) as e:
             raise RuntimeError(f"in the compiled {fn.split('_')[0]} loop of graph '{self.g.name}': {e}") from e
 

@@ -111,6 +111,8 @@ class Graph:
         self.outputs: list[Vertex] = []
         self.losses: list[Loss] = []
         self._counter = 0
+        self._version = 0  # bumped by every change, so checks and derived facts can be cached
+        self._cache: dict = {}
 
     # ------------------------------------------------------------ leaves
 
@@ -131,6 +133,7 @@ class Graph:
         self._check_new_name(name)
         p = Param(name, shape, init)
         self.params[name] = p
+        self._changed()
         return p
 
     def state(self, name: str, size: int, init: str = "zeros") -> Vertex:
@@ -270,6 +273,7 @@ class Graph:
         v = self._vertex(v)
         if v not in self.outputs:
             self.outputs.append(v)
+            self._changed()
         return v
 
     def loss(self, kind: str, prediction, target, *, name: str | None = None, reduce: str = "mean") -> Loss:
@@ -286,6 +290,7 @@ class Graph:
         v = self.apply(kind, prediction, target, name=name or self._auto_name("loss"))
         loss = Loss(v.name, v, reduce)
         self.losses.append(loss)
+        self._changed()
         return loss
 
     # ----------------------------------------------------------- queries
@@ -300,10 +305,12 @@ class Graph:
 
     def delayed(self) -> dict[str, int]:
         """Each vertex read through a delay, with its deepest delay: how much history it keeps."""
-        depth: dict[str, int] = {}
-        for d in self.delays:
-            depth[d.source.name] = max(depth.get(d.source.name, 0), d.depth)
-        return depth
+        if "delayed" not in self._cache:
+            depth: dict[str, int] = {}
+            for d in self.delays:
+                depth[d.source.name] = max(depth.get(d.source.name, 0), d.depth)
+            self._cache["delayed"] = depth
+        return dict(self._cache["delayed"])
 
     def init_param_name(self, vertex_name: str) -> str:
         return f"{vertex_name}.init"
@@ -311,7 +318,9 @@ class Graph:
     def step_order(self) -> list[Vertex]:
         """The non-delay vertices in an order that computes one time step (inputs first)."""
         self.check()
-        return self._topological()
+        if "step_order" not in self._cache:
+            self._cache["step_order"] = self._topological()
+        return list(self._cache["step_order"])
 
     def unroll(self, T: int):
         """The explicit acyclic graph over ``T`` steps (see unroll.py)."""
@@ -328,6 +337,8 @@ class Graph:
 
     def check(self) -> "Graph":
         """Reject a graph that cannot be unrolled, naming the vertices at fault; return the graph."""
+        if self._cache.get("checked"):
+            return self
         for v in self.vertices.values():
             if v.kind == "pending":
                 raise ValueError(
@@ -350,6 +361,7 @@ class Graph:
                     f"loss '{loss.name}' depends on no input and no state: its prediction "
                     f"'{loss.prediction.name}' is the same at every step; connect it to an input or a state"
                 )
+        self._cache["checked"] = True
         return self
 
     def _find_cycle(self) -> list[Vertex] | None:
@@ -447,7 +459,12 @@ class Graph:
     def _add(self, v: Vertex) -> Vertex:
         self._check_new_name(v.name)
         self.vertices[v.name] = v
+        self._changed()
         return v
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._cache.clear()
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name:
@@ -493,11 +510,13 @@ class Graph:
         if init not in INIT_MODES:
             raise ValueError(f"initial state init={init!r} for '{v.name}'; use one of {', '.join(INIT_MODES)}")
         v.init = init
+        self._changed()
         pname = self.init_param_name(v.name)
         if init == "learned" and pname not in self.params:
             self.param(pname, (v.size,), init="zeros")
         elif init != "learned" and pname in self.params:
             del self.params[pname]
+            self._changed()
 
     def _define_state(self, v: Vertex, op: str, args, attrs, size: int) -> Vertex:
         if size != v.size:
@@ -508,6 +527,7 @@ class Graph:
                 f"{op}({', '.join(a.name for a in args)}) is [{size}]; make the sizes equal"
             )
         v.kind, v.op, v.args, v.attrs = "op", op, args, attrs
+        self._changed()
         del self.vertices[v.name]  # list it where it is defined, so printing follows the equations
         self.vertices[v.name] = v
         return v

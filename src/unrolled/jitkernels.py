@@ -1,0 +1,199 @@
+"""Numba versions of the NumPy calls the compiled engine's step loops make.
+
+When a step's arrays are small (a batch of one, a hundred units), NumPy's
+cost is the call, not the arithmetic: a dozen calls a step, a microsecond
+each. With Numba installed, the compiled engine hands its generated loops
+to ``numba.njit`` instead, and these kernels stand in for the ufuncs under
+the same names and argument order, so one generated text serves both.
+
+Operands broadcast the way the loops need: a ``[B, F]`` array, a parameter
+vector ``[F]`` (shared by every row) or a Python number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+_jit = numba.njit(cache=True, nogil=True)
+
+
+def _at(x, i, j):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(_at, inline="always")
+def _at_overload(x, i, j):
+    if isinstance(x, types.Array):
+        if x.ndim == 2:
+            return lambda x, i, j: x[i, j]
+        return lambda x, i, j: x[j]
+    return lambda x, i, j: x
+
+
+@_jit
+def add(a, b, out):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = _at(a, i, j) + _at(b, i, j)
+
+
+@_jit
+def subtract(a, b, out):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = _at(a, i, j) - _at(b, i, j)
+
+
+@_jit
+def multiply(a, b, out):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = _at(a, i, j) * _at(b, i, j)
+
+
+@_jit
+def maximum(a, b, out):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = max(_at(a, i, j), _at(b, i, j))
+
+
+@_jit
+def greater(a, b, out):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = _at(a, i, j) > _at(b, i, j)
+
+
+@_jit
+def negative(a, out):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = -a[i, j]
+
+
+@_jit
+def reciprocal(a, out):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = 1.0 / a[i, j]
+
+
+def _tanh1(x):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(_tanh1, inline="always")
+def _tanh1_overload(x):
+    """tanh of one number: in float32 a rational approximation (Eigen's, |error| < 4e-7,
+    pure arithmetic so the loops vectorize); in float64 the C library's, exactly as NumPy."""
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        def impl(x):
+            c = np.float32(7.90531110763549805)
+            x = min(max(x, -c), c)
+            x2 = x * x
+            p = np.float32(-2.76076847742355e-16)
+            p = x2 * p + np.float32(2.00018790482477e-13)
+            p = x2 * p + np.float32(-8.60467152213735e-11)
+            p = x2 * p + np.float32(5.12229709037114e-08)
+            p = x2 * p + np.float32(1.48572235717979e-05)
+            p = x2 * p + np.float32(6.37261928875436e-04)
+            p = x2 * p + np.float32(4.89352455891786e-03)
+            q = np.float32(1.19825839466702e-06)
+            q = x2 * q + np.float32(1.18534705686654e-04)
+            q = x2 * q + np.float32(2.26843463243900e-03)
+            q = x2 * q + np.float32(4.89352518554385e-03)
+            return x * p / q
+        return impl
+    return lambda x: math.tanh(x)
+
+
+@_jit
+def sigmoid(a, out):
+    """σ(x) = (1 + tanh(x/2)) / 2: no overflow anywhere, and the float32 path vectorizes."""
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            x = a[i, j]
+            out[i, j] = 0.5 + 0.5 * _tanh1(0.5 * x)
+
+
+@_jit
+def exp(a, out):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = math.exp(a[i, j])
+
+
+@_jit
+def tanh(a, out):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = _tanh1(a[i, j])
+
+
+@_jit
+def copyto(out, a):
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = a[i, j]
+
+
+try:  # Numba reaches BLAS through SciPy; without it, the loop below does the products
+    import scipy.linalg.cython_blas  # noqa: F401
+
+    HAVE_BLAS = True
+except ImportError:  # pragma: no cover - depends on the installation
+    HAVE_BLAS = False
+
+
+def matmul(a, b, out):  # pragma: no cover - replaced by the overload in jitted code
+    raise NotImplementedError
+
+
+@overload(matmul)
+def _matmul_overload(a, b, out):
+    """``out = a @ b``: BLAS when every operand is contiguous (and SciPy is there), else loops."""
+    if HAVE_BLAS and a.layout == "C" and b.layout == "C" and out.layout == "C":
+        def impl(a, b, out):
+            np.dot(a, b, out)
+        return impl
+    return lambda a, b, out: _matmul_loops(a, b, out)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _matmul_loops(a, b, out):
+    """``out = a @ b`` for ``a`` [B, K], ``b`` [K, N]: rows of ``b`` stream through the inner loop."""
+    rows, inner = a.shape
+    cols = b.shape[1]
+    for i in range(rows):
+        for n in range(cols):
+            out[i, n] = 0.0
+        for k in range(inner):
+            aik = a[i, k]
+            if aik != 0.0:
+                for n in range(cols):
+                    out[i, n] += aik * b[k, n]
+
+
+KERNELS = {name: globals()[name] for name in (
+    "add", "subtract", "multiply", "maximum", "greater", "negative", "reciprocal", "exp", "tanh",
+    "sigmoid", "copyto", "matmul")}
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) every kernel for float32 and float64."""
+    for dtype in (np.float32, np.float64):
+        a = np.ones((2, 3), dtype=dtype)
+        w = np.ones((3, 3), dtype=dtype)
+        m = np.ones((2, 3), dtype=bool)
+        for name in ("add", "subtract", "multiply", "maximum"):
+            KERNELS[name](a, a, a)
+        greater(a, 0, m)
+        for name in ("negative", "reciprocal", "exp", "tanh", "sigmoid"):
+            KERNELS[name](a, a)
+        copyto(a, a)
