@@ -768,7 +768,7 @@ def _with_arguments(source: str) -> str:
     names = sorted(set(_NAME.findall(source)), key=lambda n: (n.split("_")[0], n))
     head, _, body = source.partition("\n")
     fn = head.split("(")[0]
-    return f"@numba.njit(cache=True, nogil=True)\n{fn}(T, {', '.join(names)}):\n{body}"
+    return f"@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n{fn}(T, {', '.join(names)}):\n{body}"
 
 
 def _load_jit_loops(source: str) -> dict:

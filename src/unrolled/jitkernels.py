@@ -19,7 +19,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-_jit = numba.njit(cache=True, nogil=True)
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 
 def _at(x, i, j):  # pragma: no cover - replaced by the overload in jitted code
@@ -165,7 +165,7 @@ def _matmul_overload(a, b, out):
     return lambda a, b, out: _matmul_loops(a, b, out)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _matmul_loops(a, b, out):
     """``out = a @ b`` for ``a`` [B, K], ``b`` [K, N]: rows of ``b`` stream through the inner loop."""
     rows, inner = a.shape
