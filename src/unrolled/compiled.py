@@ -951,11 +951,19 @@ class _RunState:
         """The loop-free half of a split product, for all steps: ``W[:, pre] · x_pre + b``."""
         W = self.params[s.W]
         Wp = _columns(W, s.pre_cols)
-        xs = [_flat(self.value(part)) for part, _, _ in s.pre]
-        x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
-        self.X[f"prex:{v.name}"] = x
         Y = self.alloc(f"Y_{self.w.names[v.name]}", (self.T, self.B, v.size))
-        np.matmul(x, Wp.T, out=Y.reshape(self.T * self.B, v.size))
+        tokens = _one_hot_tokens(s)
+        if tokens is not None:
+            # W · one_hot(k) is W's column k: a gather, not a product with a matrix of zeros
+            np.take(np.ascontiguousarray(Wp.T), _flat(self.value(tokens)), axis=0,
+                    out=Y.reshape(self.T * self.B, v.size))
+            # (its weight gradient stays a dense product with the one-hot rows: BLAS beats a scatter)
+            self.X[f"prex:{v.name}"] = _flat(self.value(s.pre[0][0]))
+        else:
+            xs = [_flat(self.value(part)) for part, _, _ in s.pre]
+            x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
+            self.X[f"prex:{v.name}"] = x
+            np.matmul(x, Wp.T, out=Y.reshape(self.T * self.B, v.size))
         if s.bias:
             Y += self.params[s.bias]
         return Y
@@ -1186,6 +1194,15 @@ def _columns(W: np.ndarray, cols: list[int]) -> np.ndarray:
     if cols and cols == list(range(cols[0], cols[-1] + 1)):
         return np.ascontiguousarray(W[:, cols[0]: cols[-1] + 1])
     return np.ascontiguousarray(W[:, cols])
+
+
+def _one_hot_tokens(s: _Split):
+    """The index input of a split product whose loop-free half is ``W · one_hot(tokens)``, else None."""
+    if len(s.pre) == 1:
+        part = s.pre[0][0]
+        if part.kind == "op" and part.op == "one_hot":
+            return part.args[0]
+    return None
 
 
 def _offsets(parts) -> list[int]:
