@@ -1,0 +1,94 @@
+"""The system under test: `unrolled`, used the way its README tells a user to.
+
+The same contract as every peer (`peer_torch.run`, ...):
+
+    run(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict
+
+Training (W1-W3, W5) builds the character model from the library's cells,
+runs the default engine (`make_engine(graph)`: the compiled engine, which
+takes its Numba loop by itself for call-bound runs) on stateful chunks,
+clips and steps the library's optimizer. Sampling (W4) is the library's
+`Generator`. Nothing is tuned by hand for the benchmark: no environment
+variables, no engine options.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .corpus import Chunks, Corpus
+from .protocol import Protocol, peak_rss_during, time_steps
+from .workloads import Workload
+
+
+def _graph(workload: Workload, V: int):
+    from unrolled import cells
+    from unrolled.graph import Graph
+
+    g = Graph(workload.name)
+    x = g.one_hot(g.index_input("x", V), name="x1h")
+    h = cells.stack(g, workload.cell, x, workload.hidden, workload.layers)
+    y = g.linear(g.param("Wy", (V, workload.hidden)), h, g.param("by", (V,), init="zeros"), name="y")
+    g.output(y)
+    g.loss("cross_entropy", y, g.index_input("target", V), name="loss", reduce=workload.reduction)
+    return g
+
+
+def run(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
+    if workload.kind == "sample":
+        return _sample(workload, corpus, protocol)
+    return _train(workload, corpus, protocol)
+
+
+def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
+    from unrolled.clip import clip_by_global_norm, clip_by_value
+    from unrolled.engines import make_engine
+    from unrolled.optim import make_optimizer
+
+    t0 = time.perf_counter()
+    g = _graph(workload, corpus.V)
+    params = g.init_params(protocol.seed, np.float32)
+    engine = make_engine(g)
+    optimizer = make_optimizer(workload.optimizer, workload.lr)
+    chunks = Chunks(corpus, workload.T, workload.B)
+    carried = {"state": None}
+
+    def step():
+        x, y = chunks.next()
+        r = engine.run(params, {"x": x, "target": y}, init_states=carried["state"])
+        carried["state"] = r.final_states
+        if workload.clip == "value":
+            clip_by_value(r.grads, workload.clip_at)
+        elif workload.clip == "norm":
+            clip_by_global_norm(r.grads, workload.clip_at)
+        optimizer.step(params, r.grads)
+        return r.loss
+
+    jit = engine.uses_jit(workload.B) if hasattr(engine, "uses_jit") else False
+    step()  # set-up includes the first run's compilation (the JIT loop, when taken)
+    setup_s = time.perf_counter() - t0
+    extra = {"setup_s": setup_s, "engine": engine.name + (" (numba loop)" if jit else " (numpy loop)")}
+    if workload.kind == "memory":
+        return {**peak_rss_during(step), **extra}
+    scale = 1.0 / (workload.T * workload.B) if workload.reduction == "sum" else 1.0
+    return {**time_steps(step, protocol, workload.T * workload.B, loss_scale=scale), **extra}
+
+
+def _sample(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
+    from unrolled.generate import Generator
+
+    t0 = time.perf_counter()
+    g = _graph(workload, corpus.V)
+    params = g.init_params(protocol.seed, np.float32)
+    gen = Generator(g, "x", "y")
+    prime = np.array([[corpus.index(workload.seed_char)]])
+    rng = np.random.default_rng(protocol.seed)
+
+    def generate():
+        gen.run(params, length=workload.T, prime=prime, rng=rng, temperature=workload.temperature)
+
+    gen.run(params, length=2, prime=prime, rng=rng)  # compile (or load the compiled loop)
+    extra = {"setup_s": time.perf_counter() - t0, "engine": "generator (numba)" if gen.use_jit else "generator (numpy)"}
+    return {**time_steps(generate, protocol, workload.T), **extra}
