@@ -67,11 +67,12 @@ def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
         return r.loss
 
     jit = engine.uses_jit(workload.B) if hasattr(engine, "uses_jit") else False
-    step()  # set-up includes the first run's compilation (the JIT loop, when taken)
-    setup_s = time.perf_counter() - t0
-    extra = {"setup_s": setup_s, "engine": engine.name + (" (numba loop)" if jit else " (numpy loop)")}
+    extra = {"engine": engine.name + (" (numba loop)" if jit else " (numpy loop)")}
     if workload.kind == "memory":
-        return {**peak_rss_during(step), **extra}
+        # the engine keeps its buffers from run to run: measure the FIRST step, which allocates them
+        return {**peak_rss_during(step), **extra, "setup_s": time.perf_counter() - t0}
+    step()  # set-up includes the first run's compilation (the JIT loop, when taken)
+    extra["setup_s"] = time.perf_counter() - t0
     scale = 1.0 / (workload.T * workload.B) if workload.reduction == "sum" else 1.0
     return {**time_steps(step, protocol, workload.T * workload.B, loss_scale=scale), **extra}
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-
 # The compiled engine's "auto" mode would hand small runs to Numba, compiling each
 # test graph for seconds; tests take the NumPy loop unless they ask for jit=True
 # (tests/test_jit.py does, on a fixed set of graphs).
 os.environ.setdefault("UNROLLED_JIT", "0")
+# Multithreaded BLAS on tiny test matrices, on a shared 2-core machine, spends its
+# time spinning (an encoder-decoder test: 175 s threaded, 7 s on one thread).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402  (after the environment is set: OpenBLAS reads it at import)
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -423,6 +423,10 @@ class _Writer:
                 continue
             c(f"# d {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
             self._emit_backward(c, v)
+        for src in self.core:
+            if src.name in self.p.depth and self.in_ring(src):
+                D = self.p.depth[src.name]
+                c(f"GH_{self.names[src.name]}[(t+{D}) % {D + 1}].fill(0)  # this slot serves step t-1 next")
         if len(c.lines) == body_start:
             c("pass")
         return c.text()
@@ -434,17 +438,26 @@ class _Writer:
             if ph == "core":
                 src, D = v.source, self.p.depth[v.source.name]
                 key = f"GH_{self.names[src.name]}"
-                return f"{key}[{t}+{D - v.depth}]", key, True
+                return f"{key}[{self._gh_index(src, f'{t}+{D - v.depth}')}]", key, True
             return f"GX_{n}[{t}]", f"GX_{n}", False
         if ph != "core":
             return f"GX_{n}[{t}]", f"GX_{n}", False
         if v.name in self.p.depth:
             key = f"GH_{n}"
-            return f"{key}[{t}+{self.p.depth[v.name]}]", key, True
+            return f"{key}[{self._gh_index(v, f'{t}+{self.p.depth[v.name]}')}]", key, True
         if self._has_full_grad(v):
             key = f"GF_{n}"
             return f"{key}[{t}]", key, self._post_grad(v)
         return f"G_{n}", f"G_{n}", False
+
+    def _gh_index(self, src: Vertex, index: str) -> str:
+        """A gradient history is a ring of D + 1 slots when nothing needs it after the loop."""
+        return f"({index}) % {self.p.depth[src.name] + 1}" if self.in_ring(src) else index
+
+    def in_ring(self, src: Vertex) -> bool:
+        """Whether the loop may keep only the last D + 1 gradients of delayed ``src``:
+        no outside gradient arrives over all steps, and no weight needs them after the loop."""
+        return not (self._post_grad(src) or self._has_full_grad(src))
 
     def _has_full_grad(self, v: Vertex) -> bool:
         return v.name in self.p.split or self._post_grad(v) or (
@@ -458,14 +471,21 @@ class _Writer:
         return memo[v.name]
 
     def _find_post_grad(self, v: Vertex) -> bool:
-        if any(_sliced(o)[0] is v for o in self.g.outputs):
+        def reads(a) -> bool:  # a is v, a slice of v, or a delay of either
+            if isinstance(a, Param):
+                return False
+            if a.kind == "delay":
+                a = a.source
+            return _sliced(a)[0] is v
+
+        if any(reads(o) for o in self.g.outputs):
             return True
         for u in self.p.order:
             if self.p.phase[u.name] != "post":
                 continue
-            if u.kind == "delay" and _sliced(u.source)[0] is v:
+            if u.kind == "delay" and reads(u.source):
                 return True
-            if u.kind == "op" and any(isinstance(a, Vertex) and _sliced(a)[0] is v for a in u.args):
+            if u.kind == "op" and any(reads(a) for a in u.args):
                 return True
         return False
 
@@ -988,6 +1008,13 @@ class _RunState:
         self.grads = {k: np.zeros(v.shape, dtype=self.dtype) for k, v in self.params.items()}
         self.init_grads: dict[str, np.ndarray] = {}
         self.core_grad: dict[str, np.ndarray] = {}  # post-phase gradient into core vertices, [T, B, F]
+        # a delayed core vertex's gradient history is allocated now, so post-phase
+        # gradients land in it directly instead of in a [T, B, F] array of their own
+        for name, D in p.depth.items():
+            if p.phase[name] == "core":
+                v = self.g.vertices[name]
+                GH = self.alloc(f"GH_{w.names[name]}", ((D + 1) if w.in_ring(v) else (D + T), B, v.size))
+                GH[...] = 0
         for l in self.g.losses:
             seed = (f.masks[l.name] / f.norms[l.name]).astype(self.dtype)[:, :, None]
             self._add_grad(l.vertex, seed)
@@ -1018,11 +1045,16 @@ class _RunState:
             return self._add_grad(base, full)
         if v.kind == "delay" and self.p.phase[v.name] == "core":
             return self._delay_backward(v, g)
+        if self.p.phase[v.name] == "core" and v.name in self.p.depth:
+            GH = self.buf[f"GH_{self.w.names[v.name]}"][self.p.depth[v.name]:]
+            np.add(GH, g, out=GH)
+            return
         store = self.core_grad if self.p.phase[v.name] == "core" else self.GX
         if v.name in store:
             store[v.name] = store[v.name] + g
         else:
-            store[v.name] = np.array(g, dtype=self.dtype)
+            # no copy: stored gradients are only ever replaced (a + b), never updated in place
+            store[v.name] = np.asarray(g, dtype=self.dtype)
 
     def _batched_backward(self, v: Vertex) -> None:
         g = self.GX.get(v.name)
@@ -1064,19 +1096,19 @@ class _RunState:
             post = self.core_grad.get(v.name)
             if v.name in p.depth:
                 D = p.depth[v.name]
-                GH = self.alloc(f"GH_{n}", (D + T, B, v.size))
-                GH[:D] = 0
-                if post is not None:
-                    GH[D:] = post
-                else:
-                    GH[D:] = 0
+                GH = self.buf[f"GH_{n}"]  # zeroed, holding the post-phase gradients (see backward)
                 if v.name in f.final_state_grads:
                     fs = f.final_state_grads[v.name]
-                    GH[T:T + D] += fs
+                    for k in range(D):  # the last D steps, at indexes T .. T+D-1
+                        GH[_slot(T + k, D, w.in_ring(v))] += fs[k]
                 bind[f"GH_{n}"] = GH
             elif v.kind == "op" and v.op != "slice":
                 if w._has_full_grad(v):
-                    GF = self.alloc(f"GF_{n}", (T, B, v.size))
+                    Y = self.buf.get(f"Y_{n}")
+                    if Y is not None and Y.shape == (T, B, v.size):
+                        GF = Y  # the pre-loop half is spent after the forward loop: reuse its memory
+                    else:
+                        GF = self.alloc(f"GF_{n}", (T, B, v.size))
                     if post is not None:
                         GF[...] = post
                     elif w._post_grad(v):
@@ -1145,7 +1177,9 @@ class _RunState:
         for name, D in p.depth.items():
             if p.phase[name] == "core":
                 GH = self.bind[f"GH_{w.names[name]}"]
-                self.init_grads[name] = self.init_grads.get(name, 0) + GH[:D]
+                ring = w.in_ring(self.g.vertices[name])
+                first = GH[[_slot(k, D, ring) for k in range(D)]]
+                self.init_grads[name] = self.init_grads.get(name, 0) + first
 
     def _finish(self, result: RunResult, combine: str) -> None:
         g, f, T = self.g, self.f, self.T
@@ -1194,6 +1228,10 @@ def _columns(W: np.ndarray, cols: list[int]) -> np.ndarray:
     if cols and cols == list(range(cols[0], cols[-1] + 1)):
         return np.ascontiguousarray(W[:, cols[0]: cols[-1] + 1])
     return np.ascontiguousarray(W[:, cols])
+
+
+def _slot(index: int, D: int, ring: bool) -> int:
+    return index % (D + 1) if ring else index
 
 
 def _one_hot_tokens(s: _Split):
