@@ -6,9 +6,16 @@ declares its state(s) with ``g.state`` and reads them through ``.prev``,
 so ``print(g)`` shows the textbook equations. Parameter layouts follow
 PyTorch's (gate order i, f, g, o for the LSTM; r, z, n for the GRU) so that
 weights can be moved between the two; see ``tests/test_torch_parity.py``.
+
+Dropout between stacked layers is data, not randomness inside an op: a
+mask input per layer that a trainer fills (:func:`dropout_stack`). A
+bidirectional encoder is two chains in one graph, the backward one fed the
+time-reversed sequence (:func:`bidirectional`).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from .graph import Graph, Vertex
 
@@ -118,3 +125,110 @@ def stack(g: Graph, cell: str, x: Vertex, hidden: int, layers: int, **kw) -> Ver
     for k in range(layers):
         x = layer(g, cell, x, hidden, prefix=f"l{k}.", **kw)
     return x
+
+
+# ------------------------------------------------------------------ dropout
+
+DROPOUT_ATTR = "dropout"  # an input vertex carrying this attribute is a dropout mask, the value its rate
+
+
+def dropout(g: Graph, x: Vertex, rate: float, *, name: str) -> Vertex:
+    """Inverted dropout as data, so that every op stays a pure function::
+
+        m_t ~ Bernoulli(1 - rate) / (1 - rate)     (training; all ones at evaluation)
+        x̃_t = m_t ⊙ x_t
+
+    ``m`` is a dense input ``name`` of ``x``'s size, fed ``[T, B, F]``; the
+    input vertex records its rate (``vertex.attrs["dropout"]``) so that a
+    trainer can fill it, see :func:`dropout_masks`. Returns ``x̃``, the
+    vertex ``<name>.x``.
+    """
+    if not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"dropout rate {rate!r} for '{x.name}': a rate must be in [0, 1)")
+    m = g.input(name, x.size)
+    m.attrs[DROPOUT_ATTR] = float(rate)
+    return g.mul(m, x, name=f"{name}.x")
+
+
+def dropout_rates(graph: Graph) -> dict[str, float]:
+    """The graph's dropout-mask inputs and their rates (see :func:`dropout`)."""
+    return {v.name: v.attrs[DROPOUT_ATTR] for v in graph.inputs if DROPOUT_ATTR in v.attrs}
+
+
+def dropout_masks(graph: Graph, T: int, B: int, *, rng=None, train: bool = True, dtype=None) -> dict:
+    """A value for every dropout-mask input of ``graph``: ``[T, B, F]`` each.
+
+    Training (``train=True``): independent ``Bernoulli(1 - rate) / (1 - rate)``
+    entries drawn from ``rng`` (a seed or a ``numpy.random.Generator``), so
+    the expected value of every masked unit is unchanged. Evaluation: ones,
+    which makes the network exactly the one without dropout.
+    """
+    dtype = np.float64 if dtype is None else dtype
+    rng = np.random.default_rng(rng)
+    out = {}
+    for name, rate in dropout_rates(graph).items():
+        size = graph.vertices[name].size
+        if not train or rate == 0.0:
+            out[name] = np.ones((T, B, size), dtype=dtype)
+        else:
+            keep = 1.0 - rate
+            out[name] = (rng.random((T, B, size)) < keep).astype(dtype) / np.asarray(keep, dtype=dtype)
+    return out
+
+
+def dropout_stack(g: Graph, cell: str, x: Vertex, hidden: int, layers: int, *, dropout_rate: float = 0.0,
+                  **kw) -> Vertex:
+    """A stack like :func:`stack` (same prefixes ``l0.``, ``l1.``, … and the
+    same parameters) with dropout on the connections *between* layers, as
+    PyTorch's ``nn.RNN(dropout=p)`` places it::
+
+        h⁰_t = cell₀(x_t, h⁰_{t-1})
+        hᵏ_t = cellₖ(mᵏ_t ⊙ hᵏ⁻¹_t, hᵏ_{t-1})      k = 1 … layers-1
+        mᵏ_t ~ Bernoulli(1 - p) / (1 - p)          (ones at evaluation)
+
+    The masks are dense inputs ``l<k>.dropout`` (see :func:`dropout`); the
+    recurrent connections and the top layer's output are never dropped.
+    """
+    if layers < 1:
+        raise ValueError(f"a stack needs at least one layer, got {layers}")
+    for k in range(layers):
+        if k > 0 and dropout_rate > 0:
+            x = dropout(g, x, dropout_rate, name=f"l{k}.dropout")
+        x = layer(g, cell, x, hidden, prefix=f"l{k}.", **kw)
+    return x
+
+
+# ------------------------------------------------------------ bidirectional
+
+def bidirectional(g: Graph, cell: str, x: Vertex, x_reversed: Vertex, hidden: int, *, layers: int = 1,
+                  dropout_rate: float = 0.0, **kw) -> tuple[Vertex, Vertex]:
+    """A bidirectional encoder as two independent chains in one graph::
+
+        →h_t = cell_fwd(x_t,       →h_{t-1})        reads the sequence forwards
+        ←h_t = cell_bwd(x_{L-1-t}, ←h_{t-1})        reads it backwards (x_reversed)
+        h_t  = [→h_t ; ←h_{L-1-t}]                  concatenated outside the graph
+
+    A step sees only the past, so the backward pass is the same kind of
+    chain fed the time-reversed sequence (``x_reversed``, reversed within
+    each row's length: see ``seq2seq.reverse_time``). Prefixes are ``fwd.``
+    and ``bwd.`` (then ``l<k>.`` for each layer). Returns ``(→h, ←h)``;
+    ``seq2seq.BidirectionalEncoder`` runs the graph and does the
+    re-alignment and concatenation, forwards and backwards.
+
+    With ``layers > 1`` each direction is its own stack; PyTorch's deep
+    bidirectional RNN instead feeds layer k both directions of layer k-1,
+    which needs the whole sequence between layers (build it from one
+    bidirectional graph per layer).
+    """
+    if x_reversed.size != x.size:
+        raise ValueError(f"bidirectional: '{x.name}' has {x.size} features but '{x_reversed.name}' has "
+                         f"{x_reversed.size}; feed the same sequence reversed in time")
+    out = []
+    for direction, inp in (("fwd.", x), ("bwd.", x_reversed)):
+        h = inp
+        for k in range(layers):
+            if k > 0 and dropout_rate > 0:
+                h = dropout(g, h, dropout_rate, name=f"{direction}l{k}.dropout")
+            h = layer(g, cell, h, hidden, prefix=f"{direction}l{k}." if layers > 1 else direction, **kw)
+        out.append(h)
+    return out[0], out[1]
