@@ -1,9 +1,50 @@
-"""Not built yet."""
+"""Time unrolled against the tools a user would pick instead, on this machine.
+
+Runs the workloads W1-W5 of BENCHMARKS.md (W1 min-char-rnn Elman, W2 char-rnn
+LSTM 2x128, W3 LSTM 512, W4 sampling, W5 peak memory) with unrolled and each
+peer (PyTorch on the CPU, JAX when installed, a plain NumPy loop for W1 and
+W4), one after another, each in a fresh process, and prints median chars/s
+with min-max, unrolled's ratio to each peer, GFLOP/s and % of the machine's
+matrix-product peak measured in the same run; --json prints one object.
+Only same-run ratios mean anything on a shared machine.
+
+The benchmark code lives in the repository's benchmarks/ folder (not in the
+installed package): run this from a source checkout.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    pass
+    p.add_argument("rest", nargs="*", metavar="W", help="workloads (default all: W1 W2 W3 W4 W5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--systems", help="comma-separated: unrolled,torch,jax,numpy (default all)")
+    p.add_argument("--seconds", help="minimum length of one timed repetition (default 2)")
+    p.add_argument("--reps", help="timed repetitions (default 5)")
+    p.add_argument("--warmup", help="untimed warm-up steps (default 3)")
+
+
+def _harness():
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        if (root / "benchmarks" / "harness.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            from benchmarks import harness
+
+            return harness
+    raise OSError("benchmarks/ not found: `unrolled bench` runs from a source checkout of unrolled "
+                  "(cd into it, or run python -m benchmarks.harness there)")
 
 
 def run(args) -> int:
-    raise RuntimeError("'bench' is not available yet")
+    argv = list(args.rest)
+    if args.json:
+        argv.append("--json")
+    for flag in ("systems", "seconds", "reps", "warmup"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag}", str(value)]
+    return int(_harness().main(argv) or 0)
