@@ -1,9 +1,54 @@
-"""Not built yet."""
+"""Bits per character and perplexity of a text under a trained language model.
+
+CKPT is a checkpoint file written by `unrolled train`, or a run folder.
+The text is read in --batch streams of --seq characters with the state
+carried (the checkpoint's own settings by default), exactly as validation
+does during training, so evaluating the held-out part of the training text
+reproduces the validation figure.
+
+Characters outside the model's vocabulary are skipped: removed from the
+text before scoring, neither predicted nor read. They are counted and
+listed, and the figure they would give if each were charged log2(V) bits
+(the cost of a uniform guess among the V characters) is printed beside it.
+
+example:
+  unrolled evaluate runs/shakespeare other_play.txt
+"""
+
+from __future__ import annotations
+
+from ..charmodel import load_model, score_text
+from ..data import read_text
+from ..engines import ENGINE_NAMES
+from . import UsageError
 
 
 def add_arguments(p) -> None:
-    pass
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint file or a run folder")
+    p.add_argument("file", metavar="FILE", help="the text to score")
+    p.add_argument("--encoding", default="utf-8", metavar="NAME", help="text encoding of FILE (default utf-8), e.g. latin-1")
+    p.add_argument("--seq", type=int, metavar="T", help="characters per chunk (default: the checkpoint's)")
+    p.add_argument("--batch", type=int, metavar="B", help="parallel streams (default: the checkpoint's)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, help="compiled or reference (default: the library's default)")
 
 
 def run(args) -> int:
-    raise RuntimeError("'evaluate' is not available yet")
+    for flag in ("seq", "batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} {value}: give a whole number of at least 1")
+    model = load_model(args.checkpoint)
+    text = read_text(args.file, args.encoding)
+    s = score_text(model, text, seq=args.seq, batch=args.batch, engine=args.engine)
+    print(f"{args.file}: {s.characters:,} characters, {s.scored:,} predictions scored")
+    print(f"bits/char {s.bits_per_char:.4f}   perplexity {s.perplexity:.3f}   "
+          f"({s.nats / s.scored:.4f} nats/char)")
+    if s.unknown:
+        listed = ", ".join(f"{c!r} ×{n}" for c, n in sorted(s.unknown_chars.items(), key=lambda kv: -kv[1])[:8])
+        more = ", …" if len(s.unknown_chars) > 8 else ""
+        print(f"out of vocabulary: {s.unknown:,} characters ({len(s.unknown_chars)} distinct: {listed}{more}) were "
+              f"skipped, not scored; charged log2({s.vocab_size}) bits each instead, bits/char would be "
+              f"{s.bits_per_char_charged:.4f}")
+    else:
+        print("out of vocabulary: none")
+    return 0

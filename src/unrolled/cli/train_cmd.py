@@ -1,9 +1,88 @@
-"""Not built yet."""
+"""Train a character-level language model on text files.
+
+With no FILE it trains on a built-in corpus that needs no download (the
+running Python's own standard-library sources). The defaults are char-rnn's:
+an LSTM of 2 layers of 128, chunks of 50 characters × 50 streams, Adam at
+2e-3, gradients clipped to a global norm of 5, the last 10% held out.
+
+While it runs it shows a progress bar (step, loss, bits/char, chars/s),
+prints a short sample and the validation bits/char now and then, and keeps
+in the output folder: latest.npz (the run as it stands), best.npz (lowest
+validation loss) and loss.png (training and validation curves).
+
+Ctrl-C stops after the update under way and saves; `--resume DIR` continues
+exactly where the run stopped (same losses, bit for bit, as if it had never
+stopped). A resumed run keeps its model and training settings; only
+--steps, --minutes and the reporting intervals may change.
+
+examples:
+  unrolled train                                  # the built-in corpus
+  unrolled train shakespeare.txt --minutes 10
+  unrolled train notes.txt --cell gru --hidden 256 --layers 1 --out runs/gru
+  unrolled train --resume runs/gru --steps 20000
+  unrolled sample runs/gru --prime "The "
+"""
+
+from __future__ import annotations
+
+from .. import cells
+from ..charmodel import ModelConfig, TrainConfig
+from ..engines import ENGINE_NAMES
+from ..lm_train import RunOptions, train
+from ..optim import OPTIMIZERS
+
+_M, _T = ModelConfig(), TrainConfig()
+
+# the flags that set a field of ModelConfig / TrainConfig of the same name
+MODEL_FLAGS = ("cell", "hidden", "layers", "dropout", "embedding")
+TRAIN_FLAGS = ("seq", "batch", "lr", "lr_schedule", "warmup", "optimizer", "clip", "k1", "k2", "steps", "minutes",
+               "val_fraction", "seed", "sample_every", "sample_length", "eval_every", "checkpoint_every")
 
 
 def add_arguments(p) -> None:
-    pass
+    p.add_argument("files", nargs="*", metavar="FILE", help="text files to learn (concatenated); none: the built-in corpus")
+    m = p.add_argument_group("model")
+    m.add_argument("--cell", choices=cells.CELLS, help=f"recurrent cell (default {_M.cell})")
+    m.add_argument("--hidden", type=int, metavar="N", help=f"state size of each layer (default {_M.hidden})")
+    m.add_argument("--layers", type=int, metavar="N", help=f"stacked layers (default {_M.layers})")
+    m.add_argument("--dropout", type=float, metavar="P", help=f"dropout between layers and before the readout (default {_M.dropout:g})")
+    m.add_argument("--embedding", type=int, metavar="N", help="learn a character embedding of this size instead of one-hot input")
+    t = p.add_argument_group("training")
+    t.add_argument("--seq", type=int, metavar="T", help=f"characters per chunk, T (default {_T.seq})")
+    t.add_argument("--batch", type=int, metavar="B", help=f"parallel streams, B (default {_T.batch})")
+    t.add_argument("--lr", type=float, metavar="X", help=f"learning rate (default {_T.lr:g})")
+    t.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                   help="constant, or cosine decay to 0 at the last step (needs --steps) (default constant)")
+    t.add_argument("--warmup", type=int, metavar="N", help="updates of linear learning-rate warm-up (default 0)")
+    t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"update rule (default {_T.optimizer})")
+    t.add_argument("--clip", type=float, metavar="X", help=f"largest global gradient norm, 0 = no clipping (default {_T.clip:g})")
+    t.add_argument("--k1", type=int, metavar="N", help="truncated BPTT: characters between updates (default --seq)")
+    t.add_argument("--k2", type=int, metavar="N", help="truncated BPTT: steps the gradient flows back, >= k1 (default --seq)")
+    t.add_argument("--steps", type=int, metavar="N", help=f"stop after this many updates in all (default {_T.steps:,}; "
+                                                         f"none with --minutes alone)")
+    t.add_argument("--minutes", type=float, metavar="M", help="stop after this many minutes of updates in this invocation "
+                                                 "(validation, samples and saving are not counted)")
+    t.add_argument("--val-fraction", type=float, metavar="F", help=f"the last part of the text held out (default {_T.val_fraction:g})")
+    t.add_argument("--seed", type=int, metavar="S", help=f"initial weights and dropout (default {_T.seed})")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", metavar="DIR", help="output folder (default runs/<date-time>, or the resumed folder)")
+    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or from a checkpoint file)")
+    r.add_argument("--engine", choices=ENGINE_NAMES, help="compiled (fast) or reference (literal unrolling); "
+                                                          "default: the library's default")
+    r.add_argument("--encoding", default=None, metavar="NAME", help="text encoding of the files (default utf-8), e.g. latin-1")
+    r.add_argument("--sample-every", type=int, metavar="N", help=f"updates between printed samples, 0 = never (default {_T.sample_every})")
+    r.add_argument("--sample-length", type=int, metavar="N", help=f"characters per printed sample (default {_T.sample_length})")
+    r.add_argument("--eval-every", type=int, metavar="N", help=f"updates between validation passes and saves, 0 = only at the end "
+                                                  f"(default {_T.eval_every})")
+    r.add_argument("--checkpoint-every", type=int, metavar="N", help="updates between saves of latest.npz (default: at each validation)")
 
 
 def run(args) -> int:
-    raise RuntimeError("'train' is not available yet")
+    model_flags = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    if "minutes" in train_flags and "steps" not in train_flags and not args.resume:
+        train_flags["steps"] = 0  # a time limit alone: no step limit
+    options = RunOptions(files=list(args.files), encoding=args.encoding or "utf-8", out=args.out,
+                         resume=args.resume, engine=args.engine)
+    summary = train(options, model_flags, train_flags)
+    return 130 if summary.stopped == "interrupted" else 0

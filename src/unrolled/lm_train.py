@@ -1,0 +1,487 @@
+"""Training a character-level language model from text: the run behind ``unrolled train``.
+
+One run reads the text, builds the vocabulary and the model
+(:mod:`unrolled.charmodel`), holds out the last part for validation, and
+loops: the next ``[k1, B]`` chunk of the streams (:class:`data.StreamBatcher`)
+-> one truncated-BPTT update (:class:`train.Trainer`: engine, global-norm
+clipping, schedule, optimizer). Along the way it shows a progress bar, prints
+a short sample now and then, measures validation bits per character, keeps
+``latest.npz`` and ``best.npz`` (lowest validation loss) in the output
+folder, and draws ``loss.png``.
+
+Everything a run needs to continue is in its checkpoints: the parameters,
+the optimizer's moments, the schedule, the batcher's position, the state
+carried between chunks (and, for ``k1 < k2``, the replay buffer), the
+dropout generator, and the loss history. ``--resume DIR`` puts all of it
+back, so an interrupted-and-resumed run computes bit for bit the losses of an
+uninterrupted one (``tests/test_resume.py``).
+
+Ctrl-C asks the loop to stop after the update under way; the run then saves
+``latest.npz`` and returns. A second Ctrl-C stops at once (the last saved
+checkpoint stays intact: writes are atomic). A loss or gradient that is NaN
+or infinite stops the run with an error naming the step; nothing is saved
+after it, so the last checkpoint is the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+from tqdm import tqdm
+
+from . import data
+from .atomic import atomic_write_bytes
+from .charmodel import (
+    INPUT_NAME, LOSS_NAME, TARGET_NAME, LoadedModel, ModelConfig, TrainConfig, bits, build_graph,
+    checkpoint_contents, init_params, load_model,
+)
+from .checkpoint import save_checkpoint
+from .engines import ENGINE_NAMES, make_engine
+from .optim import make_optimizer
+from .sampling import Sampler
+from .schedules import make_schedule
+from .train import Trainer
+
+# Settings a resumed run may change: they decide how long it goes on and what
+# it reports, never which numbers it computes.
+RESUMABLE = frozenset({"steps", "minutes", "sample_every", "sample_length", "eval_every", "checkpoint_every"})
+DEFAULT_RUNS = Path("runs")
+PLOT_NAME = "loss.png"
+
+
+@dataclass
+class RunOptions:
+    """Choices for one invocation that are not part of the run itself (not saved)."""
+
+    files: list[str] = field(default_factory=list)  # text files, concatenated; none = data.builtin_corpus()
+    encoding: str = "utf-8"  # encoding of the files
+    out: str | None = None  # output folder; None = runs/<date-time>, or the folder being resumed
+    resume: str | None = None  # a run folder or checkpoint file to continue
+    engine: str | None = None  # engine name; None = the library's default
+    stream: TextIO | None = None  # where messages and samples go (default: stdout)
+
+
+@dataclass
+class RunSummary:
+    """How a run ended."""
+
+    out: Path  # the output folder
+    step: int  # updates done in all
+    stopped: str  # "done" (step or time limit reached) or "interrupted" (Ctrl-C)
+    train_bpc: float  # bits/char of the last updates (smoothed)
+    val_bpc: float  # validation bits/char at the end (NaN if not measured)
+    best_val_bpc: float  # lowest validation bits/char seen
+    best_step: int  # the step it was seen at
+
+
+# ------------------------------------------------------------------ setup
+
+
+def read_corpus(files: list[str], encoding: str) -> tuple[str, str]:
+    """``(text, description)``: the files concatenated, or the built-in corpus when there are none."""
+    if not files:
+        return data.builtin_corpus(), data.BUILTIN_NAME
+    texts = [data.read_text(f, encoding) for f in files]
+    name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, …)"
+    return "".join(texts), name
+
+
+def default_out_dir() -> Path:
+    base = DEFAULT_RUNS / time.strftime("%Y%m%d-%H%M%S")
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+def prepare_out_dir(out: Path, *, fresh: bool) -> Path:
+    """Create the output folder and make sure files can be written in it, or say why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".unrolled-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to the output folder {out}: {e.strerror or e}; choose another with --out") from None
+    if fresh and any((out / n).exists() for n in ("latest.npz", "best.npz")):
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+    return out
+
+
+def _check_length(n: int, cfg: TrainConfig, source: str) -> None:
+    T, B = cfg.bptt_k1, cfg.batch
+    n_val = int(round(n * cfg.val_fraction))
+    need_train = T * B + 1
+    if n_val < 2 and n - n_val >= need_train:
+        raise ValueError(f"holding out {cfg.val_fraction:g} of the {n:,} characters of {source} leaves {n_val} for "
+                         f"validation, fewer than the 2 it needs; raise --val-fraction or use a longer text")
+    if n - n_val < need_train or n_val < 2:
+        need = max(math.ceil(need_train / (1 - cfg.val_fraction)), math.ceil(2 / cfg.val_fraction)) + 1
+        raise ValueError(
+            f"{source} has {n:,} characters, too short: one training chunk of --seq {T} × --batch {B} needs "
+            f"{need_train:,} after holding out {cfg.val_fraction:g} for validation, so at least {need:,} in all; "
+            f"use a longer text, or lower --seq or --batch"
+        )
+
+
+def _resolve_configs(model_flags: dict, train_flags: dict, loaded: LoadedModel | None) -> tuple[ModelConfig, TrainConfig]:
+    """The run's configs: from the flags for a fresh run; from the checkpoint (plus allowed changes) on resume."""
+    if loaded is None:
+        model = ModelConfig(**model_flags)
+        dataclasses.replace(model, vocab_size=1).check()  # all but the vocabulary, before reading any text
+        return model, TrainConfig(**train_flags).check()
+    for name, value in model_flags.items():
+        saved = getattr(loaded.model, name)
+        if value != saved:
+            raise ValueError(f"--{name.replace('_', '-')} {value} differs from the resumed run's {saved}; "
+                             f"a resumed run keeps its model (leave the flag out)")
+    changes = {}
+    for name, value in train_flags.items():
+        saved = getattr(loaded.train, name)
+        if name in RESUMABLE:
+            changes[name] = value
+        elif value != saved:
+            raise ValueError(f"--{name.replace('_', '-')} {value} differs from the resumed run's {saved}; "
+                             f"a resumed run keeps its training settings, except "
+                             f"{', '.join('--' + r.replace('_', '-') for r in sorted(RESUMABLE))}")
+    return loaded.model, dataclasses.replace(loaded.train, **changes).check()
+
+
+# --------------------------------------------------------------- the run
+
+
+class TrainingRun:
+    """One training run, fresh or resumed; :meth:`run` trains until a limit, Ctrl-C or a failure."""
+
+    def __init__(self, options: RunOptions, model_flags: dict | None = None, train_flags: dict | None = None):
+        self.options = options
+        self.stream = options.stream or sys.stdout
+        loaded = load_model(options.resume) if options.resume else None
+        self.model, self.config = _resolve_configs(dict(model_flags or {}), dict(train_flags or {}), loaded)
+
+        # The text. A resumed run reads the files it was trained on unless given others.
+        text_meta = loaded.meta.get("text", {}) if loaded else {}
+        files = list(options.files) or list(text_meta.get("files", []))
+        encoding = options.encoding if (options.files or not loaded) else text_meta.get("encoding", options.encoding)
+        self.text, self.source = read_corpus(files, encoding)
+        self.text_meta = {"source": self.source, "files": [str(Path(f).resolve()) for f in files],
+                          "encoding": encoding, "chars": len(self.text)}
+        if loaded:
+            self.vocabulary = data.Vocabulary.from_list(loaded.vocabulary)
+            try:
+                ids = self.vocabulary.encode(self.text)
+            except ValueError as e:
+                raise ValueError(f"{self.source} is not the text this run was trained on: {e}") from None
+        else:
+            self.vocabulary = data.Vocabulary.from_text(self.text)
+            self.model = dataclasses.replace(self.model, vocab_size=len(self.vocabulary))
+            ids = self.vocabulary.encode(self.text)
+        self.model.check()
+        _check_length(len(ids), self.config, self.source)
+        cfg = self.config
+        self.train_ids, self.val_ids = data.split_train_val(ids, cfg.val_fraction, min_train=cfg.bptt_k1 * cfg.batch + 1)
+        self.batcher = data.StreamBatcher(self.train_ids, cfg.bptt_k1, cfg.batch)
+
+        # Where it writes.
+        if options.out is not None:
+            out = Path(options.out)
+        elif loaded:
+            out = loaded.path.parent
+        else:
+            out = default_out_dir()
+        # Only the resumed run's own folder may already hold checkpoints: another run's are never overwritten.
+        own = loaded is not None and out.resolve() == loaded.path.parent.resolve()
+        self.out = prepare_out_dir(out, fresh=not own)
+
+        # The model and its trainer.
+        self.graph = build_graph(self.model, train=True)
+        # A resumed run keeps its engine unless told otherwise: engines agree to rounding, not bit for bit.
+        saved = loaded.meta.get("engine") if loaded else None
+        engine = options.engine or (saved if saved in ENGINE_NAMES else None)
+        self.engine = make_engine(self.graph, engine)
+        self.engine_name = getattr(self.engine, "name", engine or "default")
+        if loaded:
+            params = {k: np.array(v, copy=True) for k, v in loaded.params.items()}
+        else:
+            params = init_params(self.model, cfg.seed)
+        schedule = make_schedule(cfg.lr_schedule, cfg.lr, total_steps=cfg.steps or None, warmup_steps=cfg.warmup)
+        self.trainer = Trainer(self.engine, params, make_optimizer(cfg.optimizer, cfg.lr), schedule=schedule,
+                               clip_norm=cfg.clip or None, k1=cfg.bptt_k1, k2=cfg.bptt_k2, seed=cfg.seed)
+        self.params = self.trainer.params
+        self.train_losses: list[float] = []  # nats/char of every update, in order
+        self.val_points: list[tuple[int, float]] = []  # (step, validation bits/char)
+        self.best = {"val_bpc": math.inf, "step": 0}
+        self.train_seconds = 0.0  # time spent in updates, over all invocations
+        self.saved_step: int | None = None  # the step of the last checkpoint written (the last good one)
+        if loaded:
+            self._restore(loaded)
+        self._sampler: Sampler | None = None
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step_count
+
+    def _restore(self, loaded: LoadedModel) -> None:
+        meta, arrays = loaded.meta, loaded.arrays
+        try:
+            state = {k: v for k, v in arrays.items() if k.startswith(("optimizer/", "tbptt/"))}
+            self.trainer.load_state(state, meta["trainer"])
+            self.batcher.load_state(meta["data"])
+            self.train_losses = [float(v) for v in arrays["history/train_loss"]]
+            self.val_points = [(int(s), float(v)) for s, v in arrays["history/val"].reshape(-1, 2)]
+            self.best = {"val_bpc": float(meta["best"]["val_bpc"]), "step": int(meta["best"]["step"])}
+            self.train_seconds = float(meta.get("train_seconds", 0.0))
+        except KeyError as e:
+            raise ValueError(f"{loaded.path} holds a model but not the training state to resume it (no {e}); "
+                             f"start a new run, or sample from it") from None
+        except ValueError as e:
+            raise ValueError(f"cannot resume from {loaded.path}: {e}") from None
+        if len(self.train_losses) != self.step:
+            raise ValueError(f"{loaded.path} is inconsistent: {len(self.train_losses)} losses for {self.step} steps")
+        self.saved_step = self.step
+
+    # ------------------------------------------------------------- loop
+
+    def run(self) -> RunSummary:
+        cfg = self.config
+        if cfg.steps and self.step >= cfg.steps:
+            raise ValueError(f"the run has already done {self.step} steps (--steps {cfg.steps}); "
+                             f"pass a larger --steps to continue it")
+        self._announce()
+        stop = _StopRequest(self._say)
+        chars_per_step = cfg.bptt_k1 * cfg.batch
+        budget = cfg.minutes * 60.0
+        spent = 0.0  # seconds of updates in this invocation
+        ema_loss, ema_dt, first = None, None, True
+        bar = tqdm(total=cfg.steps or None, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=None, file=sys.stderr, leave=False)
+        stopped = "done"
+        try:
+            with stop:
+                while not (cfg.steps and self.step >= cfg.steps) and not (budget and spent >= budget):
+                    if self.batcher.at_epoch_start:  # the streams jump back to their starts
+                        self.trainer.tbptt.reset()
+                    x, y = self.batcher.next_batch()
+                    t0 = time.perf_counter()
+                    with np.errstate(all="ignore"):  # a NaN is caught below, by name and step
+                        stats = self.trainer.train_step({INPUT_NAME: x, TARGET_NAME: y})
+                    dt = time.perf_counter() - t0
+                    spent += dt
+                    self.train_seconds += dt
+                    if stats.skipped or not math.isfinite(stats.loss):
+                        self._diverged(stats, bar)
+                    self.train_losses.append(stats.loss)
+                    ema_loss = stats.loss if ema_loss is None else 0.95 * ema_loss + 0.05 * stats.loss
+                    if first:  # the first update may pay for compiling the engine: not a speed
+                        first = False
+                    else:
+                        ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
+                    bar.update(1)
+                    speed = chars_per_step / ema_dt if ema_dt else math.nan
+                    bar.set_postfix_str(f"loss {stats.loss:.3f}, {bits(ema_loss):.3f} bits/char, "
+                                        f"{speed:,.0f} chars/s", refresh=False)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._evaluate_and_save(ema_loss, speed, stop)
+                    elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self._save(("latest",))
+                    if cfg.sample_every and self.step % cfg.sample_every == 0:
+                        self._print_sample()
+                    if stop.requested:
+                        stopped = "interrupted"
+                        break
+                if stopped == "done" and not (self.val_points and self.val_points[-1][0] == self.step):
+                    self._evaluate_and_save(ema_loss, chars_per_step / ema_dt if ema_dt else math.nan, stop)
+                if self.saved_step != self.step:  # interrupted, or the last validation was cut short
+                    self._save(("latest",))
+        finally:
+            bar.close()
+        self._plot()
+        return self._finish(stopped, ema_loss)
+
+    def _announce(self) -> None:
+        cfg, m = self.config, self.model
+        n_params = sum(p.size for p in self.params.values())
+        verb = f"resuming at step {self.step}" if self.step else "training"
+        limit = [f"until step {cfg.steps:,}"] if cfg.steps else []
+        if cfg.minutes:
+            limit.append(f"for {cfg.minutes:g} minutes")
+        self._say(
+            f"{verb}: {m.cell} {m.layers}×{m.hidden} ({n_params:,} parameters, {len(self.vocabulary)} characters) on "
+            f"{self.source}: {len(self.train_ids):,} training / {len(self.val_ids):,} validation characters\n"
+            f"  seq {cfg.seq}, batch {cfg.batch}, k1 {cfg.bptt_k1}, k2 {cfg.bptt_k2}, {cfg.optimizer} lr {cfg.lr:g}"
+            f"{'' if cfg.lr_schedule == 'constant' else ' ' + cfg.lr_schedule}, clip {cfg.clip:g}, "
+            f"dropout {m.dropout:g}, engine {self.engine_name}; {' or '.join(limit) or 'until Ctrl-C'}\n"
+            f"  writing to {self.out}/ (latest.npz, best.npz, {PLOT_NAME}); Ctrl-C stops and saves"
+        )
+
+    def _diverged(self, stats, bar) -> None:
+        bar.close()
+        self._plot()
+        what = "loss" if not math.isfinite(stats.loss) else "gradient"
+        value = stats.loss if what == "loss" else stats.grad_norm
+        where = (f"the last good checkpoint is {self.out / 'latest.npz'} (step {self.saved_step})"
+                 if self.saved_step is not None else "no checkpoint had been saved yet")
+        raise RuntimeError(f"the training {what} became {value} at step {stats.step}; stopped without saving it: "
+                           f"{where}; try a lower --lr or --clip")
+
+    # ------------------------------------------------- validation, saving
+
+    def validate(self, stop: "_StopRequest | None" = None) -> float:
+        """Validation bits/char: every held-out character but the first, scored once, state carried."""
+        cfg = self.config
+        total, count, state = 0.0, 0.0, None
+        for x, y, mask in data.iter_eval_chunks(self.val_ids, cfg.seq, cfg.batch):
+            if stop is not None and stop.requested:
+                return math.nan
+            with np.errstate(all="ignore"):
+                r = self.trainer.evaluate({INPUT_NAME: x, TARGET_NAME: y}, {LOSS_NAME: mask}, init_states=state)
+            total += float(r.step_losses[LOSS_NAME].sum(dtype=np.float64))
+            count += float(mask.sum())
+            state = {k: np.array(v, copy=True) for k, v in r.final_states.items()}
+        return bits(total / count)
+
+    def _evaluate_and_save(self, ema_loss, chars_per_s: float, stop) -> None:
+        val = self.validate(stop)
+        if not math.isfinite(val):  # interrupted mid-way, or diverged: keep the checkpoints as they are
+            if not stop.requested:
+                self._say(f"step {self.step}: validation loss is {val}; not saving")
+            return
+        self.val_points.append((self.step, val))
+        improved = val < self.best["val_bpc"]
+        if improved:
+            self.best = {"val_bpc": val, "step": self.step}
+        self._save(("latest", "best") if improved else ("latest",))
+        self._plot()
+        train = f"train {bits(ema_loss):.3f}, " if ema_loss is not None else ""
+        best = " (best)" if improved else f" (best {self.best['val_bpc']:.3f} at step {self.best['step']})"
+        speed = f", {chars_per_s:,.0f} chars/s" if math.isfinite(chars_per_s) else ""
+        self._say(f"step {self.step}: {train}validation {val:.3f} bits/char{best}{speed}")
+
+    def checkpoint(self) -> tuple[dict, dict]:
+        """The ``(arrays, meta)`` of a checkpoint of the run as it stands."""
+        arrays, meta = checkpoint_contents(
+            self.model, self.config, self.vocabulary.to_list(), self.params,
+            trainer=self.trainer.state_meta(), data=self.batcher.state(), text=self.text_meta,
+            best=self.best, step=self.step, train_seconds=self.train_seconds, engine=self.engine_name,
+        )
+        arrays.update(self.trainer.state_arrays())
+        arrays["history/train_loss"] = np.array(self.train_losses, dtype=np.float64)
+        arrays["history/val"] = np.array(self.val_points, dtype=np.float64).reshape(-1, 2)
+        return arrays, meta
+
+    def _save(self, names) -> None:
+        arrays, meta = self.checkpoint()
+        for name in names:
+            save_checkpoint(self.out / f"{name}.npz", arrays, meta)
+        self.saved_step = self.step
+
+    def _plot(self) -> None:
+        try:
+            png = plot_losses(self.train_losses, self.val_points, f"{self.model.cell} {self.model.layers}×"
+                              f"{self.model.hidden} on {Path(self.source).name}")
+            atomic_write_bytes(self.out / PLOT_NAME, png)
+        except (OSError, ValueError) as e:  # a picture is not worth stopping a run for
+            self._say(f"could not draw {self.out / PLOT_NAME}: {e}")
+
+    def _print_sample(self) -> None:
+        if self._sampler is None:
+            self._sampler = Sampler(build_graph(self.model, train=False), self.params, self.vocabulary.chars,
+                                    engine=self.options.engine)
+        # Its own generator: sampling must not move the training run's random numbers.
+        text = self._sampler.sample(self.config.sample_length, seed=[self.config.seed, self.step])
+        self._say(f"--- sample at step {self.step} ---\n{text}\n---")
+
+    def _finish(self, stopped: str, ema_loss) -> RunSummary:
+        val = self.val_points[-1][1] if self.val_points and self.val_points[-1][0] == self.step else math.nan
+        summary = RunSummary(self.out, self.step, stopped, bits(ema_loss) if ema_loss is not None else math.nan,
+                             val, self.best["val_bpc"], self.best["step"])
+        if stopped == "interrupted":
+            self._say(f"stopped by Ctrl-C at step {self.step}; saved {self.out / 'latest.npz'}; "
+                      f"continue with: unrolled train --resume {self.out}")
+        else:
+            self._say(f"done: step {self.step}, validation {val:.3f} bits/char "
+                      f"(best {self.best['val_bpc']:.3f} at step {self.best['step']}), "
+                      f"{self.train_seconds / 60:.1f} minutes of training; "
+                      f"sample with: unrolled sample {self.out}")
+        return summary
+
+    def _say(self, text: str) -> None:
+        tqdm.write(text, file=self.stream)
+
+
+def train(options: RunOptions, model_flags: dict | None = None, train_flags: dict | None = None) -> RunSummary:
+    """Train (or resume) a language model; ``*_flags`` name the config fields the user set."""
+    return TrainingRun(options, model_flags, train_flags).run()
+
+
+class _StopRequest:
+    """While active, Ctrl-C asks the loop to stop after the current update; a second one stops at once."""
+
+    def __init__(self, say):
+        self.requested = False
+        self._say = say
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C keeps its usual meaning
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._say("Ctrl-C: stopping after this update and saving (press Ctrl-C again to quit at once)")
+
+
+# ----------------------------------------------------------------- picture
+
+
+def plot_losses(train_losses: list[float], val_points: list[tuple[int, float]], title: str) -> bytes:
+    """A PNG of training bits/char per update (raw and smoothed) and validation bits/char."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train_losses:
+        y = np.array(train_losses) / math.log(2)
+        x = np.arange(1, len(y) + 1)
+        ax.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8)
+        w = max(1, len(y) // 50)
+        if w > 1:
+            smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+            ax.plot(x[w - 1:], smooth, color="tab:blue", linewidth=1.5, label="training")
+        else:
+            ax.lines[-1].set_label("training")
+            ax.lines[-1].set_alpha(1.0)
+    if val_points:
+        s, v = zip(*val_points)
+        ax.plot(s, v, "o-", color="tab:orange", markersize=4, label="validation")
+    ax.set_xlabel("update")
+    ax.set_ylabel("bits per character")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if train_losses or val_points:
+        ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -1,0 +1,157 @@
+"""Exact resume: an interrupted-and-resumed run computes the same losses as an uninterrupted one, bit for bit.
+
+The model is small but exercises every piece of state a resume must put
+back: Adam's moments, a warm-up schedule, the batcher's position (with an
+epoch wrap inside the run, where the carried state is reset), the state
+carried between chunks and the k2 - k1 replay buffer of truncated BPTT,
+and the generator behind the dropout masks.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+
+from unrolled.charmodel import load_model
+from unrolled.checkpoint import load_checkpoint
+from unrolled.cli import main
+from unrolled.train import Trainer
+
+WORDS = "the cat sat on a mat and the dog ran to the red barn while small birds sang".split()
+
+
+def corpus(n_lines: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    return "\n".join(" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 8)) for _ in range(n_lines)) + "\n"
+
+
+
+SETTINGS = ["--engine", "reference", "--cell", "lstm", "--hidden", "12", "--layers", "2", "--dropout", "0.25",
+            "--seq", "8", "--k1", "4", "--k2", "8", "--batch", "4", "--warmup", "3",
+            "--eval-every", "5", "--sample-every", "7", "--sample-length", "10"]
+STEPS = 16
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "tiny.txt"
+    p.write_text(corpus(7))  # ~300 characters: an epoch is ~13 chunks of 4 × 4 (after validation is held out)
+    return p
+
+
+def history(folder):
+    arrays, meta = load_checkpoint(folder / "latest.npz")
+    return arrays, meta
+
+
+def test_epoch_wraps_within_the_run(text_file):
+    from unrolled import data
+
+    n = len(text_file.read_text())
+    train = n - round(n * 0.1)
+    assert data.StreamBatcher(np.zeros(train, dtype=np.int64), 4, 4).chunks_per_epoch < STEPS
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path, text_file, capsys):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["train", str(text_file), *SETTINGS, "--steps", str(STEPS), "--out", str(whole)]) == 0
+    assert main(["train", str(text_file), *SETTINGS, "--steps", "6", "--out", str(split)]) == 0
+    assert main(["train", "--resume", str(split), "--steps", "11"]) == 0  # reads the file it was trained on
+    assert main(["train", "--resume", str(split), "--steps", str(STEPS), "--eval-every", "3"]) == 0
+    a, meta_a = history(whole)
+    b, meta_b = history(split)
+    assert meta_a["step"] == meta_b["step"] == STEPS
+    np.testing.assert_array_equal(a["history/train_loss"], b["history/train_loss"])  # bitwise
+    for name in a:
+        if name.startswith(("param.", "optimizer/", "tbptt/")):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert meta_a["trainer"]["rng"] == meta_b["trainer"]["rng"]
+    assert meta_a["data"] == meta_b["data"]
+    assert "resuming at step 6" in capsys.readouterr().out
+
+
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path, text_file, monkeypatch, capsys):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["train", str(text_file), *SETTINGS, "--steps", str(STEPS), "--out", str(whole)]) == 0
+    original = Trainer.train_step
+
+    def interrupted(self, inputs, *a, **kw):
+        stats = original(self, inputs, *a, **kw)
+        if self.step_count == 9:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during update 9
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    rc = main(["train", str(text_file), *SETTINGS, "--steps", str(STEPS), "--out", str(split)])
+    out = capsys.readouterr().out
+    assert rc == 130
+    assert "stopped by Ctrl-C at step 9" in out and f"--resume {split}" in out
+    assert history(split)[1]["step"] == 9
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+    assert main(["train", "--resume", str(split)]) == 0
+    a, _ = history(whole)
+    b, _ = history(split)
+    np.testing.assert_array_equal(a["history/train_loss"], b["history/train_loss"])
+    np.testing.assert_array_equal(a["param.out.W"], b["param.out.W"])
+
+
+def test_resume_keeps_the_model_and_settings(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(text_file), *SETTINGS, "--steps", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    rc = main(["train", "--resume", str(out), "--hidden", "32"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--hidden 32 differs from the resumed run's 12" in err and len(err.splitlines()) == 1
+    rc = main(["train", "--resume", str(out), "--lr", "0.5"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--lr 0.5 differs" in err and "--steps" in err
+    rc = main(["train", "--resume", str(out), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "already done 2 steps" in err
+
+
+def test_resume_on_another_text_is_refused(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(text_file), *SETTINGS, "--steps", "2", "--out", str(out)]) == 0
+    other = tmp_path / "other.txt"
+    other.write_text(corpus(7, seed=5))  # same characters, other text
+    capsys.readouterr()
+    rc = main(["train", str(other), "--resume", str(out), "--steps", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "another training text" in err and len(err.splitlines()) == 1
+    new_chars = tmp_path / "new.txt"
+    new_chars.write_text(corpus(7) + "XYZ")
+    rc = main(["train", str(new_chars), "--resume", str(out), "--steps", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "not the text this run was trained on" in err and "'X'" in err
+
+
+def test_resume_from_a_model_only_checkpoint_is_refused(tmp_path, text_file, capsys):
+    from unrolled.charmodel import checkpoint_contents
+    from unrolled.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["train", str(text_file), *SETTINGS, "--steps", "1", "--out", str(out)]) == 0
+    m = load_model(out)
+    arrays, meta = checkpoint_contents(m.model, m.train, m.vocabulary, m.params)
+    save_checkpoint(tmp_path / "model_only.npz", arrays, meta)
+    capsys.readouterr()
+    rc = main(["train", str(text_file), "--resume", str(tmp_path / "model_only.npz"), "--out", str(tmp_path / "r2")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "not the training state" in err
+
+
+def test_resume_into_another_folder_leaves_the_original(tmp_path, text_file, capsys):
+    first, branch = tmp_path / "first", tmp_path / "branch"
+    assert main(["train", str(text_file), *SETTINGS, "--steps", "3", "--out", str(first)]) == 0
+    before = (first / "latest.npz").read_bytes()
+    assert main(["train", "--resume", str(first / "latest.npz"), "--steps", "5", "--out", str(branch)]) == 0
+    assert (first / "latest.npz").read_bytes() == before
+    assert history(branch)[1]["step"] == 5
+    capsys.readouterr()
+    rc = main(["train", "--resume", str(branch), "--steps", "6", "--out", str(first)])
+    assert rc == 1 and "already holds a run" in capsys.readouterr().err
