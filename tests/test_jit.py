@@ -75,3 +75,20 @@ def test_jit_true_refuses_ops_it_cannot_run():
     g.output(h)
     with pytest.raises(ValueError, match="softmax"):
         CompiledEngine(g, jit=True)
+
+
+@pytest.mark.parametrize("name", sorted(GRAPHS))
+def test_fused_kernels_agree_with_reference(name, monkeypatch):
+    """The NumPy loop with its elementwise runs fused into Numba kernels ("fuse" mode)."""
+    monkeypatch.setenv("UNROLLED_JIT", "fuse")
+    g = GRAPHS[name]()
+    rng = np.random.default_rng(3)
+    T, B = 5, 4
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        params = {k: (v + rng.normal(0, 0.3, v.shape)).astype(dtype) for k, v in g.init_params(rng, dtype).items()}
+        inputs = {"x": rng.normal(size=(T, B, 3)).astype(dtype), "target": rng.integers(0, 3, (T, B))}
+        eng = CompiledEngine(g)
+        assert not eng.uses_jit(B)
+        assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), tol)
+    if name in ("lstm", "gru"):
+        assert "fused into one kernel" in eng.code and "def fwd_r0" in eng.kernel_code

@@ -37,6 +37,7 @@ import numpy as np
 
 from .graph import Graph, Param, Vertex
 from .ops import OPS, unbroadcast
+from . import fuse
 from .runio import Feeds, RunResult, as_state, check_combine, prepare
 
 # Ops the loop emits as in-place NumPy calls; any other op in the core runs
@@ -307,8 +308,10 @@ class _Code:
 class _Writer:
     """Emits the forward and backward step loops for a plan."""
 
-    def __init__(self, graph: Graph, p: Plan, jit: bool = False):
+    def __init__(self, graph: Graph, p: Plan, jit: bool = False, fused: bool = False):
         self.g, self.p, self.jit = graph, p, jit
+        self.fuse = fused and not jit
+        self.kernels = fuse.KernelText()
         self.core = p.of("core")
         self.names: dict[str, str] = {}
         for i, v in enumerate(p.order):
@@ -358,9 +361,11 @@ class _Writer:
         c.indent = 1
         c("for t in range(T):")
         c.indent = 2
-        for v in self.core:
-            if v.kind != "op" or v.op == "slice" or v.name in self.skip:
+        for item in self._body():
+            if isinstance(item, fuse.Region):
+                fuse.emit_forward(self, item, self.kernels, c)
                 continue
+            v = item
             c(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
             self._emit_forward(c, v)
         if not self.core:
@@ -418,9 +423,11 @@ class _Writer:
         body_start = len(c.lines)
         for key in sorted(self._zero_fill):
             c(f"{self._zero_fill[key]}.fill(0)")
-        for v in reversed(self.core):
-            if v.kind != "op" or v.name in self.skip:
+        for item in reversed(self._body(slices=True)):
+            if isinstance(item, fuse.Region):
+                fuse.emit_backward(self, item, self.kernels, c)
                 continue
+            v = item
             c(f"# d {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
             self._emit_backward(c, v)
         for src in self.core:
@@ -471,12 +478,13 @@ class _Writer:
         return memo[v.name]
 
     def _find_post_grad(self, v: Vertex) -> bool:
-        def reads(a) -> bool:  # a is v, a slice of v, or a delay of either
+        def reads(a) -> bool:  # a is v, or a slice or a delay of it, or a slice of a delay of it, ...
             if isinstance(a, Param):
                 return False
-            if a.kind == "delay":
-                a = a.source
-            return _sliced(a)[0] is v
+            base = _sliced(a)[0]
+            while base.kind == "delay":
+                base = _sliced(base.source)[0]
+            return base is v
 
         if any(reads(o) for o in self.g.outputs):
             return True
@@ -636,6 +644,16 @@ class _Writer:
 
     # ---- shared
 
+    def _body(self, slices: bool = False) -> list:
+        """The loop body in order: vertices, or fused Regions of them when fusing."""
+        if self.fuse:
+            items = fuse.regions(self)
+        else:
+            items = [v for v in self.core if v.kind == "op" and v.op != "slice" and v.name not in self.skip]
+        if slices:  # the backward pass also visits slices (their gradient is a view; nothing to emit)
+            return items
+        return items
+
     def _concat(self, c: _Code, parts: list[str], sizes: list[int], dst: str) -> None:
         if not self.jit:
             c(f"concatenate(({', '.join(parts)},), axis=1, out={dst})")
@@ -688,18 +706,33 @@ class CompiledEngine:
 
     def __init__(self, graph: Graph, jit: bool | str = "auto"):
         self.graph = graph.check()
+        from .stages import cut
+
+        # several cycles run one after another, each in a loop of its own (see stages.py)
+        parts = cut(graph)
+        self.stages = [(st, CompiledEngine(st.graph, jit=jit)) for st in parts] if len(parts) > 1 else []
+        if self.stages:
+            self.jit = jit
+            self.code = "\n".join(eng.code for _, eng in self.stages)
+            return
         self.plan = plan(graph)
         self.jit = jit  # True, False, or "auto": Numba for runs whose steps are small
         self._jit_ok = _jit_available(jit, self.plan)
-        self._writer = _Writer(graph, self.plan)
+        fused = jit is not False and os.environ.get("UNROLLED_JIT", "1") != "0" and fuse.available()
+        self._writer = _Writer(graph, self.plan, fused=fused)
         fwd, bwd = self._writer.sources()
         self.code = _header(self._writer) + fwd + "\n" + bwd
         self._namespace = self._compile(self.code)
+        if self._writer.kernels.functions:
+            self.kernel_code = self._writer.kernels.module()
+            self._namespace.update(_load_module(self.kernel_code, "fused"))
         self._jit_namespace: dict | None = None
         self._buffers: dict = {}
 
     def uses_jit(self, B: int) -> bool:
         """Whether a run over batches of ``B`` rows takes the Numba loop."""
+        if self.stages:
+            return any(eng.uses_jit(B) for _, eng in self.stages)
         if not self._jit_ok:
             return False
         if self.jit is True:
@@ -742,12 +775,68 @@ class CompiledEngine:
             raise ValueError("per-copy gradients come from the reference engine: use engine='reference'")
         feeds = prepare(self.graph, params, inputs, init_states, masks, steps=steps, batch=batch,
                         final_state_grads=final_state_grads, output_grads=output_grads)
+        if self.stages:
+            return self._run_stages(params, feeds, init_states or {}, masks or {}, combine, backward,
+                                    final_state_grads or {}, output_grads or {})
         state = _RunState(self, params, feeds)
         with np.errstate(under="ignore", over="ignore"):
             state.forward()
             result = state.collect()
             if backward:
                 state.backward(result, combine)
+        return result
+
+    def _run_stages(self, params, feeds: Feeds, init_states, masks, combine, backward,
+                    final_state_grads, output_grads) -> RunResult:
+        """Forward through the stages in order, then BPTT back through them in reverse: the
+        gradient a stage sends to an input it imported is an output gradient of the stage before."""
+        values = dict(feeds.inputs)
+        runs = []
+        with np.errstate(under="ignore", over="ignore"):
+            for st, eng in self.stages:
+                g = eng.graph
+                sub = prepare(
+                    g, {k: params[k] for k in g.params}, {n: values[n] for n in st.imports},
+                    {k: v for k, v in init_states.items() if k in st.delayed},
+                    {k: v for k, v in masks.items() if k in g.vertices}, steps=feeds.T, batch=feeds.B,
+                    final_state_grads={k: v for k, v in final_state_grads.items() if k in st.delayed},
+                    output_grads={k: v for k, v in output_grads.items() if k in st.outputs})
+                state = _RunState(eng, {k: params[k] for k in g.params}, sub)
+                state.forward()
+                r = state.collect()
+                for n in st.exports:
+                    values[n] = r.outputs[n]
+                runs.append((st, state, r))
+            if backward:
+                sent: dict[str, np.ndarray] = {}  # gradients later stages send back, by vertex
+                for st, state, r in reversed(runs):
+                    for n in st.exports:
+                        if n in sent:
+                            mine = state.f.output_grads.get(n)
+                            state.f.output_grads[n] = sent.pop(n) if mine is None else mine + sent.pop(n)
+                    state.backward(r, combine)
+                    for n, grad in r.input_grads.items():
+                        sent[n] = grad if n not in sent else sent[n] + grad
+        return self._merge(runs, feeds, backward)
+
+    def _merge(self, runs, feeds: Feeds, backward: bool) -> RunResult:
+        result = RunResult(loss=sum(r.loss for _, _, r in runs))
+        for st, _, r in runs:
+            result.outputs.update({n: r.outputs[n] for n in st.outputs})
+            result.step_losses.update(r.step_losses)
+            result.final_states.update(r.final_states)
+            if backward:
+                result.init_grads.update(r.init_grads)
+                for k, grad in r.grads.items():
+                    result.grads[k] = grad if k not in result.grads else result.grads[k] + grad
+        if backward:
+            result.grads = {k: result.grads.get(k, np.zeros(p.shape, dtype=feeds.dtype))  # unused ones get zeros
+                            for k, p in self.graph.params.items()}
+            for v in self.graph.inputs:
+                if v.kind == "input":
+                    parts = [r.input_grads[v.name] for _, _, r in runs if v.name in r.input_grads]
+                    result.input_grads[v.name] = (np.sum(parts, axis=0) if parts
+                                                  else np.zeros((feeds.T, feeds.B, v.size), dtype=feeds.dtype))
         return result
 
     def buffers(self, T: int, B: int, dtype) -> dict:
@@ -766,7 +855,8 @@ JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is
 
 def _jit_available(jit, p: Plan) -> bool:
     """Can this graph take the Numba loop? (``jit=True`` insists, and says why not.)"""
-    if jit is False or (jit != True and os.environ.get("UNROLLED_JIT", "1") == "0"):  # noqa: E712
+    # UNROLLED_JIT: "0" keeps Numba out of "auto" altogether, "fuse" lets it fuse kernels but never run the loop
+    if jit is False or (jit != True and os.environ.get("UNROLLED_JIT", "1") in ("0", "fuse")):  # noqa: E712
         return False
     unsupported = sorted({v.op for v in p.of("core") if v.kind == "op" and v.op not in _INLINE})
     if unsupported:
@@ -789,6 +879,24 @@ def _with_arguments(source: str) -> str:
     head, _, body = source.partition("\n")
     fn = head.split("(")[0]
     return f"@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n{fn}(T, {', '.join(names)}):\n{body}"
+
+
+def _load_module(text: str, prefix: str) -> dict:
+    """Import generated Numba code from a file in the cache folder (so Numba can cache it); its names."""
+    import hashlib
+    import importlib.util
+
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    path = _cache_folder() / f"{prefix}_{digest}.py"
+    if not path.exists():
+        from .atomic import atomic_write_text
+
+        atomic_write_text(path, text)
+    spec = importlib.util.spec_from_file_location(f"unrolled_{prefix}_{digest}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return {k: v for k, v in vars(module).items() if not k.startswith("_")}
 
 
 def _load_jit_loops(source: str) -> dict:
@@ -941,6 +1049,7 @@ class _RunState:
     def _prepare_loop(self) -> None:
         T, B, w, p = self.T, self.B, self.w, self.p
         bind = {f"P_{w.pnames[k]}": self.params[k] for k in self.g.params}
+        bind["KIND"] = self.dtype.type  # fused kernels make their constants in the run's precision
         for v in p.of("core"):
             n = w.names[v.name]
             if v.name in p.depth:

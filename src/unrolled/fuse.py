@@ -1,0 +1,261 @@
+"""Fusing a step's elementwise vertices into one Numba kernel.
+
+In an LSTM step the products are few and large and BLAS does them well;
+what costs is the dozen elementwise vertices around them (four gates, the
+cell update, its tanh), each a NumPy call of its own, and the float32 tanh
+and exp of NumPy, which run one number at a time on this CPU. A run of
+consecutive elementwise vertices of one size is a *region*; the loop calls
+one generated kernel for it, which walks the ``[B, F]`` entries once and
+computes every vertex of the region there, keeping intermediate values in
+registers and writing each vertex to the buffer the rest of the engine
+expects. The backward kernel does the same for the region's
+vector-Jacobian products, in reverse order, summing gradients inside the
+region in registers and adding or assigning those that leave it exactly as
+the unfused loop would.
+
+Reading operands through ``base[b, offset + j]`` rather than through NumPy
+views keeps every array C-contiguous, so Numba vectorizes the loops; float32
+tanh and sigmoid use the vectorizable approximation of ``jitkernels``.
+"""
+
+from __future__ import annotations
+
+from .graph import Param, Vertex
+
+FUSABLE = {"add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu", "identity"}
+
+
+def available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Region:
+    """Consecutive elementwise core vertices of one size, fused into one kernel each way."""
+
+    def __init__(self, index: int, vertices: list[Vertex]):
+        self.index = index
+        self.vertices = vertices
+        self.size = vertices[0].size
+        self.names = {v.name for v in vertices}
+
+
+def regions(writer) -> list:
+    """The loop body in order: single vertices, and Regions of two or more fusable vertices."""
+    out, run = [], []
+
+    def flush():
+        if len(run) >= 2:
+            out.append(Region(len([r for r in out if isinstance(r, Region)]), list(run)))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for v in writer.core:
+        if v.kind != "op" or v.op == "slice" or v.name in writer.skip:
+            continue
+        if v.op in FUSABLE and all(_ok_operand(a, v.size) for a in v.args) and (not run or run[0].size == v.size):
+            run.append(v)
+        else:
+            flush()
+            if v.op in FUSABLE and all(_ok_operand(a, v.size) for a in v.args):
+                run.append(v)
+            else:
+                out.append(v)
+    flush()
+    return out
+
+
+def _ok_operand(a, size: int) -> bool:
+    if isinstance(a, Param):
+        return a.shape == (size,)
+    return a.size == size and a.kind != "index"
+
+
+class KernelText:
+    """Collects the text of the generated kernels and the arguments of each call."""
+
+    def __init__(self):
+        self.functions: list[str] = []
+
+    def add(self, name: str, params: list[str], body: list[str], rows: str, width: int) -> None:
+        """A kernel looping over the rows of array ``rows`` and ``width`` columns."""
+        text = [f"def {name}({', '.join(params)}):", f"    for b in range({rows}.shape[0]):",
+                f"        for j in range({width}):"]
+        self.functions.append("\n".join(text + ["            " + line for line in body]))
+
+    def module(self) -> str:
+        head = ("import numba\nimport numpy as np\nfrom unrolled.jitkernels import _tanh1\n\n"
+                "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n\n")
+        return head + "\n\n".join("@_jit\n" + f for f in self.functions) + "\n"
+
+
+class _Operands:
+    """Maps loop expressions (``V_v9[t]``, ``S_v4``) to kernel parameters (A0, A1, ...)."""
+
+    def __init__(self):
+        self.exprs: list[str] = []
+
+    def name(self, expr: str) -> str:
+        if expr not in self.exprs:
+            self.exprs.append(expr)
+        return f"A{self.exprs.index(expr)}"
+
+
+def access(writer, a, t: str = "t") -> tuple[str, int, int]:
+    """(loop expression of a C-contiguous base array, column offset, rank) for operand ``a``'s value at step t."""
+    if isinstance(a, Param):
+        return f"P_{writer.pnames[a.name]}", 0, 1
+    off = 0
+    while a.kind == "op" and a.op == "slice":
+        off += a.attrs["start"]
+        a = a.args[0]
+    return writer.val(a, t), off, 2
+
+
+def emit_forward(writer, region: Region, kernels: KernelText, c) -> None:
+    ops = _Operands()
+    body, local = [], {}
+    cast = "KIND"
+    for v in region.vertices:
+        args = []
+        for a in v.args:
+            if isinstance(a, Vertex) and a.name in local:
+                args.append(local[a.name])
+                continue
+            expr, off, rank = access(writer, a)
+            p = ops.name(expr)
+            args.append(f"{p}[b, {off} + j]" if rank == 2 else f"{p}[{off} + j]")
+        x = f"x{len(local)}"
+        body.append(f"{x} = {_forward_formula(v, args, cast)}")
+        dst, off, _ = access(writer, v)
+        body.append(f"{ops.name(dst)}[b, {off} + j] = {x}")
+        local[v.name] = x
+    rows = ops.name(access(writer, region.vertices[0])[0])
+    fn = f"fwd_r{region.index}"
+    kernels.add(fn, ops_params(ops) + ["KIND"], body, rows, region.size)
+    for v in region.vertices:
+        c(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
+    c(f"# ... fused into one kernel, fwd_r{region.index} (engine.kernel_code):")
+    c(f"{fn}({', '.join(ops.exprs)}, KIND)")
+
+
+def _forward_formula(v: Vertex, a: list[str], K: str) -> str:
+    op = v.op
+    if op == "add":
+        return f"{a[0]} + {a[1]}"
+    if op == "sub":
+        return f"{a[0]} - {a[1]}"
+    if op == "mul":
+        return f"{a[0]} * {a[1]}"
+    if op == "scale":
+        return f"{a[0]} * {K}({v.attrs['c']!r})"
+    if op == "one_minus":
+        return f"{K}(1.0) - {a[0]}"
+    if op == "tanh":
+        return f"_tanh1({a[0]})"
+    if op == "sigmoid":
+        return f"{K}(0.5) + {K}(0.5) * _tanh1({K}(0.5) * {a[0]})"
+    if op == "relu":
+        return f"max({a[0]}, {K}(0.0))"
+    return a[0]  # identity
+
+
+def ops_params(ops: _Operands) -> list[str]:
+    return [f"A{i}" for i in range(len(ops.exprs))]
+
+
+def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
+    """The region's VJPs in reverse, in one pass over [B, F]."""
+    ops = _Operands()
+    body: list[str] = []
+    K = "KIND"
+    inside = region.names
+    acc: dict[str, str] = {}  # region vertex -> its register gradient so far
+    value = {}
+    rows = None
+
+    def val(a) -> str:
+        expr, off, rank = access(writer, a)
+        p = ops.name(expr)
+        return f"{p}[b, {off} + j]" if rank == 2 else f"{p}[{off} + j]"
+
+    for v in reversed(region.vertices):
+        if v.name not in writer.p.wants_grad:
+            continue
+        base, key, add_only = writer.grad(v)
+        readable = add_only or key in writer._zero_fill or any(
+            s[0] < v.size and 0 < s[1] for s in writer._assigned.get(key, []))
+        g = f"g{len(value)}"
+        value[v.name] = g
+        rows = rows or ops.name(base)
+        parts = []
+        if readable:
+            parts.append(f"{ops.name(base)}[b, j]")
+        if v.name in acc:
+            parts.append(acc[v.name])
+        body.append(f"{g} = {' + '.join(parts) if parts else K + '(0.0)'}")
+        if writer._has_full_grad(v) and not add_only:
+            # a weight reads this gradient after the loop: store it whole
+            writer._assigned.setdefault(key, []).append((0, v.size))
+            body.append(f"{ops.name(base)}[b, j] = {g}")
+        elif writer._has_full_grad(v):
+            body.append(f"{ops.name(base)}[b, j] = {g}")
+        for i, a in enumerate(v.args):
+            if isinstance(a, Param) or a.name not in writer.p.wants_grad:
+                continue
+            contribution = _vjp_formula(v, i, g, [val(x) for x in v.args], val(v), K)
+            if a.name in inside:
+                acc[a.name] = f"({acc[a.name]} + {contribution})" if a.name in acc else f"({contribution})"
+                continue
+            target, rng = _target(a)
+            tbase, tkey, t_add = writer.grad(target)
+            lo, hi = rng or (0, target.size)
+            fresh = not t_add and tkey not in writer._zero_fill and not any(
+                s[0] < hi and lo < s[1] for s in writer._assigned.get(tkey, []))
+            where = f"{ops.name(tbase)}[b, {lo} + j]"
+            if fresh:
+                writer._assigned.setdefault(tkey, []).append((lo, hi))
+                body.append(f"{where} = {contribution}")
+            else:
+                body.append(f"{where} += {contribution}")
+    if not body:
+        return
+    fn = f"bwd_r{region.index}"
+    kernels.add(fn, ops_params(ops) + ["KIND"], body, rows, region.size)
+    c(f"# d {', '.join(v.name for v in reversed(region.vertices))}: fused into one kernel, bwd_r{region.index}")
+    c(f"{fn}({', '.join(ops.exprs)}, KIND)")
+
+
+def _target(a: Vertex):
+    """Where a gradient for ``a`` goes: the vertex it slices (through nested slices) and the column range."""
+    lo, hi = None, None
+    while a.kind == "op" and a.op == "slice":
+        s, e = a.attrs["start"], a.attrs["stop"]
+        lo, hi = (s, e) if lo is None else (s + lo, s + hi)
+        a = a.args[0]
+    return a, ((lo, hi) if lo is not None else None)
+
+
+def _vjp_formula(v: Vertex, i: int, g: str, args: list[str], out: str, K: str) -> str:
+    op = v.op
+    if op == "add" or op == "identity":
+        return g
+    if op == "sub":
+        return g if i == 0 else f"-{g}"
+    if op == "mul":
+        return f"{g} * {args[1 - i]}"
+    if op == "scale":
+        return f"{g} * {K}({v.attrs['c']!r})"
+    if op == "one_minus":
+        return f"-{g}"
+    if op == "tanh":
+        return f"{g} * ({K}(1.0) - {out} * {out})"
+    if op == "sigmoid":
+        return f"{g} * {out} * ({K}(1.0) - {out})"
+    if op == "relu":
+        return f"({g} if {args[0]} > {K}(0.0) else {K}(0.0))"
+    raise AssertionError(op)
