@@ -743,7 +743,7 @@ class CompiledEngine:
     def jit_namespace(self) -> dict:
         """The Numba-compiled loops, built on first use (compiling takes seconds; Numba caches it on disk)."""
         if self._jit_namespace is None:
-            writer = _Writer(self.graph, self.plan, jit=True)
+            writer = self._jit_writer = _Writer(self.graph, self.plan, jit=True)
             fwd, bwd = writer.sources()
             self.jit_code = _header(writer) + _with_arguments(fwd) + "\n" + _with_arguments(bwd)
             self._jit_namespace = _load_jit_loops(self.jit_code)
@@ -1049,7 +1049,9 @@ class _RunState:
     def _prepare_loop(self) -> None:
         T, B, w, p = self.T, self.B, self.w, self.p
         bind = {f"P_{w.pnames[k]}": self.params[k] for k in self.g.params}
-        bind["KIND"] = self.dtype.type  # fused kernels make their constants in the run's precision
+        suffix = "f32" if self.dtype == np.float32 else "f64"
+        for name in w.kernels.names():  # fused kernels come in the run's precision
+            bind[name] = self.eng._namespace[f"{name}_{suffix}"]
         for v in p.of("core"):
             n = w.names[v.name]
             if v.name in p.depth:
@@ -1232,6 +1234,9 @@ class _RunState:
                 key = f"GX_{n}"
                 if key not in bind:
                     bind[key] = self.alloc(key, (T, B, target.size))
+        if self.use_jit:
+            self.eng.jit_namespace()
+            w = self.eng._jit_writer  # its loops may use other temporaries than the NumPy loop's
         for width in w.temp_widths:
             bind[f"T{width}"] = self.alloc(f"T{width}", (B, width))
         for width in w.mask_widths:

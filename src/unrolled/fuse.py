@@ -81,16 +81,32 @@ class KernelText:
     def __init__(self):
         self.functions: list[str] = []
 
-    def add(self, name: str, params: list[str], body: list[str], rows: str, width: int) -> None:
-        """A kernel looping over the rows of array ``rows`` and ``width`` columns."""
-        text = [f"def {name}({', '.join(params)}):", f"    for b in range({rows}.shape[0]):",
-                f"        for j in range({width}):"]
-        self.functions.append("\n".join(text + ["            " + line for line in body]))
+    def add(self, name: str, params: list[str], loops: list[list[str]], rows: str, width: int) -> None:
+        """A kernel of one or more loops over the rows of array ``rows`` and ``width`` columns.
+
+        Several short loops, each touching few arrays, vectorize where one long
+        loop touching many would not (LLVM gives up proving that a dozen arrays
+        do not overlap)."""
+        text = [f"def {name}({', '.join(params)}):"]
+        for body in loops:
+            text += [f"    for b in range({rows}.shape[0]):", f"        for j in range({width}):"]
+            text += ["            " + line for line in body]
+        self.functions.append("\n".join(text))
 
     def module(self) -> str:
+        """Each kernel twice, for float32 and float64 (``name_f32``, ``name_f64``): constants are
+        written in the run's precision, so float32 arithmetic stays float32 and vectorizes."""
         head = ("import numba\nimport numpy as np\nfrom unrolled.jitkernels import _tanh1\n\n"
                 "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n\n")
-        return head + "\n\n".join("@_jit\n" + f for f in self.functions) + "\n"
+        out = []
+        for f in self.functions:
+            name = f.split("(")[0][4:]
+            for suffix, kind in (("f32", "np.float32"), ("f64", "np.float64")):
+                out.append("@_jit\n" + f.replace(f"def {name}(", f"def {name}_{suffix}(").replace("KIND(", kind + "("))
+        return head + "\n\n".join(out) + "\n"
+
+    def names(self) -> list[str]:
+        return [f.split("(")[0][4:] for f in self.functions]
 
 
 class _Operands:
@@ -118,29 +134,22 @@ def access(writer, a, t: str = "t") -> tuple[str, int, int]:
 
 def emit_forward(writer, region: Region, kernels: KernelText, c) -> None:
     ops = _Operands()
-    body, local = [], {}
-    cast = "KIND"
-    for v in region.vertices:
+    loops = []
+    for v in region.vertices:  # one short loop per vertex, through memory (L1-sized): see KernelText.add
         args = []
         for a in v.args:
-            if isinstance(a, Vertex) and a.name in local:
-                args.append(local[a.name])
-                continue
             expr, off, rank = access(writer, a)
             p = ops.name(expr)
             args.append(f"{p}[b, {off} + j]" if rank == 2 else f"{p}[{off} + j]")
-        x = f"x{len(local)}"
-        body.append(f"{x} = {_forward_formula(v, args, cast)}")
         dst, off, _ = access(writer, v)
-        body.append(f"{ops.name(dst)}[b, {off} + j] = {x}")
-        local[v.name] = x
+        loops.append([f"{ops.name(dst)}[b, {off} + j] = {_forward_formula(v, args, 'KIND')}"])
     rows = ops.name(access(writer, region.vertices[0])[0])
     fn = f"fwd_r{region.index}"
-    kernels.add(fn, ops_params(ops) + ["KIND"], body, rows, region.size)
+    kernels.add(fn, ops_params(ops), loops, rows, region.size)
     for v in region.vertices:
         c(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
     c(f"# ... fused into one kernel, fwd_r{region.index} (engine.kernel_code):")
-    c(f"{fn}({', '.join(ops.exprs)}, KIND)")
+    c(f"{fn}({', '.join(ops.exprs)})")
 
 
 def _forward_formula(v: Vertex, a: list[str], K: str) -> str:
@@ -225,9 +234,9 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
     if not body:
         return
     fn = f"bwd_r{region.index}"
-    kernels.add(fn, ops_params(ops) + ["KIND"], body, rows, region.size)
+    kernels.add(fn, ops_params(ops), [body], rows, region.size)
     c(f"# d {', '.join(v.name for v in reversed(region.vertices))}: fused into one kernel, bwd_r{region.index}")
-    c(f"{fn}({', '.join(ops.exprs)}, KIND)")
+    c(f"{fn}({', '.join(ops.exprs)})")
 
 
 def _target(a: Vertex):
