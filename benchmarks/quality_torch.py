@@ -6,9 +6,10 @@ for the same wall-clock time on the same split, scored the same way.
 Model and training follow `unrolled train`'s defaults (char-rnn's): LSTM 2 x 128,
 one-hot input, linear readout, T = 50, B = 50 evenly spaced streams with the
 state carried between chunks, Adam 2e-3, global-norm clip 5, the last 10% of
-the text held out. Validation runs over the held-out text once, in 50 streams
-of 50-character chunks with the state carried, every character after the
-first of a stream predicted once, and reports nats and bits per character.
+the text held out. Validation scores the held-out text the way
+`unrolled evaluate` does: one stream, in 50-character chunks with the state
+carried, every character after the first predicted once; it reports nats and
+bits per character.
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ def main(argv=None) -> int:
 
     model.eval()
     with torch.no_grad():
-        vs = len(val) // B
-        vstreams = torch.from_numpy(val[: vs * B].reshape(B, vs).T.copy())
+        # as `unrolled evaluate` scores a text: one stream, every character after the first
+        # predicted once, in chunks of T with the state carried
+        v = torch.from_numpy(val)
         total, count, state = 0.0, 0, None
-        for p in range(0, vs - 1, T):
-            x, y = vstreams[p:min(p + T, vs - 1)], vstreams[p + 1:min(p + T, vs - 1) + 1]
-            logits, state = model(x, state)
-            total += float(F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="sum"))
+        for p in range(0, len(val) - 1, T):
+            x, y = v[p:min(p + T, len(val) - 1)], v[p + 1:min(p + T, len(val) - 1) + 1]
+            logits, state = model(x[:, None], state)
+            total += float(F.cross_entropy(logits.reshape(-1, V), y, reduction="sum"))
             count += y.numel()
     nats = total / count
     print(f"torch: {steps} updates in {elapsed:.0f} s ({steps * T * B / elapsed:,.0f} chars/s), "
