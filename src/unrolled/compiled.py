@@ -38,6 +38,7 @@ import numpy as np
 from .graph import Graph, Param, Vertex
 from .ops import OPS, unbroadcast
 from . import fuse
+from .fuse import sliced as _sliced
 from .runio import Feeds, RunResult, as_state, check_combine, prepare
 
 # Ops the loop emits as in-place NumPy calls; any other op in the core runs
@@ -423,7 +424,7 @@ class _Writer:
         body_start = len(c.lines)
         for key in sorted(self._zero_fill):
             c(f"{self._zero_fill[key]}.fill(0)")
-        for item in reversed(self._body(slices=True)):
+        for item in reversed(self._body()):
             if isinstance(item, fuse.Region):
                 fuse.emit_backward(self, item, self.kernels, c)
                 continue
@@ -644,15 +645,11 @@ class _Writer:
 
     # ---- shared
 
-    def _body(self, slices: bool = False) -> list:
+    def _body(self) -> list:
         """The loop body in order: vertices, or fused Regions of them when fusing."""
         if self.fuse:
-            items = fuse.regions(self)
-        else:
-            items = [v for v in self.core if v.kind == "op" and v.op != "slice" and v.name not in self.skip]
-        if slices:  # the backward pass also visits slices (their gradient is a view; nothing to emit)
-            return items
-        return items
+            return fuse.regions(self)
+        return [v for v in self.core if v.kind == "op" and v.op != "slice" and v.name not in self.skip]
 
     def _concat(self, c: _Code, parts: list[str], sizes: list[int], dst: str) -> None:
         if not self.jit:
@@ -669,16 +666,6 @@ class _Writer:
         fwd = self.forward()
         bwd = self.backward()
         return fwd, bwd
-
-
-def _sliced(v: Vertex):
-    """A slice vertex's gradient goes to a column range of what it slices (through nested slices)."""
-    lo, hi = None, None
-    while v.kind == "op" and v.op == "slice":
-        s, e = v.attrs["start"], v.attrs["stop"]
-        lo, hi = (s, e) if lo is None else (s + lo, s + hi)
-        v = v.args[0]
-    return v, ((lo, hi) if lo is not None else None)
 
 
 def _coverage(spans) -> int:
@@ -900,25 +887,11 @@ def _load_module(text: str, prefix: str) -> dict:
 
 
 def _load_jit_loops(source: str) -> dict:
-    """Import the generated loops from a file, so that Numba's on-disk cache can keep them compiled."""
-    import hashlib
-    import importlib.util
-
-    text = "import numba\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n\n" + source
-    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-    folder = _cache_folder()
-    path = folder / f"loops_{digest}.py"
-    if not path.exists():
-        from .atomic import atomic_write_text
-
-        atomic_write_text(path, text)
-    spec = importlib.util.spec_from_file_location(f"unrolled_loops_{digest}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Numba's cache finds the module again by name
-    spec.loader.exec_module(module)
+    """The generated loops, compiled by Numba, each wrapped to take its buffers from a dict."""
+    module = _load_module("import numba\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n\n" + source, "loops")
     ns = {}
     for fn in ("forward_loop", "backward_loop"):
-        compiled = getattr(module, fn)
+        compiled = module[fn]
         names = compiled.py_func.__code__.co_varnames[1:compiled.py_func.__code__.co_argcount]
         ns[fn] = _binder(compiled, names)
     return ns

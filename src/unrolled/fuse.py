@@ -220,7 +220,7 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
             if a.name in inside:
                 acc[a.name] = f"({acc[a.name]} + {contribution})" if a.name in acc else f"({contribution})"
                 continue
-            target, rng = _target(a)
+            target, rng = sliced(a)
             tbase, tkey, t_add = writer.grad(target)
             lo, hi = rng or (0, target.size)
             fresh = not t_add and tkey not in writer._zero_fill and not any(
@@ -239,14 +239,14 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
     c(f"{fn}({', '.join(ops.exprs)})")
 
 
-def _target(a: Vertex):
-    """Where a gradient for ``a`` goes: the vertex it slices (through nested slices) and the column range."""
+def sliced(v: Vertex):
+    """What a slice vertex views (through nested slices) and its column range, or (v, None)."""
     lo, hi = None, None
-    while a.kind == "op" and a.op == "slice":
-        s, e = a.attrs["start"], a.attrs["stop"]
+    while v.kind == "op" and v.op == "slice":
+        s, e = v.attrs["start"], v.attrs["stop"]
         lo, hi = (s, e) if lo is None else (s + lo, s + hi)
-        a = a.args[0]
-    return a, ((lo, hi) if lo is not None else None)
+        v = v.args[0]
+    return v, ((lo, hi) if lo is not None else None)
 
 
 def _vjp_formula(v: Vertex, i: int, g: str, args: list[str], out: str, K: str) -> str:

@@ -133,25 +133,12 @@ class Generator:
 
     def _compile(self):
         if self.use_jit:
-            from .compiled import _cache_folder  # the same on-disk cache as the training loops
-            import hashlib
-            import importlib.util
-            import sys
+            from .compiled import _load_module  # the same on-disk cache as the training loops
 
             text = ("import numba\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n"
                     "from unrolled.generate_kernels import *  # noqa: F401,F403\n\n"
                     "@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + self.code)
-            digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-            path = _cache_folder() / f"generate_{digest}.py"
-            if not path.exists():
-                from .atomic import atomic_write_text
-
-                atomic_write_text(path, text)
-            spec = importlib.util.spec_from_file_location(f"unrolled_generate_{digest}", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-            return module.generate
+            return _load_module(text, "generate")["generate"]
         from . import generate_kernels as k
         from .ops import OPS
 

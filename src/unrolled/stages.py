@@ -24,6 +24,12 @@ from dataclasses import dataclass, field
 from .graph import Graph, Param, Vertex
 
 
+def _reach(start, edges):
+    from .compiled import _reach as reach  # one graph search for the whole package
+
+    return reach(start, edges)
+
+
 @dataclass
 class Stage:
     graph: Graph
@@ -64,16 +70,6 @@ def _components(edges: dict[str, list[str]]) -> list[set[str]]:
             comps.append(comp)
             seen |= comp
     return comps
-
-
-def _reach(start: set[str], edges: dict[str, list[str]]) -> set[str]:
-    seen, stack = set(start), list(start)
-    while stack:
-        for m in edges[stack.pop()]:
-            if m not in seen:
-                seen.add(m)
-                stack.append(m)
-    return seen
 
 
 def _reverse(edges):
