@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(_module(args.command).run(args) or 0)
+    except BrokenPipeError:  # `unrolled sample ... | head`: the reader has seen enough
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UsageError as e:
         print(f"unrolled {args.command}: {e}", file=sys.stderr)
         return 2
