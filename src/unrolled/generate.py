@@ -133,7 +133,7 @@ class Generator:
 
     def _compile(self):
         if self.use_jit:
-            from .compiled import _load_module  # the same on-disk cache as the training loops
+            from .jitcache import _load_module  # the same on-disk cache as the training loops
 
             text = ("import numba\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n"
                     "from unrolled.generate_kernels import *  # noqa: F401,F403\n\n"

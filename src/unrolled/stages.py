@@ -25,7 +25,7 @@ from .graph import Graph, Param, Vertex
 
 
 def _reach(start, edges):
-    from .compiled import _reach as reach  # one graph search for the whole package
+    from .schedule import _reach as reach  # one graph search for the whole package
 
     return reach(start, edges)
 
@@ -57,7 +57,7 @@ def _edges(graph: Graph) -> dict[str, list[str]]:
 
 def _components(edges: dict[str, list[str]]) -> list[set[str]]:
     """Strongly connected components that hold a cycle."""
-    from .compiled import _cyclic_vertices  # Tarjan's algorithm lives there
+    from .schedule import _cyclic_vertices  # Tarjan's algorithm lives there
 
     cyclic = _cyclic_vertices(edges)
     comps: list[set[str]] = []

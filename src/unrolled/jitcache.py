@@ -1,0 +1,69 @@
+"""Where generated Numba code lives: files in a cache folder, so Numba can cache it compiled.
+
+Numba keeps compiled functions only for functions defined in files; the
+engine's loops and fused kernels are generated text. Each text is written
+once (named by its hash) under ``$UNROLLED_CACHE``, else ``~/.cache/unrolled``,
+else the temporary folder, and imported from there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+def _load_module(text: str, prefix: str) -> dict:
+    """Import generated Numba code from a file in the cache folder (so Numba can cache it); its names."""
+    import hashlib
+    import importlib.util
+
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    path = _cache_folder() / f"{prefix}_{digest}.py"
+    if not path.exists():
+        from .atomic import atomic_write_text
+
+        atomic_write_text(path, text)
+    spec = importlib.util.spec_from_file_location(f"unrolled_{prefix}_{digest}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return {k: v for k, v in vars(module).items() if not k.startswith("_")}
+
+
+def _load_jit_loops(source: str) -> dict:
+    """The generated loops, compiled by Numba, each wrapped to take its buffers from a dict."""
+    module = _load_module("import numba\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n\n" + source, "loops")
+    ns = {}
+    for fn in ("forward_loop", "backward_loop"):
+        compiled = module[fn]
+        names = compiled.py_func.__code__.co_varnames[1:compiled.py_func.__code__.co_argcount]
+        ns[fn] = _binder(compiled, names)
+    return ns
+
+
+def _binder(compiled, names):
+    def call(T, bind):
+        return compiled(T, *[bind[n] for n in names])
+
+    return call
+
+
+def _cache_folder():
+    """Where generated JIT loops live: $UNROLLED_CACHE, else ~/.cache/unrolled, else a temporary folder."""
+    import tempfile
+    from pathlib import Path
+
+    for candidate in (os.environ.get("UNROLLED_CACHE"), os.path.join(os.path.expanduser("~"), ".cache", "unrolled"),
+                      os.path.join(tempfile.gettempdir(), "unrolled-cache")):
+        if not candidate:
+            continue
+        folder = Path(candidate) / "jit"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            return folder
+        except OSError:
+            continue
+    raise OSError("no writable folder for the JIT cache: set UNROLLED_CACHE to one, or use jit=False")
+
