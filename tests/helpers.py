@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from unrolled import cells
+from unrolled.gradcheck import numeric_gradient
 from unrolled.graph import Graph
 
 N_IN, HIDDEN, N_OUT = 3, 4, 3
@@ -29,18 +30,8 @@ def relative_error(a, b) -> float:
 
 def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Central differences of the scalar ``f()`` with respect to ``x``, nudged in place."""
-    grad = np.zeros_like(x, dtype=np.float64)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    assert np.shares_memory(flat, x), "x must be contiguous so that nudging it reaches f"
-    for i in range(flat.size):
-        keep = flat[i]
-        flat[i] = keep + eps
-        up = f()
-        flat[i] = keep - eps
-        down = f()
-        flat[i] = keep
-        gflat[i] = (up - down) / (2 * eps)
-    return grad
+    assert np.shares_memory(x.reshape(-1), x), "x must be contiguous so that nudging it reaches f"
+    return numeric_gradient(f, x, eps).astype(np.float64, copy=False)
 
 
 # ------------------------------------------------------------ feeds

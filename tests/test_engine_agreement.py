@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import make_inputs
 from unrolled.compiled import CompiledEngine
 from unrolled.graph import Graph
 from unrolled.reference import run as reference_run
@@ -99,12 +100,7 @@ def _random_op(draw, g, pool, name):
 def _data(g: Graph, T: int, B: int, seed: int, dtype):
     rng = np.random.default_rng(seed)
     params = {k: v + rng.normal(0, 0.3, v.shape).astype(dtype) for k, v in g.init_params(rng, dtype).items()}
-    inputs = {}
-    for v in g.inputs:
-        if v.kind == "index":
-            inputs[v.name] = rng.integers(0, v.size, (T, B))
-        else:
-            inputs[v.name] = rng.normal(size=(T, B, v.size)).astype(dtype)
+    inputs = make_inputs(g, T, B, rng, dtype)
     masks = {l.name: (rng.random((T, B)) < 0.8).astype(dtype) for l in g.losses}
     init = {}
     for name, D in g.delayed().items():

@@ -36,7 +36,7 @@ from . import fuse
 from .codegen import _header, _with_arguments, _Writer
 from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
-from .jitcache import _load_jit_loops, _load_module
+from .jitcache import _load_jit_loops, _load_module, numba_allowed
 from .ops import OPS, unbroadcast
 from .runio import Feeds, RunResult, as_state, check_combine, prepare
 from .schedule import INLINE, Plan, _Split, plan
@@ -202,24 +202,9 @@ class CompiledEngine:
 
 
 def _jit_available(jit, p: Plan) -> bool:
-    """Can this graph take the Numba loop? (``jit=True`` insists, and says why not.)"""
-    # UNROLLED_JIT: "0" keeps Numba out of "auto" altogether, "fuse" lets it fuse kernels but never run the loop
-    if jit is False or (jit != True and os.environ.get("UNROLLED_JIT", "1") in ("0", "fuse")):  # noqa: E712
-        return False
-    unsupported = sorted({v.op for v in p.of("core") if v.kind == "op" and v.op not in INLINE})
-    if unsupported:
-        if jit is True:
-            raise ValueError(f"the JIT loop cannot run {', '.join(unsupported)} inside the recurrent core; "
-                             f"use jit=False or 'auto'")
-        return False
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        if jit is True:
-            raise ValueError("jit=True needs Numba: pip install numba") from None
-        return False
-    return True
-
+    """Can this graph take the Numba loop? ("fuse" in UNROLLED_JIT allows fused kernels only.)"""
+    unsupported = {v.op for v in p.of("core") if v.kind == "op" and v.op not in INLINE}
+    return numba_allowed(jit, unsupported, "the JIT loop, inside the recurrent core,", env_refuses=("0", "fuse"))
 
 
 class _RunState:
@@ -262,7 +247,6 @@ class _RunState:
     # ---- forward
 
     def forward(self) -> None:
-        T, B = self.T, self.B
         for v in self.p.batched("pre"):
             self._batched_forward(v)
         self._prepare_loop()

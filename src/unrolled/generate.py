@@ -16,11 +16,11 @@ same text.
 from __future__ import annotations
 
 import linecache
-import os
 
 import numpy as np
 
 from .graph import Graph, Param, Vertex
+from .jitcache import numba_allowed
 from .runio import _as_history
 
 _JIT_OPS = {"matmul", "linear", "add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu",
@@ -243,20 +243,8 @@ def _needed(graph: Graph, target: Vertex) -> list[Vertex]:
 
 
 def _jit_wanted(jit, order) -> bool:
-    if jit is False or (jit != True and os.environ.get("UNROLLED_JIT", "1") == "0"):  # noqa: E712
-        return False
-    ops = {v.op for v in order if v.kind == "op"}
-    if not ops <= _JIT_OPS:
-        if jit is True:
-            raise ValueError(f"the JIT generator cannot run {', '.join(sorted(ops - _JIT_OPS))}")
-        return False
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        if jit is True:
-            raise ValueError("jit=True needs Numba: pip install numba") from None
-        return False
-    return True
+    unsupported = {v.op for v in order if v.kind == "op"} - _JIT_OPS
+    return numba_allowed(jit, unsupported, "the JIT generator")
 
 
 def _dtype(params) -> np.dtype:

@@ -50,16 +50,17 @@ def check_gradients(graph: Graph, params, inputs, *, init_states=None, masks=Non
 
     errors = {}
     for name, arr in params.items():
-        errors[name] = relative_error(_numeric(loss, arr, eps), result.grads[name])
+        errors[name] = relative_error(numeric_gradient(loss, arr, eps), result.grads[name])
     for name, grad in result.input_grads.items():
-        errors[f"input {name}"] = relative_error(_numeric(loss, inputs[name], eps), grad)
+        errors[f"input {name}"] = relative_error(numeric_gradient(loss, inputs[name], eps), grad)
     for name, grad in result.init_grads.items():
         if name in init_states:
-            errors[f"initial {name}"] = relative_error(_numeric(loss, init_states[name], eps), grad)
+            errors[f"initial {name}"] = relative_error(numeric_gradient(loss, init_states[name], eps), grad)
     return GradcheckReport(errors)
 
 
-def _numeric(loss, arr: np.ndarray, eps: float) -> np.ndarray:
+def numeric_gradient(loss, arr: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of the scalar ``loss()`` with respect to ``arr``, nudged in place."""
     out = np.zeros_like(arr)
     flat, grad = arr.reshape(-1), out.reshape(-1)
     for i in range(flat.size):

@@ -67,3 +67,22 @@ def _cache_folder():
             continue
     raise OSError("no writable folder for the JIT cache: set UNROLLED_CACHE to one, or use jit=False")
 
+
+def numba_allowed(jit, unsupported: set[str], what: str, env_refuses: tuple[str, ...] = ("0",)) -> bool:
+    """May ``what`` run under Numba? ``jit=True`` insists and says why not; "auto" quietly declines.
+
+    ``UNROLLED_JIT`` set to one of ``env_refuses`` keeps "auto" off Numba (the tests set "0").
+    """
+    if jit is False or (jit is not True and os.environ.get("UNROLLED_JIT", "1") in env_refuses):
+        return False
+    if unsupported:
+        if jit is True:
+            raise ValueError(f"{what} cannot run {', '.join(sorted(unsupported))}; use jit=False or 'auto'")
+        return False
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        if jit is True:
+            raise ValueError("jit=True needs Numba: pip install numba") from None
+        return False
+    return True

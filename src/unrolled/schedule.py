@@ -72,7 +72,7 @@ class Plan:
         (every cycle is in the core), so such an order exists."""
         members = [v for v in self.order if self.phase[v.name] == phase]
         names = {v.name for v in members}
-        edges = _edges(self.order)
+        edges = edges_of(self.order)
         indegree = {v.name: 0 for v in members}
         for src, dsts in edges.items():
             for d in dsts:
@@ -107,7 +107,7 @@ def plan(graph: Graph) -> Plan:
     return p
 
 
-def _edges(order: list[Vertex]) -> dict[str, list[str]]:
+def edges_of(order: list[Vertex]) -> dict[str, list[str]]:
     """Data-flow edges of the whole folded graph, delay edges (source -> delay vertex) included."""
     out: dict[str, list[str]] = {v.name: [] for v in order}
     for v in order:
@@ -121,7 +121,7 @@ def _edges(order: list[Vertex]) -> dict[str, list[str]]:
 
 
 def _phases(graph: Graph, order: list[Vertex]) -> dict[str, str]:
-    out = _edges(order)
+    out = edges_of(order)
     inn: dict[str, list[str]] = {v.name: [] for v in order}
     for src, dsts in out.items():
         for d in dsts:
@@ -151,12 +151,17 @@ def _reach(start: set[str], edges: dict[str, list[str]]) -> set[str]:
 
 
 def _cyclic_vertices(edges: dict[str, list[str]]) -> set[str]:
-    """Vertices on some cycle (Tarjan's strongly connected components, iteratively)."""
+    """Vertices on some cycle."""
+    return set().union(*cyclic_components(edges))
+
+
+def cyclic_components(edges: dict[str, list[str]]) -> list[set[str]]:
+    """The strongly connected components that hold a cycle (Tarjan's algorithm, iteratively)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()
     stack: list[str] = []
-    result: set[str] = set()
+    result: list[set[str]] = []
     counter = 0
     for root in edges:
         if root in index:
@@ -194,7 +199,7 @@ def _cyclic_vertices(edges: dict[str, list[str]]) -> set[str]:
                     if w == v:
                         break
                 if len(comp) > 1 or v in edges[v]:
-                    result.update(comp)
+                    result.append(set(comp))
     return result
 
 

@@ -22,12 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .graph import Graph, Param, Vertex
-
-
-def _reach(start, edges):
-    from .schedule import _reach as reach  # one graph search for the whole package
-
-    return reach(start, edges)
+from .schedule import _reach, cyclic_components, edges_of
 
 
 @dataclass
@@ -43,35 +38,6 @@ class Stage:
         return self.graph.delayed()
 
 
-def _edges(graph: Graph) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {v: [] for v in graph.vertices}
-    for v in graph.vertices.values():
-        if v.kind == "delay":
-            out[v.source.name].append(v.name)
-        elif v.kind == "op":
-            for a in v.args:
-                if isinstance(a, Vertex):
-                    out[a.name].append(v.name)
-    return out
-
-
-def _components(edges: dict[str, list[str]]) -> list[set[str]]:
-    """Strongly connected components that hold a cycle."""
-    from .schedule import _cyclic_vertices  # Tarjan's algorithm lives there
-
-    cyclic = _cyclic_vertices(edges)
-    comps: list[set[str]] = []
-    seen: set[str] = set()
-    for v in edges:
-        if v in cyclic and v not in seen:
-            forward = _reach({v}, edges)
-            backward = _reach({v}, _reverse(edges))
-            comp = (forward & backward) & cyclic
-            comps.append(comp)
-            seen |= comp
-    return comps
-
-
 def _reverse(edges):
     rev: dict[str, list[str]] = {v: [] for v in edges}
     for src, dsts in edges.items():
@@ -82,8 +48,8 @@ def _reverse(edges):
 
 def assign(graph: Graph) -> tuple[dict[str, int], int]:
     """Each vertex's stage (1-based) and the number of stages (the number of cycles, at least 1)."""
-    edges = _edges(graph)
-    comps = _components(edges)
+    edges = edges_of(list(graph.vertices.values()))
+    comps = cyclic_components(edges)
     rev = _reverse(edges)
     ancestors = [_reach(c, rev) for c in comps]
     # order the cycles so that each comes after every cycle it depends on
