@@ -130,28 +130,32 @@ def assert_agree(r1, r2, tol):
             assert _close(d1[k], d2[k], tol, family), (field, k, np.abs(d1[k] - d2[k]).max())
 
 
+# the loops run in chunks of steps (None: sized by memory, which at these sizes is one chunk)
+CHUNKS = st.one_of(st.none(), st.integers(1, 4))
+
+
 @settings(max_examples=int(os.environ.get("UNROLLED_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(g=cyclic_graphs(), T=st.integers(1, 6), B=st.integers(1, 3), seed=st.integers(0, 2**16),
-       combine=st.sampled_from(["sum", "mean"]))
-def test_compiled_agrees_with_reference_float64(g, T, B, seed, combine):
+       combine=st.sampled_from(["sum", "mean"]), chunk=CHUNKS)
+def test_compiled_agrees_with_reference_float64(g, T, B, seed, combine, chunk):
     params, inputs, masks, init = _data(g, T, B, seed, np.float64)
     r1 = reference_run(g, params, inputs, masks=masks, init_states=init, combine=combine)
-    r2 = CompiledEngine(g).run(params, inputs, masks=masks, init_states=init, combine=combine)
+    r2 = CompiledEngine(g, chunk_steps=chunk).run(params, inputs, masks=masks, init_states=init, combine=combine)
     assert_agree(r1, r2, 1e-10)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(g=cyclic_graphs(), T=st.integers(1, 5), B=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_compiled_agrees_with_reference_float32(g, T, B, seed):
+@given(g=cyclic_graphs(), T=st.integers(1, 5), B=st.integers(1, 3), seed=st.integers(0, 2**16), chunk=CHUNKS)
+def test_compiled_agrees_with_reference_float32(g, T, B, seed, chunk):
     params, inputs, masks, init = _data(g, T, B, seed, np.float32)
     r1 = reference_run(g, params, inputs, masks=masks, init_states=init)
-    r2 = CompiledEngine(g).run(params, inputs, masks=masks, init_states=init)
+    r2 = CompiledEngine(g, chunk_steps=chunk).run(params, inputs, masks=masks, init_states=init)
     assert_agree(r1, r2, 1e-4)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(g=cyclic_graphs(), T=st.integers(2, 5), B=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_outside_gradients_agree(g, T, B, seed):
+@given(g=cyclic_graphs(), T=st.integers(2, 5), B=st.integers(1, 3), seed=st.integers(0, 2**16), chunk=CHUNKS)
+def test_outside_gradients_agree(g, T, B, seed, chunk):
     """final_state_grads and output_grads seeds (used to chain an encoder into a decoder)."""
     params, inputs, masks, init = _data(g, T, B, seed, np.float64)
     rng = np.random.default_rng(seed + 1)
@@ -159,7 +163,8 @@ def test_outside_gradients_agree(g, T, B, seed):
     fsg = {k: rng.normal(size=v.shape) for k, v in probe.final_states.items()}
     og = {k: rng.normal(size=v.shape) for k, v in probe.outputs.items()}
     kw = dict(masks=masks, init_states=init, final_state_grads=fsg, output_grads=og)
-    assert_agree(reference_run(g, params, inputs, **kw), CompiledEngine(g).run(params, inputs, **kw), 1e-10)
+    assert_agree(reference_run(g, params, inputs, **kw), CompiledEngine(g, chunk_steps=chunk).run(params, inputs, **kw),
+                 1e-10)
 
 
 def test_engine_reuses_buffers_across_runs():

@@ -87,9 +87,9 @@ class _Writer:
 
     def forward(self) -> str:
         c = _Code()
-        c("def forward_loop(T, B, buf, P):")
+        c("def forward_loop(t0, t1, B, buf, P):")
         c.indent = 1
-        c("for t in range(T):")
+        c("for t in range(t0, t1):")
         c.indent = 2
         for item in self._body():
             if isinstance(item, fuse.Region):
@@ -114,7 +114,7 @@ class _Writer:
                 self._concat(c, xs, [part.size for part, _, _ in s.core], x)
             c(f"matmul({x}, WT_{n}, out={dst})")
             if s.pre:
-                c(f"add({dst}, Y_{n}[t], out={dst})")
+                c(f"add({dst}, Y_{n}[t - t0], out={dst})")  # Y holds this chunk's steps only
             elif s.bias:
                 c(f"add({dst}, P_{self.pnames[s.bias]}, out={dst})")
         elif op in ("add", "sub", "mul"):
@@ -144,9 +144,9 @@ class _Writer:
 
     def backward(self) -> str:
         c = _Code()
-        c("def backward_loop(T, B, buf, P):")
+        c("def backward_loop(t0, t1, B, buf, P):")
         c.indent = 1
-        c("for t in range(T - 1, -1, -1):")
+        c("for t in range(t1 - 1, t0 - 1, -1):")
         c.indent = 2
         self._assigned: dict[str, list[tuple[int, int]]] = {}
         self._zero_fill = self._zero_fill_targets()
@@ -183,8 +183,8 @@ class _Writer:
             key = f"GH_{n}"
             return f"{key}[{self._gh_index(v, f'{t}+{self.p.depth[v.name]}')}]", key, True
         if self._has_full_grad(v):
-            key = f"GF_{n}"
-            return f"{key}[{t}]", key, self._post_grad(v)
+            key = f"GF_{n}"  # holds this chunk's steps only
+            return f"{key}[{t} - t0]", key, self._post_grad(v)
         return f"G_{n}", f"G_{n}", False
 
     def _gh_index(self, src: Vertex, index: str) -> str:
@@ -412,7 +412,7 @@ def _with_arguments(source: str) -> str:
     names = sorted(set(_NAME.findall(source)), key=lambda n: (n.split("_")[0], n))
     head, _, body = source.partition("\n")
     fn = head.split("(")[0]
-    return f"@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n{fn}(T, {', '.join(names)}):\n{body}"
+    return f"@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n{fn}(t0, t1, {', '.join(names)}):\n{body}"
 
 
 def _header(w: _Writer) -> str:

@@ -43,6 +43,7 @@ from .schedule import INLINE, Plan, _Split, plan
 
 
 JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps
+CHUNK_BYTES = 16 << 20  # per-chunk buffers of the loops (Y, GF) stay below this: see _RunState._chunk_steps
 
 
 # ------------------------------------------------------------------- engine
@@ -58,13 +59,18 @@ class CompiledEngine:
 
     name = "compiled"
 
-    def __init__(self, graph: Graph, jit: bool | str = "auto"):
+    def __init__(self, graph: Graph, jit: bool | str = "auto", chunk_steps: int | None = None):
         self.graph = graph.check()
         from .stages import cut
 
+        if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 1):
+            raise ValueError(f"chunk_steps must be a whole number of steps >= 1 (or None to size chunks "
+                             f"by memory), not {chunk_steps!r}")
+        self.chunk_steps = chunk_steps  # steps per chunk of the loops; None: as many as CHUNK_BYTES holds
         # several cycles run one after another, each in a loop of its own (see stages.py)
         parts = cut(graph)
-        self.stages = [(st, CompiledEngine(st.graph, jit=jit)) for st in parts] if len(parts) > 1 else []
+        self.stages = ([(st, CompiledEngine(st.graph, jit=jit, chunk_steps=chunk_steps)) for st in parts]
+                       if len(parts) > 1 else [])
         if self.stages:
             self.jit = jit
             self.code = "\n".join(eng.code for _, eng in self.stages)
@@ -217,6 +223,27 @@ class _RunState:
         self.buf = eng.buffers(self.T, self.B, self.dtype)
         self.use_jit = eng.uses_jit(self.B)
         self.X: dict[str, np.ndarray] = {}  # pre/post values, [T, B, F] (or [T, B] indices)
+        self.K = self._chunk_steps()
+        self.chunks = [(t0, min(t0 + self.K, self.T)) for t0 in range(0, self.T, self.K)]
+
+    def _chunk_steps(self) -> int:
+        """How many steps the loops run between two visits to the weights.
+
+        The loop-free halves of split products (``Y``) and the gradients of
+        every product's output (``GF``) are the only per-step buffers that
+        nothing needs outside a stretch of steps: a chunk's ``Y`` is computed
+        just before the forward loop runs it, and a chunk's weight gradients
+        are taken just after the backward loop leaves it. Holding ``K`` steps
+        of them instead of ``T`` is what keeps long sequences in memory
+        (1000 steps of a 256-wide LSTM: 16 MiB instead of 125); ``K * B``
+        rows are still plenty for the weight products to run at full speed.
+        """
+        width = sum(v.size for v in self.p.of("core") if v.kind == "op" and v.name not in self.p.depth
+                    and (v.name in self.p.split or self.w._has_full_grad(v)))
+        if self.eng.chunk_steps is not None:
+            return min(self.T, self.eng.chunk_steps)
+        per_step = self.B * max(width, 1) * np.dtype(self.dtype).itemsize
+        return max(1, min(self.T, CHUNK_BYTES // per_step))
 
     # ---- buffers
 
@@ -250,19 +277,22 @@ class _RunState:
         for v in self.p.batched("pre"):
             self._batched_forward(v)
         self._prepare_loop()
-        self._call("forward_loop")
+        for t0, t1 in self.chunks:
+            for v, s in self.pre_products:
+                self._pre_product(v, s, t0, t1)
+            self._call("forward_loop", t0, t1)
         for v in self.p.batched("post"):
             self._batched_forward(v)
 
-    def _call(self, fn: str) -> None:
+    def _call(self, fn: str, t0: int, t1: int) -> None:
         try:
             if self.use_jit:
-                self.eng.jit_namespace()[fn](self.T, self.bind)
+                self.eng.jit_namespace()[fn](t0, t1, self.bind)
             else:
                 # buffers and parameters become globals of the generated functions: the fastest lookup there is
                 ns = self.eng._namespace
                 ns.update(self.bind)
-                ns[fn](self.T, self.B, self.buf, self.params)
+                ns[fn](t0, t1, self.B, self.buf, self.params)
         except (FloatingPointError, ValueError) as e:
             raise RuntimeError(f"in the compiled {fn.split('_')[0]} loop of graph '{self.g.name}': {e}") from e
 
@@ -294,6 +324,7 @@ class _RunState:
     def _prepare_loop(self) -> None:
         T, B, w, p = self.T, self.B, self.w, self.p
         bind = {f"P_{w.pnames[k]}": self.params[k] for k in self.g.params}
+        self.pre_products: list[tuple[Vertex, _Split]] = []  # (vertex, split) whose Y each chunk fills
         suffix = "f32" if self.dtype == np.float32 else "f64"
         for name in w.kernels.names():  # fused kernels come in the run's precision
             bind[name] = self.eng._namespace[f"{name}_{suffix}"]
@@ -317,32 +348,46 @@ class _RunState:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))
                 if s.pre:
-                    bind[f"Y_{n}"] = self._pre_product(v, s)
+                    bind[f"Y_{n}"] = self.alloc(f"Y_{n}", (self.K, B, v.size))
+                    self.pre_products.append((v, s))
         for v in p.order:
             if p.phase[v.name] == "pre" and v.kind != "index":
                 bind[f"X_{w.names[v.name]}"] = self.X[v.name]
         self.bind = bind
 
-    def _pre_product(self, v: Vertex, s: _Split) -> np.ndarray:
-        """The loop-free half of a split product, for all steps: ``W[:, pre] · x_pre + b``."""
-        W = self.params[s.W]
-        Wp = _columns(W, s.pre_cols)
-        Y = self.alloc(f"Y_{self.w.names[v.name]}", (self.T, self.B, v.size))
+    def _pre_product(self, v: Vertex, s: _Split, t0: int, t1: int) -> None:
+        """The loop-free half of a split product for steps t0..t1-1: ``W[:, pre] · x_pre + b``, into ``Y``."""
+        rows = slice(t0 * self.B, t1 * self.B)
+        n = self.w.names[v.name]
+        Y = self.bind[f"Y_{n}"][:t1 - t0].reshape(-1, v.size)
+        Wp = self._pre_weights(v, s)
         tokens = _one_hot_tokens(s)
         if tokens is not None:
             # W · one_hot(k) is W's column k: a gather, not a product with a matrix of zeros
-            np.take(np.ascontiguousarray(Wp.T), _flat(self.value(tokens)), axis=0,
-                    out=Y.reshape(self.T * self.B, v.size))
+            np.take(Wp, _flat(self.value(tokens))[rows], axis=0, out=Y)
             # (its weight gradient stays a dense product with the one-hot rows: BLAS beats a scatter)
-            self.X[f"prex:{v.name}"] = _flat(self.value(s.pre[0][0]))
         else:
-            xs = [_flat(self.value(part)) for part, _, _ in s.pre]
-            x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
-            self.X[f"prex:{v.name}"] = x
-            np.matmul(x, Wp.T, out=Y.reshape(self.T * self.B, v.size))
+            np.matmul(self._pre_inputs(v, s)[rows], Wp, out=Y)
         if s.bias:
             Y += self.params[s.bias]
-        return Y
+
+    def _pre_weights(self, v: Vertex, s: _Split) -> np.ndarray:
+        """``W[:, pre]``, transposed and contiguous: the rows a gather takes, the operand a product reads."""
+        key = f"WpT:{v.name}"
+        if key not in self.X:
+            self.X[key] = np.ascontiguousarray(_columns(self.params[s.W], s.pre_cols).T)
+        return self.X[key]
+
+    def _pre_inputs(self, v: Vertex, s: _Split) -> np.ndarray:
+        """``x_pre`` for all steps, ``[T*B, F]``: what the product reads, and its weight gradient too."""
+        key = f"prex:{v.name}"
+        if key not in self.X:
+            if _one_hot_tokens(s) is not None:
+                self.X[key] = _flat(self.value(s.pre[0][0]))
+            else:
+                xs = [_flat(self.value(part)) for part, _, _ in s.pre]
+                self.X[key] = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
+        return self.X[key]
 
     def collect(self) -> RunResult:
         g, T, f = self.g, self.T, self.f
@@ -386,8 +431,12 @@ class _RunState:
         for v in reversed(p.batched("post")):
             self._batched_backward(v)
         self._prepare_backward_loop()
-        self._call("backward_loop")
-        self._loop_param_grads()
+        self.pre_grads: dict[tuple, tuple] = {}  # (vertex, offset) -> (pre part, [T, B, F]): the loop's gradients of pre vertices through split products
+        for t0, t1 in reversed(self.chunks):
+            self._start_chunk(t0, t1)
+            self._call("backward_loop", t0, t1)
+            self._loop_param_grads(t0, t1)
+        self._loop_outside_grads()
         for v in reversed(p.batched("pre")):
             self._batched_backward(v)
         self._finish(result, combine)
@@ -449,7 +498,6 @@ class _RunState:
         bind = self.bind
         for v in p.of("core"):
             n = w.names[v.name]
-            post = self.core_grad.get(v.name)
             if v.name in p.depth:
                 D = p.depth[v.name]
                 GH = self.buf[f"GH_{n}"]  # zeroed, holding the post-phase gradients (see backward)
@@ -461,14 +509,10 @@ class _RunState:
             elif v.kind == "op" and v.op != "slice":
                 if w._has_full_grad(v):
                     Y = self.buf.get(f"Y_{n}")
-                    if Y is not None and Y.shape == (T, B, v.size):
+                    if Y is not None and Y.shape == (self.K, B, v.size):
                         GF = Y  # the pre-loop half is spent after the forward loop: reuse its memory
                     else:
-                        GF = self.alloc(f"GF_{n}", (T, B, v.size))
-                    if post is not None:
-                        GF[...] = post
-                    elif w._post_grad(v):
-                        GF[...] = 0
+                        GF = self.alloc(f"GF_{n}", (self.K, B, v.size))
                     bind[f"GF_{n}"] = GF
                 else:
                     bind[f"G_{n}"] = self.alloc(f"G_{n}", (B, v.size))
@@ -491,45 +535,72 @@ class _RunState:
             bind[f"M_{width}"] = m
         self.bind = bind
 
-    def _loop_param_grads(self) -> None:
-        """Each loop weight's gradient as one product over all T*B rows; and the loop's gradients of pre vertices."""
-        T, B, p, w = self.T, self.B, self.p, self.w
-        TB = T * B
+    def _start_chunk(self, t0: int, t1: int) -> None:
+        """Seed a chunk's product-output gradients: what the post phase sent to steps t0..t1-1, else zeros."""
+        w = self.w
+        for v in self.p.of("core"):
+            if v.kind == "op" and v.op != "slice" and v.name not in self.p.depth and w._has_full_grad(v):
+                GF = self.bind[f"GF_{w.names[v.name]}"][:t1 - t0]
+                post = self.core_grad.get(v.name)
+                if post is not None:
+                    GF[...] = post[t0:t1]
+                elif w._post_grad(v):
+                    GF[...] = 0
+
+    def _loop_param_grads(self, t0: int, t1: int) -> None:
+        """Each loop weight's gradient over a chunk's steps, as one product over its rows; and the
+        loop's gradients of pre vertices through split products."""
+        p, w, B = self.p, self.w, self.B
+        rows = slice(t0 * B, t1 * B)
         for v in p.of("core"):
             n = w.names[v.name]
             if v.kind == "delay":
                 continue
             if v.kind == "op" and v.op != "slice" and w._has_full_grad(v) and v.name not in p.depth:
-                G = self.bind[f"GF_{n}"]
+                G = self.bind[f"GF_{n}"][:t1 - t0]
             elif v.name in p.depth:
-                G = self.bind[f"GH_{n}"][p.depth[v.name]:]
+                D = p.depth[v.name]
+                G = self.bind[f"GH_{n}"][D + t0: D + t1]
             else:
                 G = None
             if v.name in p.split:
                 s = p.split[v.name]
-                Gf = G.reshape(TB, v.size)
+                Gf = G.reshape(-1, v.size)
                 for part, lo, hi in s.core:
-                    X = _flat(self.value(part))
-                    self.grads[s.W][:, lo:hi] += Gf.T @ X
+                    self.grads[s.W][:, lo:hi] += Gf.T @ _flat(self.value(part))[rows]
                 if s.pre:
-                    X = self.X[f"prex:{v.name}"]
-                    dWp = Gf.T @ X
-                    for (part, lo, hi), off in zip(s.pre, _offsets(s.pre)):
-                        self.grads[s.W][:, lo:hi] += dWp[:, off:off + hi - lo]
-                    wanted = [(part, lo, hi, off) for (part, lo, hi), off in zip(s.pre, _offsets(s.pre))
-                              if part.name in p.wants_grad]
-                    if wanted:
-                        gx = Gf @ _columns(self.params[s.W], s.pre_cols)
-                        for part, lo, hi, off in wanted:
-                            self._add_grad(part, gx[:, off:off + hi - lo].reshape(T, B, -1))
+                    self._pre_param_grads(v, s, Gf, t0, t1)
                 if s.bias:
                     self.grads[s.bias] += Gf.sum(axis=0)
             elif v.kind == "op" and any(isinstance(a, Param) for a in v.args):
-                args = [self.params[a.name] if isinstance(a, Param) else _flat(self.value(a)) for a in v.args]
-                gs = OPS[v.op].vjp(G.reshape(TB, v.size), args, _flat(self.value(v)), dict(v.attrs, dtype=self.dtype))
+                args = [self.params[a.name] if isinstance(a, Param) else _flat(self.value(a))[rows] for a in v.args]
+                gs = OPS[v.op].vjp(G.reshape(-1, v.size), args, _flat(self.value(v))[rows],
+                                   dict(v.attrs, dtype=self.dtype))
                 for a, ga in zip(v.args, gs):
                     if isinstance(a, Param) and ga is not None:
                         self.grads[a.name] += unbroadcast(ga, self.params[a.name].shape)
+
+    def _pre_param_grads(self, v: Vertex, s: _Split, Gf: np.ndarray, t0: int, t1: int) -> None:
+        """The loop-free half's weight gradient over a chunk, and its gradient to the pre vertices that want one."""
+        p, B = self.p, self.B
+        dWp = Gf.T @ self._pre_inputs(v, s)[t0 * B: t1 * B]
+        for (part, lo, hi), off in zip(s.pre, _offsets(s.pre)):
+            self.grads[s.W][:, lo:hi] += dWp[:, off:off + hi - lo]
+        wanted = [(part, off, hi - lo) for (part, lo, hi), off in zip(s.pre, _offsets(s.pre))
+                  if part.name in p.wants_grad]
+        if wanted:
+            gx = (Gf @ _columns(self.params[s.W], s.pre_cols)).reshape(t1 - t0, B, -1)
+            for part, off, width in wanted:
+                key = (v.name, off)
+                if key not in self.pre_grads:
+                    self.pre_grads[key] = (part, np.empty((self.T, B, width), dtype=self.dtype))
+                self.pre_grads[key][1][t0:t1] = gx[:, :, off:off + width]
+
+    def _loop_outside_grads(self) -> None:
+        """After all chunks: the gradients the loop sent outside it, and to the initial states."""
+        p, w = self.p, self.w
+        for part, g in self.pre_grads.values():
+            self._add_grad(part, g)
         outside = {t.name: t for t, _ in w._contributions() if p.phase[t.name] != "core"}
         for target in outside.values():
             self._add_grad(target, self.bind[f"GX_{w.names[target.name]}"])

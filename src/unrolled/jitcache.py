@@ -35,14 +35,14 @@ def _load_jit_loops(source: str) -> dict:
     ns = {}
     for fn in ("forward_loop", "backward_loop"):
         compiled = module[fn]
-        names = compiled.py_func.__code__.co_varnames[1:compiled.py_func.__code__.co_argcount]
+        names = compiled.py_func.__code__.co_varnames[2:compiled.py_func.__code__.co_argcount]
         ns[fn] = _binder(compiled, names)
     return ns
 
 
 def _binder(compiled, names):
-    def call(T, bind):
-        return compiled(T, *[bind[n] for n in names])
+    def call(t0, t1, bind):
+        return compiled(t0, t1, *[bind[n] for n in names])
 
     return call
 
