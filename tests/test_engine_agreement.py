@@ -33,6 +33,8 @@ def cyclic_graphs(draw):
     n_in = draw(st.integers(1, 4))
     x = g.input("x", n_in)
     pool = [x]
+    if draw(st.booleans()):  # tokens: a product with one-hot rows is a row pick in the loop
+        pool.append(g.one_hot(g.index_input("tok", draw(st.integers(1, 4))), name="tok1h"))
     states = []
     for k in range(n_states):
         size = draw(st.integers(1, 4))

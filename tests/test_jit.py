@@ -92,3 +92,23 @@ def test_fused_kernels_agree_with_reference(name, monkeypatch):
         assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), tol)
     if name in ("lstm", "gru"):
         assert "fused into one kernel" in eng.code and "def fwd_r0" in eng.kernel_code
+
+
+@pytest.mark.parametrize("jit", [True, "fuse"])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_one_hot_rows_are_picked_and_scattered(jit, chunk, monkeypatch):
+    """``W · one_hot(tokens)`` runs as a row pick in the loop and its weight gradient as a scatter
+    (Numba kernels), in chunks of steps: the same numbers as the reference's dense products."""
+    from helpers import embedded, make_inputs
+
+    if jit == "fuse":
+        monkeypatch.setenv("UNROLLED_JIT", "fuse")
+    g = embedded("one_hot")
+    rng = np.random.default_rng(5)
+    T, B = 5, 3
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        params = {k: (v + rng.normal(0, 0.3, v.shape)).astype(dtype) for k, v in g.init_params(rng, dtype).items()}
+        inputs = make_inputs(g, T, B, rng, dtype)
+        eng = CompiledEngine(g, jit=True if jit is True else "auto", chunk_steps=chunk)
+        assert "add_rows(" in eng.code
+        assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), tol)

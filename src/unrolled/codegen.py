@@ -17,7 +17,7 @@ from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
 from .schedule import Plan
 
-_NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+)\b")
+_NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+)\b")
 
 
 # ------------------------------------------------------------ code writing
@@ -113,7 +113,10 @@ class _Writer:
             if len(xs) > 1:
                 self._concat(c, xs, [part.size for part, _, _ in s.core], x)
             c(f"matmul({x}, WT_{n}, out={dst})")
-            if s.pre:
+            if s.tokens is not None:
+                # W · one_hot(k) + b is row k of WX = (W[:, pre] + b) transposed: picked in the loop
+                c(f"add_rows({dst}, WX_{n}, TOK_{n}[t])")
+            elif s.pre:
                 c(f"add({dst}, Y_{n}[t - t0], out={dst})")  # Y holds this chunk's steps only
             elif s.bias:
                 c(f"add({dst}, P_{self.pnames[s.bias]}, out={dst})")

@@ -121,6 +121,7 @@ class CompiledEngine:
                 n = self._writer.names[v.name]
                 ns[f"F_{n}"] = lambda args, spec=spec, attrs=attrs: spec.forward(args, attrs)
                 ns[f"J_{n}"] = lambda g, args, out, spec=spec, attrs=attrs: spec.vjp(g, args, out, attrs)
+        ns["add_rows"] = _row_kernels(self._writer.fuse)[0]
         exec(compile(source, filename, "exec"), ns)
         return ns
 
@@ -347,7 +348,11 @@ class _RunState:
                 if len(s.core) > 1:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))
-                if s.pre:
+                if s.tokens is not None:
+                    WX = _columns(W, s.pre_cols).T + (self.params[s.bias] if s.bias else 0)
+                    bind[f"WX_{n}"] = np.ascontiguousarray(WX, dtype=self.dtype)
+                    bind[f"TOK_{n}"] = np.ascontiguousarray(self.value(s.tokens), dtype=np.intp)
+                elif s.pre:
                     bind[f"Y_{n}"] = self.alloc(f"Y_{n}", (self.K, B, v.size))
                     self.pre_products.append((v, s))
         for v in p.order:
@@ -357,17 +362,9 @@ class _RunState:
 
     def _pre_product(self, v: Vertex, s: _Split, t0: int, t1: int) -> None:
         """The loop-free half of a split product for steps t0..t1-1: ``W[:, pre] · x_pre + b``, into ``Y``."""
-        rows = slice(t0 * self.B, t1 * self.B)
         n = self.w.names[v.name]
         Y = self.bind[f"Y_{n}"][:t1 - t0].reshape(-1, v.size)
-        Wp = self._pre_weights(v, s)
-        tokens = _one_hot_tokens(s)
-        if tokens is not None:
-            # W · one_hot(k) is W's column k: a gather, not a product with a matrix of zeros
-            np.take(Wp, _flat(self.value(tokens))[rows], axis=0, out=Y)
-            # (its weight gradient stays a dense product with the one-hot rows: BLAS beats a scatter)
-        else:
-            np.matmul(self._pre_inputs(v, s)[rows], Wp, out=Y)
+        np.matmul(self._pre_inputs(v, s)[t0 * self.B: t1 * self.B], self._pre_weights(v, s), out=Y)
         if s.bias:
             Y += self.params[s.bias]
 
@@ -382,11 +379,8 @@ class _RunState:
         """``x_pre`` for all steps, ``[T*B, F]``: what the product reads, and its weight gradient too."""
         key = f"prex:{v.name}"
         if key not in self.X:
-            if _one_hot_tokens(s) is not None:
-                self.X[key] = _flat(self.value(s.pre[0][0]))
-            else:
-                xs = [_flat(self.value(part)) for part, _, _ in s.pre]
-                self.X[key] = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
+            xs = [_flat(self.value(part)) for part, _, _ in s.pre]
+            self.X[key] = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
         return self.X[key]
 
     def collect(self) -> RunResult:
@@ -583,7 +577,14 @@ class _RunState:
     def _pre_param_grads(self, v: Vertex, s: _Split, Gf: np.ndarray, t0: int, t1: int) -> None:
         """The loop-free half's weight gradient over a chunk, and its gradient to the pre vertices that want one."""
         p, B = self.p, self.B
-        dWp = Gf.T @ self._pre_inputs(v, s)[t0 * B: t1 * B]
+        scatter = _row_kernels(self.w.fuse)[1]
+        if s.tokens is not None and scatter is not None:
+            # one-hot rows: each row's gradient lands on its token's column, no product with zeros
+            dWpT = np.zeros((len(s.pre_cols), v.size), dtype=self.dtype)
+            scatter(dWpT, self.bind[f"TOK_{self.w.names[v.name]}"][t0:t1].reshape(-1), Gf)
+            dWp = dWpT.T
+        else:
+            dWp = Gf.T @ self._pre_inputs(v, s)[t0 * B: t1 * B]
         for (part, lo, hi), off in zip(s.pre, _offsets(s.pre)):
             self.grads[s.W][:, lo:hi] += dWp[:, off:off + hi - lo]
         wanted = [(part, off, hi - lo) for (part, lo, hi), off in zip(s.pre, _offsets(s.pre))
@@ -664,13 +665,14 @@ def _slot(index: int, D: int, ring: bool) -> int:
     return index % (D + 1) if ring else index
 
 
-def _one_hot_tokens(s: _Split):
-    """The index input of a split product whose loop-free half is ``W · one_hot(tokens)``, else None."""
-    if len(s.pre) == 1:
-        part = s.pre[0][0]
-        if part.kind == "op" and part.op == "one_hot":
-            return part.args[0]
-    return None
+def _row_kernels(numba_ok: bool):
+    """(add_rows, scatter_add_rows): Numba's where the engine may use it; else NumPy's pick and no scatter
+    (NumPy's ``add.at`` is slower than the dense product with the one-hot rows it would replace)."""
+    if numba_ok:
+        from .jitkernels import add_rows, scatter_add_rows
+
+        return add_rows, scatter_add_rows
+    return (lambda out, W, idx: np.add(out, W[idx], out=out)), None
 
 
 def _offsets(parts) -> list[int]:

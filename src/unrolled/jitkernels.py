@@ -43,6 +43,24 @@ def add(a, b, out):
 
 
 @_jit
+def add_rows(out, W, idx):
+    """``out[b] += W[idx[b]]``: a product with one-hot rows, as the row pick it is."""
+    for b in range(out.shape[0]):
+        r = idx[b]
+        for j in range(out.shape[1]):
+            out[b, j] += W[r, j]
+
+
+@_jit
+def scatter_add_rows(out, idx, G):
+    """``out[idx[r]] += G[r]`` for every row r: the weight gradient of a product with one-hot rows."""
+    for r in range(G.shape[0]):
+        k = idx[r]
+        for j in range(G.shape[1]):
+            out[k, j] += G[r, j]
+
+
+@_jit
 def subtract(a, b, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):

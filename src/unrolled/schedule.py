@@ -41,6 +41,15 @@ class _Split:
     def pre_cols(self) -> list[int]:
         return [c for _, a, b in self.pre for c in range(a, b)]
 
+    @property
+    def tokens(self) -> Vertex | None:
+        """The index input when the loop-free half is ``W · one_hot(tokens)``: a row pick, not a product."""
+        if len(self.pre) == 1:
+            part = self.pre[0][0]
+            if part.kind == "op" and part.op == "one_hot":
+                return part.args[0]
+        return None
+
 
 @dataclass
 class Plan:
