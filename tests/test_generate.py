@@ -92,3 +92,43 @@ def test_jit_generation_matches_numpy():
     np.testing.assert_array_equal(a, b)
     for k in fa:
         np.testing.assert_allclose(fa[k], fb[k], rtol=1e-10, atol=1e-12)
+
+
+def every_fused_op_model(V=5, H=4) -> Graph:
+    """Each elementwise op the Numba path fuses into one loop, slices of a product, a parameter
+    operand, a delay of two steps and a learned initial state."""
+    g = Graph("fused")
+    x = g.one_hot(g.index_input("tok", V), name="x")
+    h = g.state("h", H, init="learned")
+    a = g.linear(g.param("W", (2 * H, V + H)), g.concat(x, h.prev), g.param("b", (2 * H,), init="normal:0.5"), name="a")
+    u, r = g.tanh(g.slice(a, 0, H)), g.relu(g.slice(a, H, 2 * H))
+    m = g.sub(g.mul(u, g.one_minus(g.sigmoid(r))), g.scale(h.delay(2), 0.5))
+    g.add(g.add(g.identity(m), g.param("c", (H,), init="normal:0.5")), g.scale(h.prev, 0.25), name="h")
+    g.output(g.matmul(g.param("Wy", (V, H)), h, name="y"))
+    return g
+
+
+@pytest.mark.parametrize("B", [1, 12])  # one row: the product loops; twelve: BLAS
+def test_jit_sampling_matches_numpy_on_every_fused_op(B):
+    pytest.importorskip("numba")
+    g = every_fused_op_model()
+    params = {k: v * 2 for k, v in g.init_params(4).items()}
+    prime = np.random.default_rng(0).integers(0, 5, size=(3, B))
+    a, fa = Generator(g, "tok", "y", jit=False).run(params, length=40, prime=prime, rng=np.random.default_rng(3))
+    b, fb = Generator(g, "tok", "y", jit=True).run(params, length=40, prime=prime, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(fa["h"], fb["h"], rtol=1e-10, atol=1e-12)
+
+
+def test_jit_float32_reading_matches_numpy():
+    """Float32 runs its own arithmetic on the Numba path (a rational tanh, products with fused
+    multiply-adds); after reading a prime its states agree with NumPy's to float32 precision."""
+    pytest.importorskip("numba")
+    g = char_model(V=7, H=16)
+    params = g.init_params(6, np.float32)
+    prime = np.random.default_rng(1).integers(0, 7, size=(30, 2))
+    _, fa = Generator(g, "tok", "y", jit=False).run(params, length=0, prime=prime, rng=np.random.default_rng(0))
+    _, fb = Generator(g, "tok", "y", jit=True).run(params, length=0, prime=prime, rng=np.random.default_rng(0))
+    for k in fa:
+        assert fb[k].dtype == np.float32
+        np.testing.assert_allclose(fa[k], fb[k], rtol=1e-4, atol=1e-5)

@@ -26,6 +26,12 @@ from .runio import _as_history
 _JIT_OPS = {"matmul", "linear", "add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu",
             "identity", "slice", "concat", "one_hot", "embedding"}
 
+# On the Numba path, one entry of each elementwise op from its arguments' entries; constants
+# are cast to the arguments' type, so that float32 stays float32 (and vectorizes).
+_ELEMENTWISE = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "scale": "{0} * _cast({c!r}, {0})",
+                "one_minus": "_cast(1.0, {0}) - {0}", "tanh": "_tanh1({0})", "sigmoid": "_sigmoid1({0})",
+                "relu": "max({0}, _cast(0.0, {0}))", "identity": "{0}"}
+
 
 class Generator:
     """Samples ``feed`` from ``logits`` step after step; see the module docstring.
@@ -74,26 +80,115 @@ class Generator:
 
     def _write(self) -> str:
         lines = ["def generate(N, n_prime, PRIME, U, TEMP, TOPK, OUT, PROBS, TOK" + "{args}):",
+                 "    B = TOK.shape[0]",
                  "    for t in range(N):",
                  "        if t < n_prime:",
-                 "            for b in range(TOK.shape[0]):",
+                 "            for b in range(B):",
                  "                TOK[b] = PRIME[t, b]"]
         body = []
-        for v in self.order:
-            if v.kind != "op" or v.op == "slice":
+        for group in self._groups():
+            if self._fusable(group[0]):
+                body.extend(self._emit_elementwise(group))
                 continue
+            v = group[0]
             body.append(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
-            body.extend(self._emit(v))
+            body.extend(self._emit_loops(v) if self.use_jit else self._emit(v))
         lines += ["        " + line for line in body]
         lines += ["        if t >= n_prime - 1 and t < N - 1:",
                   f"            sample_rows({self._val(self.logits)}, TEMP, TOPK, U[t], PROBS, TOK)",
                   "            if t + 1 >= n_prime:",
-                  "                for b in range(TOK.shape[0]):",
+                  "                for b in range(B):",
                   "                    OUT[t + 1 - n_prime, b] = TOK[b]"]
         text = "\n".join(lines) + "\n"
         args = sorted({tok for tok in _identifiers(text) if tok[:2] in ("S_", "R_", "P_", "W_", "E_")})
         self.arg_names = args
         return text.replace("{args}", "".join(", " + a for a in args))
+
+    # ------------------------------------------- code, Numba path only
+
+    def _groups(self) -> list[list[Vertex]]:
+        """The step's ops in order, runs of elementwise ops of one size gathered into one group.
+
+        On the Numba path a group becomes one loop over its ``[B, F]``
+        entries (an LSTM cell's gates and state update: one loop, not nine
+        calls that each pass over memory); on the NumPy path every op stays
+        a call of its own.
+        """
+        groups: list[list[Vertex]] = []
+        for v in self.order:
+            if v.kind != "op" or v.op == "slice":
+                continue
+            if self._fusable(v) and groups and self._fusable(groups[-1][-1]) and groups[-1][-1].size == v.size:
+                groups[-1].append(v)
+            else:
+                groups.append([v])
+        return groups
+
+    def _fusable(self, v: Vertex) -> bool:
+        return self.use_jit and v.op in _ELEMENTWISE and all(
+            isinstance(a, Vertex) or tuple(a.shape) == (v.size,) for a in v.args)
+
+    def _emit_elementwise(self, group: list[Vertex]) -> list[str]:
+        """One loop over the group's entries; a value is stored only where something outside reads it."""
+        members = {v.name for v in group}
+        local: dict[str, str] = {}
+        out = [f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})" for v in group]
+        out += ["for b in range(B):", f"    for j in range({group[0].size}):"]
+        for v in group:
+            args = [self._elem(a, "j", local) for a in v.args]
+            name = local[v.name] = f"e_{self.names[v.name]}"
+            out.append(f"        {name} = " + _ELEMENTWISE[v.op].format(*args, **v.attrs))
+            if v.name in self.depth or v is self.logits or not self._users[v.name] <= members:
+                out.append(f"        {self._elem(v, 'j', {})} = {name}")
+        return out
+
+    def _elem(self, v, j: str, local: dict[str, str]) -> str:
+        """The expression for entry ``[b, j]`` of ``v`` at step ``t`` (a loop's local if it has one)."""
+        if isinstance(v, Param):
+            return f"P_{self.pnames[v.name]}[{j}]"
+        if v.name in local:
+            return local[v.name]
+        if v.kind == "delay":
+            D = self.depth[v.source.name]
+            return f"R_{self.names[v.source.name]}[(t - {v.depth}) % {D + 1}, b, {j}]"
+        if v.kind == "op" and v.op == "slice":
+            start = v.attrs["start"]
+            return self._elem(v.args[0], f"{start} + {j}" if start else j, local)
+        if v.name in self.depth:
+            return f"R_{self.names[v.name]}[t % {self.depth[v.name] + 1}, b, {j}]"
+        return f"S_{self.names[v.name]}[b, {j}]"
+
+    def _emit_loops(self, v: Vertex) -> list[str]:
+        """The Numba path's line(s) for an op outside the elementwise groups."""
+        dst, a = self._val(v), [self._val(x) for x in v.args]
+        n = self.names[v.name]
+        if v.op == "matmul":
+            return [f"matmul_rows({a[1]}, W_{n}, {dst})"]
+        if v.op == "linear":
+            return [f"linear_rows({a[1]}, W_{n}, {a[2]}, {dst})"]
+        if v.op == "concat":
+            out, off = [], 0
+            for x in v.args:
+                out += ["for b in range(B):", f"    for j in range({x.size}):",
+                        f"        {self._elem(v, f'{off} + j' if off else 'j', {})} = {self._elem(x, 'j', {})}"]
+                off += x.size
+            return out
+        return self._emit(v)
+
+    @property
+    def _users(self) -> dict[str, set[str]]:
+        """Each vertex's readers in one step: ops through their arguments, delays through their source."""
+        if not hasattr(self, "_users_cache"):
+            users: dict[str, set[str]] = {v.name: set() for v in self.order}
+            for v in self.graph.vertices.values():
+                sources = [v.source] if v.kind == "delay" else v.args if v.kind == "op" else []
+                for a in sources:
+                    if isinstance(a, Vertex) and a.name in users:
+                        users[a.name].add(v.name)
+            self._users_cache = users
+        return self._users_cache
+
+    # ------------------------------------------- code, both paths
 
     def _emit(self, v: Vertex) -> list[str]:
         dst, a = self._val(v), [self._val(x) for x in v.args]
@@ -136,6 +231,7 @@ class Generator:
             from .jitcache import _load_module  # the same on-disk cache as the training loops
 
             text = ("import numba\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n"
+                    "from unrolled.jitkernels import _cast, _sigmoid1, _tanh1  # noqa: F401\n"
                     "from unrolled.generate_kernels import *  # noqa: F401,F403\n\n"
                     "@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + self.code)
             return _load_module(text, "generate")["generate"]

@@ -1,9 +1,16 @@
-"""The few kernels generation needs beyond the step loops': token lookups and sampling.
+"""The few kernels generation needs beyond the step loops': token lookups, sampling,
+and the matrix products of a batch of one or a few rows.
 
-Each exists twice, for Numba and for plain NumPy, doing the same arithmetic
-in the same order (float64 probabilities, a sequential running sum, the
-first class whose running sum passes ``u * total``), so that both paths
-draw the same token from the same uniform number.
+The lookups and sampling exist twice, for Numba and for plain NumPy, doing the
+same arithmetic in the same order (float64 probabilities, a sequential running
+sum, the first class whose running sum passes ``u * total``), so that both
+paths draw the same token from the same uniform number.
+
+The products (``matmul_rows``, ``linear_rows``) are Numba only: the NumPy
+path calls ``np.matmul``. At one row a step a product is a matrix-vector
+product, bound by reading the weights, and BLAS's call costs as much as a
+plain loop's arithmetic; the loop can also skip the rows of the weights that
+meet a zero input, so a one-hot input reads one row instead of all of them.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ except ImportError:  # pragma: no cover - the NumPy versions above serve
     numba = None
 
 if numba is not None:
+    from .jitkernels import _at, add, matmul
+
     _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
     @_jit
@@ -63,24 +72,25 @@ if numba is not None:
 
     @_jit
     def sample_rows(logits, temperature, top_k, u, probs, tok):
+        """As ``sample_rows_numpy``, in the same order; ``probs`` holds ``z`` until it is exponentiated,
+        so that a draw allocates nothing."""
         rows, classes = logits.shape
-        z = np.empty(classes, dtype=np.float64)
         for b in range(rows):
+            z = probs[b]
             m = -np.inf
             for j in range(classes):
                 z[j] = np.float64(logits[b, j]) / temperature
                 m = max(m, z[j])
             for j in range(classes):
                 z[j] -= m
-                probs[b, j] = np.exp(z[j])
-            if top_k > 0:
-                threshold = np.sort(z)[classes - top_k]
-                for j in range(classes):
-                    if z[j] < threshold:
-                        probs[b, j] = 0.0
+            threshold = np.sort(z)[classes - top_k] if top_k > 0 else 0.0
             total = 0.0
             for j in range(classes):
-                total += probs[b, j]
+                p = np.exp(z[j])
+                if top_k > 0 and z[j] < threshold:
+                    p = 0.0
+                probs[b, j] = p
+                total += p
             target = u[b] * total
             running = 0.0
             choice = classes - 1
@@ -90,3 +100,53 @@ if numba is not None:
                     choice = j
                     break
             tok[b] = choice
+
+    # Above this many rows a product is BLAS's: a matrix-matrix product, where its blocking pays.
+    LOOP_ROWS = 8
+    _jit_contract = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+
+    @_jit_contract
+    def _accumulate_product(x, W, out):
+        """``out += x @ W`` for ``x`` [B, K], ``W`` [K, N], small B.
+
+        ``W`` streams through once, four of its rows at a time (each pass
+        over ``out`` then carries four rows' worth of work), and a group of
+        four zero inputs skips its rows of ``W`` altogether.
+        """
+        rows, inner = x.shape
+        cols = W.shape[1]
+        k = 0
+        while k + 4 <= inner:
+            for i in range(rows):
+                a0, a1, a2, a3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
+                if a0 != 0 or a1 != 0 or a2 != 0 or a3 != 0:
+                    for n in range(cols):
+                        out[i, n] += a0 * W[k, n] + a1 * W[k + 1, n] + a2 * W[k + 2, n] + a3 * W[k + 3, n]
+            k += 4
+        for k in range(k, inner):
+            for i in range(rows):
+                a = x[i, k]
+                if a != 0:
+                    for n in range(cols):
+                        out[i, n] += a * W[k, n]
+
+    @_jit
+    def matmul_rows(x, W, out):
+        """``out = x @ W``: the loop above for a few rows, BLAS (when there) for more."""
+        if x.shape[0] > LOOP_ROWS:
+            matmul(x, W, out)
+            return
+        out[...] = 0
+        _accumulate_product(x, W, out)
+
+    @_jit
+    def linear_rows(x, W, bias, out):
+        """``out = x @ W + bias``, the bias written first so that the product adds onto it."""
+        if x.shape[0] > LOOP_ROWS:
+            matmul(x, W, out)
+            add(out, bias, out)
+            return
+        for i in range(out.shape[0]):
+            for n in range(out.shape[1]):
+                out[i, n] = _at(bias, i, n)
+        _accumulate_product(x, W, out)
