@@ -188,3 +188,28 @@ def test_loading_state_of_another_optimizer_or_model_fails(rng):
     other.load_state(adam.state_arrays(), adam.state_meta())
     with pytest.raises(ValueError, match=r"state 'exp_avg/W' is \[4, 3\] float64 but parameter 'W' is \[3, 3\]"):
         other.step({"W": np.zeros((3, 3))}, {"W": np.zeros((3, 3))})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name, lr, kw", [c for c in CASES if c[0] in ("adagrad", "adam", "adamw")],
+                         ids=lambda c: str(c))
+def test_numba_kernels_are_bit_identical_to_numpy(name, lr, kw, dtype, rng, monkeypatch):
+    """The one-pass Numba updates (taken when Numba may run) give exactly the NumPy rule's bits."""
+    pytest.importorskip("numba")
+    from unrolled import optim, optim_kernels
+
+    params, grads = _problem(rng, 6, dtype)
+    runs = {}
+    for kernels in (False, optim_kernels):
+        monkeypatch.setattr(optim, "_KERNELS", kernels)
+        opt = make_optimizer(name, lr, **kw)
+        ours = {n: p.copy() for n, p in params.items()}
+        for k, g in enumerate(grads):
+            opt.step(ours, g, lr=lr * (1 + 0.1 * k))
+        runs[kernels is not False] = (ours, opt.state_arrays())
+    (p0, s0), (p1, s1) = runs[False], runs[True]
+    for n in params:
+        np.testing.assert_array_equal(p1[n], p0[n], err_msg=n)
+    assert set(s0) == set(s1)
+    for n in s0:
+        np.testing.assert_array_equal(s1[n], s0[n], err_msg=n)

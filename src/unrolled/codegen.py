@@ -415,7 +415,7 @@ def _with_arguments(source: str) -> str:
     names = sorted(set(_NAME.findall(source)), key=lambda n: (n.split("_")[0], n))
     head, _, body = source.partition("\n")
     fn = head.split("(")[0]
-    return f"@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n{fn}(t0, t1, {', '.join(names)}):\n{body}"
+    return f"@numba.njit(cache=True, nogil=True, error_model=\"numpy\", fastmath={{\"contract\"}})\n{fn}(t0, t1, {', '.join(names)}):\n{body}"
 
 
 def _header(w: _Writer) -> str:

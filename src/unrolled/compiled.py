@@ -88,6 +88,7 @@ class CompiledEngine:
             self._namespace.update(_load_module(self.kernel_code, "fused"))
         self._jit_namespace: dict | None = None
         self._buffers: dict = {}
+        self.picked_only = _picked_only(graph, self.plan, self._writer.skip)
 
     def uses_jit(self, B: int) -> bool:
         """Whether a run over batches of ``B`` rows takes the Numba loop."""
@@ -275,8 +276,10 @@ class _RunState:
     # ---- forward
 
     def forward(self) -> None:
+        picked = self.eng.picked_only
         for v in self.p.batched("pre"):
-            self._batched_forward(v)
+            if v.name not in picked:
+                self._batched_forward(v)
         self._prepare_loop()
         for t0, t1 in self.chunks:
             for v, s in self.pre_products:
@@ -356,7 +359,7 @@ class _RunState:
                     bind[f"Y_{n}"] = self.alloc(f"Y_{n}", (self.K, B, v.size))
                     self.pre_products.append((v, s))
         for v in p.order:
-            if p.phase[v.name] == "pre" and v.kind != "index":
+            if p.phase[v.name] == "pre" and v.kind != "index" and v.name not in self.eng.picked_only:
                 bind[f"X_{w.names[v.name]}"] = self.X[v.name]
         self.bind = bind
 
@@ -379,6 +382,9 @@ class _RunState:
         """``x_pre`` for all steps, ``[T*B, F]``: what the product reads, and its weight gradient too."""
         key = f"prex:{v.name}"
         if key not in self.X:
+            for part, _, _ in s.pre:
+                if part.name not in self.X:  # a one-hot matrix the loop did without (picked_only)
+                    self._batched_forward(part)
             xs = [_flat(self.value(part)) for part, _, _ in s.pre]
             self.X[key] = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
         return self.X[key]
@@ -663,6 +669,19 @@ def _columns(W: np.ndarray, cols: list[int]) -> np.ndarray:
 
 def _slot(index: int, D: int, ring: bool) -> int:
     return index % (D + 1) if ring else index
+
+
+def _picked_only(g: Graph, p: Plan, unbuilt: set[str]) -> set[str]:
+    """One-hot vertices read only as the row picks of split products (directly or through concatenations
+    the loop never builds): never built as ``[T*B, V]`` matrices."""
+    picked = {s.pre[0][0].name for s in p.split.values() if s.tokens is not None}
+    picked -= {v.name for v in g.outputs}
+    for u in p.order:
+        if u.kind == "delay":
+            picked.discard(u.source.name)
+        elif u.kind == "op" and u.name not in unbuilt and (u.name not in p.split or p.split[u.name].tokens is None):
+            picked -= {a.name for a in u.args if isinstance(a, Vertex)}
+    return picked
 
 
 def _row_kernels(numba_ok: bool):

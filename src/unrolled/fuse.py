@@ -97,7 +97,7 @@ class KernelText:
         """Each kernel twice, for float32 and float64 (``name_f32``, ``name_f64``): constants are
         written in the run's precision, so float32 arithmetic stays float32 and vectorizes."""
         head = ("import numba\nimport numpy as np\nfrom unrolled.jitkernels import _tanh1\n\n"
-                "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n\n")
+                "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\", fastmath={\"contract\"})\n\n")
         out = []
         for f in self.functions:
             name = f.split("(")[0][4:]

@@ -154,6 +154,23 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
 
+def _kernels():
+    """:mod:`unrolled.optim_kernels` when Numba may run (installed, and UNROLLED_JIT is not "0"), else None."""
+    global _KERNELS
+    if _KERNELS is None:
+        from .jitcache import numba_allowed
+
+        _KERNELS = False
+        if numba_allowed("auto", set(), "the optimizers"):
+            from . import optim_kernels
+
+            _KERNELS = optim_kernels
+    return _KERNELS or None
+
+
+_KERNELS = None  # resolved on first use: importing Numba costs a second
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum (torch.optim.SGD).
 
@@ -209,6 +226,11 @@ class Adagrad(Optimizer):
             g = g + self.weight_decay * p
         clr = lr / (1 + (step - 1) * self.lr_decay)
         total = self._slot("sum", name, p, self.initial_accumulator_value)
+        kernels = _kernels()
+        arrays = kernels and kernels.flat(p, g, total)
+        if arrays:
+            kernels.adagrad(*arrays, p.dtype.type(clr), p.dtype.type(self.eps))
+            return
         total += g * g
         std = np.sqrt(total)
         std += self.eps
@@ -280,6 +302,8 @@ class Adam(Optimizer):
 
     def _update(self, name, p, g, lr, step):
         beta1, beta2 = self.betas
+        if self._one_pass(name, p, g, lr, step):
+            return
         if self.weight_decay:
             if self._decoupled:
                 p *= 1 - lr * self.weight_decay
@@ -300,6 +324,22 @@ class Adam(Optimizer):
         denom = np.sqrt(second) / bias_correction2_sqrt
         denom += self.eps
         p -= step_size * (exp_avg / denom)
+
+
+    def _one_pass(self, name, p, g, lr, step) -> bool:
+        """The same update by :func:`unrolled.optim_kernels.adam`, where it applies; whether it ran."""
+        kernels = _kernels()
+        if not kernels or self.amsgrad or (self.weight_decay and not self._decoupled):
+            return False
+        arrays = kernels.flat(p, g, self._slot("exp_avg", name, p), self._slot("exp_avg_sq", name, p))
+        if not arrays:
+            return False
+        beta1, beta2 = self.betas
+        f = p.dtype.type
+        decay = 1 - lr * self.weight_decay if self.weight_decay else 1.0
+        kernels.adam(*arrays, f(decay), f(1 - beta1), f(beta2), f(1 - beta2),
+                     f((1 - beta2**step) ** 0.5), f(self.eps), f(lr / (1 - beta1**step)))
+        return True
 
 
 class AdamW(Adam):

@@ -1,0 +1,51 @@
+"""One pass over each parameter for Adagrad and Adam, when Numba is installed.
+
+NumPy runs an update rule as a handful of whole-array operations, each a
+call and a pass through memory; for the small models of a character-level
+run (a hundred units, batch one) the calls are most of an optimizer step,
+for large ones the passes are. These kernels do the same arithmetic, in the
+same order and the same precision, element by element in one loop: every
+constant arrives already rounded to the parameter's dtype, exactly as NumPy
+rounds a Python number it combines with an array, and no operation is
+fused, so the results are bit for bit those of :mod:`unrolled.optim`'s NumPy
+code (the tests compare them).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+
+@_jit
+def adagrad(p, g, total, clr, eps):
+    """``sum += g²; p -= clr · g / (√sum + eps)``, on flat arrays."""
+    for i in range(p.shape[0]):
+        gi = g[i]
+        t = total[i] + gi * gi
+        total[i] = t
+        p[i] -= clr * (gi / (np.sqrt(t) + eps))
+
+
+@_jit
+def adam(p, g, exp_avg, exp_avg_sq, decay, c1, beta2, c2, bias2, eps, step_size):
+    """torch's Adam (and AdamW's decoupled decay ``p *= decay``), on flat arrays."""
+    for i in range(p.shape[0]):
+        gi = g[i]
+        m = exp_avg[i] + c1 * (gi - exp_avg[i])
+        v = exp_avg_sq[i] * beta2
+        v = v + c2 * (gi * gi)
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        pi = p[i] * decay
+        p[i] = pi - step_size * (m / (np.sqrt(v) / bias2 + eps))
+
+
+def flat(*arrays: np.ndarray):
+    """1-D views of C-contiguous arrays of one dtype, or None (the NumPy rule handles the rest)."""
+    dtype = arrays[0].dtype
+    if any(not a.flags.c_contiguous or a.dtype != dtype for a in arrays):
+        return None
+    return [a.reshape(-1) for a in arrays]
