@@ -346,8 +346,12 @@ class _RunState:
             if v.name in p.split:
                 s = p.split[v.name]
                 W = self.params[s.W]
-                Wc = _columns(W, s.core_cols)
-                bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, np.ascontiguousarray(Wc.T)
+                if self.use_jit:  # Numba reaches BLAS only with C-contiguous operands
+                    Wc = _columns(W, s.core_cols)
+                    bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, np.ascontiguousarray(Wc.T)
+                else:  # NumPy hands row-strided and transposed views to BLAS as they are: no copies
+                    Wc = _column_view(W, s.core_cols)
+                    bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, Wc.T
                 if len(s.core) > 1:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))
@@ -375,7 +379,7 @@ class _RunState:
         """``W[:, pre]``, transposed and contiguous: the rows a gather takes, the operand a product reads."""
         key = f"WpT:{v.name}"
         if key not in self.X:
-            self.X[key] = np.ascontiguousarray(_columns(self.params[s.W], s.pre_cols).T)
+            self.X[key] = _column_view(self.params[s.W], s.pre_cols).T
         return self.X[key]
 
     def _pre_inputs(self, v: Vertex, s: _Split) -> np.ndarray:
@@ -596,7 +600,7 @@ class _RunState:
         wanted = [(part, off, hi - lo) for (part, lo, hi), off in zip(s.pre, _offsets(s.pre))
                   if part.name in p.wants_grad]
         if wanted:
-            gx = (Gf @ _columns(self.params[s.W], s.pre_cols)).reshape(t1 - t0, B, -1)
+            gx = (Gf @ _column_view(self.params[s.W], s.pre_cols)).reshape(t1 - t0, B, -1)
             for part, off, width in wanted:
                 key = (v.name, off)
                 if key not in self.pre_grads:
@@ -660,8 +664,15 @@ def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
+def _column_view(W: np.ndarray, cols: list[int]) -> np.ndarray:
+    """``W[:, cols]`` as a view when the columns are one run (BLAS takes its row stride), else a copy."""
+    if cols and cols == list(range(cols[0], cols[-1] + 1)):
+        return W[:, cols[0]: cols[-1] + 1]
+    return _columns(W, cols)
+
+
 def _columns(W: np.ndarray, cols: list[int]) -> np.ndarray:
-    """A contiguous copy of ``W[:, cols]``: NumPy hands a strided view to a slow non-BLAS loop."""
+    """A C-contiguous copy of ``W[:, cols]``: what Numba's BLAS path (and a scattered column list) needs."""
     if cols and cols == list(range(cols[0], cols[-1] + 1)):
         return np.ascontiguousarray(W[:, cols[0]: cols[-1] + 1])
     return np.ascontiguousarray(W[:, cols])
