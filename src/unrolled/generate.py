@@ -132,31 +132,16 @@ class Generator:
         """One loop over the group's entries; a value is stored only where something outside reads it."""
         members = {v.name for v in group}
         local: dict[str, str] = {}
-        out = [f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})" for v in group]
-        out += ["for b in range(B):", f"    for j in range({group[0].size}):"]
+        rows: dict[str, str] = {}
+        body = []
         for v in group:
-            args = [self._elem(a, "j", local) for a in v.args]
+            args = [self._elem(a, "j", rows, local) for a in v.args]
             name = local[v.name] = f"e_{self.names[v.name]}"
-            out.append(f"        {name} = " + _ELEMENTWISE[v.op].format(*args, **v.attrs))
+            body.append(f"{name} = " + _ELEMENTWISE[v.op].format(*args, **v.attrs))
             if v.name in self.depth or v is self.logits or not self._users[v.name] <= members:
-                out.append(f"        {self._elem(v, 'j', {})} = {name}")
-        return out
-
-    def _elem(self, v, j: str, local: dict[str, str]) -> str:
-        """The expression for entry ``[b, j]`` of ``v`` at step ``t`` (a loop's local if it has one)."""
-        if isinstance(v, Param):
-            return f"P_{self.pnames[v.name]}[{j}]"
-        if v.name in local:
-            return local[v.name]
-        if v.kind == "delay":
-            D = self.depth[v.source.name]
-            return f"R_{self.names[v.source.name]}[(t - {v.depth}) % {D + 1}, b, {j}]"
-        if v.kind == "op" and v.op == "slice":
-            start = v.attrs["start"]
-            return self._elem(v.args[0], f"{start} + {j}" if start else j, local)
-        if v.name in self.depth:
-            return f"R_{self.names[v.name]}[t % {self.depth[v.name] + 1}, b, {j}]"
-        return f"S_{self.names[v.name]}[b, {j}]"
+                body.append(f"{self._elem(v, 'j', rows)} = {name}")
+        return ([f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})" for v in group]
+                + self._row_loops(group[0].size, rows, body))
 
     def _emit_loops(self, v: Vertex) -> list[str]:
         """The Numba path's line(s) for an op outside the elementwise groups."""
@@ -169,11 +154,41 @@ class Generator:
         if v.op == "concat":
             out, off = [], 0
             for x in v.args:
-                out += ["for b in range(B):", f"    for j in range({x.size}):",
-                        f"        {self._elem(v, f'{off} + j' if off else 'j', {})} = {self._elem(x, 'j', {})}"]
+                rows: dict[str, str] = {}
+                line = f"{self._elem(v, f'{off} + j' if off else 'j', rows)} = {self._elem(x, 'j', rows)}"
+                out += self._row_loops(x.size, rows, [line])
                 off += x.size
             return out
         return self._emit(v)
+
+    @staticmethod
+    def _row_loops(size: int, rows: dict[str, str], body: list[str]) -> list[str]:
+        """``for b: for j in range(size): body``, each array row the body reads or writes named
+        once per ``b``: the loop then indexes plain vectors (and in float64, where the C library's
+        tanh is a call, the row's address is not recomputed after every call)."""
+        return (["for b in range(B):"] + [f"    {name} = {expr}" for expr, name in rows.items()]
+                + [f"    for j in range({size}):"] + ["        " + line for line in body])
+
+    def _elem(self, v, j: str, rows: dict[str, str], local: dict[str, str] | None = None) -> str:
+        """The expression for entry ``[b, j]`` of ``v`` at step ``t``: a loop's local if it has one,
+        else an entry of a row named in ``rows`` (row expression -> name)."""
+        if isinstance(v, Param):
+            return f"P_{self.pnames[v.name]}[{j}]"
+        if local and v.name in local:
+            return local[v.name]
+        if v.kind == "op" and v.op == "slice":
+            start = v.attrs["start"]
+            return self._elem(v.args[0], f"{start} + {j}" if start else j, rows, local)
+        if v.kind == "delay":
+            D, n = self.depth[v.source.name], self.names[v.source.name]
+            expr, name = f"R_{n}[(t - {v.depth}) % {D + 1}, b]", f"r_{n}_{v.depth}"
+        elif v.name in self.depth:
+            n = self.names[v.name]
+            expr, name = f"R_{n}[t % {self.depth[v.name] + 1}, b]", f"r_{n}"
+        else:
+            n = self.names[v.name]
+            expr, name = f"S_{n}[b]", f"s_{n}"
+        return f"{rows.setdefault(expr, name)}[{j}]"
 
     @property
     def _users(self) -> dict[str, set[str]]:
