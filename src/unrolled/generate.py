@@ -7,8 +7,11 @@ once, and one step of it pays that bookkeeping every time. A
 :class:`Generator` instead emits the forward pass of *one* step as straight
 code over preallocated ``[B, F]`` buffers, with each delayed vertex kept in a
 small ring of its last ``D + 1`` values, and wraps the sampling loop around
-it. With Numba installed the whole loop (steps and sampling) is compiled;
-without it the same code runs as NumPy calls. Either way the random numbers
+it. With Numba installed the whole loop (steps and sampling) is compiled,
+each run of elementwise ops of one size written as one loop over its entries
+(an LSTM cell's gates and state update: one pass, nothing stored that only
+the loop reads) and each product of a few rows as a plain loop; without Numba
+every op is one NumPy call. Either way the random numbers
 come from the caller's NumPy generator, drawn up front, so a seed gives the
 same text.
 """
