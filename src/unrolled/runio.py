@@ -114,8 +114,9 @@ def prepare(
         if v.kind == "index":
             if not np.issubdtype(a.dtype, np.integer):
                 raise ValueError(f"index input '{v.name}' holds {a.dtype}; it must hold integers")
-            if a.size and (a.min() < 0 or a.max() >= v.size):
-                bad = a.min() if a.min() < 0 else a.max()
+            lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+            if lo < 0 or hi >= v.size:
+                bad = lo if lo < 0 else hi
                 raise ValueError(f"index input '{v.name}' holds {bad}, outside 0..{v.size - 1}")
             out_inputs[v.name] = a.astype(np.int64, copy=False)
         else:

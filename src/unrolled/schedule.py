@@ -64,8 +64,11 @@ class Plan:
     memo: dict = field(default_factory=dict)
 
     def of(self, phase: str) -> list[Vertex]:
-        """The vertices of one phase in a same-step order (the loop's order, for the core)."""
-        return [v for v in self.order if self.phase[v.name] == phase]
+        """The vertices of one phase in a same-step order (the loop's order, for the core); cached."""
+        key = "of:" + phase
+        if key not in self.memo:
+            self.memo[key] = [v for v in self.order if self.phase[v.name] == phase]
+        return self.memo[key]
 
     def batched(self, phase: str) -> list[Vertex]:
         """Cached :meth:`_batched`."""
