@@ -136,8 +136,7 @@ def sigmoid(a, out):
     """σ(x) = (1 + tanh(x/2)) / 2: no overflow anywhere, and the float32 path vectorizes."""
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
-            x = a[i, j]
-            out[i, j] = 0.5 + 0.5 * _tanh1(0.5 * x)
+            out[i, j] = _sigmoid1(a[i, j])  # stays float32 (a 0.5 literal would promote it to float64)
 
 
 @_jit
