@@ -88,3 +88,17 @@ def test_bad_limits(bad):
         clip_by_global_norm({"a": np.ones(2)}, bad)
     with pytest.raises(ValueError, match="must be a positive number"):
         clip_by_value({"a": np.ones(2)}, bad)
+
+
+def test_numba_sum_of_squares_matches_numpy_norm(rng, monkeypatch):
+    """float32 gradients take Numba's one pass when it may run: the same norm, non-finite ones still caught."""
+    pytest.importorskip("numba")
+    from unrolled import optim, optim_kernels
+
+    grads = {"W": rng.normal(size=(40, 30)).astype(np.float32) * 1e18, "b": rng.normal(size=7).astype(np.float32)}
+    monkeypatch.setattr(optim, "_KERNELS", False)
+    expected = global_norm(grads)
+    monkeypatch.setattr(optim, "_KERNELS", optim_kernels)
+    assert global_norm(grads) == pytest.approx(expected, rel=1e-12)
+    assert global_norm({"a": np.array([np.inf, 1], dtype=np.float32)}) == math.inf
+    assert math.isnan(global_norm({"a": np.array([np.inf, np.nan], dtype=np.float32)}))

@@ -41,10 +41,18 @@ def global_norm(grads: Arrays) -> float:
     """The L2 norm of all gradients taken together, as if concatenated into
     one vector; inf or NaN if any element is."""
     norms = []
+    from .optim import _kernels  # Numba's one pass for float32, when it may run
+
+    kernels = _kernels()
     for g in grads.values():
         g = np.asarray(g)
         if g.size == 0:
             continue
+        if kernels and g.dtype == np.float32 and g.flags.c_contiguous:
+            total = kernels.sum_of_squares(g.reshape(-1))
+            if math.isfinite(total):
+                norms.append(math.sqrt(total))
+                continue
         peak = float(np.max(np.abs(g)))
         if not math.isfinite(peak):
             norms.append(peak if math.isnan(peak) else math.inf)

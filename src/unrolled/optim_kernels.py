@@ -1,4 +1,5 @@
-"""One pass over each parameter for Adagrad and Adam, when Numba is installed.
+"""One pass over each parameter for Adagrad and Adam (and for the sum of
+squares of clipping's global norm), when Numba is installed.
 
 NumPy runs an update rule as a handful of whole-array operations, each a
 call and a pass through memory; for the small models of a character-level
@@ -41,6 +42,17 @@ def adam(p, g, exp_avg, exp_avg_sq, decay, c1, beta2, c2, bias2, eps, step_size)
         exp_avg_sq[i] = v
         pi = p[i] * decay
         p[i] = pi - step_size * (m / (np.sqrt(v) / bias2 + eps))
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def sum_of_squares(x):
+    """Σ x² in float64 over a flat float32 array: squares of float32 cannot overflow float64, so
+    no scaling pass is needed; the sum may be taken in any order (it vectorizes)."""
+    s = 0.0
+    for i in range(x.shape[0]):
+        v = np.float64(x[i])
+        s += v * v
+    return s
 
 
 def flat(*arrays: np.ndarray):
