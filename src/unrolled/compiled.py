@@ -38,7 +38,7 @@ from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
 from .jitcache import _load_jit_loops, _load_module, numba_allowed
 from .ops import OPS, unbroadcast
-from .runio import Feeds, RunResult, as_state, check_combine, prepare
+from .runio import Feeds, RunResult, as_state, check_combine, parameter_copies, prepare
 from .schedule import INLINE, Plan, _Split, plan
 
 
@@ -59,9 +59,13 @@ class CompiledEngine:
 
     name = "compiled"
 
-    def __init__(self, graph: Graph, jit: bool | str = "auto", chunk_steps: int | None = None):
+    def __init__(self, graph: Graph, jit: bool | str = "auto", chunk_steps: int | None = None,
+                 whole: bool | str = "auto"):
         self.graph = graph.check()
         from .stages import cut
+
+        self.whole = _whole_run(graph, jit, whole)  # the whole run as one Numba function, for small runs
+        self._whole_forced = whole is True
 
         if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 1):
             raise ValueError(f"chunk_steps must be a whole number of steps >= 1 (or None to size chunks "
@@ -89,6 +93,13 @@ class CompiledEngine:
         self._jit_namespace: dict | None = None
         self._buffers: dict = {}
         self.picked_only = _picked_only(graph, self.plan, self._writer.skip)
+
+    def uses_whole(self, B: int) -> bool:
+        """Whether a run over batches of ``B`` rows is one compiled function (see wholestep.py)."""
+        if self.whole is None:
+            return False
+        widest = max(v.size for v in self.graph.step_order())
+        return self._whole_forced or B * widest <= JIT_AUTO_LIMIT
 
     def uses_jit(self, B: int) -> bool:
         """Whether a run over batches of ``B`` rows takes the Numba loop."""
@@ -137,6 +148,9 @@ class CompiledEngine:
             raise ValueError("per-copy gradients come from the reference engine: use engine='reference'")
         feeds = prepare(self.graph, params, inputs, init_states, masks, steps=steps, batch=batch,
                         final_state_grads=final_state_grads, output_grads=output_grads)
+        if self.uses_whole(feeds.B):
+            with np.errstate(under="ignore", over="ignore"):
+                return self.whole.run(params, feeds, combine, backward)
         if self.stages:
             return self._run_stages(params, feeds, init_states or {}, masks or {}, combine, backward,
                                     final_state_grads or {}, output_grads or {})
@@ -207,6 +221,24 @@ class CompiledEngine:
             self._buffers.clear()  # keep one set: a training run uses one (T, B)
             self._buffers[key] = {}
         return self._buffers[key]
+
+
+def _whole_run(graph: Graph, jit, whole):
+    """The graph's :class:`~unrolled.wholestep.WholeRun` when it may take one, else None.
+
+    ``whole="auto"`` takes it for small runs when the engine chooses its own loops (``jit="auto"``)
+    and Numba may run; ``True`` insists (for tests and for measuring); ``False`` never."""
+    from . import wholestep
+
+    if whole is False or (whole == "auto" and jit != "auto"):
+        return None
+    unsupported = {v.op for v in graph.step_order() if v.kind == "op" and v.op not in wholestep.SUPPORTED}
+    if not wholestep.supports(graph) and not unsupported:
+        unsupported = {"a delayed index input"}
+    if not numba_allowed(True if whole is True else "auto", unsupported, "the whole-run function",
+                         env_refuses=("0", "fuse")):
+        return None
+    return wholestep.WholeRun(graph)
 
 
 def _jit_available(jit, p: Plan) -> bool:
@@ -647,17 +679,7 @@ class _RunState:
             result.init_grads[name] = as_state(np.array(ig, dtype=self.dtype))
 
     def _copies(self) -> dict[str, int]:
-        """How many copies of each parameter the unrolled graph has (the divisor of combine='mean')."""
-        used = set()
-        for v in self.g.vertices.values():
-            if v.kind == "op":
-                used.update(a.name for a in v.args if isinstance(a, Param))
-        out = {name: self.T for name in used}
-        for name, D in self.p.depth.items():
-            v = self.g.vertices[name]
-            if v.init == "learned" and name not in self.f.given_init:
-                out[self.g.init_param_name(name)] = D
-        return out
+        return parameter_copies(self.g, self.T, self.f.given_init)
 
 
 def _flat(a: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .graph import Graph
+from .graph import Graph, Param
 
 COMBINE = ("sum", "mean")
 
@@ -209,6 +209,20 @@ def _masks(graph, masks, T, B, dtype):
         total = float(m.sum())
         norms[loss.name] = 1.0 if loss.reduce == "sum" else (total if total > 0 else 1.0)
     return out, norms
+
+
+def parameter_copies(graph: Graph, T: int, given_init) -> dict[str, int]:
+    """How many copies of each parameter the unrolled graph has (the divisor of combine='mean'):
+    T for a weight an op reads, D for a learned initial state not overridden by a given one."""
+    used = set()
+    for v in graph.vertices.values():
+        if v.kind == "op":
+            used.update(a.name for a in v.args if isinstance(a, Param))
+    out = {name: T for name in used}
+    for name, D in graph.delayed().items():
+        if graph.vertices[name].init == "learned" and name not in given_init:
+            out[graph.init_param_name(name)] = D
+    return out
 
 
 def check_combine(combine: str) -> None:

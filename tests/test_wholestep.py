@@ -1,0 +1,89 @@
+"""The whole-run function (one Numba call per run, for small runs) agrees with the reference engine.
+
+Random valid cyclic graphs from the agreement tests, restricted to the ops
+the whole run supports (it refuses the others: the compiled engine then runs
+its phases), with masks, given and learned initial states, both combine
+rules, outside gradient seeds, float64 to 1e-10 and float32 to 1e-4.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+
+from helpers import GRAPHS, make_init_states, make_inputs  # noqa: E402
+from test_engine_agreement import _data, assert_agree, cyclic_graphs  # noqa: E402
+
+from unrolled import wholestep  # noqa: E402
+from unrolled.compiled import CompiledEngine  # noqa: E402
+from unrolled.graph import Graph  # noqa: E402
+from unrolled.reference import run as reference_run  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(GRAPHS))
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_hand_written_graphs_agree(name, dtype, tol):
+    g = GRAPHS[name]()
+    rng = np.random.default_rng(11)
+    T, B = 5, 3
+    params = {k: (v + rng.normal(0, 0.3, v.shape)).astype(dtype) for k, v in g.init_params(rng, dtype).items()}
+    inputs = make_inputs(g, T, B, rng, dtype)
+    init = make_init_states(g, B, rng, dtype=dtype)
+    masks = {l.name: (rng.random((T, B)) < 0.8).astype(dtype) for l in g.losses}
+    eng = CompiledEngine(g, whole=True)
+    assert eng.uses_whole(B) and "def whole_run" in eng.whole.code
+    for _ in range(2):  # a second run starts from fresh arrays
+        assert_agree(reference_run(g, params, inputs, init_states=init, masks=masks),
+                     eng.run(params, inputs, init_states=init, masks=masks), tol)
+
+
+# each graph is a new function for Numba to compile (about a second): fewer examples than elsewhere
+@settings(max_examples=int(os.environ.get("UNROLLED_EXAMPLES", 25)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(g=cyclic_graphs(), T=st.integers(1, 6), B=st.integers(1, 3), seed=st.integers(0, 2**16),
+       combine=st.sampled_from(["sum", "mean"]), dtype=st.sampled_from([np.float64, np.float32]))
+def test_random_graphs_agree(g, T, B, seed, combine, dtype):
+    assume(wholestep.supports(g))
+    params, inputs, masks, init = _data(g, T, B, seed, dtype)
+    expected = reference_run(g, params, inputs, masks=masks, init_states=init, combine=combine)
+    got = CompiledEngine(g, whole=True).run(params, inputs, masks=masks, init_states=init, combine=combine)
+    assert_agree(expected, got, 1e-10 if dtype == np.float64 else 1e-4)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(g=cyclic_graphs(), T=st.integers(2, 5), B=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_outside_gradients_agree(g, T, B, seed):
+    assume(wholestep.supports(g))
+    params, inputs, masks, init = _data(g, T, B, seed, np.float64)
+    rng = np.random.default_rng(seed + 1)
+    eng = CompiledEngine(g, whole=True)
+    probe = eng.run(params, inputs, masks=masks, init_states=init, backward=False)
+    fsg = {k: rng.normal(size=v.shape) for k, v in probe.final_states.items()}
+    og = {k: rng.normal(size=v.shape) for k, v in probe.outputs.items()}
+    kw = dict(masks=masks, init_states=init, final_state_grads=fsg, output_grads=og)
+    assert_agree(reference_run(g, params, inputs, **kw), eng.run(params, inputs, **kw), 1e-10)
+
+
+def test_default_engine_takes_it_for_small_runs_only(monkeypatch):
+    monkeypatch.setenv("UNROLLED_JIT", "1")
+    eng = CompiledEngine(GRAPHS["lstm"]())
+    assert eng.uses_whole(1) and not eng.uses_whole(10_000)
+    assert CompiledEngine(GRAPHS["lstm"](), jit=False).whole is None
+
+
+def test_unsupported_ops_are_refused_when_insisted_on():
+    g = Graph("softmax-core")
+    x = g.input("x", 2)
+    h = g.state("h", 2)
+    g.softmax(g.add(x, h.prev), name="h")
+    g.output(h)
+    assert not wholestep.supports(g)
+    assert CompiledEngine(g).whole is None
+    with pytest.raises(ValueError, match="softmax"):
+        CompiledEngine(g, whole=True)
