@@ -43,8 +43,8 @@ def test_hand_written_graphs_agree(name, dtype, tol):
                      eng.run(params, inputs, init_states=init, masks=masks), tol)
 
 
-# each graph is a new function for Numba to compile (about a second): fewer examples than elsewhere
-@settings(max_examples=int(os.environ.get("UNROLLED_EXAMPLES", 25)), deadline=None,
+# each graph is a new function for Numba to compile (seconds each): fewer examples than elsewhere
+@settings(max_examples=int(os.environ.get("UNROLLED_EXAMPLES", 10)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(g=cyclic_graphs(), T=st.integers(1, 6), B=st.integers(1, 3), seed=st.integers(0, 2**16),
        combine=st.sampled_from(["sum", "mean"]), dtype=st.sampled_from([np.float64, np.float32]))
@@ -56,7 +56,7 @@ def test_random_graphs_agree(g, T, B, seed, combine, dtype):
     assert_agree(expected, got, 1e-10 if dtype == np.float64 else 1e-4)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(g=cyclic_graphs(), T=st.integers(2, 5), B=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_outside_gradients_agree(g, T, B, seed):
     assume(wholestep.supports(g))
