@@ -42,6 +42,11 @@ def make_params(g: Graph, rng: np.random.Generator, dtype=np.float64) -> dict[st
     return {k: (v + rng.normal(0.0, 0.2, v.shape)).astype(dtype) for k, v in g.init_params(rng).items()}
 
 
+def perturbed_params(g: Graph, rng: np.random.Generator, dtype=np.float64) -> dict[str, np.ndarray]:
+    """The graph's initial parameters plus N(0, 0.3) noise: no zero biases or states hiding a wrong gradient."""
+    return {k: (v + rng.normal(0, 0.3, v.shape)).astype(dtype) for k, v in g.init_params(rng, dtype).items()}
+
+
 def make_inputs(g: Graph, T: int, B: int, rng: np.random.Generator, dtype=np.float64) -> dict[str, np.ndarray]:
     """Random inputs for every input vertex: ``[T, B, F]`` normals, ``[T, B]`` class numbers."""
     out = {}

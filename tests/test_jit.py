@@ -18,6 +18,7 @@ from unrolled.reference import run as reference_run
 
 pytest.importorskip("numba")
 
+from helpers import embedded, make_inputs, perturbed_params  # noqa: E402
 from test_engine_agreement import assert_agree  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def test_jit_loop_agrees_with_reference(name, dtype, tol):
     g = GRAPHS[name]()
     rng = np.random.default_rng(7)
     T, B = 6, 3
-    params = {k: (v + rng.normal(0, 0.3, v.shape)).astype(dtype) for k, v in g.init_params(rng, dtype).items()}
+    params = perturbed_params(g, rng, dtype)
     inputs = {"x": rng.normal(size=(T, B, 3)).astype(dtype), "target": rng.integers(0, 3, (T, B))}
     masks = {g.losses[0].name: (rng.random((T, B)) < 0.8).astype(dtype)}
     eng = CompiledEngine(g, jit=True)
@@ -85,7 +86,7 @@ def test_fused_kernels_agree_with_reference(name, monkeypatch):
     rng = np.random.default_rng(3)
     T, B = 5, 4
     for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
-        params = {k: (v + rng.normal(0, 0.3, v.shape)).astype(dtype) for k, v in g.init_params(rng, dtype).items()}
+        params = perturbed_params(g, rng, dtype)
         inputs = {"x": rng.normal(size=(T, B, 3)).astype(dtype), "target": rng.integers(0, 3, (T, B))}
         eng = CompiledEngine(g)
         assert not eng.uses_jit(B)
@@ -99,15 +100,13 @@ def test_fused_kernels_agree_with_reference(name, monkeypatch):
 def test_one_hot_rows_are_picked_and_scattered(jit, chunk, monkeypatch):
     """``W · one_hot(tokens)`` runs as a row pick in the loop and its weight gradient as a scatter
     (Numba kernels), in chunks of steps: the same numbers as the reference's dense products."""
-    from helpers import embedded, make_inputs
-
     if jit == "fuse":
         monkeypatch.setenv("UNROLLED_JIT", "fuse")
     g = embedded("one_hot")
     rng = np.random.default_rng(5)
     T, B = 5, 3
     for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
-        params = {k: (v + rng.normal(0, 0.3, v.shape)).astype(dtype) for k, v in g.init_params(rng, dtype).items()}
+        params = perturbed_params(g, rng, dtype)
         inputs = make_inputs(g, T, B, rng, dtype)
         eng = CompiledEngine(g, jit=True if jit is True else "auto", chunk_steps=chunk)
         assert "add_rows(" in eng.code

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
-from helpers import GRAPHS, make_init_states, make_inputs  # noqa: E402
+from helpers import GRAPHS, make_init_states, make_inputs, perturbed_params  # noqa: E402
 from test_engine_agreement import _data, assert_agree, cyclic_graphs  # noqa: E402
 
 from unrolled import wholestep  # noqa: E402
@@ -32,7 +32,7 @@ def test_hand_written_graphs_agree(name, dtype, tol):
     g = GRAPHS[name]()
     rng = np.random.default_rng(11)
     T, B = 5, 3
-    params = {k: (v + rng.normal(0, 0.3, v.shape)).astype(dtype) for k, v in g.init_params(rng, dtype).items()}
+    params = perturbed_params(g, rng, dtype)
     inputs = make_inputs(g, T, B, rng, dtype)
     init = make_init_states(g, B, rng, dtype=dtype)
     masks = {l.name: (rng.random((T, B)) < 0.8).astype(dtype) for l in g.losses}

@@ -66,6 +66,7 @@ class CompiledEngine:
 
         self.whole = _whole_run(graph, jit, whole)  # the whole run as one Numba function, for small runs
         self._whole_forced = whole is True
+        self._widest = max(v.size for v in graph.step_order())
 
         if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 1):
             raise ValueError(f"chunk_steps must be a whole number of steps >= 1 (or None to size chunks "
@@ -98,8 +99,7 @@ class CompiledEngine:
         """Whether a run over batches of ``B`` rows is one compiled function (see wholestep.py)."""
         if self.whole is None:
             return False
-        widest = max(v.size for v in self.graph.step_order())
-        return self._whole_forced or B * widest <= JIT_AUTO_LIMIT
+        return self._whole_forced or B * self._widest <= JIT_AUTO_LIMIT
 
     def uses_jit(self, B: int) -> bool:
         """Whether a run over batches of ``B`` rows takes the Numba loop."""
@@ -232,10 +232,7 @@ def _whole_run(graph: Graph, jit, whole):
 
     if whole is False or (whole == "auto" and jit != "auto"):
         return None
-    unsupported = {v.op for v in graph.step_order() if v.kind == "op" and v.op not in wholestep.SUPPORTED}
-    if not wholestep.supports(graph) and not unsupported:
-        unsupported = {"a delayed index input"}
-    if not numba_allowed(True if whole is True else "auto", unsupported, "the whole-run function",
+    if not numba_allowed(True if whole is True else "auto", wholestep.unsupported(graph), "the whole-run function",
                          env_refuses=("0", "fuse")):
         return None
     return wholestep.WholeRun(graph)
@@ -272,10 +269,10 @@ class _RunState:
         (1000 steps of a 256-wide LSTM: 16 MiB instead of 125); ``K * B``
         rows are still plenty for the weight products to run at full speed.
         """
-        width = sum(v.size for v in self.p.of("core") if v.kind == "op" and v.name not in self.p.depth
-                    and (v.name in self.p.split or self.w._has_full_grad(v)))
         if self.eng.chunk_steps is not None:
             return min(self.T, self.eng.chunk_steps)
+        width = sum(v.size for v in self.p.of("core") if v.kind == "op" and v.name not in self.p.depth
+                    and (v.name in self.p.split or self.w._has_full_grad(v)))
         per_step = self.B * max(width, 1) * np.dtype(self.dtype).itemsize
         return max(1, min(self.T, CHUNK_BYTES // per_step))
 

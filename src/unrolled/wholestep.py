@@ -36,11 +36,17 @@ SUPPORTED = frozenset({"matmul", "linear", "add", "sub", "mul", "scale", "one_mi
                        "identity", "concat", "slice", "one_hot", "embedding", "cross_entropy", "mse"})
 
 
+def unsupported(graph: Graph) -> set[str]:
+    """What in this graph :class:`WholeRun` cannot run (empty: it runs all of it). A delayed index
+    input is refused: rare, and its history would need an integer buffer of its own."""
+    out = {v.op for v in graph.step_order() if v.kind == "op" and v.op not in SUPPORTED}
+    if any(graph.vertices[name].kind == "index" for name in graph.delayed()):
+        out.add("a delayed index input")
+    return out
+
+
 def supports(graph: Graph) -> bool:
-    """Can :class:`WholeRun` run every vertex of this graph? (Not a delayed index input: rare, and
-    its history would need an integer buffer of its own.)"""
-    return (all(v.op in SUPPORTED for v in graph.step_order() if v.kind == "op")
-            and all(graph.vertices[name].kind != "index" for name in graph.delayed()))
+    return not unsupported(graph)
 
 
 class WholeRun:
@@ -55,6 +61,7 @@ class WholeRun:
         self.products = {a.name for v in self.order if v.kind == "op" and v.op in ("matmul", "linear")
                          for a in v.args[:1]}  # weights read transposed, their gradients kept so
         self.code = _Writer(self).source()
+        self.arguments = _arguments(self.code)  # the arrays whole_run takes, after T, B and backward
         self._fn = None
 
     # ---- running
@@ -66,13 +73,8 @@ class WholeRun:
             self._fn = _load_module("import numba\nfrom unrolled.rowkernels import *  # noqa: F401,F403\n\n"
                                     + self.code, "whole")["whole_run"]
         arrays = self._arrays(params, f)
-        self._fn(f.T, f.B, 1 if backward else 0, *[arrays[n] for n in self._argnames()])
+        self._fn(f.T, f.B, 1 if backward else 0, *[arrays[n] for n in self.arguments])
         return self._result(arrays, params, f, combine, backward)
-
-    def _argnames(self) -> list[str]:
-        if not hasattr(self, "_args"):
-            self._args = _arguments(self.code)
-        return self._args
 
     def _arrays(self, params, f: Feeds) -> dict[str, np.ndarray]:
         T, B, dt = f.T, f.B, f.dtype
