@@ -102,3 +102,30 @@ def test_numba_sum_of_squares_matches_numpy_norm(rng, monkeypatch):
     assert global_norm(grads) == pytest.approx(expected, rel=1e-12)
     assert global_norm({"a": np.array([np.inf, 1], dtype=np.float32)}) == math.inf
     assert math.isnan(global_norm({"a": np.array([np.inf, np.nan], dtype=np.float32)}))
+
+
+def test_numba_clip_by_value_matches_numpy(rng, monkeypatch):
+    """The one-pass clamp gives np.clip's result bit for bit: NaN kept, infinities clamped, both precisions."""
+    pytest.importorskip("numba")
+    from unrolled import optim, optim_kernels
+
+    def grads():
+        out = {}
+        for dtype in (np.float32, np.float64):
+            a = (rng.normal(size=(6, 5)) * 4).astype(dtype)
+            a[0, :3] = [np.nan, np.inf, -np.inf]
+            out[f"W{np.dtype(dtype).itemsize}"] = a
+        out["strided"] = (rng.normal(size=(8, 8)) * 4)[:, ::2]  # not contiguous: NumPy's path
+        return out
+
+    expected, got = grads(), {}
+    for k, v in expected.items():
+        got[k] = v.copy() if v.flags.c_contiguous else np.lib.stride_tricks.as_strided(v.base.copy(), v.shape, v.strides)
+    monkeypatch.setattr(optim, "_KERNELS", False)
+    clip_by_value(expected, 2.5)
+    monkeypatch.setattr(optim, "_KERNELS", optim_kernels)
+    clip_by_value(got, 2.5)
+    for k in expected:
+        assert got[k].dtype == expected[k].dtype
+        np.testing.assert_array_equal(got[k], expected[k])
+    assert np.isnan(got["W4"][0, 0]) and got["W8"][0, 1] == 2.5 and got["W8"][0, 2] == -2.5

@@ -33,8 +33,14 @@ def _limit(what: str, value) -> float:
 def clip_by_value(grads: Arrays, limit: float) -> None:
     """Clamp every gradient element to ``[-limit, limit]``, in place."""
     limit = _limit("clip value limit", limit)
+    from .optim import _kernels  # Numba's one pass, when it may run: np.clip's calls cost more on small arrays
+
+    kernels = _kernels()
     for g in grads.values():
-        np.clip(g, -limit, limit, out=g)
+        if kernels and g.dtype.kind == "f" and kernels.fits(g):
+            kernels.clip(g, g.dtype.type(limit))
+        else:
+            np.clip(g, -limit, limit, out=g)
 
 
 def global_norm(grads: Arrays) -> float:

@@ -297,7 +297,9 @@ class Graph:
 
     @property
     def inputs(self) -> list[Vertex]:
-        return [v for v in self.vertices.values() if v.kind in ("input", "index")]
+        if "inputs" not in self._cache:  # asked for on every run
+            self._cache["inputs"] = [v for v in self.vertices.values() if v.kind in ("input", "index")]
+        return list(self._cache["inputs"])
 
     @property
     def delays(self) -> list[Vertex]:

@@ -227,9 +227,8 @@ class Adagrad(Optimizer):
         clr = lr / (1 + (step - 1) * self.lr_decay)
         total = self._slot("sum", name, p, self.initial_accumulator_value)
         kernels = _kernels()
-        arrays = kernels and kernels.flat(p, g, total)
-        if arrays:
-            kernels.adagrad(*arrays, p.dtype.type(clr), p.dtype.type(self.eps))
+        if kernels and kernels.fits(p, g, total):
+            kernels.adagrad(p, g, total, p.dtype.type(clr), p.dtype.type(self.eps))
             return
         total += g * g
         std = np.sqrt(total)
@@ -331,8 +330,8 @@ class Adam(Optimizer):
         kernels = _kernels()
         if not kernels or self.amsgrad or (self.weight_decay and not self._decoupled):
             return False
-        arrays = kernels.flat(p, g, self._slot("exp_avg", name, p), self._slot("exp_avg_sq", name, p))
-        if not arrays:
+        arrays = (p, g, self._slot("exp_avg", name, p), self._slot("exp_avg_sq", name, p))
+        if not kernels.fits(*arrays):
             return False
         beta1, beta2 = self.betas
         f = p.dtype.type

@@ -22,7 +22,8 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 @_jit
 def adagrad(p, g, total, clr, eps):
-    """``sum += g²; p -= clr · g / (√sum + eps)``, on flat arrays."""
+    """``sum += g²; p -= clr · g / (√sum + eps)``, on C-contiguous arrays of one shape."""
+    p, g, total = p.reshape(-1), g.reshape(-1), total.reshape(-1)
     for i in range(p.shape[0]):
         gi = g[i]
         t = total[i] + gi * gi
@@ -32,7 +33,8 @@ def adagrad(p, g, total, clr, eps):
 
 @_jit
 def adam(p, g, exp_avg, exp_avg_sq, decay, c1, beta2, c2, bias2, eps, step_size):
-    """torch's Adam (and AdamW's decoupled decay ``p *= decay``), on flat arrays."""
+    """torch's Adam (and AdamW's decoupled decay ``p *= decay``), on C-contiguous arrays of one shape."""
+    p, g, exp_avg, exp_avg_sq = p.reshape(-1), g.reshape(-1), exp_avg.reshape(-1), exp_avg_sq.reshape(-1)
     for i in range(p.shape[0]):
         gi = g[i]
         m = exp_avg[i] + c1 * (gi - exp_avg[i])
@@ -55,9 +57,20 @@ def sum_of_squares(x):
     return s
 
 
-def flat(*arrays: np.ndarray):
-    """1-D views of C-contiguous arrays of one dtype, or None (the NumPy rule handles the rest)."""
+@_jit
+def clip(g, limit):
+    """Clamp to ``[-limit, limit]`` in place, NaN kept (as ``np.clip``); one pass, no temporary."""
+    g = g.reshape(-1)
+    lo = -limit
+    for i in range(g.shape[0]):
+        x = g[i]
+        g[i] = lo if x < lo else (limit if x > limit else x)
+
+
+def fits(*arrays: np.ndarray) -> bool:
+    """Whether the kernels take these arrays: C-contiguous, one dtype (the NumPy rule takes the rest)."""
     dtype = arrays[0].dtype
-    if any(not a.flags.c_contiguous or a.dtype != dtype for a in arrays):
-        return None
-    return [a.reshape(-1) for a in arrays]
+    for a in arrays:
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            return False
+    return True

@@ -27,6 +27,14 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contra
 
 
 @_jit
+def transpose_into(WT, W):
+    """``WT = Wᵀ``: a product's weight in the layout its rows are read in."""
+    for j in range(W.shape[0]):
+        for k in range(W.shape[1]):
+            WT[k, j] = W[j, k]
+
+
+@_jit
 def product_row(y, x, WT):
     """``y = W x``, as rows of ``WT`` scaled by the nonzero inputs."""
     y[:] = 0
@@ -147,13 +155,46 @@ def mse_row(loss, p, q):
 
 
 @_jit
-def product_dx_row(dx, g, W):
-    """``dx += Wᵀ g``, as rows of ``W`` scaled by the nonzero gradients."""
+def product_dx_row(dx, g, W, lo, hi):
+    """``dx[lo:hi] += (Wᵀ g)[lo:hi]``, as rows of ``W`` scaled by the nonzero gradients: only the
+    columns whose gradient goes somewhere (not a concatenation's one-hot part)."""
     for j in range(g.shape[0]):
         gj = g[j]
         if gj != 0:
-            for k in range(dx.shape[0]):
+            for k in range(lo, hi):
                 dx[k] += W[j, k] * gj
+
+
+@_jit
+def product_dw(DT, X, G):
+    """``Wᵀ``'s gradient ``+= Xᵀ G`` over all rows of all steps (``X [T, B, in]``, ``G [T, B, out]``),
+    after the backward loop: four rows at a time, so each row of ``DT`` is read and written once per
+    four rows, not once per row; columns of ``X`` that are zero in all four (one-hot) add nothing."""
+    X = X.reshape(X.shape[0] * X.shape[1], X.shape[2])
+    G = G.reshape(G.shape[0] * G.shape[1], G.shape[2])
+    R, n, m = X.shape[0], X.shape[1], G.shape[1]
+    r = 0
+    while r + 4 <= R:
+        g0, g1, g2, g3 = G[r], G[r + 1], G[r + 2], G[r + 3]
+        for k in range(n):
+            x0, x1, x2, x3 = X[r, k], X[r + 1, k], X[r + 2, k], X[r + 3, k]
+            if x0 != 0 or x1 != 0 or x2 != 0 or x3 != 0:
+                d = DT[k]
+                for j in range(m):
+                    d[j] += x0 * g0[j] + x1 * g1[j] + x2 * g2[j] + x3 * g3[j]
+        r += 4
+    while r < R:
+        product_dw_row(DT, X[r], G[r])
+        r += 1
+
+
+@_jit
+def add_rows_to(d, G):
+    """``d += Σ G[t, b]``: a bias's gradient over all rows of all steps, after the backward loop."""
+    G = G.reshape(G.shape[0] * G.shape[1], G.shape[2])
+    for r in range(G.shape[0]):
+        for j in range(d.shape[0]):
+            d[j] += G[r, j]
 
 
 @_jit
@@ -164,6 +205,14 @@ def product_dw_row(DT, x, g):
         if xk != 0:
             for j in range(g.shape[0]):
                 DT[k, j] += xk * g[j]
+
+
+@_jit
+def add_transposed(D, DT):
+    """``D += DTᵀ``: a weight's gradient, kept transposed during the run, in the weight's layout."""
+    for j in range(D.shape[0]):
+        for k in range(D.shape[1]):
+            D[j, k] += DT[k, j]
 
 
 @_jit

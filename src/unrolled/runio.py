@@ -9,6 +9,7 @@ states ``[B, F]`` for a vertex delayed by one step and ``[D, B, F]``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,15 +66,19 @@ def run_dtype(params: dict[str, np.ndarray], graph: Graph) -> np.dtype:
     missing = [p for p in graph.params if p not in params]
     if missing:
         raise ValueError(f"no value for parameter(s) {', '.join(missing)}; use graph.init_params() to make them")
-    dtypes = {np.asarray(params[p]).dtype for p in graph.params}
+    dtypes = set()
+    for name, p in graph.params.items():
+        a = params[name]
+        if not isinstance(a, np.ndarray):
+            a = np.asarray(a)
+        dtypes.add(a.dtype)
+        if a.shape != p.shape:
+            raise ValueError(f"parameter '{name}' is {list(a.shape)} but the graph says {list(p.shape)}")
     if len(dtypes) > 1:
         raise ValueError(f"parameters mix dtypes {sorted(map(str, dtypes))}; use one (float32 or float64)")
     dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"parameters are {dtype}; use float32 or float64")
-    for name, p in graph.params.items():
-        if tuple(params[name].shape) != p.shape:
-            raise ValueError(f"parameter '{name}' is {list(params[name].shape)} but the graph says {list(p.shape)}")
     return np.dtype(dtype)
 
 
@@ -114,9 +119,9 @@ def prepare(
         if v.kind == "index":
             if not np.issubdtype(a.dtype, np.integer):
                 raise ValueError(f"index input '{v.name}' holds {a.dtype}; it must hold integers")
-            lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
-            if lo < 0 or hi >= v.size:
-                bad = lo if lo < 0 else hi
+            # one pass: as unsigned, a negative index is huge, so the maximum catches both ends
+            if a.size and int(a.view(f"u{a.itemsize}").max()) >= v.size:
+                bad = int(a.min()) if a.min() < 0 else int(a.max())
                 raise ValueError(f"index input '{v.name}' holds {bad}, outside 0..{v.size - 1}")
             out_inputs[v.name] = a.astype(np.int64, copy=False)
         else:
@@ -197,18 +202,27 @@ def _masks(graph, masks, T, B, dtype):
     out, norms = {}, {}
     for loss in graph.losses:
         m = masks.get(loss.name)
-        if m is None:
-            m = np.ones((T, B), dtype=dtype)
-        else:
-            m = np.asarray(m, dtype=dtype)
-            if m.shape == (T,):
-                m = np.broadcast_to(m[:, None], (T, B))
-            if m.shape != (T, B):
-                raise ValueError(f"mask of loss '{loss.name}' is {list(m.shape)}; it must be [T, B] = {[T, B]} or [T]")
+        if m is None:  # every step counts
+            out[loss.name] = _ones(T, B, dtype)
+            norms[loss.name] = 1.0 if loss.reduce == "sum" else float(T * B)
+            continue
+        m = np.asarray(m, dtype=dtype)
+        if m.shape == (T,):
+            m = np.broadcast_to(m[:, None], (T, B))
+        if m.shape != (T, B):
+            raise ValueError(f"mask of loss '{loss.name}' is {list(m.shape)}; it must be [T, B] = {[T, B]} or [T]")
         out[loss.name] = np.ascontiguousarray(m)
         total = float(m.sum())
         norms[loss.name] = 1.0 if loss.reduce == "sum" else (total if total > 0 else 1.0)
     return out, norms
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(T: int, B: int, dtype) -> np.ndarray:
+    """The mask of a loss given none: read-only, so one array serves every run of that shape."""
+    m = np.ones((T, B), dtype=dtype)
+    m.flags.writeable = False
+    return m
 
 
 def parameter_copies(graph: Graph, T: int, given_init) -> dict[str, int]:

@@ -32,6 +32,8 @@ import numpy as np
 from .graph import Graph, Param, Vertex
 from .runio import Feeds, RunResult, as_state, parameter_copies
 
+KEEP_WORKSPACES = 4  # runs of this many shapes (T, B, dtype) keep their arrays
+
 SUPPORTED = frozenset({"matmul", "linear", "add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu",
                        "identity", "concat", "slice", "one_hot", "embedding", "cross_entropy", "mse"})
 
@@ -61,8 +63,10 @@ class WholeRun:
         self.products = {a.name for v in self.order if v.kind == "op" and v.op in ("matmul", "linear")
                          for a in v.args[:1]}  # weights read transposed, their gradients kept so
         self.code = _Writer(self).source()
-        self.arguments = _arguments(self.code)  # the arrays whole_run takes, after T, B and backward
+        self.arguments = _arguments(self.code)  # the workspace arrays whole_run takes, after the parameters
         self._fn = None
+        self._workspaces: dict[tuple, _Workspace] = {}
+        self._copy_counts: dict[tuple, dict[str, int]] = {}
 
     # ---- running
 
@@ -72,93 +76,130 @@ class WholeRun:
 
             self._fn = _load_module("import numba\nfrom unrolled.rowkernels import *  # noqa: F401,F403\n\n"
                                     + self.code, "whole")["whole_run"]
-        arrays = self._arrays(params, f)
-        self._fn(f.T, f.B, 1 if backward else 0, *[arrays[n] for n in self.arguments])
-        return self._result(arrays, params, f, combine, backward)
+        ws = self._workspace(f)
+        ws.fill(f)
+        self._fn(f.T, f.B, 1 if backward else 0, *[params[name] for name in self.pnames], *ws.args)
+        return self._result(ws, f, combine, backward)
 
-    def _arrays(self, params, f: Feeds) -> dict[str, np.ndarray]:
-        T, B, dt = f.T, f.B, f.dtype
-        a: dict[str, np.ndarray] = {}
-        for name, pn in self.pnames.items():
-            p = params[name]
-            a[f"P_{pn}"] = p
-            if name in self.products:
-                a[f"PT_{pn}"] = np.ascontiguousarray(p.T)
-                a[f"DT_{pn}"] = np.zeros(p.shape[::-1], dtype=dt)
-            else:
-                a[f"D_{pn}"] = np.zeros(p.shape, dtype=dt)
-        for v in self.order:
-            n = self.names[v.name]
-            if v.kind == "index":
-                a[f"I_{n}"] = f.inputs[v.name]
-                continue
-            D = self.depth.get(v.name)
-            if D is not None:
-                H = a[f"H_{n}"] = np.empty((D + T, B, v.size), dtype=dt)
-                H[:D] = f.init[v.name]
-                if v.kind == "input":
-                    H[D:] = f.inputs[v.name]
-                a[f"GH_{n}"] = np.zeros((D + T, B, v.size), dtype=dt)
-            elif v.kind == "input":
-                a[f"X_{n}"] = f.inputs[v.name]
-                a[f"G_{n}"] = np.zeros((T, B, v.size), dtype=dt)
-            else:
-                a[f"V_{n}"] = np.empty((T, B, v.size), dtype=dt)
-                a[f"G_{n}"] = np.zeros((T, B, v.size), dtype=dt)
-                if v.op == "cross_entropy":  # the softmax its gradient needs
-                    a[f"PR_{n}"] = np.empty((T, B, v.args[0].size), dtype=dt)
-        for l in self.g.losses:  # the seeds: d total / d loss[t, b]
-            a[f"G_{self.names[l.vertex.name]}"][:, :, 0] = f.masks[l.name] / f.norms[l.name]
-        for name, og in f.output_grads.items():
-            self._grad_of(a, self.g.vertices[name], T)[...] += og
-        for name, fs in f.final_state_grads.items():
-            a[f"GH_{self.names[name]}"][T:] += fs
-        return a
+    def _workspace(self, f: Feeds) -> "_Workspace":
+        """The arrays of runs shaped like ``f``, made on the first such run and kept: a small run
+        would otherwise spend more time allocating them than computing."""
+        key = (f.T, f.B, f.dtype.str)
+        ws = self._workspaces.pop(key, None) or _Workspace(self, f.T, f.B, f.dtype)
+        self._workspaces[key] = ws  # most recently used last
+        while len(self._workspaces) > KEEP_WORKSPACES:
+            del self._workspaces[next(iter(self._workspaces))]
+        return ws
 
-    def _value_of(self, a, v: Vertex, T: int) -> np.ndarray:
-        """``v``'s values for all steps, ``[T, B, F]`` (a delay: its source's history, shifted)."""
-        return self._steps(a, "H", "V", v, T)
-
-    def _grad_of(self, a, v: Vertex, T: int) -> np.ndarray:
-        return self._steps(a, "GH", "G", v, T)
-
-    def _steps(self, a, history: str, plain: str, v: Vertex, T: int) -> np.ndarray:
-        shift = 0
-        if v.kind == "delay":
-            v, shift = v.source, v.depth
-        n = self.names[v.name]
-        if v.name in self.depth:
-            start = self.depth[v.name] - shift
-            return a[f"{history}_{n}"][start:start + T]
-        if plain == "V" and v.kind == "input":
-            return a[f"X_{n}"]
-        return a[f"{plain}_{n}"]
-
-    def _result(self, a, params, f: Feeds, combine: str, backward: bool) -> RunResult:
-        g, T = self.g, f.T
-        step_losses = {l.name: self._value_of(a, l.vertex, T)[:, :, 0] * f.masks[l.name] for l in g.losses}
+    def _result(self, ws: "_Workspace", f: Feeds, combine: str, backward: bool) -> RunResult:
+        """Copies out of the workspace (the next run overwrites it)."""
+        g, T, a = self.g, f.T, ws.arrays
+        step_losses = {l.name: ws.value_of(l.vertex)[:, :, 0] * f.masks[l.name] for l in g.losses}
         loss = sum(float(step_losses[l.name].sum(dtype=np.float64)) / f.norms[l.name] for l in g.losses)
-        outputs = {v.name: np.array(self._value_of(a, v, T)) for v in g.outputs}
-        finals = {name: as_state(np.array(a[f"H_{self.names[name]}"][T:T + D])) for name, D in self.depth.items()}
+        outputs = {v.name: ws.value_of(v).copy() for v in g.outputs}
+        finals = {name: as_state(a[f"H_{self.names[name]}"][T:T + D].copy()) for name, D in self.depth.items()}
         r = RunResult(loss=loss, outputs=outputs, step_losses=step_losses, final_states=finals)
         if not backward:
             return r
-        grads = {}
-        for name, pn in self.pnames.items():
-            grads[name] = a[f"DT_{pn}"].T.copy() if name in self.products else a[f"D_{pn}"]
+        grads = {name: a[f"D_{pn}"].copy() for name, pn in self.pnames.items()}
         for name, D in self.depth.items():
             ig = a[f"GH_{self.names[name]}"][:D]
-            r.init_grads[name] = as_state(np.array(ig))
+            r.init_grads[name] = as_state(ig.copy())
             if g.vertices[name].init == "learned" and name not in f.given_init:
                 grads[g.init_param_name(name)] += ig.sum(axis=(0, 1))
         if combine == "mean":
-            for name, copies in parameter_copies(g, T, f.given_init).items():
-                grads[name] = grads[name] / copies
-        r.grads = {name: grads[name].astype(f.dtype, copy=False) for name in g.params}
+            for name, copies in self._copies(T, f.given_init).items():
+                grads[name] /= copies
+        r.grads = grads
         for v in g.inputs:
             if v.kind == "input":
-                r.input_grads[v.name] = np.array(self._grad_of(a, v, T))
+                r.input_grads[v.name] = ws.grad_of(v).copy()
         return r
+
+    def _copies(self, T: int, given_init: frozenset) -> dict[str, int]:
+        key = (T, given_init)
+        if key not in self._copy_counts:
+            self._copy_counts[key] = parameter_copies(self.g, T, given_init)
+        return self._copy_counts[key]
+
+
+class _Workspace:
+    """Every array ``whole_run`` takes but the parameters, for runs of one ``T``, ``B`` and dtype.
+
+    Values are ``[T, B, F]`` (``[D + T, B, F]`` for a vertex read through delays: its initial
+    states first); gradients are views of one flat buffer, so that zeroing them before a run is
+    one call. ``args`` is the argument list in the generated function's order.
+    """
+
+    def __init__(self, w: WholeRun, T: int, B: int, dtype: np.dtype):
+        self.w, self.T = w, T
+        a: dict[str, np.ndarray] = {}
+        grad_shapes: dict[str, tuple] = {}
+        for name, pn in w.pnames.items():
+            shape = w.g.params[name].shape
+            grad_shapes[f"D_{pn}"] = shape
+            if name in w.products:
+                a[f"PT_{pn}"] = np.empty(shape[::-1], dtype=dtype)
+                grad_shapes[f"DT_{pn}"] = shape[::-1]
+        for v in w.order:
+            n = w.names[v.name]
+            D = w.depth.get(v.name)
+            if v.kind == "index":
+                a[f"I_{n}"] = np.zeros((T, B), dtype=np.int64)
+            elif D is not None:
+                a[f"H_{n}"] = np.empty((D + T, B, v.size), dtype=dtype)
+                grad_shapes[f"GH_{n}"] = (D + T, B, v.size)
+            else:
+                a[f"X_{n}" if v.kind == "input" else f"V_{n}"] = np.empty((T, B, v.size), dtype=dtype)
+                grad_shapes[f"G_{n}"] = (T, B, v.size)
+                if v.op == "cross_entropy":  # the softmax its gradient needs
+                    a[f"PR_{n}"] = np.empty((T, B, v.args[0].size), dtype=dtype)
+        self.grads = np.zeros(sum(int(np.prod(s)) for s in grad_shapes.values()), dtype=dtype)
+        at = 0
+        for key, shape in grad_shapes.items():
+            size = int(np.prod(shape))
+            a[key] = self.grads[at:at + size].reshape(shape)
+            at += size
+        self.arrays = a
+        self.args = [a[n] for n in w.arguments]
+
+    def fill(self, f: Feeds) -> None:
+        """The run's inputs, initial states and gradient seeds, over the last run's."""
+        w, a, T = self.w, self.arrays, self.T
+        for v in w.g.inputs:
+            n = w.names[v.name]
+            D = w.depth.get(v.name, 0)
+            target = a[f"I_{n}"] if v.kind == "index" else a[f"H_{n}"][D:] if D else a[f"X_{n}"]
+            np.copyto(target, f.inputs[v.name])
+        for name, D in w.depth.items():
+            a[f"H_{w.names[name]}"][:D] = f.init[name]
+        self.grads.fill(0)
+        for l in w.g.losses:  # the seeds: d total / d loss[t, b]
+            np.divide(f.masks[l.name], f.norms[l.name], out=a[f"G_{w.names[l.vertex.name]}"][:, :, 0])
+        for name, og in f.output_grads.items():
+            self.grad_of(w.g.vertices[name])[...] += og
+        for name, fs in f.final_state_grads.items():
+            a[f"GH_{w.names[name]}"][T:] += fs
+
+    def value_of(self, v: Vertex) -> np.ndarray:
+        """``v``'s values for all steps, ``[T, B, F]`` (a delay: its source's history, shifted)."""
+        return self._steps("H", "V", v)
+
+    def grad_of(self, v: Vertex) -> np.ndarray:
+        return self._steps("GH", "G", v)
+
+    def _steps(self, history: str, plain: str, v: Vertex) -> np.ndarray:
+        shift = 0
+        if v.kind == "delay":
+            v, shift = v.source, v.depth
+        w = self.w
+        n = w.names[v.name]
+        if v.name in w.depth:
+            start = w.depth[v.name] - shift
+            return self.arrays[f"{history}_{n}"][start:start + self.T]
+        if plain == "V" and v.kind == "input":
+            return self.arrays[f"X_{n}"]
+        return self.arrays[f"{plain}_{n}"]
 
 
 # ------------------------------------------------------------ code writing
@@ -170,6 +211,7 @@ class _Writer:
     def __init__(self, w: WholeRun):
         self.w = w
         self.lines: list[str] = []
+        self.after: list[str] = []  # lines for after the backward loop
         self.indent = 0
 
     def __call__(self, line: str) -> None:
@@ -179,8 +221,10 @@ class _Writer:
         w = self.w
         self(f"# generated by unrolled.wholestep for graph '{w.g.name}'; kernels: unrolled.rowkernels")
         self("# names: " + ", ".join(f"{w.names[v.name]}={v.name}" for v in w.order))
-        self("def whole_run(T, B, backward, ARGS):")
+        self(f"def whole_run(T, B, backward, {', '.join(f'P_{pn}' for pn in w.pnames.values())}ARGS):")
         self.indent = 1
+        for name in sorted(w.products):  # each input adds a row of the transposed weight
+            self(f"transpose_into(PT_{w.pnames[name]}, P_{w.pnames[name]})")
         self("for t in range(T):")
         self("    for b in range(B):")
         self.indent = 3
@@ -201,10 +245,15 @@ class _Writer:
                 self._backward(v)
         if len(self.lines) == body:
             self("pass")
+        self.indent = 1
+        for line in self.after:  # weight and bias gradients: sums over all rows of all steps
+            self(line)
+        for name in sorted(w.products):  # gradients leave in the parameters' own layout
+            self(f"add_transposed(D_{w.pnames[name]}, DT_{w.pnames[name]})")
         text = "\n".join(self.lines) + "\n"
-        names = sorted(set(_NAME.findall(text)))
+        names = sorted(set(_NAME.findall(text)) - {f"P_{pn}" for pn in w.pnames.values()})
         return ("@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n"
-                + text.replace("ARGS", ", ".join(names)))
+                + text.replace("ARGS", "".join(", " + n for n in names)))
 
     # ---- where things are
 
@@ -224,6 +273,32 @@ class _Writer:
         if v.kind == "index":
             return f"I_{n}[{t}, b]"
         return f"V_{n}[{t}, b]"
+
+    def steps(self, v, grad: bool = False) -> str:
+        """The expression of vertex ``v``'s values (or gradients) for all steps, ``[T, B, F]``."""
+        w = self.w
+        shift = 0
+        if v.kind == "delay":
+            v, shift = v.source, v.depth
+        n = w.names[v.name]
+        if v.name in w.depth:
+            at = w.depth[v.name] - shift
+            return f"{'GH' if grad else 'H'}_{n}[{at}:{at} + T]"
+        if grad:
+            return f"G_{n}"
+        return f"X_{n}" if v.kind == "input" else f"V_{n}"
+
+    def needed_columns(self, x: Vertex) -> tuple[int, int]:
+        """The columns of ``x`` whose gradient goes somewhere: for a concatenation, from its first
+        part that takes a gradient to its last (a one-hot part takes none); else all."""
+        if x.kind == "op" and x.op == "concat":
+            at, spans = 0, []
+            for part in x.args:
+                if self.grow(part) is not None:
+                    spans.append((at, at + part.size))
+                at += part.size
+            return (spans[0][0], spans[-1][1]) if spans else (0, 0)
+        return 0, x.size
 
     def grow(self, v, t: str = "t") -> str | None:
         """Where vertex (or parameter) ``v``'s gradient (row b at step t) accumulates; None: nowhere."""
@@ -274,11 +349,19 @@ class _Writer:
         da = [self.grow(x) for x in v.args]
         if op in ("matmul", "linear"):
             pn = self.w.pnames[v.args[0].name]
-            if da[1] is not None:
-                self(f"product_dx_row({da[1]}, {g}, P_{pn})")
-            self(f"product_dw_row(DT_{pn}, {a[1]}, {g})")
+            x = v.args[1]
+            lo, hi = self.needed_columns(x)
+            if da[1] is not None and hi > lo:
+                self(f"product_dx_row({da[1]}, {g}, P_{pn}, {lo}, {hi})")
+            if isinstance(x, Param):
+                self(f"product_dw_row(DT_{pn}, {a[1]}, {g})")
+            else:
+                self.after.append(f"product_dw(DT_{pn}, {self.steps(x)}, {self.steps(v, grad=True)})")
             if op == "linear":
-                self(f"add_to_row({da[2]}, 0, {g}, 0, {v.size})")
+                if isinstance(v.args[2], Param):
+                    self.after.append(f"add_rows_to({da[2]}, {self.steps(v, grad=True)})")
+                else:
+                    self(f"add_to_row({da[2]}, 0, {g}, 0, {v.size})")
         elif op == "cross_entropy":
             if da[0] is not None:
                 self(f"cross_entropy_back_row({da[0]}, {g}[0], PR_{self.w.names[v.name]}[t, b], {a[1]})")
@@ -324,5 +407,7 @@ _NAME = re.compile(r"\b(?:(?:P|PT|D|DT)_p\d+|(?:H|GH|X|I|V|G|PR)_v\d+)\b")
 
 
 def _arguments(code: str) -> list[str]:
+    """The workspace arrays ``whole_run`` takes, after ``T, B, backward`` and the parameters."""
     head = next(line for line in code.splitlines() if line.startswith("def whole_run("))
-    return [s.strip() for s in head[head.index("(") + 1: head.rindex(")")].split(",")][3:]
+    names = [s.strip() for s in head[head.index("(") + 1: head.rindex(")")].split(",")][3:]
+    return [n for n in names if not n.startswith("P_")]
