@@ -7,10 +7,11 @@ each kernel compiles once per precision and is cached on disk, and the
 generated function is a list of calls.
 
 Every array is a 1-D row (a parameter vector is a row shared by all) except
-the weights: ``WT`` is a product's weight transposed, ``[in, out]``, so that
-each input adds one contiguous row of it, and a zero input (a one-hot
-vector's zeros) adds nothing; its gradient ``DT`` accumulates in the same
-layout. Constants are cast to the rows' precision, so float32 stays float32.
+the weights, read in their own layout ``W [out, in]``: a product reads its
+input part by part (the parts of a concatenation), a dense part as dot
+products with rows of ``W``, a one-hot part as the one column it picks, so
+the 74 zeros of a one-hot vector cost nothing and no transposed copy is
+made. Constants are cast to the rows' precision, so float32 stays float32.
 """
 
 from __future__ import annotations
@@ -21,40 +22,39 @@ import numpy as np
 from .jitkernels import _cast, _sigmoid1, _tanh1
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+_dot = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})
 
 
 # ------------------------------------------------------------------ forward
 
 
-@_jit
-def transpose_into(WT, W):
-    """``WT = Wᵀ``: a product's weight in the layout its rows are read in."""
-    for j in range(W.shape[0]):
-        for k in range(W.shape[1]):
-            WT[k, j] = W[j, k]
+@_dot
+def add_dot_rows(y, W, at, x):
+    """``y += W[:, at:at+n] x``: one dot product per output, summed in any order (it vectorizes)."""
+    for j in range(y.shape[0]):
+        s = _cast(0.0, y[0])
+        for k in range(x.shape[0]):
+            s += W[j, at + k] * x[k]
+        y[j] += s
 
 
 @_jit
-def product_row(y, x, WT):
-    """``y = W x``, as rows of ``WT`` scaled by the nonzero inputs."""
-    y[:] = 0
-    add_product_row(y, x, WT)
+def add_column(y, W, c):
+    """``y += W[:, c]``: the product of ``W`` with a one-hot vector."""
+    for j in range(y.shape[0]):
+        y[j] += W[j, c]
 
 
 @_jit
-def linear_row(y, x, WT, bias):
-    """``y = W x + b``."""
-    y[:] = bias
-    add_product_row(y, x, WT)
+def set_row(y, x):
+    for j in range(y.shape[0]):
+        y[j] = x[j]
 
 
 @_jit
-def add_product_row(y, x, WT):
-    for k in range(x.shape[0]):
-        xk = x[k]
-        if xk != 0:
-            for j in range(y.shape[0]):
-                y[j] += WT[k, j] * xk
+def zero_row(y):
+    for j in range(y.shape[0]):
+        y[j] = 0
 
 
 @_jit
@@ -155,37 +155,56 @@ def mse_row(loss, p, q):
 
 
 @_jit
-def product_dx_row(dx, g, W, lo, hi):
-    """``dx[lo:hi] += (Wᵀ g)[lo:hi]``, as rows of ``W`` scaled by the nonzero gradients: only the
-    columns whose gradient goes somewhere (not a concatenation's one-hot part)."""
+def product_dx_row(dx, g, W, at):
+    """``dx += (Wᵀ g)[at:at+n]``: the gradient of one part of a product's input, as rows of ``W``
+    scaled by the nonzero gradients."""
     for j in range(g.shape[0]):
         gj = g[j]
         if gj != 0:
-            for k in range(lo, hi):
-                dx[k] += W[j, k] * gj
+            for k in range(dx.shape[0]):
+                dx[k] += W[j, at + k] * gj
 
 
 @_jit
-def product_dw(DT, X, G):
-    """``Wᵀ``'s gradient ``+= Xᵀ G`` over all rows of all steps (``X [T, B, in]``, ``G [T, B, out]``),
-    after the backward loop: four rows at a time, so each row of ``DT`` is read and written once per
-    four rows, not once per row; columns of ``X`` that are zero in all four (one-hot) add nothing."""
+def product_dw(D, at, X, G):
+    """``D[:, at:at+n] += Gᵀ X`` over all rows of all steps (``X [T, B, n]``, ``G [T, B, out]``),
+    after the backward loop: four rows at a time, so each row of ``D`` is read and written once per
+    four rows, not once per row."""
     X = X.reshape(X.shape[0] * X.shape[1], X.shape[2])
     G = G.reshape(G.shape[0] * G.shape[1], G.shape[2])
     R, n, m = X.shape[0], X.shape[1], G.shape[1]
     r = 0
     while r + 4 <= R:
-        g0, g1, g2, g3 = G[r], G[r + 1], G[r + 2], G[r + 3]
-        for k in range(n):
-            x0, x1, x2, x3 = X[r, k], X[r + 1, k], X[r + 2, k], X[r + 3, k]
-            if x0 != 0 or x1 != 0 or x2 != 0 or x3 != 0:
-                d = DT[k]
-                for j in range(m):
-                    d[j] += x0 * g0[j] + x1 * g1[j] + x2 * g2[j] + x3 * g3[j]
+        x0, x1, x2, x3 = X[r], X[r + 1], X[r + 2], X[r + 3]
+        for j in range(m):
+            g0, g1, g2, g3 = G[r, j], G[r + 1, j], G[r + 2, j], G[r + 3, j]
+            if g0 != 0 or g1 != 0 or g2 != 0 or g3 != 0:
+                for k in range(n):
+                    D[j, at + k] += g0 * x0[k] + g1 * x1[k] + g2 * x2[k] + g3 * x3[k]
         r += 4
     while r < R:
-        product_dw_row(DT, X[r], G[r])
+        product_dw_row(D, at, X[r], G[r])
         r += 1
+
+
+@_jit
+def product_dw_row(D, at, x, g):
+    """``D[:, at:at+n] += g xᵀ`` for one row."""
+    for j in range(g.shape[0]):
+        gj = g[j]
+        if gj != 0:
+            for k in range(x.shape[0]):
+                D[j, at + k] += gj * x[k]
+
+
+@_jit
+def product_dw_picks(D, at, I, G):
+    """``D[:, at:at+n] += Gᵀ one_hot(I)``: each row's gradient added to the one column it picked."""
+    for t in range(I.shape[0]):
+        for b in range(I.shape[1]):
+            c = at + I[t, b]
+            for j in range(G.shape[2]):
+                D[j, c] += G[t, b, j]
 
 
 @_jit
@@ -195,24 +214,6 @@ def add_rows_to(d, G):
     for r in range(G.shape[0]):
         for j in range(d.shape[0]):
             d[j] += G[r, j]
-
-
-@_jit
-def product_dw_row(DT, x, g):
-    """``Wᵀ``'s gradient ``+= x gᵀ``, one row per nonzero input."""
-    for k in range(x.shape[0]):
-        xk = x[k]
-        if xk != 0:
-            for j in range(g.shape[0]):
-                DT[k, j] += xk * g[j]
-
-
-@_jit
-def add_transposed(D, DT):
-    """``D += DTᵀ``: a weight's gradient, kept transposed during the run, in the weight's layout."""
-    for j in range(D.shape[0]):
-        for k in range(D.shape[1]):
-            D[j, k] += DT[k, j]
 
 
 @_jit
@@ -281,3 +282,43 @@ def mse_back_row(d, c, p, q):
     """``d += c · (p - q)``, with ``c = ±2 g / F``."""
     for j in range(d.shape[0]):
         d[j] += c * (p[j] - q[j])
+
+
+# ------------------------------------------------------------------ whole arrays
+
+
+@_jit
+def copy_steps(dst, src):
+    """``dst[...] = src`` for ``[steps, B, F]`` arrays: initial states, a delayed dense input."""
+    for t in range(dst.shape[0]):
+        for b in range(dst.shape[1]):
+            for j in range(dst.shape[2]):
+                dst[t, b, j] = src[t, b, j]
+
+
+@_jit
+def add_steps(dst, src):
+    """``dst += src`` for ``[steps, B, F]`` arrays: gradients given for outputs and final states."""
+    for t in range(dst.shape[0]):
+        for b in range(dst.shape[1]):
+            for j in range(dst.shape[2]):
+                dst[t, b, j] += src[t, b, j]
+
+
+@_jit
+def masked_sum(L, M):
+    """``Σ L[t, b, 0] · M[t, b]`` in float64: a loss's total before its divisor."""
+    s = 0.0
+    for t in range(L.shape[0]):
+        for b in range(L.shape[1]):
+            s += L[t, b, 0] * M[t, b]
+    return s
+
+
+@_jit
+def seed_loss(G, M, N):
+    """``G[t, b, 0] = M[t, b] / N``: d total / d loss at each step, where backward starts."""
+    n = _cast(N, G[0, 0, 0])
+    for t in range(G.shape[0]):
+        for b in range(G.shape[1]):
+            G[t, b, 0] = M[t, b] / n

@@ -25,6 +25,7 @@ The tests hold it to the reference engine like the others.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -60,10 +61,9 @@ class WholeRun:
         self.order = graph.step_order()
         self.names = {v.name: f"v{i}" for i, v in enumerate(self.order)}
         self.pnames = {name: f"p{i}" for i, name in enumerate(graph.params)}
-        self.products = {a.name for v in self.order if v.kind == "op" and v.op in ("matmul", "linear")
-                         for a in v.args[:1]}  # weights read transposed, their gradients kept so
+        self.feeds = _feeds(self)  # (argument, what of the Feeds it is, whose), after the parameters
         self.code = _Writer(self).source()
-        self.arguments = _arguments(self.code)  # the workspace arrays whole_run takes, after the parameters
+        self.arguments = _arguments(self.code)  # the workspace arrays, after the feeds
         self._fn = None
         self._workspaces: dict[tuple, _Workspace] = {}
         self._copy_counts: dict[tuple, dict[str, int]] = {}
@@ -77,9 +77,9 @@ class WholeRun:
             self._fn = _load_module("import numba\nfrom unrolled.rowkernels import *  # noqa: F401,F403\n\n"
                                     + self.code, "whole")["whole_run"]
         ws = self._workspace(f)
-        ws.fill(f)
-        self._fn(f.T, f.B, 1 if backward else 0, *[params[name] for name in self.pnames], *ws.args)
-        return self._result(ws, f, combine, backward)
+        loss = self._fn(f.T, f.B, 1 if backward else 0, *[params[name] for name in self.pnames],
+                        *ws.feed_args(f), *ws.args)
+        return self._result(ws, f, loss, combine, backward)
 
     def _workspace(self, f: Feeds) -> "_Workspace":
         """The arrays of runs shaped like ``f``, made on the first such run and kept: a small run
@@ -91,17 +91,17 @@ class WholeRun:
             del self._workspaces[next(iter(self._workspaces))]
         return ws
 
-    def _result(self, ws: "_Workspace", f: Feeds, combine: str, backward: bool) -> RunResult:
+    def _result(self, ws: "_Workspace", f: Feeds, loss: float, combine: str, backward: bool) -> RunResult:
         """Copies out of the workspace (the next run overwrites it)."""
         g, T, a = self.g, f.T, ws.arrays
         step_losses = {l.name: ws.value_of(l.vertex)[:, :, 0] * f.masks[l.name] for l in g.losses}
-        loss = sum(float(step_losses[l.name].sum(dtype=np.float64)) / f.norms[l.name] for l in g.losses)
         outputs = {v.name: ws.value_of(v).copy() for v in g.outputs}
         finals = {name: as_state(a[f"H_{self.names[name]}"][T:T + D].copy()) for name, D in self.depth.items()}
-        r = RunResult(loss=loss, outputs=outputs, step_losses=step_losses, final_states=finals)
+        r = RunResult(loss=float(loss), outputs=outputs, step_losses=step_losses, final_states=finals)
         if not backward:
             return r
-        grads = {name: a[f"D_{pn}"].copy() for name, pn in self.pnames.items()}
+        flat = ws.param_grads.copy()  # one copy, one view per parameter
+        grads = {name: flat[at:at + size].reshape(shape) for name, at, size, shape in ws.param_slices}
         for name, D in self.depth.items():
             ig = a[f"GH_{self.names[name]}"][:D]
             r.init_grads[name] = as_state(ig.copy())
@@ -123,63 +123,81 @@ class WholeRun:
         return self._copy_counts[key]
 
 
+def _feeds(w: WholeRun) -> list[tuple[str, str, str]]:
+    """What ``whole_run`` takes of each run's :class:`Feeds`, in argument order: index and dense
+    inputs, initial states, each loss's mask and divisor, output and final-state gradients."""
+    out = []
+    for v in w.g.inputs:
+        out.append((f"{'I' if v.kind == 'index' else 'X'}_{w.names[v.name]}", "input", v.name))
+    out += [(f"IN_{w.names[name]}", "init", name) for name in w.depth]
+    for l in w.g.losses:
+        out += [(f"M_{w.names[l.vertex.name]}", "mask", l.name), (f"N_{w.names[l.vertex.name]}", "norm", l.name)]
+    out += [(f"OG_{i}", "output_grad", v.name) for i, v in enumerate(w.g.outputs)]  # may be a delay
+    out += [(f"FS_{w.names[name]}", "final_state_grad", name) for name in w.depth]
+    return out
+
+
 class _Workspace:
-    """Every array ``whole_run`` takes but the parameters, for runs of one ``T``, ``B`` and dtype.
+    """Every array ``whole_run`` keeps between its phases, for runs of one ``T``, ``B`` and dtype.
 
     Values are ``[T, B, F]`` (``[D + T, B, F]`` for a vertex read through delays: its initial
-    states first); gradients are views of one flat buffer, so that zeroing them before a run is
-    one call. ``args`` is the argument list in the generated function's order.
+    states first); gradients are views of one flat buffer (``GRADS``, zeroed by the run itself),
+    the parameters' first. ``args`` is the argument list in the generated function's order.
     """
 
     def __init__(self, w: WholeRun, T: int, B: int, dtype: np.dtype):
         self.w, self.T = w, T
         a: dict[str, np.ndarray] = {}
-        grad_shapes: dict[str, tuple] = {}
-        for name, pn in w.pnames.items():
-            shape = w.g.params[name].shape
-            grad_shapes[f"D_{pn}"] = shape
-            if name in w.products:
-                a[f"PT_{pn}"] = np.empty(shape[::-1], dtype=dtype)
-                grad_shapes[f"DT_{pn}"] = shape[::-1]
+        grad_shapes: dict[str, tuple] = {f"D_{pn}": w.g.params[name].shape for name, pn in w.pnames.items()}
         for v in w.order:
             n = w.names[v.name]
             D = w.depth.get(v.name)
-            if v.kind == "index":
-                a[f"I_{n}"] = np.zeros((T, B), dtype=np.int64)
-            elif D is not None:
+            if D is not None:
                 a[f"H_{n}"] = np.empty((D + T, B, v.size), dtype=dtype)
                 grad_shapes[f"GH_{n}"] = (D + T, B, v.size)
-            else:
-                a[f"X_{n}" if v.kind == "input" else f"V_{n}"] = np.empty((T, B, v.size), dtype=dtype)
+            elif v.kind == "op":
+                a[f"V_{n}"] = np.empty((T, B, v.size), dtype=dtype)
                 grad_shapes[f"G_{n}"] = (T, B, v.size)
                 if v.op == "cross_entropy":  # the softmax its gradient needs
                     a[f"PR_{n}"] = np.empty((T, B, v.args[0].size), dtype=dtype)
-        self.grads = np.zeros(sum(int(np.prod(s)) for s in grad_shapes.values()), dtype=dtype)
+            elif v.kind == "input":
+                grad_shapes[f"G_{n}"] = (T, B, v.size)
+        self.grads = a["GRADS"] = np.zeros(sum(math.prod(s) for s in grad_shapes.values()), dtype=dtype)
         at = 0
         for key, shape in grad_shapes.items():
-            size = int(np.prod(shape))
+            size = math.prod(shape)
             a[key] = self.grads[at:at + size].reshape(shape)
             at += size
+        self.param_slices, at = [], 0
+        for name, p in w.g.params.items():
+            self.param_slices.append((name, at, math.prod(p.shape), p.shape))
+            at += math.prod(p.shape)
+        self.param_grads = self.grads[:at]
         self.arrays = a
         self.args = [a[n] for n in w.arguments]
+        # read-only zeros for the output and final-state gradients a run does not give
+        self.no_grad = {n: np.zeros(self._feed_shape(kind, name, T, B), dtype=dtype)
+                        for n, kind, name in w.feeds if kind in ("output_grad", "final_state_grad")}
 
-    def fill(self, f: Feeds) -> None:
-        """The run's inputs, initial states and gradient seeds, over the last run's."""
-        w, a, T = self.w, self.arrays, self.T
-        for v in w.g.inputs:
-            n = w.names[v.name]
-            D = w.depth.get(v.name, 0)
-            target = a[f"I_{n}"] if v.kind == "index" else a[f"H_{n}"][D:] if D else a[f"X_{n}"]
-            np.copyto(target, f.inputs[v.name])
-        for name, D in w.depth.items():
-            a[f"H_{w.names[name]}"][:D] = f.init[name]
-        self.grads.fill(0)
-        for l in w.g.losses:  # the seeds: d total / d loss[t, b]
-            np.divide(f.masks[l.name], f.norms[l.name], out=a[f"G_{w.names[l.vertex.name]}"][:, :, 0])
-        for name, og in f.output_grads.items():
-            self.grad_of(w.g.vertices[name])[...] += og
-        for name, fs in f.final_state_grads.items():
-            a[f"GH_{w.names[name]}"][T:] += fs
+    def _feed_shape(self, kind: str, name: str, T: int, B: int) -> tuple:
+        v = self.w.g.vertices[name]
+        return (T, B, v.size) if kind == "output_grad" else (self.w.depth[name], B, v.size)
+
+    def feed_args(self, f: Feeds) -> list:
+        out = []
+        for n, kind, name in self.w.feeds:
+            if kind == "input":
+                out.append(np.ascontiguousarray(f.inputs[name]))
+            elif kind == "init":
+                out.append(np.ascontiguousarray(f.init[name]))
+            elif kind == "mask":
+                out.append(f.masks[name])
+            elif kind == "norm":
+                out.append(float(f.norms[name]))
+            else:
+                given = (f.output_grads if kind == "output_grad" else f.final_state_grads).get(name)
+                out.append(self.no_grad[n] if given is None else np.ascontiguousarray(given))
+        return out
 
     def value_of(self, v: Vertex) -> np.ndarray:
         """``v``'s values for all steps, ``[T, B, F]`` (a delay: its source's history, shifted)."""
@@ -197,8 +215,6 @@ class _Workspace:
         if v.name in w.depth:
             start = w.depth[v.name] - shift
             return self.arrays[f"{history}_{n}"][start:start + self.T]
-        if plain == "V" and v.kind == "input":
-            return self.arrays[f"X_{n}"]
         return self.arrays[f"{plain}_{n}"]
 
 
@@ -213,6 +229,7 @@ class _Writer:
         self.lines: list[str] = []
         self.after: list[str] = []  # lines for after the backward loop
         self.indent = 0
+        self.skipped = _read_only_by_products(w)
 
     def __call__(self, line: str) -> None:
         self.lines.append("    " * self.indent + line)
@@ -221,26 +238,42 @@ class _Writer:
         w = self.w
         self(f"# generated by unrolled.wholestep for graph '{w.g.name}'; kernels: unrolled.rowkernels")
         self("# names: " + ", ".join(f"{w.names[v.name]}={v.name}" for v in w.order))
-        self(f"def whole_run(T, B, backward, {', '.join(f'P_{pn}' for pn in w.pnames.values())}ARGS):")
+        head = ["T", "B", "backward"] + [f"P_{pn}" for pn in w.pnames.values()] + [n for n, _, _ in w.feeds]
+        self(f"def whole_run({', '.join(head)}ARGS):")
         self.indent = 1
-        for name in sorted(w.products):  # each input adds a row of the transposed weight
-            self(f"transpose_into(PT_{w.pnames[name]}, P_{w.pnames[name]})")
+        for name in w.depth:  # the histories start with the initial states (and hold a dense input)
+            n = w.names[name]
+            self(f"copy_steps(H_{n}[:{w.depth[name]}], IN_{n})")
+            if w.g.vertices[name].kind == "input":
+                self(f"copy_steps(H_{n}[{w.depth[name]}:], X_{n})")
         self("for t in range(T):")
         self("    for b in range(B):")
         self.indent = 3
         for v in w.order:
-            if v.kind == "op":
+            if v.kind == "op" and v.name not in self.skipped:
                 self(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
                 self._forward(v)
         self.indent = 1
+        self("total = 0.0")
+        for l in w.g.losses:
+            n = w.names[l.vertex.name]
+            self(f"total += masked_sum(V_{n}, M_{n}) / N_{n}")
         self("if backward == 0:")
-        self("    return")
+        self("    return total")
+        self("GRADS[:] = 0")
+        for l in w.g.losses:  # the seeds: d total / d loss[t, b]
+            n = w.names[l.vertex.name]
+            self(f"seed_loss(G_{n}, M_{n}, N_{n})")
+        for i, v in enumerate(w.g.outputs):
+            self(f"add_steps({self.steps(v, grad=True)}, OG_{i})")
+        for name, D in w.depth.items():
+            self(f"add_steps(GH_{w.names[name]}[T:], FS_{w.names[name]})")
         self("for t in range(T - 1, -1, -1):")
         self("    for b in range(B):")
         self.indent = 3
         body = len(self.lines)
         for v in reversed(w.order):
-            if v.kind == "op" and v.op != "one_hot":
+            if v.kind == "op" and v.op != "one_hot" and v.name not in self.skipped:
                 self(f"# d {v.name}")
                 self._backward(v)
         if len(self.lines) == body:
@@ -248,10 +281,9 @@ class _Writer:
         self.indent = 1
         for line in self.after:  # weight and bias gradients: sums over all rows of all steps
             self(line)
-        for name in sorted(w.products):  # gradients leave in the parameters' own layout
-            self(f"add_transposed(D_{w.pnames[name]}, DT_{w.pnames[name]})")
+        self("return total")
         text = "\n".join(self.lines) + "\n"
-        names = sorted(set(_NAME.findall(text)) - {f"P_{pn}" for pn in w.pnames.values()})
+        names = sorted(set(_NAME.findall(text)) - set(head))
         return ("@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n"
                 + text.replace("ARGS", "".join(", " + n for n in names)))
 
@@ -286,19 +318,24 @@ class _Writer:
             return f"{'GH' if grad else 'H'}_{n}[{at}:{at} + T]"
         if grad:
             return f"G_{n}"
-        return f"X_{n}" if v.kind == "input" else f"V_{n}"
+        return {"input": f"X_{n}", "index": f"I_{n}"}.get(v.kind, f"V_{n}")
 
-    def needed_columns(self, x: Vertex) -> tuple[int, int]:
-        """The columns of ``x`` whose gradient goes somewhere: for a concatenation, from its first
-        part that takes a gradient to its last (a one-hot part takes none); else all."""
-        if x.kind == "op" and x.op == "concat":
-            at, spans = 0, []
+    def parts(self, x) -> list[tuple]:
+        """A product's input as (part, first column): a concatenation's parts, else the input whole.
+        The product reads and differentiates the parts directly; the concatenation's own value and
+        gradient still serve any other vertex that reads it."""
+        if isinstance(x, Vertex) and x.kind == "op" and x.op == "concat":
+            out, at = [], 0
             for part in x.args:
-                if self.grow(part) is not None:
-                    spans.append((at, at + part.size))
+                out.append((part, at))
                 at += part.size
-            return (spans[0][0], spans[-1][1]) if spans else (0, 0)
-        return 0, x.size
+            return out
+        return [(x, 0)]
+
+    @staticmethod
+    def picks(part) -> bool:
+        """Whether ``part`` is a one-hot vector of an index input (a product with it is a column)."""
+        return isinstance(part, Vertex) and part.kind == "op" and part.op == "one_hot"
 
     def grow(self, v, t: str = "t") -> str | None:
         """Where vertex (or parameter) ``v``'s gradient (row b at step t) accumulates; None: nowhere."""
@@ -321,8 +358,13 @@ class _Writer:
         y, op = self.row(v), v.op
         a = [self.row(x) for x in v.args]
         if op in ("matmul", "linear"):
-            WT = f"PT_{self.w.pnames[v.args[0].name]}"
-            self(f"linear_row({y}, {a[1]}, {WT}, {a[2]})" if op == "linear" else f"product_row({y}, {a[1]}, {WT})")
+            self(f"set_row({y}, {a[2]})" if op == "linear" else f"zero_row({y})")
+            W = f"P_{self.w.pnames[v.args[0].name]}"
+            for part, at in self.parts(v.args[1]):
+                if self.picks(part):  # a one-hot vector picks one column
+                    self(f"add_column({y}, {W}, {at} + {self.row(part.args[0])})")
+                else:
+                    self(f"add_dot_rows({y}, {W}, {at}, {self.row(part)})")
         elif op in ("add", "sub", "mul", "tanh", "sigmoid", "relu", "one_minus", "one_hot"):
             self(f"{op}_row({y}, {', '.join(a)})")
         elif op == "scale":
@@ -348,15 +390,20 @@ class _Writer:
         a = [self.row(x) for x in v.args]
         da = [self.grow(x) for x in v.args]
         if op in ("matmul", "linear"):
-            pn = self.w.pnames[v.args[0].name]
-            x = v.args[1]
-            lo, hi = self.needed_columns(x)
-            if da[1] is not None and hi > lo:
-                self(f"product_dx_row({da[1]}, {g}, P_{pn}, {lo}, {hi})")
-            if isinstance(x, Param):
-                self(f"product_dw_row(DT_{pn}, {a[1]}, {g})")
-            else:
-                self.after.append(f"product_dw(DT_{pn}, {self.steps(x)}, {self.steps(v, grad=True)})")
+            W = f"P_{self.w.pnames[v.args[0].name]}"
+            D = self.grow(v.args[0])
+            for part, at in self.parts(v.args[1]):
+                if self.picks(part):
+                    self.after.append(f"product_dw_picks({D}, {at}, {self.steps(part.args[0])}, "
+                                      f"{self.steps(v, grad=True)})")
+                    continue
+                d = self.grow(part)
+                if d is not None:
+                    self(f"product_dx_row({d}, {g}, {W}, {at})")
+                if isinstance(part, Param):
+                    self(f"product_dw_row({D}, {at}, {self.row(part)}, {g})")
+                else:
+                    self.after.append(f"product_dw({D}, {at}, {self.steps(part)}, {self.steps(v, grad=True)})")
             if op == "linear":
                 if isinstance(v.args[2], Param):
                     self.after.append(f"add_rows_to({da[2]}, {self.steps(v, grad=True)})")
@@ -403,11 +450,32 @@ class _Writer:
             self(f"embedding_back_row({da[0]}, {a[1]}, {g})")
 
 
-_NAME = re.compile(r"\b(?:(?:P|PT|D|DT)_p\d+|(?:H|GH|X|I|V|G|PR)_v\d+)\b")
+_NAME = re.compile(r"\b(?:D_p\d+|(?:H|GH|V|G|PR)_v\d+|GRADS)\b")
+
+
+def _read_only_by_products(w: WholeRun) -> set[str]:
+    """Concatenations and one-hot vectors that only products read: the products read their parts
+    (and pick columns for one-hot parts) directly, so these need no value and pass no gradient."""
+    readers: dict[str, list[tuple[Vertex, int]]] = {}
+    for v in w.order:
+        for i, a in enumerate(getattr(v, "args", ()) or ()):
+            if isinstance(a, Vertex):
+                readers.setdefault(a.name, []).append((v, i))
+    for d in w.g.delays:
+        readers.setdefault(d.source.name, []).append((d, 0))
+    kept = {v.name for v in w.g.outputs} | set(w.depth)
+    skipped: set[str] = set()
+    for op in ("concat", "one_hot"):  # a concatenation first: a one-hot part may then go too
+        for v in w.order:
+            if v.kind == "op" and v.op == op and v.name not in kept and all(
+                    (r.kind == "op" and r.op in ("matmul", "linear") and i == 1) or r.name in skipped
+                    for r, i in readers.get(v.name, [])):
+                skipped.add(v.name)
+    return skipped
 
 
 def _arguments(code: str) -> list[str]:
-    """The workspace arrays ``whole_run`` takes, after ``T, B, backward`` and the parameters."""
+    """The workspace arrays ``whole_run`` takes, after ``T, B, backward``, the parameters and the feeds."""
     head = next(line for line in code.splitlines() if line.startswith("def whole_run("))
-    names = [s.strip() for s in head[head.index("(") + 1: head.rindex(")")].split(",")][3:]
-    return [n for n in names if not n.startswith("P_")]
+    names = [s.strip() for s in head[head.index("(") + 1: head.rindex(")")].split(",")]
+    return [n for n in names if _NAME.fullmatch(n)]
