@@ -31,10 +31,12 @@ _dot = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contra
 @_dot
 def add_dot_rows(y, W, at, x):
     """``y += W[:, at:at+n] x``: one dot product per output, summed in any order (it vectorizes)."""
+    n = x.shape[0]
     for j in range(y.shape[0]):
+        w = W[j, at:at + n]  # a view: W[j, at + k] is checked for wrap-around each time (no vectors)
         s = _cast(0.0, y[0])
-        for k in range(x.shape[0]):
-            s += W[j, at + k] * x[k]
+        for k in range(n):
+            s += w[k] * x[k]
         y[j] += s
 
 
@@ -111,8 +113,9 @@ def relu_row(y, x):
 @_jit
 def copy_row(y, y_at, x, x_at, n):
     """``y[y_at:y_at+n] = x[x_at:x_at+n]``: identity, a concatenation's part, a slice."""
-    for j in range(n):
-        y[y_at + j] = x[x_at + j]
+    y, x = y[y_at:y_at + n], x[x_at:x_at + n]  # views: an index computed from an argument is
+    for j in range(n):                          # checked for wrap-around each time, which stops
+        y[j] = x[j]                             # the loop from vectorizing
 
 
 @_jit
@@ -157,12 +160,23 @@ def mse_row(loss, p, q):
 @_jit
 def product_dx_row(dx, g, W, at):
     """``dx += (Wᵀ g)[at:at+n]``: the gradient of one part of a product's input, as rows of ``W``
-    scaled by the nonzero gradients."""
-    for j in range(g.shape[0]):
+    scaled by the gradients, four rows at a time (``dx`` read and written once per four rows; a
+    block of four zero gradients adds nothing)."""
+    n, m = dx.shape[0], g.shape[0]
+    j = 0
+    while j + 4 <= m:
+        g0, g1, g2, g3 = g[j], g[j + 1], g[j + 2], g[j + 3]
+        if g0 != 0 or g1 != 0 or g2 != 0 or g3 != 0:
+            w0, w1, w2, w3 = W[j, at:at + n], W[j + 1, at:at + n], W[j + 2, at:at + n], W[j + 3, at:at + n]
+            for k in range(n):
+                dx[k] += w0[k] * g0 + w1[k] * g1 + w2[k] * g2 + w3[k] * g3
+        j += 4
+    while j < m:
         gj = g[j]
-        if gj != 0:
-            for k in range(dx.shape[0]):
-                dx[k] += W[j, at + k] * gj
+        w = W[j, at:at + n]
+        for k in range(n):
+            dx[k] += w[k] * gj
+        j += 1
 
 
 @_jit
@@ -179,8 +193,9 @@ def product_dw(D, at, X, G):
         for j in range(m):
             g0, g1, g2, g3 = G[r, j], G[r + 1, j], G[r + 2, j], G[r + 3, j]
             if g0 != 0 or g1 != 0 or g2 != 0 or g3 != 0:
+                d = D[j, at:at + n]
                 for k in range(n):
-                    D[j, at + k] += g0 * x0[k] + g1 * x1[k] + g2 * x2[k] + g3 * x3[k]
+                    d[k] += g0 * x0[k] + g1 * x1[k] + g2 * x2[k] + g3 * x3[k]
         r += 4
     while r < R:
         product_dw_row(D, at, X[r], G[r])
@@ -190,11 +205,13 @@ def product_dw(D, at, X, G):
 @_jit
 def product_dw_row(D, at, x, g):
     """``D[:, at:at+n] += g xᵀ`` for one row."""
+    n = x.shape[0]
     for j in range(g.shape[0]):
         gj = g[j]
         if gj != 0:
-            for k in range(x.shape[0]):
-                D[j, at + k] += gj * x[k]
+            d = D[j, at:at + n]
+            for k in range(n):
+                d[k] += gj * x[k]
 
 
 @_jit
@@ -219,8 +236,9 @@ def add_rows_to(d, G):
 @_jit
 def add_to_row(d, d_at, g, g_at, n):
     """``d[d_at:d_at+n] += g[g_at:g_at+n]``: add, identity, bias, concatenation, slice."""
+    d, g = d[d_at:d_at + n], g[g_at:g_at + n]
     for j in range(n):
-        d[d_at + j] += g[g_at + j]
+        d[j] += g[j]
 
 
 @_jit
