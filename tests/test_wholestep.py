@@ -38,7 +38,7 @@ def test_hand_written_graphs_agree(name, dtype, tol):
     masks = {l.name: (rng.random((T, B)) < 0.8).astype(dtype) for l in g.losses}
     eng = CompiledEngine(g, whole=True)
     assert eng.uses_whole(B) and "def whole_run" in eng.whole.code
-    for _ in range(2):  # a second run starts from fresh arrays
+    for _ in range(2):  # the second run reuses the arrays the first one kept
         assert_agree(reference_run(g, params, inputs, init_states=init, masks=masks),
                      eng.run(params, inputs, init_states=init, masks=masks), tol)
 
@@ -68,6 +68,42 @@ def test_outside_gradients_agree(g, T, B, seed):
     og = {k: rng.normal(size=v.shape) for k, v in probe.outputs.items()}
     kw = dict(masks=masks, init_states=init, final_state_grads=fsg, output_grads=og)
     assert_agree(reference_run(g, params, inputs, **kw), eng.run(params, inputs, **kw), 1e-10)
+
+
+def test_results_are_copies_of_the_kept_arrays():
+    """Runs of one shape share their arrays, so a result must not change when the next run
+    overwrites them; runs of other shapes in between (and beyond the kept few) change nothing."""
+    g = GRAPHS["one_hot"]()
+    rng = np.random.default_rng(3)
+    params = perturbed_params(g, rng, np.float64)
+    eng = CompiledEngine(g, whole=True)
+    data = [make_inputs(g, T, 2, rng) for T in (4, 4, 3, 5, 6, 7, 4)]
+    results = [eng.run(params, inputs) for inputs in data]
+    for inputs, got in zip(data, results):
+        assert_agree(reference_run(g, params, inputs), got, 1e-10)
+    assert len(eng.whole._workspaces) == wholestep.KEEP_WORKSPACES
+
+
+def test_a_concatenation_read_by_more_than_a_product():
+    """A product reads a concatenation's parts itself (a one-hot part as a column pick); when
+    something else reads the concatenation too, it is still built and its gradient still flows."""
+    g = Graph("shared-concat")
+    tokens = g.index_input("tok", 4)
+    h = g.state("h", 3)
+    xh = g.concat(g.one_hot(tokens, name="x1h"), h.prev, name="xh")
+    W, b = g.param("W", (3, 7)), g.param("b", (3,))
+    g.tanh(g.linear(W, xh, b, name="a"), name="h")
+    V = g.param("V", (2, 7))
+    y = g.matmul(g.param("Wy", (2, 3)), h, name="y0")
+    y = g.add(y, g.matmul(V, xh, name="skip"), name="y")  # xh read by a second product...
+    g.output(g.scale(xh, 0.5, name="half"))  # ...and by an elementwise op, an output
+    g.loss("mse", y, g.input("target", 2), name="loss")
+    rng = np.random.default_rng(5)
+    params = perturbed_params(g, rng, np.float64)
+    inputs = make_inputs(g, 5, 2, rng)
+    eng = CompiledEngine(g, whole=True)
+    assert "add_column" in eng.whole.code and "copy_row(V_" in eng.whole.code
+    assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), 1e-10)
 
 
 def test_default_engine_takes_it_for_small_runs_only(monkeypatch):

@@ -5,16 +5,19 @@ costs calls, not arithmetic: the compiled engine's phases, each a handful of
 NumPy calls, and the Python between them take ten times what its compiled
 step loop does. For such runs this module writes the whole run as one Numba
 function: every vertex, step by step in the graph's step order, the losses,
-then every vertex's gradient step by step in reverse, each weight's gradient
-added where its step leaves it. Python only fills the inputs and the seeds in
-and reads the results out.
+then every vertex's gradient step by step in reverse, and after that loop
+each weight's gradient as one sum over all rows of all steps. Python passes
+the inputs, initial states, masks and parameters straight in and copies the
+results out; the function zeroes and seeds the gradients itself.
 
 Every value and gradient is kept for all steps (``[T, B, F]``, or
-``[D + T, B, F]`` for a vertex read through delays: its initial states first);
-at the sizes this serves that is a few kilobytes. A product reads its weight
-transposed (``[in, out]``) so that each input adds one contiguous row, and a
-zero input (a one-hot vector's 74 zeros) adds nothing; its weight gradient
-accumulates in the same layout for the same reason.
+``[D + T, B, F]`` for a vertex read through delays: its initial states first)
+in arrays kept between runs of one shape; at the sizes this serves that is a
+few kilobytes. A product reads its weight in the weight's own layout, part
+by part of its input: a dense part as dot products, a one-hot part as the
+one column it picks (a concatenation or one-hot vector that only products
+read is never built), so no transposed copy is made and a one-hot vector's
+zeros cost nothing.
 
 :func:`supports` says which graphs it runs (elementwise ops, products,
 concatenations, slices, one-hot and embedding inputs, cross-entropy and MSE
