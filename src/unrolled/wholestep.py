@@ -86,7 +86,8 @@ class WholeRun:
 
     def _workspace(self, f: Feeds) -> "_Workspace":
         """The arrays of runs shaped like ``f``, made on the first such run and kept: a small run
-        would otherwise spend more time allocating them than computing."""
+        would otherwise spend more time allocating them than computing. Like the phase engine's
+        buffers, they serve one run at a time: an engine is not to be run from two threads at once."""
         key = (f.T, f.B, f.dtype.str)
         ws = self._workspaces.pop(key, None) or _Workspace(self, f.T, f.B, f.dtype)
         self._workspaces[key] = ws  # most recently used last
