@@ -106,6 +106,24 @@ def test_a_concatenation_read_by_more_than_a_product():
     assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), 1e-10)
 
 
+def test_an_input_as_an_output():
+    """A dense input is passed straight in, not kept: as an output it is still copied out, and a
+    gradient given for it reaches its input gradient."""
+    g = Graph("in-out")
+    x, h = g.input("x", 3), g.state("h", 3)
+    g.tanh(g.add(x, h.prev), name="h")
+    g.output(x)
+    g.output(h)
+    g.loss("mse", h, g.input("t", 3), name="loss")
+    rng = np.random.default_rng(0)
+    params = g.init_params(0)
+    inputs = make_inputs(g, 4, 2, rng)
+    og = {"x": rng.normal(size=(4, 2, 3)), "h": rng.normal(size=(4, 2, 3))}
+    got = CompiledEngine(g, whole=True).run(params, inputs, output_grads=og)
+    assert_agree(reference_run(g, params, inputs, output_grads=og), got, 1e-10)
+    assert got.outputs["x"] is not inputs["x"]
+
+
 def test_default_engine_takes_it_for_small_runs_only(monkeypatch):
     monkeypatch.setenv("UNROLLED_JIT", "1")
     eng = CompiledEngine(GRAPHS["lstm"]())

@@ -188,6 +188,7 @@ class _Workspace:
         return (T, B, v.size) if kind == "output_grad" else (self.w.depth[name], B, v.size)
 
     def feed_args(self, f: Feeds) -> list:
+        self.inputs = f.inputs  # a dense input's values are the caller's own (an output may be one)
         out = []
         for n, kind, name in self.w.feeds:
             if kind == "input":
@@ -219,6 +220,8 @@ class _Workspace:
         if v.name in w.depth:
             start = w.depth[v.name] - shift
             return self.arrays[f"{history}_{n}"][start:start + self.T]
+        if plain == "V" and v.kind == "input":
+            return self.inputs[v.name]
         return self.arrays[f"{plain}_{n}"]
 
 
