@@ -233,3 +233,19 @@ def test_sigmoid_helper_is_exported_for_other_engines():
     x = np.linspace(-50, 50, 11)
     np.testing.assert_allclose(ops.sigmoid(x), 1 / (1 + np.exp(-x)), rtol=1e-14)
     np.testing.assert_allclose(ops.log_softmax(x[None]), np.log(ops.softmax(x[None])), rtol=1e-12, atol=1e-12)
+
+
+def test_nll_and_softmax_match_the_cross_entropy_op():
+    """The compiled engine's cross-entropy (value and kept softmax) equals the op's, extreme logits too."""
+    from unrolled.ops import nll_and_softmax, softmax
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float64, np.float32):
+        z = (rng.normal(size=(6, 5)) * 3).astype(dtype)
+        z[0] = [1000, 0, -1000, 5, 5]
+        t = np.array([2, 0, 1, 4, 3, 2])
+        nll, probs = nll_and_softmax(z, t)
+        assert nll.dtype == dtype and probs.dtype == dtype
+        np.testing.assert_allclose(nll, OPS["cross_entropy"].forward([z, t], {}), rtol=1e-6)
+        np.testing.assert_allclose(probs, softmax(z), rtol=1e-6, atol=1e-30)
+        assert nll[0, 0] == pytest.approx(2000, rel=1e-6)

@@ -37,7 +37,7 @@ from .codegen import _header, _with_arguments, _Writer
 from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
 from .jitcache import _load_jit_loops, _load_module, numba_allowed
-from .ops import OPS, unbroadcast
+from .ops import OPS, nll_and_softmax, unbroadcast
 from .runio import Feeds, RunResult, as_state, check_combine, parameter_copies, prepare
 from .schedule import INLINE, Plan, _Split, plan
 
@@ -341,6 +341,10 @@ class _RunState:
             self.X[v.name] = hist[D - v.depth: D - v.depth + T]
             return
         args = [self.params[a.name] if isinstance(a, Param) else _flat(self.value(a)) for a in v.args]
+        if v.op == "cross_entropy" and self.w.fuse:  # the softmax kept: its gradient is one Numba pass
+            out, self.X[f"softmax:{v.name}"] = nll_and_softmax(args[0], args[1].reshape(-1))
+            self.X[v.name] = out.reshape(T, B, 1)
+            return
         try:
             out = OPS[v.op].forward(args, dict(v.attrs, dtype=self.dtype))
         except (FloatingPointError, ValueError) as e:
@@ -505,6 +509,16 @@ class _RunState:
             self._delay_backward(v, g)
             return
         args = [self.params[a.name] if isinstance(a, Param) else _flat(self.value(a)) for a in v.args]
+        probs = self.X.get(f"softmax:{v.name}")
+        if probs is not None:  # cross-entropy from the softmax its forward pass kept
+            from .rowkernels import cross_entropy_back_rows
+
+            K = np.ascontiguousarray(args[1].reshape(-1), dtype=np.int64)
+            dZ = np.empty_like(probs)
+            cross_entropy_back_rows(dZ, np.ascontiguousarray(_flat(g), dtype=self.dtype), probs, K)
+            if v.args[0].name in self.p.wants_grad:
+                self._add_grad(v.args[0], dZ.reshape(T, B, -1))
+            return
         try:
             grads = OPS[v.op].vjp(_flat(g), args, _flat(self.value(v)), dict(v.attrs, dtype=self.dtype))
         except (FloatingPointError, ValueError) as e:

@@ -182,6 +182,17 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(z.sum(axis=-1, keepdims=True))
 
 
+def nll_and_softmax(logits: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``-log softmax(logits)[target]`` per row ``[N, 1]``, and ``softmax(logits)``: cross-entropy's
+    value and what its gradient needs, from one exponential pass (an engine keeps the second)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    with np.errstate(under="ignore"):
+        e = np.exp(shifted)
+    total = e.sum(axis=-1, keepdims=True)
+    nll = np.log(total) - np.take_along_axis(shifted, target.reshape(-1, 1), axis=-1)
+    return nll, np.divide(e, total, out=e)
+
+
 def _scatter_rows(shape, idx, g):
     out = np.zeros(shape, dtype=g.dtype)
     np.add.at(out, idx, g)

@@ -340,3 +340,18 @@ def seed_loss(G, M, N):
     for t in range(G.shape[0]):
         for b in range(G.shape[1]):
             G[t, b, 0] = M[t, b] / n
+
+
+# ------------------------------------------------------------------ the phase engine's rows
+
+
+@_jit
+def cross_entropy_back_rows(dZ, G, P, K):
+    """``dZ[r] = G[r, 0] · (P[r] - one_hot(K[r]))`` for every row, from the softmax the compiled
+    engine's forward pass kept (``ops.nll_and_softmax``): cross-entropy's gradient over all steps."""
+    for r in range(dZ.shape[0]):
+        gl = G[r, 0]
+        d, p = dZ[r], P[r]
+        for j in range(d.shape[0]):
+            d[j] = gl * p[j]
+        d[K[r]] -= gl
