@@ -71,6 +71,19 @@ class WholeRun:
         self._workspaces: dict[tuple, _Workspace] = {}
         self._copy_counts: dict[tuple, dict[str, int]] = {}
 
+    def locate(self, v: Vertex) -> tuple[str, str, int | None]:
+        """Where ``v``'s steps live: (array kind, short name, first step's row). A vertex read through
+        delays, or a delay of one, lives in its history ``H`` (its gradient in ``GH``) from that row;
+        any other in ``X`` (dense input), ``I`` (index input) or ``V`` (gradient ``G``) from row 0,
+        the row then None."""
+        shift = 0
+        if v.kind == "delay":
+            v, shift = v.source, v.depth
+        n = self.names[v.name]
+        if v.name in self.depth:
+            return "H", n, self.depth[v.name] - shift
+        return {"input": "X", "index": "I"}.get(v.kind, "V"), n, None
+
     # ---- running
 
     def run(self, params, f: Feeds, combine: str, backward: bool) -> RunResult:
@@ -167,16 +180,14 @@ class _Workspace:
             elif v.kind == "input":
                 grad_shapes[f"G_{n}"] = (T, B, v.size)
         self.grads = a["GRADS"] = np.zeros(sum(math.prod(s) for s in grad_shapes.values()), dtype=dtype)
-        at = 0
+        at, starts = 0, {}
         for key, shape in grad_shapes.items():
             size = math.prod(shape)
-            a[key] = self.grads[at:at + size].reshape(shape)
+            a[key], starts[key] = self.grads[at:at + size].reshape(shape), at
             at += size
-        self.param_slices, at = [], 0
-        for name, p in w.g.params.items():
-            self.param_slices.append((name, at, math.prod(p.shape), p.shape))
-            at += math.prod(p.shape)
-        self.param_grads = self.grads[:at]
+        self.param_slices = [(name, starts[f"D_{pn}"], a[f"D_{pn}"].size, a[f"D_{pn}"].shape)
+                             for name, pn in w.pnames.items()]
+        self.param_grads = self.grads[:sum(size for _, _, size, _ in self.param_slices)]
         self.arrays = a
         self.args = [a[n] for n in w.arguments]
         # read-only zeros for the output and final-state gradients a run does not give
@@ -212,15 +223,10 @@ class _Workspace:
         return self._steps("GH", "G", v)
 
     def _steps(self, history: str, plain: str, v: Vertex) -> np.ndarray:
-        shift = 0
-        if v.kind == "delay":
-            v, shift = v.source, v.depth
-        w = self.w
-        n = w.names[v.name]
-        if v.name in w.depth:
-            start = w.depth[v.name] - shift
-            return self.arrays[f"{history}_{n}"][start:start + self.T]
-        if plain == "V" and v.kind == "input":
+        kind, n, at = self.w.locate(v)
+        if at is not None:
+            return self.arrays[f"{history}_{n}"][at:at + self.T]
+        if plain == "V" and kind == "X":
             return self.inputs[v.name]
         return self.arrays[f"{plain}_{n}"]
 
@@ -298,34 +304,17 @@ class _Writer:
 
     def row(self, v, t: str = "t") -> str:
         """The expression of vertex (or parameter) ``v``'s row b at step t."""
-        w = self.w
         if isinstance(v, Param):
-            return f"P_{w.pnames[v.name]}"
-        if v.kind == "delay":
-            src = v.source
-            return f"H_{w.names[src.name]}[{t} + {w.depth[src.name] - v.depth}, b]"
-        n = w.names[v.name]
-        if v.name in w.depth:
-            return f"H_{n}[{t} + {w.depth[v.name]}, b]"
-        if v.kind == "input":
-            return f"X_{n}[{t}, b]"
-        if v.kind == "index":
-            return f"I_{n}[{t}, b]"
-        return f"V_{n}[{t}, b]"
+            return f"P_{self.w.pnames[v.name]}"
+        kind, n, at = self.w.locate(v)
+        return f"H_{n}[{t} + {at}, b]" if at is not None else f"{kind}_{n}[{t}, b]"
 
     def steps(self, v, grad: bool = False) -> str:
         """The expression of vertex ``v``'s values (or gradients) for all steps, ``[T, B, F]``."""
-        w = self.w
-        shift = 0
-        if v.kind == "delay":
-            v, shift = v.source, v.depth
-        n = w.names[v.name]
-        if v.name in w.depth:
-            at = w.depth[v.name] - shift
+        kind, n, at = self.w.locate(v)
+        if at is not None:
             return f"{'GH' if grad else 'H'}_{n}[{at}:{at} + T]"
-        if grad:
-            return f"G_{n}"
-        return {"input": f"X_{n}", "index": f"I_{n}"}.get(v.kind, f"V_{n}")
+        return f"G_{n}" if grad else f"{kind}_{n}"
 
     def parts(self, x) -> list[tuple]:
         """A product's input as (part, first column): a concatenation's parts, else the input whole.
@@ -346,18 +335,12 @@ class _Writer:
 
     def grow(self, v, t: str = "t") -> str | None:
         """Where vertex (or parameter) ``v``'s gradient (row b at step t) accumulates; None: nowhere."""
-        w = self.w
         if isinstance(v, Param):
-            return f"D_{w.pnames[v.name]}"
-        if v.kind == "delay":
-            src = v.source
-            return None if src.kind == "index" else f"GH_{w.names[src.name]}[{t} + {w.depth[src.name] - v.depth}, b]"
-        if v.kind == "index" or (v.kind == "op" and v.op == "one_hot"):
+            return f"D_{self.w.pnames[v.name]}"
+        kind, n, at = self.w.locate(v)
+        if kind == "I" or (v.kind == "op" and v.op == "one_hot"):
             return None
-        n = w.names[v.name]
-        if v.name in w.depth:
-            return f"GH_{n}[{t} + {w.depth[v.name]}, b]"
-        return f"G_{n}[{t}, b]"
+        return f"GH_{n}[{t} + {at}, b]" if at is not None else f"G_{n}[{t}, b]"
 
     # ---- forward
 
