@@ -120,12 +120,23 @@ def _close(a, b, tol, scale=0.0):
     return np.abs(a - b).max(initial=0) <= tol * scale
 
 
+_GRADIENTS = ("grads", "input_grads", "init_grads")
+
+
+def _largest(result, fields) -> float:
+    return max((np.abs(a).max(initial=0) for f in fields for a in getattr(result, f).values()), default=0.0)
+
+
 def assert_agree(r1, r2, tol):
+    """Every field of two runs agrees to ``tol``, each array relative to its family: gradients are
+    judged against all gradients (a parameter's exactly-zero gradient may be a cancellation of
+    terms the size of an input's gradient, and rounding leaves ~1e-17 of it), values against their field."""
     assert _close(r1.loss, r2.loss, tol), (r1.loss, r2.loss)
+    gradients = _largest(r1, _GRADIENTS)
     for field in ("grads", "input_grads", "init_grads", "final_states", "outputs", "step_losses"):
         d1, d2 = getattr(r1, field), getattr(r2, field)
         assert set(d1) == set(d2), field
-        family = max((np.abs(a).max(initial=0) for a in d1.values()), default=0.0)
+        family = gradients if field in _GRADIENTS else _largest(r1, (field,))
         for k in d1:
             assert d1[k].shape == d2[k].shape, (field, k)
             assert d1[k].dtype == d2[k].dtype, (field, k)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from unrolled import blas
 from unrolled.compiled import CompiledEngine
 from unrolled.gradcheck import small_network
 from unrolled.graph import Graph
 from unrolled.reference import run as reference_run
 
-pytest.importorskip("numba")
+numba = pytest.importorskip("numba")
+
+from unrolled.jitkernels import BLAS_NAME, matmul  # noqa: E402
 
 from helpers import embedded, make_inputs, perturbed_params  # noqa: E402
 from test_engine_agreement import assert_agree  # noqa: E402
@@ -63,9 +66,56 @@ def test_jit_loop_agrees_with_reference(name, dtype, tol):
         assert_agree(expected, got, tol)
 
 
-def test_auto_takes_numpy_for_large_steps():
+def test_auto_takes_numba_at_every_size_when_it_reaches_numpys_blas(monkeypatch):
+    """Through SciPy's BLAS (a second thread pool) large steps are faster in the NumPy loop; through
+    NumPy's own, the Numba loop wins at every size (see blas.py)."""
+    monkeypatch.setenv("UNROLLED_JIT", "1")
     eng = CompiledEngine(small_network("lstm"), jit="auto")
-    assert not eng.uses_jit(10_000)
+    assert eng.uses_jit(10_000) == (BLAS_NAME == "numpy")
+    assert eng.uses_jit(2)
+
+
+def test_the_numba_loop_fuses_elementwise_runs():
+    eng = CompiledEngine(small_network("lstm"), jit=True)
+    eng.jit_namespace()
+    assert "fused into one kernel" in eng.jit_code and "def fwd_r0(KIND, " in eng.jit_code
+
+
+@numba.njit(cache=True)
+def _product(a, b, out):
+    matmul(a, b, out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_products_in_numba_take_any_view_blas_can_read(dtype):
+    """Row-strided slices, transposed views, one row, an empty inner size, and views BLAS cannot read
+    (negative or two non-unit strides, which fall back to loops): each as ``a @ b``."""
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(9, 12)).astype(dtype)
+    W = rng.normal(size=(7, 5)).astype(dtype)
+    cases = [
+        (big[:4, 2:7], W[:5, :3]),             # rows of a wider array
+        (big[:4, :5], W.T[:, :3]),             # a transposed view
+        (big[:7, :5].T, W),                     # transposed left operand
+        (big[2:3, :7], W),                      # one row
+        (big[::-1, :7][:3], W),                 # negative row stride: loops
+        (big[::2, ::2][:3, :5], W[:5, :2]),     # no unit stride: loops
+        (big[:3, :0], W[:0, :4]),               # nothing to sum: zeros
+    ]
+    for a, b in cases:
+        out = np.full((a.shape[0], b.shape[1]), np.nan, dtype=dtype)
+        _product(a, b, out)
+        np.testing.assert_allclose(out, a @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    wide = np.full((4, 9), 7.0, dtype=dtype)  # a row-strided output: only its columns are written
+    _product(big[:4, :5], W[:5, :3], wide[:, 2:5])
+    np.testing.assert_allclose(wide[:, 2:5], big[:4, :5] @ W[:5, :3], rtol=1e-5)
+    assert (wide[:, :2] == 7).all() and (wide[:, 5:] == 7).all()
+
+
+def test_numpy_blas_is_found_for_numpys_own_openblas():
+    if "scipy-openblas" not in str(np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})):
+        pytest.skip("this NumPy does not bundle OpenBLAS")
+    assert blas.GEMM is not None and BLAS_NAME == "numpy"
 
 
 def test_jit_true_refuses_ops_it_cannot_run():

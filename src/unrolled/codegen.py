@@ -17,7 +17,7 @@ from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
 from .schedule import Plan
 
-_NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+)\b")
+_NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+|KIND)\b")
 
 
 # ------------------------------------------------------------ code writing
@@ -40,7 +40,7 @@ class _Writer:
 
     def __init__(self, graph: Graph, p: Plan, jit: bool = False, fused: bool = False):
         self.g, self.p, self.jit = graph, p, jit
-        self.fuse = fused and not jit
+        self.fuse = fused
         self.kernels = fuse.KernelText()
         self.core = p.of("core")
         self.names: dict[str, str] = {}

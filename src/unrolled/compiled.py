@@ -109,15 +109,18 @@ class CompiledEngine:
             return False
         if self.jit is True:
             return True
+        # Numba calling NumPy's own BLAS wins at every size (no interpreter between the steps, one
+        # thread pool); through SciPy's BLAS, or without BLAS, only where calls cost more than products
         widest = max((v.size for v in self.plan.of("core")), default=0)
-        return B * widest <= JIT_AUTO_LIMIT
+        return B * widest <= JIT_AUTO_LIMIT or _views_to_blas()
 
     def jit_namespace(self) -> dict:
         """The Numba-compiled loops, built on first use (compiling takes seconds; Numba caches it on disk)."""
         if self._jit_namespace is None:
-            writer = self._jit_writer = _Writer(self.graph, self.plan, jit=True)
+            writer = self._jit_writer = _Writer(self.graph, self.plan, jit=True, fused=fuse.available())
             fwd, bwd = writer.sources()
-            self.jit_code = _header(writer) + _with_arguments(fwd) + "\n" + _with_arguments(bwd)
+            kernels = writer.kernels.generic() + "\n" if writer.kernels.functions else ""
+            self.jit_code = _header(writer) + kernels + _with_arguments(fwd) + "\n" + _with_arguments(bwd)
             self._jit_namespace = _load_jit_loops(self.jit_code)
         return self._jit_namespace
 
@@ -236,6 +239,13 @@ def _whole_run(graph: Graph, jit, whole):
                          env_refuses=("0", "fuse")):
         return None
     return wholestep.WholeRun(graph)
+
+
+def _views_to_blas() -> bool:
+    """Whether the Numba loops' products reach NumPy's BLAS, which takes strided and transposed views."""
+    from .jitkernels import BLAS_NAME
+
+    return BLAS_NAME == "numpy"
 
 
 def _jit_available(jit, p: Plan) -> bool:
@@ -363,6 +373,7 @@ class _RunState:
         bind = {f"P_{w.pnames[k]}": self.params[k] for k in self.g.params}
         self.pre_products: list[tuple[Vertex, _Split]] = []  # (vertex, split) whose Y each chunk fills
         suffix = "f32" if self.dtype == np.float32 else "f64"
+        bind["KIND"] = np.float32 if self.dtype == np.float32 else np.float64  # the Numba loop's kernels' precision
         for name in w.kernels.names():  # fused kernels come in the run's precision
             bind[name] = self.eng._namespace[f"{name}_{suffix}"]
         for v in p.of("core"):
@@ -379,7 +390,7 @@ class _RunState:
             if v.name in p.split:
                 s = p.split[v.name]
                 W = self.params[s.W]
-                if self.use_jit:  # Numba reaches BLAS only with C-contiguous operands
+                if self.use_jit and not _views_to_blas():  # SciPy's BLAS takes only C-contiguous operands
                     Wc = _columns(W, s.core_cols)
                     bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, np.ascontiguousarray(Wc.T)
                 else:  # NumPy hands row-strided and transposed views to BLAS as they are: no copies

@@ -105,6 +105,11 @@ class KernelText:
                 out.append("@_jit\n" + f.replace(f"def {name}(", f"def {name}_{suffix}(").replace("KIND(", kind + "("))
         return head + "\n\n".join(out) + "\n"
 
+    def generic(self) -> str:
+        """The kernels for a Numba loop, which passes the precision as their first argument, ``KIND``."""
+        head = "from unrolled.jitkernels import _tanh1, _jit as _kernel\n\n"
+        return head + "\n\n".join("@_kernel\n" + f.replace("(", "(KIND, ", 1) for f in self.functions) + "\n"
+
     def names(self) -> list[str]:
         return [f.split("(")[0][4:] for f in self.functions]
 
@@ -149,7 +154,7 @@ def emit_forward(writer, region: Region, kernels: KernelText, c) -> None:
     for v in region.vertices:
         c(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
     c(f"# ... fused into one kernel, fwd_r{region.index} (engine.kernel_code):")
-    c(f"{fn}({', '.join(ops.exprs)})")
+    c(f"{fn}({', '.join(_kind(writer) + ops.exprs)})")
 
 
 def _forward_formula(v: Vertex, a: list[str], K: str) -> str:
@@ -171,6 +176,12 @@ def _forward_formula(v: Vertex, a: list[str], K: str) -> str:
     if op == "relu":
         return f"max({a[0]}, {K}(0.0))"
     return a[0]  # identity
+
+
+def _kind(writer) -> list[str]:
+    """A Numba loop passes its precision (``np.float32`` or ``np.float64``) to the kernels it calls;
+    the NumPy loop calls the kernel compiled for it, named by precision."""
+    return ["KIND"] if writer.jit else []
 
 
 def ops_params(ops: _Operands) -> list[str]:
@@ -236,7 +247,7 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
     fn = f"bwd_r{region.index}"
     kernels.add(fn, ops_params(ops), [body], rows, region.size)
     c(f"# d {', '.join(v.name for v in reversed(region.vertices))}: fused into one kernel, bwd_r{region.index}")
-    c(f"{fn}({', '.join(ops.exprs)})")
+    c(f"{fn}({', '.join(_kind(writer) + ops.exprs)})")
 
 
 def sliced(v: Vertex):

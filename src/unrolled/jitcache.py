@@ -31,7 +31,10 @@ def _load_module(text: str, prefix: str) -> dict:
 
 def _load_jit_loops(source: str) -> dict:
     """The generated loops, compiled by Numba, each wrapped to take its buffers from a dict."""
-    module = _load_module("import numba\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n\n" + source, "loops")
+    from .jitkernels import BLAS_NAME
+
+    head = f"import numba\nimport numpy as np\nfrom unrolled.jitkernels import *  # noqa: F401,F403  (products: {BLAS_NAME} BLAS)\n\n"
+    module = _load_module(head + source, "loops")
     ns = {}
     for fn in ("forward_loop", "backward_loop"):
         compiled = module[fn]

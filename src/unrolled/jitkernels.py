@@ -168,18 +168,81 @@ except ImportError:  # pragma: no cover - depends on the installation
     HAVE_BLAS = False
 
 
+def _gemm_functions():
+    """NumPy's own ``cblas_?gemm`` as Numba external functions (see blas.py), or ``None``.
+
+    They are called by symbol name, registered here with the JIT linker, so
+    loops that call them can still be cached on disk: the address changes from
+    process to process, the name does not."""
+    from . import blas
+
+    if blas.GEMM is None:
+        return None
+    import ctypes
+
+    import llvmlite.binding as llvm
+
+    out = []
+    for fn, real in zip(blas.GEMM, (types.float32, types.float64)):
+        integer = types.int64 if fn.argtypes[3] is ctypes.c_int64 else types.int32
+        name = f"unrolled_{fn.__name__}"
+        llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
+        p = types.uintp  # an address, passed as the C pointer it is
+        out.append(types.ExternalFunction(name, types.void(
+            types.int32, types.int32, types.int32, integer, integer, integer, real,
+            p, integer, p, integer, real, p, integer)))
+    return tuple(out)
+
+
+_GEMM = _gemm_functions()
+BLAS_NAME = "numpy" if _GEMM is not None else ("scipy" if HAVE_BLAS else "loops")  # part of generated loops' text
+
+
 def matmul(a, b, out):  # pragma: no cover - replaced by the overload in jitted code
     raise NotImplementedError
 
 
 @overload(matmul)
 def _matmul_overload(a, b, out):
-    """``out = a @ b``: BLAS when every operand is contiguous (and SciPy is there), else loops."""
+    """``out = a @ b``: NumPy's BLAS for any operands with one unit stride (transposed views
+    too); else SciPy's BLAS when every operand is contiguous; else loops."""
+    if _GEMM is not None and a.dtype == b.dtype == out.dtype and a.dtype in (types.float32, types.float64):
+        single = a.dtype == types.float32
+        gemm = _GEMM[0] if single else _GEMM[1]
+        one, zero = (np.float32(1), np.float32(0)) if single else (np.float64(1), np.float64(0))
+
+        def impl(a, b, out):
+            M, K = a.shape
+            N = b.shape[1]
+            ta, lda = _lead(a)
+            tb, ldb = _lead(b)
+            to, ldo = _lead(out)
+            if M == 0 or N == 0:
+                return
+            if K == 0:
+                out[...] = 0
+            elif ta == 0 or tb == 0 or to != 111:
+                _matmul_loops(a, b, out)
+            else:
+                gemm(101, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, zero, out.ctypes.data, ldo)
+        return impl
     if HAVE_BLAS and a.layout == "C" and b.layout == "C" and out.layout == "C":
         def impl(a, b, out):
             np.dot(a, b, out)
         return impl
     return lambda a, b, out: _matmul_loops(a, b, out)
+
+
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _lead(x):
+    """(CBLAS transpose flag, leading dimension) of a 2-D view for a row-major call, or (0, 0)."""
+    rows, cols = x.shape
+    s0, s1 = x.strides[0] // x.itemsize, x.strides[1] // x.itemsize
+    if (s1 == 1 or cols == 1) and (rows == 1 or s0 >= cols):
+        return 111, max(s0 if rows > 1 else cols, 1)
+    if (s0 == 1 or rows == 1) and (cols == 1 or s1 >= rows):
+        return 112, max(s1 if cols > 1 else rows, 1)
+    return 0, 0
 
 
 @numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")

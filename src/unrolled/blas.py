@@ -1,0 +1,78 @@
+"""NumPy's own BLAS, reachable from Numba-compiled loops.
+
+Numba's ``np.dot`` reaches BLAS through SciPy, which bundles an OpenBLAS of
+its own. Two OpenBLAS libraries in one process mean two pools of threads,
+and each pool's threads spin for a while after every product: a step loop
+whose per-step products go to SciPy's pool while the weight products go to
+NumPy's spends its time with the two pools fighting over the two cores (the
+LSTM loop of the character model ran 4-5x slower so). Calling the very
+``cblas_?gemm`` that ``numpy.matmul`` calls keeps one pool.
+
+NumPy's wheels bundle OpenBLAS with its symbols renamed
+(``scipy_cblas_sgemm64_``: 64-bit integers); other builds export the plain
+``cblas_sgemm``. When neither is found (an MKL or Accelerate NumPy, a
+platform without ``/proc``), :data:`GEMM` is ``None`` and the loops keep
+their other paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+def _candidates() -> list[str]:
+    """Shared libraries that may hold NumPy's BLAS: its bundled ones, then those already loaded."""
+    here = os.path.dirname(np.__file__)
+    found = sorted(glob.glob(os.path.join(here, os.pardir, "numpy.libs", "*blas*")))
+    found += sorted(glob.glob(os.path.join(here, ".dylibs", "*blas*")))
+    try:
+        with open("/proc/self/maps") as maps:
+            found += sorted({line.split()[-1] for line in maps if "blas" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        pass
+    return found
+
+
+def _find(kind: str):
+    """``(function, int type)`` for ``cblas_{kind}gemm`` of NumPy's BLAS, or ``None``."""
+    for path in _candidates():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol, integer in ((f"scipy_cblas_{kind}gemm64_", ctypes.c_int64), (f"cblas_{kind}gemm64_", ctypes.c_int64),
+                                (f"cblas_{kind}gemm", ctypes.c_int)):
+            fn = getattr(lib, symbol, None)
+            if fn is None:
+                continue
+            real = ctypes.c_float if kind == "s" else ctypes.c_double
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, real,
+                           ctypes.c_void_p, integer, ctypes.c_void_p, integer, real, ctypes.c_void_p, integer]
+            return fn
+    return None
+
+
+def _checked(fn, dtype):
+    """``fn`` if it computes a small product right (a wrong symbol guess must not go unnoticed), else None."""
+    if fn is None:
+        return None
+    a = np.arange(6, dtype=dtype).reshape(2, 3)
+    b = np.arange(12, dtype=dtype).reshape(3, 4)
+    out = np.zeros((2, 4), dtype=dtype)
+    try:
+        fn(ROW_MAJOR, NO_TRANS, NO_TRANS, 2, 4, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 4, 0.0, out.ctypes.data, 4)
+    except Exception:  # pragma: no cover - a foreign library
+        return None
+    return fn if np.array_equal(out, a @ b) else None
+
+
+SGEMM = _checked(_find("s"), np.float32) if os.environ.get("UNROLLED_NUMPY_BLAS", "1") != "0" else None
+DGEMM = _checked(_find("d"), np.float64) if SGEMM is not None else None
+GEMM = (SGEMM, DGEMM) if SGEMM is not None and DGEMM is not None else None
