@@ -19,7 +19,7 @@ from unrolled.reference import run as reference_run
 
 numba = pytest.importorskip("numba")
 
-from unrolled.jitkernels import BLAS_NAME, matmul  # noqa: E402
+from unrolled.jitkernels import BLAS_NAME, _exp1, matmul  # noqa: E402
 
 from helpers import embedded, make_inputs, perturbed_params  # noqa: E402
 from test_engine_agreement import assert_agree  # noqa: E402
@@ -161,3 +161,25 @@ def test_one_hot_rows_are_picked_and_scattered(jit, chunk, monkeypatch):
         eng = CompiledEngine(g, jit=True if jit is True else "auto", chunk_steps=chunk)
         assert "add_rows(" in eng.code
         assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), tol)
+
+
+@numba.njit(cache=True)
+def _exp_each(x, out):
+    for i in range(x.shape[0]):
+        out[i] = _exp1(x[i])
+
+
+def test_float32_exp_is_within_two_ulp_and_float64_is_the_c_librarys():
+    x = np.concatenate([np.linspace(-87, 88, 400_001), [0.0, -1e-30, 1e-30, -0.5, 0.5]]).astype(np.float32)
+    got = np.empty_like(x)
+    _exp_each(x, got)
+    exact = np.exp(x.astype(np.float64))
+    assert (np.abs(got - exact) / exact).max() < 2 * 2.0**-24
+    far = np.array([-88.0, -100.0, -np.inf], dtype=np.float32)  # clamped: e**-87, still a usable tiny weight
+    low = np.empty_like(far)
+    _exp_each(far, low)
+    assert (low > 0).all() and (low < 2e-38).all()
+    x64 = np.linspace(-700, 700, 10_001)
+    got64 = np.empty_like(x64)
+    _exp_each(x64, got64)
+    np.testing.assert_allclose(got64, np.exp(x64), rtol=4e-16)  # NumPy's SIMD exp may differ by an ulp
