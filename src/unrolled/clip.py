@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from .optim import _kernels
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -33,11 +35,9 @@ def _limit(what: str, value) -> float:
 def clip_by_value(grads: Arrays, limit: float) -> None:
     """Clamp every gradient element to ``[-limit, limit]``, in place."""
     limit = _limit("clip value limit", limit)
-    from .optim import _kernels  # Numba's one pass, when it may run: np.clip's calls cost more on small arrays
-
-    kernels = _kernels()
+    kernels = _kernels()  # Numba's one pass, when it may run: np.clip's calls cost more on small arrays
     for g in grads.values():
-        if kernels and g.dtype.kind == "f" and kernels.fits(g):
+        if kernels and g.dtype.kind == "f" and g.flags.c_contiguous:
             kernels.clip(g, g.dtype.type(limit))
         else:
             np.clip(g, -limit, limit, out=g)
@@ -47,9 +47,7 @@ def global_norm(grads: Arrays) -> float:
     """The L2 norm of all gradients taken together, as if concatenated into
     one vector; inf or NaN if any element is."""
     norms = []
-    from .optim import _kernels  # Numba's one pass for float32, when it may run
-
-    kernels = _kernels()
+    kernels = _kernels()  # Numba's one pass for float32, when it may run
     for g in grads.values():
         g = np.asarray(g)
         if g.size == 0:

@@ -70,15 +70,20 @@ class Optimizer:
         names, same shapes). ``lr`` overrides the default learning rate for
         this step only. ``grads`` is not modified."""
         lr = self.lr if lr is None else _number(self.name, "lr", lr)
-        self._check_names(params, grads)
+        if params.keys() != grads.keys():
+            self._check_names(params, grads)
         # Check everything before touching anything: a bad array must not
         # leave half of the parameters updated.
         work = [(name, p, self._checked_grad(name, p, grads[name])) for name, p in params.items()]
+        steps = self._steps
         for name, p, g in work:
-            self._steps[name] = self._steps.get(name, 0) + 1
-            self._update(name, p, g, lr, self._steps[name])
+            steps[name] = step = steps.get(name, 0) + 1
+            self._update(name, p, g, lr, step)
 
     def _checked_grad(self, name: str, p, g) -> np.ndarray:
+        if type(g) is np.ndarray and type(p) is np.ndarray and g.dtype is p.dtype and g.shape == p.shape \
+                and p.dtype.kind == "f" and not self._stale_state(name, p):
+            return g  # the usual case, checked in one line (W1 steps four parameters 25k times a minute)
         if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
             kind = p.dtype if isinstance(p, np.ndarray) else type(p).__name__
             raise ValueError(f"parameter '{name}' is {kind}; optimizers update floating-point NumPy arrays in place")
@@ -105,6 +110,14 @@ class Optimizer:
         extra = [n for n in grads if n not in params]
         if extra:
             raise ValueError(f"gradient '{extra[0]}' has no parameter of that name; parameters: {', '.join(sorted(params))}")
+
+    def _stale_state(self, name: str, p: np.ndarray) -> bool:
+        """Whether a state array of ``name`` does not fit ``p`` (``_check_state_shapes`` says how)."""
+        for table in self._state.values():
+            s = table.get(name)
+            if s is not None and (s.shape != p.shape or s.dtype is not p.dtype):
+                return True
+        return False
 
     def _check_state_shapes(self, name: str, p: np.ndarray) -> None:
         for slot, table in self._state.items():
