@@ -81,6 +81,17 @@ def test_the_numba_loop_fuses_elementwise_runs():
     assert "fused into one kernel" in eng.jit_code and "def fwd_r0(KIND, " in eng.jit_code
 
 
+def test_a_stack_shows_each_layers_numba_loops():
+    from unrolled import cells
+
+    g = Graph("stack")
+    h = cells.stack(g, "lstm", g.input("x", 3), 4, 2)
+    g.loss("mse", g.matmul(g.param("V", (2, 4)), h, name="y"), g.input("goal", 2))
+    eng = CompiledEngine(g, jit=True)
+    assert len(eng.stages) == 2
+    assert eng.jit_code.count("def forward_loop(") == 2 and eng.jit_code.count("def backward_loop(") == 2
+
+
 @numba.njit(cache=True)
 def _product(a, b, out):
     matmul(a, b, out)

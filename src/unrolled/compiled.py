@@ -92,6 +92,7 @@ class CompiledEngine:
             self.kernel_code = self._writer.kernels.module()
             self._namespace.update(_load_module(self.kernel_code, "fused"))
         self._jit_namespace: dict | None = None
+        self._jit_code: str | None = None
         self._buffers: dict = {}
         self.picked_only = _picked_only(graph, self.plan, self._writer.skip)
 
@@ -114,13 +115,21 @@ class CompiledEngine:
         widest = max((v.size for v in self.plan.of("core")), default=0)
         return B * widest <= JIT_AUTO_LIMIT or _views_to_blas()
 
-    def jit_namespace(self) -> dict:
-        """The Numba-compiled loops, built on first use (compiling takes seconds; Numba caches it on disk)."""
-        if self._jit_namespace is None:
+    @property
+    def jit_code(self) -> str:
+        """The step loops as Numba compiles them (``code`` is the same loops in plain NumPy)."""
+        if self.stages:
+            return "\n".join(eng.jit_code for _, eng in self.stages)
+        if self._jit_code is None:
             writer = self._jit_writer = _Writer(self.graph, self.plan, jit=True, fused=fuse.available())
             fwd, bwd = writer.sources()
             kernels = writer.kernels.generic() + "\n" if writer.kernels.functions else ""
-            self.jit_code = _header(writer) + kernels + _with_arguments(fwd) + "\n" + _with_arguments(bwd)
+            self._jit_code = _header(writer) + kernels + _with_arguments(fwd) + "\n" + _with_arguments(bwd)
+        return self._jit_code
+
+    def jit_namespace(self) -> dict:
+        """The Numba-compiled loops, built on first use (compiling takes seconds; Numba caches it on disk)."""
+        if self._jit_namespace is None:
             self._jit_namespace = _load_jit_loops(self.jit_code)
         return self._jit_namespace
 
