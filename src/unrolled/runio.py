@@ -62,6 +62,9 @@ class Feeds:
     given_init: frozenset = frozenset()  # states whose initial value the caller passed
 
 
+_UNSIGNED = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}  # a view's dtype from a string is parsed every call
+
+
 def run_dtype(params: dict[str, np.ndarray], graph: Graph) -> np.dtype:
     missing = [p for p in graph.params if p not in params]
     if missing:
@@ -108,9 +111,9 @@ def prepare(
         if v.name not in inputs:
             raise ValueError(f"input '{v.name}' was not given: pass inputs={{'{v.name}': array}}")
         a = np.asarray(inputs[v.name])
-        want = "[T, B]" if v.kind == "index" else f"[T, B, {v.size}]"
         ndim = 2 if v.kind == "index" else 3
         if a.ndim != ndim or (v.kind == "input" and a.shape[2] != v.size):
+            want = "[T, B]" if v.kind == "index" else f"[T, B, {v.size}]"
             raise ValueError(f"input '{v.name}' has shape {list(a.shape)}; it must be {want}")
         T = a.shape[0] if T is None else T
         B = a.shape[1] if B is None else B
@@ -120,7 +123,7 @@ def prepare(
             if a.dtype.kind not in "iu":  # integers (np.issubdtype costs more than the rest of the check)
                 raise ValueError(f"index input '{v.name}' holds {a.dtype}; it must hold integers")
             # one pass: as unsigned, a negative index is huge, so the maximum catches both ends
-            if a.size and int(a.view(f"u{a.itemsize}").max()) >= v.size:
+            if a.size and int(a.view(_UNSIGNED[a.itemsize]).max()) >= v.size:
                 bad = int(a.min()) if a.min() < 0 else int(a.max())
                 raise ValueError(f"index input '{v.name}' holds {bad}, outside 0..{v.size - 1}")
             out_inputs[v.name] = a.astype(np.int64, copy=False)
