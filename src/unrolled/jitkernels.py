@@ -1,10 +1,12 @@
 """Numba versions of the NumPy calls the compiled engine's step loops make.
 
-When a step's arrays are small (a batch of one, a hundred units), NumPy's
-cost is the call, not the arithmetic: a dozen calls a step, a microsecond
-each. With Numba installed, the compiled engine hands its generated loops
-to ``numba.njit`` instead, and these kernels stand in for the ufuncs under
-the same names and argument order, so one generated text serves both.
+With Numba installed, the compiled engine hands its generated loops to
+``numba.njit`` (no interpreter between steps: when a step's arrays are
+small, NumPy's cost is the call, a dozen calls a step at a microsecond
+each), and these kernels stand in for the ufuncs under the same names and
+argument order, so one generated text serves both. Products go to NumPy's
+own BLAS when it can be found (see blas.py), which takes transposed and
+row-strided views as they are.
 
 Operands broadcast the way the loops need: a ``[B, F]`` array, a parameter
 vector ``[F]`` (shared by every row) or a Python number.
