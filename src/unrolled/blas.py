@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enum values (the Numba loops pass them too)
 
 
 def _candidates() -> list[str]:
@@ -40,7 +40,8 @@ def _candidates() -> list[str]:
 
 
 def _find(kind: str):
-    """``(function, int type)`` for ``cblas_{kind}gemm`` of NumPy's BLAS, or ``None``."""
+    """``cblas_{kind}gemm`` of NumPy's BLAS as a ctypes function (its integer width in its
+    ``argtypes``), or ``None``."""
     for path in _candidates():
         try:
             lib = ctypes.CDLL(path)

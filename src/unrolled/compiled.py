@@ -31,6 +31,7 @@ the tests hold the two to 1e-10 in float64 on random cyclic graphs.
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 
@@ -254,6 +255,7 @@ def _whole_run(graph: Graph, jit, whole):
     return wholestep.WholeRun(graph)
 
 
+@functools.cache  # asked on every run; the answer is fixed at import (and importing Numba is deferred)
 def _views_to_blas() -> bool:
     """Whether the Numba loops' products reach NumPy's BLAS, which takes strided and transposed views."""
     from .jitkernels import BLAS_NAME

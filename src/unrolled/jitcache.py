@@ -8,6 +8,7 @@ else the temporary folder, and imported from there.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -30,24 +31,20 @@ def _load_module(text: str, prefix: str) -> dict:
     return {k: v for k, v in vars(module).items() if not k.startswith("_")}
 
 
-_FINGERPRINT: list[str] = []
-
-
+@functools.cache
 def _kernels_fingerprint() -> str:
     """A hash of the kernel modules that generated code calls. Numba's disk cache checks only the
     generated file itself, not the kernels compiled into it: a changed kernel (a new version of
     unrolled) must give the generated text, hence its file, a new name, or the old machine code runs."""
-    if not _FINGERPRINT:
-        import hashlib
-        from pathlib import Path
+    import hashlib
+    from pathlib import Path
 
-        here = Path(__file__).parent
-        h = hashlib.sha256()
-        for name in ("jitkernels.py", "rowkernels.py", "blas.py", "optim_kernels.py", "generate_kernels.py"):
-            path = here / name
-            h.update(path.read_bytes() if path.exists() else name.encode())
-        _FINGERPRINT.append(h.hexdigest()[:16])
-    return _FINGERPRINT[0]
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("jitkernels.py", "rowkernels.py", "blas.py", "optim_kernels.py", "generate_kernels.py"):
+        path = here / name
+        h.update(path.read_bytes() if path.exists() else name.encode())
+    return h.hexdigest()[:16]
 
 
 def _load_jit_loops(source: str) -> dict:

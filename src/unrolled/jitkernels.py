@@ -22,6 +22,8 @@ from numba import types
 from llvmlite import ir
 from numba.extending import intrinsic, overload
 
+from .blas import NO_TRANS, ROW_MAJOR, TRANS
+
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})  # FMA: faster, no less exact
 
 
@@ -261,10 +263,10 @@ def _matmul_overload(a, b, out):
                 return
             if K == 0:
                 out[...] = 0
-            elif ta == 0 or tb == 0 or to != 111:
+            elif ta == 0 or tb == 0 or to != NO_TRANS:
                 _matmul_loops(a, b, out)
             else:
-                gemm(101, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, zero, out.ctypes.data, ldo)
+                gemm(ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, zero, out.ctypes.data, ldo)
         return impl
     if HAVE_BLAS and a.layout == "C" and b.layout == "C" and out.layout == "C":
         def impl(a, b, out):
@@ -279,9 +281,9 @@ def _lead(x):
     rows, cols = x.shape
     s0, s1 = x.strides[0] // x.itemsize, x.strides[1] // x.itemsize
     if (s1 == 1 or cols == 1) and (rows == 1 or s0 >= cols):
-        return 111, max(s0 if rows > 1 else cols, 1)
+        return NO_TRANS, max(s0 if rows > 1 else cols, 1)
     if (s0 == 1 or rows == 1) and (cols == 1 or s1 >= rows):
-        return 112, max(s1 if cols > 1 else rows, 1)
+        return TRANS, max(s1 if cols > 1 else rows, 1)
     return 0, 0
 
 
