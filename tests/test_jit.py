@@ -96,35 +96,38 @@ def test_a_stack_shows_each_layers_numba_loops():
     assert eng.jit_code.count("def forward_loop(") == 2 and eng.jit_code.count("def backward_loop(") == 2
 
 
-@numba.njit(cache=True)
+@numba.njit  # not cached: its machine code calls whichever BLAS this process has (see jitkernels.matmul)
 def _product(a, b, out):
     matmul(a, b, out)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_products_in_numba_take_any_view_blas_can_read(dtype):
+@pytest.mark.parametrize("scale", [1, 20])
+def test_products_in_numba_take_any_view_blas_can_read(dtype, scale):
     """Row-strided slices, transposed views, one row, an empty inner size, and views BLAS cannot read
-    (negative or two non-unit strides, which fall back to loops): each as ``a @ b``."""
+    (negative or two non-unit strides, which fall back to loops): each as ``a @ b``. At scale 10
+    the float32 products are large enough for oneDNN, when it is installed."""
     rng = np.random.default_rng(0)
-    big = rng.normal(size=(9, 12)).astype(dtype)
-    W = rng.normal(size=(7, 5)).astype(dtype)
+    k = scale
+    big = rng.normal(size=(9 * k, 12 * k)).astype(dtype)
+    W = rng.normal(size=(7 * k, 5 * k)).astype(dtype)
     cases = [
-        (big[:4, 2:7], W[:5, :3]),             # rows of a wider array
-        (big[:4, :5], W.T[:, :3]),             # a transposed view
-        (big[:7, :5].T, W),                     # transposed left operand
-        (big[2:3, :7], W),                      # one row
-        (big[::-1, :7][:3], W),                 # negative row stride: loops
-        (big[::2, ::2][:3, :5], W[:5, :2]),     # no unit stride: loops
-        (big[:3, :0], W[:0, :4]),               # nothing to sum: zeros
+        (big[:4 * k, 2 * k:7 * k], W[:5 * k, :3 * k]),   # rows of a wider array
+        (big[:4 * k, :5 * k], W.T[:, :3 * k]),           # a transposed view
+        (big[:7 * k, :5 * k].T, W),                       # transposed left operand
+        (big[2:3, :7 * k], W),                            # one row
+        (big[::-1, :7 * k][:3 * k], W),                   # negative row stride: loops
+        (big[::2, ::2][:3 * k, :5 * k], W[:5 * k, :2 * k]),  # no unit stride: loops
+        (big[:3 * k, :0], W[:0, :4 * k]),                 # nothing to sum: zeros
     ]
     for a, b in cases:
         out = np.full((a.shape[0], b.shape[1]), np.nan, dtype=dtype)
         _product(a, b, out)
-        np.testing.assert_allclose(out, a @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
-    wide = np.full((4, 9), 7.0, dtype=dtype)  # a row-strided output: only its columns are written
-    _product(big[:4, :5], W[:5, :3], wide[:, 2:5])
-    np.testing.assert_allclose(wide[:, 2:5], big[:4, :5] @ W[:5, :3], rtol=1e-5)
-    assert (wide[:, :2] == 7).all() and (wide[:, 5:] == 7).all()
+        np.testing.assert_allclose(out, a @ b, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-4)
+    wide = np.full((4 * k, 9 * k), 7.0, dtype=dtype)  # a row-strided output: only its columns are written
+    _product(big[:4 * k, :5 * k], W[:5 * k, :3 * k], wide[:, 2 * k:5 * k])
+    np.testing.assert_allclose(wide[:, 2 * k:5 * k], big[:4 * k, :5 * k] @ W[:5 * k, :3 * k], rtol=1e-4, atol=1e-4)
+    assert (wide[:, :2 * k] == 7).all() and (wide[:, 5 * k:] == 7).all()
 
 
 def test_numpy_blas_is_found_for_numpys_own_openblas():

@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from . import onednn
+
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enum values (the Numba loops pass them too)
 
 
@@ -77,3 +79,50 @@ def _checked(fn, dtype):
 SGEMM = _checked(_find("s"), np.float32) if os.environ.get("UNROLLED_NUMPY_BLAS", "1") != "0" else None
 DGEMM = _checked(_find("d"), np.float64) if SGEMM is not None else None
 GEMM = (SGEMM, DGEMM) if SGEMM is not None and DGEMM is not None else None
+
+
+def product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+    """``a @ b`` (into ``out``, or added to it with ``accumulate``): the whole-sequence products.
+
+    Large float32 products of 2-D operands go to oneDNN when it is installed
+    (see onednn.py), transposed and row-strided views passed as they are, so
+    that the per-step products and the weight products share one thread pool
+    and one kind of kernel; everything else goes to NumPy."""
+    sgemm = onednn.SGEMM
+    if (sgemm is not None and a.dtype == b.dtype == np.float32 and a.ndim == b.ndim == 2
+            and a.shape[1] == b.shape[0] and a.shape[0] * a.shape[1] * b.shape[1] >= onednn.SMALL
+            and (out is None or (out.dtype == np.float32 and out.shape == (a.shape[0], b.shape[1])))):
+        ta, lda = _lead(a)
+        tb, ldb = _lead(b)
+        if out is None:
+            out, accumulate = np.empty((a.shape[0], b.shape[1]), dtype=np.float32), False
+        to, ldo = _lead(out)
+        if ta and tb and to == NO_TRANS:
+            M, K = a.shape
+            sgemm(_FLAG[ta], _FLAG[tb], M, b.shape[1], K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
+                  1.0 if accumulate else 0.0, out.ctypes.data, ldo)
+            return out
+    if out is None:
+        return a @ b
+    if accumulate:
+        out += a @ b
+    else:
+        np.matmul(a, b, out=out)
+    return out
+
+
+_FLAG = {NO_TRANS: b"N", TRANS: b"T"}
+
+
+def _lead(x: np.ndarray) -> tuple[int, int]:
+    """(CBLAS transpose flag, leading dimension) of a 2-D view for a row-major call, or (0, 0).
+
+    The same rule as the Numba loops' ``jitkernels._lead``: a view whose rows (or, transposed,
+    columns) are unit-stride runs spaced at least their length apart is a BLAS operand as it is."""
+    rows, cols = x.shape
+    s0, s1 = x.strides[0] // x.itemsize, x.strides[1] // x.itemsize
+    if (s1 == 1 or cols == 1) and (rows == 1 or s0 >= cols):
+        return NO_TRANS, max(s0 if rows > 1 else cols, 1)
+    if (s0 == 1 or rows == 1) and (cols == 1 or s1 >= rows):
+        return TRANS, max(s1 if cols > 1 else rows, 1)
+    return 0, 0

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - the NumPy versions above serve
     numba = None
 
 if numba is not None:
-    from .jitkernels import _at, add, matmul
+    from .jitkernels import _at, add, matmul_blas
 
     _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
@@ -134,7 +134,7 @@ if numba is not None:
     def matmul_rows(x, W, out):
         """``out = x @ W``: the loop above for a few rows, BLAS (when there) for more."""
         if x.shape[0] > LOOP_ROWS:
-            matmul(x, W, out)
+            matmul_blas(x, W, out)
             return
         out[...] = 0
         _accumulate_product(x, W, out)
@@ -143,7 +143,7 @@ if numba is not None:
     def linear_rows(x, W, bias, out):
         """``out = x @ W + bias``, the bias written first so that the product adds onto it."""
         if x.shape[0] > LOOP_ROWS:
-            matmul(x, W, out)
+            matmul_blas(x, W, out)
             add(out, bias, out)
             return
         for i in range(out.shape[0]):

@@ -17,7 +17,9 @@ def _load_module(text: str, prefix: str) -> dict:
     import hashlib
     import importlib.util
 
-    text = f"# unrolled kernels {_kernels_fingerprint()}\n" + text
+    from .jitkernels import PRODUCTS
+
+    text = f"# unrolled kernels {_kernels_fingerprint()}, products: {PRODUCTS}\n" + text
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
     path = _cache_folder() / f"{prefix}_{digest}.py"
     if not path.exists():
@@ -41,7 +43,7 @@ def _kernels_fingerprint() -> str:
 
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("jitkernels.py", "rowkernels.py", "blas.py", "optim_kernels.py", "generate_kernels.py"):
+    for name in ("jitkernels.py", "rowkernels.py", "blas.py", "onednn.py", "optim_kernels.py", "generate_kernels.py"):
         path = here / name
         h.update(path.read_bytes() if path.exists() else name.encode())
     return h.hexdigest()[:16]
@@ -49,9 +51,7 @@ def _kernels_fingerprint() -> str:
 
 def _load_jit_loops(source: str) -> dict:
     """The generated loops, compiled by Numba, each wrapped to take its buffers from a dict."""
-    from .jitkernels import BLAS_NAME
-
-    head = f"import numba\nimport numpy as np\nfrom unrolled.jitkernels import *  # noqa: F401,F403  (products: {BLAS_NAME} BLAS)\n\n"
+    head = "import numba\nimport numpy as np\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n\n"
     module = _load_module(head + source, "loops")
     ns = {}
     for fn in ("forward_loop", "backward_loop"):

@@ -23,6 +23,9 @@ from llvmlite import ir
 from numba.extending import intrinsic, overload
 
 from .blas import NO_TRANS, ROW_MAJOR, TRANS
+from .onednn import NO as ONEDNN_NO
+from .onednn import SMALL as ONEDNN_SMALL
+from .onednn import YES as ONEDNN_YES
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})  # FMA: faster, no less exact
 
@@ -237,17 +240,67 @@ def _gemm_functions():
 
 
 _GEMM = _gemm_functions()
-BLAS_NAME = "numpy" if _GEMM is not None else ("scipy" if HAVE_BLAS else "loops")  # part of generated loops' text
+BLAS_NAME = "numpy" if _GEMM is not None else ("scipy" if HAVE_BLAS else "loops")
+
+
+def _onednn_function():
+    """oneDNN's ``dnnl_sgemm`` as a Numba external function (see onednn.py), or ``None``;
+    registered by name like the BLAS above."""
+    from . import onednn
+
+    if onednn.SGEMM is None:
+        return None
+    import ctypes
+
+    import llvmlite.binding as llvm
+
+    llvm.add_symbol("unrolled_dnnl_sgemm", ctypes.cast(onednn.SGEMM, ctypes.c_void_p).value)
+    p, dim = types.uintp, types.int64
+    return types.ExternalFunction("unrolled_dnnl_sgemm", types.int32(
+        types.int8, types.int8, dim, dim, dim, types.float32, p, dim, p, dim, types.float32, p, dim))
+
+
+_SGEMM_ONEDNN = _onednn_function()
+PRODUCTS = BLAS_NAME + (" BLAS, oneDNN sgemm" if _SGEMM_ONEDNN is not None else " BLAS")  # part of generated loops' text
 
 
 def matmul(a, b, out):  # pragma: no cover - replaced by the overload in jitted code
+    """``out = a @ b`` in generated loops: oneDNN for large float32 products when installed, else as
+    :func:`matmul_blas`. Generated text names :data:`PRODUCTS`, so that its cached machine code,
+    which calls oneDNN by name, is never loaded where oneDNN is off; library code calls
+    :func:`matmul_blas`, whose cache has no such key."""
+    raise NotImplementedError
+
+
+def matmul_blas(a, b, out):  # pragma: no cover - replaced by the overload in jitted code
+    """``out = a @ b``: NumPy's BLAS for any operands with one unit stride (transposed views
+    too); else SciPy's BLAS when every operand is contiguous; else loops."""
     raise NotImplementedError
 
 
 @overload(matmul)
 def _matmul_overload(a, b, out):
-    """``out = a @ b``: NumPy's BLAS for any operands with one unit stride (transposed views
-    too); else SciPy's BLAS when every operand is contiguous; else loops."""
+    if _SGEMM_ONEDNN is not None and a.dtype == b.dtype == out.dtype == types.float32:
+        big = _SGEMM_ONEDNN
+        one, zero = np.float32(1), np.float32(0)
+
+        def impl(a, b, out):
+            M, K = a.shape
+            N = b.shape[1]
+            ta, lda = _lead(a)
+            tb, ldb = _lead(b)
+            to, ldo = _lead(out)
+            if M * N * K < ONEDNN_SMALL or ta == 0 or tb == 0 or to != NO_TRANS:
+                matmul_blas(a, b, out)
+            else:
+                big(np.int8(ONEDNN_NO if ta == NO_TRANS else ONEDNN_YES), np.int8(ONEDNN_NO if tb == NO_TRANS else ONEDNN_YES),
+                    M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, zero, out.ctypes.data, ldo)
+        return impl
+    return lambda a, b, out: matmul_blas(a, b, out)
+
+
+@overload(matmul_blas)
+def _matmul_blas_overload(a, b, out):
     if _GEMM is not None and a.dtype == b.dtype == out.dtype and a.dtype in (types.float32, types.float64):
         single = a.dtype == types.float32
         gemm = _GEMM[0] if single else _GEMM[1]

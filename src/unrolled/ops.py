@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 
+from .blas import product
+
 
 @dataclass(frozen=True)
 class ArgSpec:
@@ -259,12 +261,12 @@ OPS: dict[str, Op] = {
     op.name: op
     for op in [
         Op("matmul", 2, _matmul_shape,
-           lambda v, a: v[1] @ v[0].T,
-           lambda g, v, out, a: [g.T @ v[1], g @ v[0]],
+           lambda v, a: product(v[1], v[0].T),
+           lambda g, v, out, a: [product(g.T, v[1]), product(g, v[0])],
            params_allowed=(0,)),
         Op("linear", 3, _linear_shape,
-           lambda v, a: v[1] @ v[0].T + v[2],
-           lambda g, v, out, a: [g.T @ v[1], g @ v[0], g.sum(axis=0)],
+           lambda v, a: product(v[1], v[0].T) + v[2],
+           lambda g, v, out, a: [product(g.T, v[1]), product(g, v[0]), g.sum(axis=0)],
            params_allowed=(0, 2)),
         Op("add", 2, _same_size,
            lambda v, a: v[0] + v[1],

@@ -1,0 +1,96 @@
+"""oneDNN's single-precision matrix product, when the ``fast`` extra installed it.
+
+The per-step products of a recurrent loop are small (a batch of 50 rows
+times a 128 x 512 weight) and come one after another; OpenBLAS, which
+NumPy bundles, runs them at about 60% of what the two cores can do, and
+PyTorch's LSTM runs the same shapes through oneDNN's JIT-generated kernels.
+oneDNN also ships a BLAS-like entry point, ``dnnl_sgemm``: on the 2-core
+AVX-512 machines we measure on it takes 39 us where OpenBLAS takes 50 for
+the character model's step product (50 x 128 x 512), and 10-20% less for
+the whole-sequence weight products.
+
+It is found through the installed ``onednn-cpu-gomp`` distribution (or the
+system's ``libdnnl``), checked on a small product, and used for float32
+only: oneDNN has no double-precision product. ``UNROLLED_ONEDNN=0`` turns it
+off; without it every product stays with NumPy's BLAS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import os
+
+import numpy as np
+
+DISTRIBUTION = "onednn-cpu-gomp"  # the wheel the fast extra installs: CPU only, GNU OpenMP threads
+
+
+def _library_paths() -> list[str]:
+    """Where ``libdnnl`` may be: the installed distribution's own file first, then the system's."""
+    found = []
+    try:
+        for f in importlib.metadata.files(DISTRIBUTION) or []:
+            if f.name.startswith("libdnnl.so"):
+                found.append(str(f.locate()))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    system = ctypes.util.find_library("dnnl")
+    if system:
+        found.append(system)
+    return sorted(set(found), key=found.index)
+
+
+def _find():
+    """``dnnl_sgemm`` as a ctypes function, or ``None``."""
+    for path in _library_paths():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:  # e.g. no libgomp on this system
+            continue
+        fn = getattr(lib, "dnnl_sgemm", None)
+        if fn is None:
+            continue
+        dim, ptr, real = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_char, ctypes.c_char, dim, dim, dim, real, ptr, dim, ptr, dim, real, ptr, dim]
+        return fn
+    return None
+
+
+def _checked(fn):
+    """``fn`` if it computes a small row-major product right, plain and with a transposed operand, else None."""
+    if fn is None:
+        return None
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = np.zeros((2, 4), dtype=np.float32)
+    bt = np.ascontiguousarray(b.T)
+    try:
+        ok = fn(b"N", b"N", 2, 4, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 4, 0.0, out.ctypes.data, 4) == 0
+        ok = ok and np.array_equal(out, a @ b)
+        ok = ok and fn(b"N", b"T", 2, 4, 3, 1.0, a.ctypes.data, 3, bt.ctypes.data, 3, 0.0, out.ctypes.data, 4) == 0
+    except Exception:  # pragma: no cover - a foreign library
+        return None
+    return fn if ok and np.array_equal(out, a @ b) else None
+
+
+SGEMM = _checked(_find()) if os.environ.get("UNROLLED_ONEDNN", "1") != "0" else None
+
+# Below this many multiply-adds NumPy's BLAS is as fast or faster (measured from a Numba loop:
+# 16 x 48 x 192 takes 3.6 us through oneDNN, 2.6 through OpenBLAS; 4 x 128 x 512 the same 4.6;
+# 8 x 128 x 512 6.4 vs 9.2; 50 x 128 x 512 32 vs 49; 1 x 512 x 2048 35 vs 241).
+SMALL = 1 << 18
+
+NO, YES = ord("N"), ord("T")  # dnnl_sgemm's transpose flags, as the Numba loops pass them
+
+
+def version() -> str | None:
+    """The installed oneDNN's version, for the benchmark's notes; ``None`` when it is not used."""
+    if SGEMM is None:
+        return None
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # a system library
+        return "system"
