@@ -50,7 +50,6 @@ from .schedule import INLINE, Plan, _Split, plan
 
 JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps
 CHUNK_BYTES = 16 << 20  # per-chunk buffers of the loops (Y, GF) stay below this: see _RunState._chunk_steps
-COPY_AFTER_STEPS = 4  # runs of this many steps or more copy each loop weight's transpose once (see _prepare_loop)
 
 
 # ------------------------------------------------------------------- engine
@@ -413,9 +412,9 @@ class _RunState:
                 else:  # BLAS takes row-strided and transposed views as they are
                     Wc = _column_view(W, s.core_cols)
                     # but a transposed weight costs every step's product a quarter more than a copy
-                    # costs once (a 50 x 128 x 512 step: 53 vs 40 us through oneDNN, 62 vs 52 OpenBLAS)
-                    WT = np.ascontiguousarray(Wc.T) if T >= COPY_AFTER_STEPS else Wc.T
-                    bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, WT
+                    # costs once (a 50 x 128 x 512 step: 53 vs 40 us through oneDNN, 62 vs 52 OpenBLAS);
+                    # always copied, so that the Numba loops see one layout and compile once
+                    bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, np.ascontiguousarray(Wc.T)
                 if len(s.core) > 1:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))
