@@ -269,6 +269,8 @@ def render(report: dict) -> str:
                 notes.append(f"{out['cores_used']:.1f} cores")
             if out.get("version"):
                 notes.append(f"v{out['version']}")
+            if out.get("products"):
+                notes.append(out["products"])
             if out.get("busy"):
                 notes.append(f"BUSY: others used {out['others_cpu']:.1f} cores")
                 busy = True

@@ -67,7 +67,7 @@ def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
         return r.loss
 
     jit = engine.uses_jit(workload.B) if hasattr(engine, "uses_jit") else False
-    extra = {"engine": engine.name + (" (numba loop)" if jit else " (numpy loop)")}
+    extra = {"engine": engine.name + (" (numba loop)" if jit else " (numpy loop)"), "products": _products()}
     if workload.kind == "memory":
         # Set-up compiles the fused kernels on a 2-step run (its buffers are dropped when T
         # changes); the measured step is the first at full length, allocating every buffer.
@@ -78,6 +78,13 @@ def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
     extra["setup_s"] = time.perf_counter() - t0
     scale = 1.0 / (workload.T * workload.B) if workload.reduction == "sum" else 1.0
     return {**time_steps(step, protocol, workload.T * workload.B, loss_scale=scale), **extra}
+
+
+def _products() -> str:
+    """Where the float32 products go: oneDNN when the fast extra installed it (see unrolled/onednn.py)."""
+    from unrolled import onednn
+
+    return f"oneDNN {onednn.version()}" if onednn.SGEMM is not None else "NumPy's BLAS"
 
 
 def _sample(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
