@@ -67,7 +67,7 @@ def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
         return r.loss
 
     jit = engine.uses_jit(workload.B) if hasattr(engine, "uses_jit") else False
-    extra = {"engine": engine.name + (" (numba loop)" if jit else " (numpy loop)"), "products": _products()}
+    extra = {"engine": engine.name + (" (numba loop)" if jit else " (numpy loop)"), "products": _products(engine, workload.B)}
     if workload.kind == "memory":
         # Set-up compiles the fused kernels on a 2-step run (its buffers are dropped when T
         # changes); the measured step is the first at full length, allocating every buffer.
@@ -80,10 +80,13 @@ def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
     return {**time_steps(step, protocol, workload.T * workload.B, loss_scale=scale), **extra}
 
 
-def _products() -> str:
-    """Where the float32 products go: oneDNN when the fast extra installed it (see unrolled/onednn.py)."""
+def _products(engine, B: int) -> str:
+    """Where the float32 products go: oneDNN when the fast extra installed it (see unrolled/onednn.py),
+    except in a small run's whole-run function, which does its own."""
     from unrolled import onednn
 
+    if getattr(engine, "uses_whole", lambda B: False)(B):
+        return "whole-run kernels"
     return f"oneDNN {onednn.version()}" if onednn.SGEMM is not None else "NumPy's BLAS"
 
 
