@@ -147,3 +147,22 @@ def test_the_engine_agrees_with_the_reference_when_its_products_go_to_onednn(jit
     for k in expected.grads:
         np.testing.assert_allclose(got.grads[k], expected.grads[k], rtol=1e-3, atol=1e-4 * np.abs(expected.grads[k]).max())
     assert calls[0] > 0  # the whole-sequence products (the Numba loop calls oneDNN by its address)
+
+
+@needs_onednn
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_products_after_its_parent_did():
+    """OpenMP's thread pool does not survive fork; without onednn's fork hook the child hangs."""
+    code = (
+        "import multiprocessing as mp, numpy as np\n"
+        "from unrolled import blas\n"
+        "a = np.ones((400, 400), np.float32)\n"
+        "blas.product(a, a)\n"
+        "def child(_):\n"
+        "    return float(blas.product(a, a)[0, 0])\n"
+        "if __name__ == '__main__':\n"
+        "    with mp.get_context('fork').Pool(2) as p:\n"
+        "        print(p.map(child, range(3)), float(blas.product(a, a)[0, 0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["[400.0,", "400.0,", "400.0]", "400.0"]

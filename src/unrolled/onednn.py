@@ -78,6 +78,25 @@ def _checked(fn):
 
 SGEMM = _checked(_find()) if os.environ.get("UNROLLED_ONEDNN", "1") != "0" else None
 
+
+def _one_thread_after_fork() -> None:
+    """Let a forked child (``multiprocessing``'s default on Linux) run oneDNN on one thread.
+
+    GNU OpenMP's thread pool does not survive ``fork``: a child whose parent had
+    run a product on two threads waits forever on its first product of its own
+    (seen: a ``Pool`` of two hung where the parent had trained). With one thread
+    the child never touches the pool; its products still run, where they were
+    going to share the cores with its siblings anyway."""
+    try:
+        gomp = ctypes.CDLL("libgomp.so.1")  # the one libdnnl loaded
+    except OSError:  # pragma: no cover - a oneDNN built on another threading runtime
+        return
+    os.register_at_fork(after_in_child=lambda: gomp.omp_set_num_threads(1))
+
+
+if SGEMM is not None:
+    _one_thread_after_fork()
+
 # Below this many multiply-adds NumPy's BLAS is as fast or faster (measured from a Numba loop:
 # 16 x 48 x 192 takes 3.6 us through oneDNN, 2.6 through OpenBLAS; 4 x 128 x 512 the same 4.6;
 # 8 x 128 x 512 6.4 vs 9.2; 50 x 128 x 512 32 vs 49; 1 x 512 x 2048 35 vs 241).
