@@ -117,8 +117,8 @@ _FLAG = {NO_TRANS: b"N", TRANS: b"T"}
 def _lead(x: np.ndarray) -> tuple[int, int]:
     """(CBLAS transpose flag, leading dimension) of a 2-D view for a row-major call, or (0, 0).
 
-    The same rule as the Numba loops' ``jitkernels._lead``: a view whose rows (or, transposed,
-    columns) are unit-stride runs spaced at least their length apart is a BLAS operand as it is."""
+    A view whose rows (or, transposed, columns) are unit-stride runs spaced at least their length
+    apart is a BLAS operand as it is. The Numba loops compile this very function (``jitkernels._lead``)."""
     rows, cols = x.shape
     s0, s1 = x.strides[0] // x.itemsize, x.strides[1] // x.itemsize
     if (s1 == 1 or cols == 1) and (rows == 1 or s0 >= cols):

@@ -22,7 +22,8 @@ from numba import types
 from llvmlite import ir
 from numba.extending import intrinsic, overload
 
-from .blas import NO_TRANS, ROW_MAJOR, TRANS
+from .blas import NO_TRANS, ROW_MAJOR
+from .blas import _lead as blas_lead
 from .onednn import NO as ONEDNN_NO
 from .onednn import SMALL as ONEDNN_SMALL
 from .onednn import YES as ONEDNN_YES
@@ -285,12 +286,8 @@ def _matmul_overload(a, b, out):
         one, zero = np.float32(1), np.float32(0)
 
         def impl(a, b, out):
-            M, K = a.shape
-            N = b.shape[1]
-            ta, lda = _lead(a)
-            tb, ldb = _lead(b)
-            to, ldo = _lead(out)
-            if M * N * K < ONEDNN_SMALL or ta == 0 or tb == 0 or to != NO_TRANS:
+            M, N, K, ta, lda, tb, ldb, ldo, readable = _layout(a, b, out)
+            if M * N * K < ONEDNN_SMALL or not readable:
                 matmul_blas(a, b, out)
             else:
                 big(np.int8(ONEDNN_NO if ta == NO_TRANS else ONEDNN_YES), np.int8(ONEDNN_NO if tb == NO_TRANS else ONEDNN_YES),
@@ -307,16 +304,12 @@ def _matmul_blas_overload(a, b, out):
         one, zero = (np.float32(1), np.float32(0)) if single else (np.float64(1), np.float64(0))
 
         def impl(a, b, out):
-            M, K = a.shape
-            N = b.shape[1]
-            ta, lda = _lead(a)
-            tb, ldb = _lead(b)
-            to, ldo = _lead(out)
+            M, N, K, ta, lda, tb, ldb, ldo, readable = _layout(a, b, out)
             if M == 0 or N == 0:
                 return
             if K == 0:
                 out[...] = 0
-            elif ta == 0 or tb == 0 or to != NO_TRANS:
+            elif not readable:
                 _matmul_loops(a, b, out)
             else:
                 gemm(ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, zero, out.ctypes.data, ldo)
@@ -328,16 +321,19 @@ def _matmul_blas_overload(a, b, out):
     return lambda a, b, out: _matmul_loops(a, b, out)
 
 
+_lead = numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")(blas_lead)  # one rule for both sides
+
+
 @numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _lead(x):
-    """(CBLAS transpose flag, leading dimension) of a 2-D view for a row-major call, or (0, 0)."""
-    rows, cols = x.shape
-    s0, s1 = x.strides[0] // x.itemsize, x.strides[1] // x.itemsize
-    if (s1 == 1 or cols == 1) and (rows == 1 or s0 >= cols):
-        return NO_TRANS, max(s0 if rows > 1 else cols, 1)
-    if (s0 == 1 or rows == 1) and (cols == 1 or s1 >= rows):
-        return TRANS, max(s1 if cols > 1 else rows, 1)
-    return 0, 0
+def _layout(a, b, out):
+    """``out = a @ b``'s sizes M, N, K, each operand's transpose flag and leading dimension, and
+    whether a row-major BLAS call can read them all as they are (the output untransposed)."""
+    M, K = a.shape
+    N = b.shape[1]
+    ta, lda = _lead(a)
+    tb, ldb = _lead(b)
+    to, ldo = _lead(out)
+    return M, N, K, ta, lda, tb, ldb, ldo, ta != 0 and tb != 0 and to == NO_TRANS
 
 
 @numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
