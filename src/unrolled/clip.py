@@ -68,7 +68,9 @@ def global_norm(grads: Arrays) -> float:
             continue
         with np.errstate(under="ignore"):  # elements far below the peak may flush to 0: harmless
             scaled = (g.astype(np.float64) / peak).ravel()  # in [-1, 1], so squaring cannot overflow
-            norms.append(peak * math.sqrt(float(np.dot(scaled, scaled))))
+            # a plain reduction, not BLAS's dot: a BLAS call wakes OpenBLAS's threads, which then spin
+            # beside oneDNN's for a tenth of a second (see onednn.py)
+            norms.append(peak * math.sqrt(float(np.einsum("i,i->", scaled, scaled))))
     if any(math.isnan(n) for n in norms):
         return math.nan
     return math.hypot(*norms) if norms else 0.0

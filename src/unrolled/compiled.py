@@ -143,8 +143,9 @@ class CompiledEngine:
         filename = f"<unrolled compiled {self.graph.name} {id(self):x}>"
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         ns = {name: getattr(np, name) for name in (
-            "matmul", "add", "subtract", "multiply", "negative", "exp", "reciprocal", "tanh", "maximum",
+            "add", "subtract", "multiply", "negative", "exp", "reciprocal", "tanh", "maximum",
             "copyto", "concatenate", "greater")}
+        ns["matmul"] = product  # the step products go where the whole-sequence ones go: one thread pool
         for v in self.plan.of("core"):
             if v.kind == "op" and v.op not in INLINE:
                 spec, attrs = OPS[v.op], dict(v.attrs)

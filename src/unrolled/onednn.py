@@ -13,6 +13,15 @@ It is found through the installed ``onednn-cpu-gomp`` distribution (or the
 system's ``libdnnl``), checked on a small product, and used for float32
 only: oneDNN has no double-precision product. ``UNROLLED_ONEDNN=0`` turns it
 off; without it every product stays with NumPy's BLAS.
+
+Two thread pools must not take turns. oneDNN's threads are GNU OpenMP's;
+OpenBLAS keeps its own, whose threads spin for about a tenth of a second
+after each threaded call. A W2 update in the plain-NumPy loop, in which one
+BLAS dot product per update (the global norm's) woke OpenBLAS's pool, took
+108 ms instead of 41: the two pools' spinning threads shared one core. So while oneDNN runs the
+large products, nothing of ours calls a threaded OpenBLAS routine: the
+products below :data:`SMALL` are below OpenBLAS's own threshold for threads,
+and the norm is a plain reduction.
 """
 
 from __future__ import annotations
@@ -99,7 +108,9 @@ if SGEMM is not None:
 
 # Below this many multiply-adds NumPy's BLAS is as fast or faster (measured from a Numba loop:
 # 16 x 48 x 192 takes 3.6 us through oneDNN, 2.6 through OpenBLAS; 4 x 128 x 512 the same 4.6;
-# 8 x 128 x 512 6.4 vs 9.2; 50 x 128 x 512 32 vs 49; 1 x 512 x 2048 35 vs 241).
+# 8 x 128 x 512 6.4 vs 9.2; 50 x 128 x 512 32 vs 49; 1 x 512 x 2048 35 vs 241). It is also
+# OpenBLAS's own threshold for a threaded GEMM (65536 x 4, interface/gemm.c), so the products left to it run on
+# the calling thread and never wake its pool.
 SMALL = 1 << 18
 
 NO, YES = ord("N"), ord("T")  # dnnl_sgemm's transpose flags, as the Numba loops pass them
