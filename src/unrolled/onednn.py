@@ -15,10 +15,11 @@ only: oneDNN has no double-precision product. ``UNROLLED_ONEDNN=0`` turns it
 off; without it every product stays with NumPy's BLAS.
 
 Two thread pools must not take turns. oneDNN's threads are GNU OpenMP's;
-OpenBLAS keeps its own, whose threads spin for about a tenth of a second
-after each threaded call. A W2 update in the plain-NumPy loop, in which one
-BLAS dot product per update (the global norm's) woke OpenBLAS's pool, took
-108 ms instead of 41: the two pools' spinning threads shared one core. So while oneDNN runs the
+OpenBLAS keeps its own, whose threads keep polling for work after each
+threaded call (for up to 2^28 cycles by default, about a tenth of a second).
+A W2 update in the plain-NumPy loop, in which one BLAS dot product per
+update (the global norm's) woke OpenBLAS's pool, took 108 ms instead of 41:
+the two pools' waiting threads shared one core. So while oneDNN runs the
 large products, nothing of ours calls a threaded OpenBLAS routine: the
 products below :data:`SMALL` are below OpenBLAS's own threshold for threads,
 and the norm is a plain reduction.
