@@ -22,6 +22,7 @@ import linecache
 
 import numpy as np
 
+from .blas import product
 from .graph import Graph, Param, Vertex
 from .jitcache import numba_allowed
 from .runio import _as_history
@@ -150,10 +151,13 @@ class Generator:
         """The Numba path's line(s) for an op outside the elementwise groups."""
         dst, a = self._val(v), [self._val(x) for x in v.args]
         n = self.names[v.name]
-        if v.op == "matmul":
-            return [f"matmul_rows({a[1]}, W_{n}, {dst})"]
-        if v.op == "linear":
-            return [f"linear_rows({a[1]}, W_{n}, {a[2]}, {dst})"]
+        if v.op in ("matmul", "linear"):
+            # a few rows: the kernels' loops; more: the training loops' products (oneDNN when it runs
+            # them, whose pool OpenBLAS's must not wake: see onednn.py)
+            few = (f"matmul_rows({a[1]}, W_{n}, {dst})" if v.op == "matmul"
+                   else f"linear_rows({a[1]}, W_{n}, {a[2]}, {dst})")
+            many = [f"    matmul({a[1]}, W_{n}, {dst})"] + ([f"    add({dst}, {a[2]}, {dst})"] if v.op == "linear" else [])
+            return [f"if {a[1]}.shape[0] <= LOOP_ROWS:", f"    {few}", "else:"] + many
         if v.op == "concat":
             out, off = [], 0
             for x in v.args:
@@ -256,7 +260,7 @@ class Generator:
         from . import generate_kernels as k
         from .ops import OPS
 
-        ns = {"matmul": np.matmul, "add": np.add, "subtract": np.subtract, "multiply": np.multiply,
+        ns = {"matmul": product, "add": np.add, "subtract": np.subtract, "multiply": np.multiply,
               "tanh": np.tanh, "maximum": np.maximum, "copyto": np.copyto, "sigmoid": k.sigmoid_numpy,
               "one_hot": k.one_hot_numpy, "gather_rows": k.gather_rows_numpy, "sample_rows": k.sample_rows_numpy}
         for v in self.order:
