@@ -7,7 +7,8 @@ sum, the first class whose running sum passes ``u * total``), so that both
 paths draw the same token from the same uniform number.
 
 The products (``matmul_rows``, ``linear_rows``) are Numba only: the NumPy
-path calls ``np.matmul``. At one row a step a product is a matrix-vector
+path calls ``blas.product``, and above ``LOOP_ROWS`` rows the generated code
+calls the training loops' ``matmul`` instead (see generate.py). At one row a step a product is a matrix-vector
 product, bound by reading the weights, and BLAS's call costs as much as a
 plain loop's arithmetic; the loop can also skip the rows of the weights that
 meet a zero input, so a one-hot input reads one row instead of all of them.
