@@ -407,15 +407,12 @@ class _RunState:
             if v.name in p.split:
                 s = p.split[v.name]
                 W = self.params[s.W]
-                if self.use_jit and not _views_to_blas():  # SciPy's BLAS takes only C-contiguous operands
-                    Wc = _columns(W, s.core_cols)
-                    bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, np.ascontiguousarray(Wc.T)
-                else:  # BLAS takes row-strided and transposed views as they are
-                    Wc = _column_view(W, s.core_cols)
-                    # but a transposed weight costs every step's product a quarter more than a copy
-                    # costs once (a 50 x 128 x 512 step: 53 vs 40 us through oneDNN, 62 vs 52 OpenBLAS);
-                    # always copied, so that the Numba loops see one layout and compile once
-                    bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, np.ascontiguousarray(Wc.T)
+                # SciPy's BLAS takes only C-contiguous operands; NumPy's and oneDNN take row-strided views
+                Wc = _columns(W, s.core_cols) if self.use_jit and not _views_to_blas() else _column_view(W, s.core_cols)
+                # but a transposed weight costs every step's product a quarter more than a copy costs
+                # once (a 50 x 128 x 512 step: 53 vs 40 us through oneDNN, 62 vs 52 OpenBLAS); always
+                # copied, so that the Numba loops see one layout and compile once
+                bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, np.ascontiguousarray(Wc.T)
                 if len(s.core) > 1:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))

@@ -8,8 +8,8 @@ paths draw the same token from the same uniform number.
 
 The products (``matmul_rows``, ``linear_rows``) are Numba only: the NumPy
 path calls ``blas.product``, and above ``LOOP_ROWS`` rows the generated code
-calls the training loops' ``matmul`` instead (see generate.py). At one row a step a product is a matrix-vector
-product, bound by reading the weights, and BLAS's call costs as much as a
+calls the training loops' ``matmul`` instead (see generate.py). At one row a
+step a product is a matrix-vector product, bound by reading the weights, and BLAS's call costs as much as a
 plain loop's arithmetic; the loop can also skip the rows of the weights that
 meet a zero input, so a one-hot input reads one row instead of all of them.
 """
@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - the NumPy versions above serve
     numba = None
 
 if numba is not None:
-    from .jitkernels import _at, add, matmul_blas
+    from .jitkernels import _at
 
     _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
@@ -102,7 +102,8 @@ if numba is not None:
                     break
             tok[b] = choice
 
-    # Above this many rows a product is BLAS's: a matrix-matrix product, where its blocking pays.
+    # Above this many rows a product is BLAS's (the generated code chooses): a matrix-matrix
+    # product, where its blocking pays.
     LOOP_ROWS = 8
     _jit_contract = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 
@@ -133,20 +134,14 @@ if numba is not None:
 
     @_jit
     def matmul_rows(x, W, out):
-        """``out = x @ W``: the loop above for a few rows, BLAS (when there) for more."""
-        if x.shape[0] > LOOP_ROWS:
-            matmul_blas(x, W, out)
-            return
+        """``out = x @ W`` for at most ``LOOP_ROWS`` rows."""
         out[...] = 0
         _accumulate_product(x, W, out)
 
     @_jit
     def linear_rows(x, W, bias, out):
-        """``out = x @ W + bias``, the bias written first so that the product adds onto it."""
-        if x.shape[0] > LOOP_ROWS:
-            matmul_blas(x, W, out)
-            add(out, bias, out)
-            return
+        """``out = x @ W + bias`` for at most ``LOOP_ROWS`` rows, the bias written first so that the
+        product adds onto it."""
         for i in range(out.shape[0]):
             for n in range(out.shape[1]):
                 out[i, n] = _at(bias, i, n)

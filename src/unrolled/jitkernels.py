@@ -226,18 +226,24 @@ def _gemm_functions():
         return None
     import ctypes
 
-    import llvmlite.binding as llvm
-
     out = []
     for fn, real in zip(blas.GEMM, (types.float32, types.float64)):
         integer = types.int64 if fn.argtypes[3] is ctypes.c_int64 else types.int32
-        name = f"unrolled_{fn.__name__}"
-        llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
         p = types.uintp  # an address, passed as the C pointer it is
-        out.append(types.ExternalFunction(name, types.void(
+        out.append(_external(f"unrolled_{fn.__name__}", fn, types.void(
             types.int32, types.int32, types.int32, integer, integer, integer, real,
             p, integer, p, integer, real, p, integer)))
     return tuple(out)
+
+
+def _external(name: str, fn, signature):
+    """The ctypes function ``fn`` registered with the JIT linker as ``name``, callable from Numba."""
+    import ctypes
+
+    import llvmlite.binding as llvm
+
+    llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
+    return types.ExternalFunction(name, signature)
 
 
 _GEMM = _gemm_functions()
@@ -251,13 +257,8 @@ def _onednn_function():
 
     if onednn.SGEMM is None:
         return None
-    import ctypes
-
-    import llvmlite.binding as llvm
-
-    llvm.add_symbol("unrolled_dnnl_sgemm", ctypes.cast(onednn.SGEMM, ctypes.c_void_p).value)
     p, dim = types.uintp, types.int64
-    return types.ExternalFunction("unrolled_dnnl_sgemm", types.int32(
+    return _external("unrolled_dnnl_sgemm", onednn.SGEMM, types.int32(
         types.int8, types.int8, dim, dim, dim, types.float32, p, dim, p, dim, types.float32, p, dim))
 
 
