@@ -37,7 +37,7 @@ import os
 
 import numpy as np
 
-from . import fuse
+from . import fuse, rowsplit
 from .blas import product
 from .codegen import _header, _with_arguments, _Writer
 from .fuse import sliced as _sliced
@@ -66,8 +66,12 @@ class CompiledEngine:
     name = "compiled"
 
     def __init__(self, graph: Graph, jit: bool | str = "auto", chunk_steps: int | None = None,
-                 whole: bool | str = "auto"):
+                 whole: bool | str = "auto", threads: int | str = "auto"):
         self.graph = graph.check()
+        if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be 'auto' or a whole number >= 1 (1: never split a batch's rows "
+                             f"across threads), not {threads!r}")
+        self.threads = threads  # a batch's rows split across threads (rowsplit.py): "auto", or at most this many
         from .stages import cut
 
         self.whole = _whole_run(graph, jit, whole)  # the whole run as one Numba function, for small runs
@@ -99,7 +103,7 @@ class CompiledEngine:
             self._namespace.update(_load_module(self.kernel_code, "fused"))
         self._jit_namespace: dict | None = None
         self._jit_code: str | None = None
-        self._buffers: dict = {}
+        self._buffers: dict = {}  # part -> ((T, B, dtype), that run's arrays by name)
         self.picked_only = _picked_only(graph, self.plan, self._writer.skip)
 
     def uses_whole(self, B: int) -> bool:
@@ -170,48 +174,69 @@ class CompiledEngine:
         if self.uses_whole(feeds.B):
             with np.errstate(under="ignore", over="ignore"):
                 return self.whole.run(params, feeds, combine, backward)
-        if self.stages:
-            return self._run_stages(params, feeds, init_states or {}, masks or {}, combine, backward,
-                                    final_state_grads or {}, output_grads or {})
-        state = _RunState(self, params, feeds)
+        ranges = self.row_parts(feeds.B, feeds.dtype)
+        if ranges:
+            self._compiled_before_threads(ranges)
+            return rowsplit.run(lambda part, i: self._run(params, part, combine, backward, i), feeds, ranges)
+        return self._run(params, feeds, combine, backward)
+
+    def row_parts(self, B: int, dtype) -> list[tuple[int, int]] | None:
+        """The row ranges a run of ``B`` rows splits into across threads (rowsplit.py), or None.
+
+        Only where the Numba loops run: the plain-NumPy loops share one namespace."""
+        ranges = rowsplit.parts(B, dtype, self.threads)
+        if ranges and all(self.uses_jit(hi - lo) for lo, hi in ranges):
+            return ranges
+        return None
+
+    def _compiled_before_threads(self, ranges) -> None:
+        """Load the Numba loops here, once, not in each thread at the same time."""
+        for eng in [e for _, e in self.stages] or [self]:
+            if any(eng.uses_jit(hi - lo) for lo, hi in ranges):
+                eng.jit_namespace()
+
+    def _run(self, params, feeds: Feeds, combine: str, backward: bool, part: int = 0) -> RunResult:
+        """One run over the rows of ``feeds``, in this thread; ``part`` picks its set of buffers."""
         with np.errstate(under="ignore", over="ignore"):
+            if self.stages:
+                return self._run_stages(params, feeds, combine, backward, part)
+            state = _RunState(self, params, feeds, part)
             state.forward()
             result = state.collect()
             if backward:
                 state.backward(result, combine)
         return result
 
-    def _run_stages(self, params, feeds: Feeds, init_states, masks, combine, backward,
-                    final_state_grads, output_grads) -> RunResult:
+    def _run_stages(self, params, feeds: Feeds, combine, backward, part: int) -> RunResult:
         """Forward through the stages in order, then BPTT back through them in reverse: the
         gradient a stage sends to an input it imported is an output gradient of the stage before."""
         values = dict(feeds.inputs)
         runs = []
-        with np.errstate(under="ignore", over="ignore"):
-            for st, eng in self.stages:
-                g = eng.graph
-                sub = prepare(
-                    g, {k: params[k] for k in g.params}, {n: values[n] for n in st.imports},
-                    {k: v for k, v in init_states.items() if k in st.delayed},
-                    {k: v for k, v in masks.items() if k in g.vertices}, steps=feeds.T, batch=feeds.B,
-                    final_state_grads={k: v for k, v in final_state_grads.items() if k in st.delayed},
-                    output_grads={k: v for k, v in output_grads.items() if k in st.outputs})
-                state = _RunState(eng, {k: params[k] for k in g.params}, sub)
-                state.forward()
-                r = state.collect()
+        for st, eng in self.stages:
+            g = eng.graph
+            sub = prepare(
+                g, {k: params[k] for k in g.params}, {n: values[n] for n in st.imports},
+                {k: v for k, v in feeds.init.items() if k in st.delayed and k in feeds.given_init},
+                {k: v for k, v in feeds.masks.items() if k in g.vertices}, steps=feeds.T, batch=feeds.B,
+                final_state_grads={k: v for k, v in feeds.final_state_grads.items() if k in st.delayed},
+                output_grads={k: v for k, v in feeds.output_grads.items() if k in st.outputs})
+            sub.norms = {k: feeds.norms[k] for k in sub.norms}  # a part of the rows keeps the batch's divisors
+            state = _RunState(eng, {k: params[k] for k in g.params}, sub, part)
+            state.forward()
+            r = state.collect()
+            for n in st.exports:
+                values[n] = r.outputs[n]
+            runs.append((st, state, r))
+        if backward:
+            sent: dict[str, np.ndarray] = {}  # gradients later stages send back, by vertex
+            for st, state, r in reversed(runs):
                 for n in st.exports:
-                    values[n] = r.outputs[n]
-                runs.append((st, state, r))
-            if backward:
-                sent: dict[str, np.ndarray] = {}  # gradients later stages send back, by vertex
-                for st, state, r in reversed(runs):
-                    for n in st.exports:
-                        if n in sent:
-                            mine = state.f.output_grads.get(n)
-                            state.f.output_grads[n] = sent.pop(n) if mine is None else mine + sent.pop(n)
-                    state.backward(r, combine)
-                    for n, grad in r.input_grads.items():
-                        sent[n] = grad if n not in sent else sent[n] + grad
+                    if n in sent:
+                        mine = state.f.output_grads.get(n)
+                        state.f.output_grads[n] = sent.pop(n) if mine is None else mine + sent.pop(n)
+                state.backward(r, combine)
+                for n, grad in r.input_grads.items():
+                    sent[n] = grad if n not in sent else sent[n] + grad
         return self._merge(runs, feeds, backward)
 
     def _merge(self, runs, feeds: Feeds, backward: bool) -> RunResult:
@@ -234,12 +259,16 @@ class CompiledEngine:
                                                   else np.zeros((feeds.T, feeds.B, v.size), dtype=feeds.dtype))
         return result
 
-    def buffers(self, T: int, B: int, dtype) -> dict:
+    def buffers(self, T: int, B: int, dtype, part: int = 0) -> dict:
+        """The arrays of a run over ``T`` steps of ``B`` rows, kept for the next run of that shape.
+
+        One set per part of a batch split across threads (``part``), each for
+        the last shape it ran: a training run keeps one shape."""
         key = (T, B, np.dtype(dtype).str)
-        if key not in self._buffers:
-            self._buffers.clear()  # keep one set: a training run uses one (T, B)
-            self._buffers[key] = {}
-        return self._buffers[key]
+        held = self._buffers.get(part)
+        if held is None or held[0] != key:
+            held = self._buffers[part] = (key, {})
+        return held[1]
 
 
 def _whole_run(graph: Graph, jit, whole):
@@ -274,11 +303,11 @@ def _jit_available(jit, p: Plan) -> bool:
 class _RunState:
     """One run's arrays: the batched phases run here, the loops in generated code."""
 
-    def __init__(self, eng: CompiledEngine, params, feeds: Feeds):
+    def __init__(self, eng: CompiledEngine, params, feeds: Feeds, part: int = 0):
         self.eng, self.params, self.f = eng, params, feeds
         self.p, self.w, self.g = eng.plan, eng._writer, eng.graph
         self.T, self.B, self.dtype = feeds.T, feeds.B, feeds.dtype
-        self.buf = eng.buffers(self.T, self.B, self.dtype)
+        self.buf = eng.buffers(self.T, self.B, self.dtype, part)
         self.use_jit = eng.uses_jit(self.B)
         self.X: dict[str, np.ndarray] = {}  # pre/post values, [T, B, F] (or [T, B] indices)
         self.K = self._chunk_steps()

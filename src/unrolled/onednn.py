@@ -89,6 +89,30 @@ def _checked(fn):
 SGEMM = _checked(_find()) if os.environ.get("UNROLLED_ONEDNN", "1") != "0" else None
 
 
+def _gomp():
+    """GNU OpenMP, whose thread count oneDNN reads in the calling thread; None without oneDNN."""
+    if SGEMM is None:
+        return None
+    try:
+        return ctypes.CDLL("libgomp.so.1")  # the one libdnnl loaded
+    except OSError:  # pragma: no cover - a oneDNN built on another threading runtime
+        return None
+
+
+_GOMP = _gomp()
+
+
+def threads() -> int:
+    """How many threads oneDNN takes for a product called from this thread (1 without oneDNN)."""
+    return int(_GOMP.omp_get_max_threads()) if _GOMP is not None else 1
+
+
+def one_thread() -> None:
+    """From now on, products called from this thread run on it alone (a per-thread OpenMP setting)."""
+    if _GOMP is not None:
+        _GOMP.omp_set_num_threads(1)
+
+
 def _one_thread_after_fork() -> None:
     """Let a forked child (``multiprocessing``'s default on Linux) run oneDNN on one thread.
 
@@ -97,15 +121,11 @@ def _one_thread_after_fork() -> None:
     (seen: a ``Pool`` of two hung where the parent had trained). With one thread
     the child never touches the pool; its products still run, where they were
     going to share the cores with its siblings anyway."""
-    try:
-        gomp = ctypes.CDLL("libgomp.so.1")  # the one libdnnl loaded
-    except OSError:  # pragma: no cover - a oneDNN built on another threading runtime
-        return
-    os.register_at_fork(after_in_child=lambda: gomp.omp_set_num_threads(1))
+    if _GOMP is not None:
+        os.register_at_fork(after_in_child=one_thread)
 
 
-if SGEMM is not None:
-    _one_thread_after_fork()
+_one_thread_after_fork()
 
 # Below this many multiply-adds NumPy's BLAS is as fast or faster (measured from a Numba loop:
 # 16 x 48 x 192 takes 3.6 us through oneDNN, 2.6 through OpenBLAS; 4 x 128 x 512 the same 4.6;
