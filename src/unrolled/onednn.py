@@ -27,6 +27,7 @@ and the norm is a plain reduction.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.metadata
@@ -111,6 +112,18 @@ def one_thread() -> None:
     """From now on, products called from this thread run on it alone (a per-thread OpenMP setting)."""
     if _GOMP is not None:
         _GOMP.omp_set_num_threads(1)
+
+
+@contextlib.contextmanager
+def products_on_one_thread():
+    """Products called from this thread run on it alone while inside, as many as before after."""
+    before = threads()
+    one_thread()
+    try:
+        yield
+    finally:
+        if _GOMP is not None:
+            _GOMP.omp_set_num_threads(before)
 
 
 def _one_thread_after_fork() -> None:

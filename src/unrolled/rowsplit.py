@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -69,24 +69,34 @@ def rows(feeds: Feeds, lo: int, hi: int) -> Feeds:
 
 
 def run(run_part, feeds: Feeds, ranges: list[tuple[int, int]]) -> RunResult:
-    """``run_part(part_feeds, index)`` for each range of rows, part ``index`` on thread ``index``, merged."""
-    workers = _workers(len(ranges))
+    """``run_part(part_feeds, index)`` for each range of rows, merged: the first part on the calling
+    thread, part ``i`` on worker thread ``i``, products on one thread in each."""
+    workers = _workers(len(ranges) - 1)
     # each part in a copy of the caller's context: NumPy's error settings (np.errstate) are in it
-    futures = [workers[i].submit(contextvars.copy_context().run, run_part, rows(feeds, lo, hi), i)
-               for i, (lo, hi) in enumerate(ranges)]
-    return merge([f.result() for f in futures])
+    futures = [workers[i - 1].submit(contextvars.copy_context().run, run_part, rows(feeds, lo, hi), i)
+               for i, (lo, hi) in enumerate(ranges) if i > 0]
+    try:
+        with onednn.products_on_one_thread():
+            first = run_part(rows(feeds, *ranges[0]), 0)
+    finally:
+        wait(futures)  # a worker's buffers are not free until its part is done, even when ours failed
+    return merge([first] + [f.result() for f in futures])
 
 
 def merge(results: list[RunResult]) -> RunResult:
     """One run's result from its parts' (in row order): sums of what the rows share, the rest side by side."""
     first = results[0]
+    grads = first.grads  # each part's gradients are its own new arrays: the first part's take the sum
+    for r in results[1:]:
+        for k, g in r.grads.items():
+            grads[k] += g
 
     def side_by_side(field: str, axis: int) -> dict[str, np.ndarray]:
         return {k: np.concatenate([getattr(r, field)[k] for r in results], axis=axis) for k in getattr(first, field)}
 
     return RunResult(
         loss=sum(r.loss for r in results),
-        grads={k: np.sum([r.grads[k] for r in results], axis=0, dtype=first.grads[k].dtype) for k in first.grads},
+        grads=grads,
         input_grads=side_by_side("input_grads", 1),  # [T, B, F]
         init_grads=side_by_side("init_grads", -2),  # [B, F], or [D, B, F]
         final_states=side_by_side("final_states", -2),
