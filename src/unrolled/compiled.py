@@ -24,6 +24,9 @@ It never builds the unrolled graph. Instead it schedules the folded one:
   runs of elementwise vertices are one fused kernel each (fuse.py). That is
   the default at every size when NumPy's BLAS is found, and for small steps
   otherwise; the plain NumPy loops run everywhere else.
+* **Rows in parallel.** Where oneDNN runs the products, a batch's rows are
+  split across threads, each running its rows start to finish with
+  one-thread products (rowsplit.py); ``threads=1`` keeps one run.
 
 It returns exactly what the reference engine returns (``RunResult``), and
 the tests hold the two to 1e-10 in float64 on random cyclic graphs.
@@ -60,7 +63,9 @@ class CompiledEngine:
 
     Same interface and results as :class:`unrolled.reference.ReferenceEngine`.
     ``engine.code`` is the generated loop source; ``engine.plan`` says which
-    vertex runs in which phase.
+    vertex runs in which phase. ``threads``: how many threads a batch's rows
+    may be split across ("auto": as many as oneDNN uses, when it runs the
+    products and each thread gets at least ``rowsplit.MIN_ROWS`` rows; 1: never).
     """
 
     name = "compiled"
