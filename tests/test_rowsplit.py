@@ -85,7 +85,7 @@ def test_threads_must_be_auto_or_a_count():
 
 
 @splits
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(g=cyclic_graphs(), T=st.integers(1, 5), B=st.integers(32, 40), seed=st.integers(0, 2**16),
        combine=st.sampled_from(["sum", "mean"]), outside=st.booleans())
 def test_split_rows_agree_with_the_reference(two_cores, numba_loops, threads_seen, g, T, B, seed, combine, outside):
