@@ -82,12 +82,16 @@ def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
 
 def _products(engine, B: int) -> str:
     """Where the float32 products go: oneDNN when the fast extra installed it (see unrolled/onednn.py),
-    except in a small run's whole-run function, which does its own."""
+    except in a small run's whole-run function, which does its own; and whether the batch's rows
+    run split across threads (unrolled/rowsplit.py)."""
     from unrolled import onednn
 
     if getattr(engine, "uses_whole", lambda B: False)(B):
         return "whole-run kernels"
-    return f"oneDNN {onednn.version()}" if onednn.SGEMM is not None else "NumPy's BLAS"
+    if onednn.SGEMM is None:
+        return "NumPy's BLAS"
+    parts = getattr(engine, "row_parts", lambda B, dtype: None)(B, np.float32)
+    return f"oneDNN {onednn.version()}" + (f", rows on {len(parts)} threads" if parts else "")
 
 
 def _sample(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
