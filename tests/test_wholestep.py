@@ -131,6 +131,27 @@ def test_default_engine_takes_it_for_small_runs_only(monkeypatch):
     assert CompiledEngine(GRAPHS["lstm"](), jit=False).whole is None
 
 
+def _char_model(cell: str, hidden: int, layers: int, V: int = 75) -> Graph:
+    from unrolled import cells
+
+    g = Graph(f"{cell}{layers}x{hidden}")
+    x = g.one_hot(g.index_input("x", V), name="x1h")
+    h = cells.stack(g, cell, x, hidden, layers) if layers > 1 else getattr(cells, cell)(g, x, hidden)
+    y = g.linear(g.param("Wy", (V, hidden)), h, g.param("by", (V,)), name="y")
+    g.loss("cross_entropy", y, g.index_input("target", V))
+    return g
+
+
+def test_it_is_taken_only_where_its_loops_beat_blas(monkeypatch):
+    """Rows x a step's multiply-adds <= 2^18: min-char-rnn (Elman 100, 75 characters) up to 10 rows;
+    the 2 x 128 LSTM model at one row only (at 4 rows the whole run took 8.7 ms against the loops' 3.3)."""
+    monkeypatch.setenv("UNROLLED_JIT", "1")
+    minchar = CompiledEngine(_char_model("elman", 100, 1))
+    assert [B for B in range(1, 17) if minchar.uses_whole(B)] == list(range(1, 11))
+    lstm = CompiledEngine(_char_model("lstm", 128, 2))
+    assert [B for B in range(1, 17) if lstm.uses_whole(B)] == [1]
+
+
 def test_unsupported_ops_are_refused_when_insisted_on():
     g = Graph("softmax-core")
     x = g.input("x", 2)
