@@ -126,6 +126,27 @@ def test_split_rows_of_a_layer_stack_agree_with_the_reference(two_cores, threads
 
 
 @splits
+def test_rows_stay_in_one_run_when_a_stage_takes_the_numpy_loop(two_cores, numba_loops, threads_seen):
+    """The plain-NumPy loop of a stage keeps its buffers in one namespace: two parts cannot share it."""
+    from unrolled import cells
+    from unrolled.graph import Graph
+
+    g = Graph("numpy-stage")
+    h1 = cells.elman(g, g.input("x", 3), 4)
+    h2 = g.state("h2", 4)
+    g.softmax(g.matmul(g.param("W2", (4, 8)), g.concat(h1, h2.prev), name="z2"), name="h2")
+    y = g.output(g.matmul(g.param("V", (3, 4)), h2, name="y"))
+    g.loss("cross_entropy", y, g.index_input("target", 3))
+    eng = CompiledEngine(g, whole=False)
+    assert len(eng.stages) == 2 and [e.uses_jit(20) for _, e in eng.stages] == [True, False]
+    assert eng.row_parts(40, np.float32) is None
+    params, inputs, masks, init = _data(g, 4, 40, 5, np.float32)
+    got = eng.run(params, inputs, masks=masks, init_states=init)
+    assert threads_seen == [threading.current_thread().name]
+    assert_agree(reference_run(g, params, inputs, masks=masks, init_states=init), got, 1e-4)
+
+
+@splits
 def test_a_forked_child_runs_whole_batches_after_its_parent_split_them():
     """The parent's threads are not in a forked child: there it runs on one thread (onednn's fork hook)."""
     code = (

@@ -196,7 +196,8 @@ class CompiledEngine:
 
         Only where the Numba loops run: the plain-NumPy loops share one namespace."""
         ranges = rowsplit.parts(B, dtype, self.threads)
-        if ranges and all(self.uses_jit(hi - lo) for lo, hi in ranges):
+        engines = [e for _, e in self.stages] or [self]  # every stage: a NumPy-loop stage would be shared
+        if ranges and all(e.uses_jit(hi - lo) for e in engines for lo, hi in ranges):
             return ranges
         return None
 
