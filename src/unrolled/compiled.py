@@ -187,7 +187,7 @@ class CompiledEngine:
                 return self.whole.run(params, feeds, combine, backward)
         ranges = self.row_parts(feeds.B, feeds.dtype)
         if ranges:
-            self._compiled_before_threads(ranges)
+            self._compiled_before_threads()
             return rowsplit.run(lambda part, i: self._run(params, part, combine, backward, i), feeds, ranges)
         return self._run(params, feeds, combine, backward)
 
@@ -196,16 +196,19 @@ class CompiledEngine:
 
         Only where the Numba loops run: the plain-NumPy loops share one namespace."""
         ranges = rowsplit.parts(B, dtype, self.threads)
-        engines = [e for _, e in self.stages] or [self]  # every stage: a NumPy-loop stage would be shared
-        if ranges and all(e.uses_jit(hi - lo) for e in engines for lo, hi in ranges):
+        # every stage: a stage on the NumPy loop would be shared by the parts
+        if ranges and all(e.uses_jit(hi - lo) for e in self._loop_engines() for lo, hi in ranges):
             return ranges
         return None
 
-    def _compiled_before_threads(self, ranges) -> None:
+    def _loop_engines(self) -> list[CompiledEngine]:
+        """The engines whose loops a run runs: each stage's, or this one's."""
+        return [e for _, e in self.stages] or [self]
+
+    def _compiled_before_threads(self) -> None:
         """Load the Numba loops here, once, not in each thread at the same time."""
-        for eng in [e for _, e in self.stages] or [self]:
-            if any(eng.uses_jit(hi - lo) for lo, hi in ranges):
-                eng.jit_namespace()
+        for eng in self._loop_engines():
+            eng.jit_namespace()
 
     def _run(self, params, feeds: Feeds, combine: str, backward: bool, part: int = 0) -> RunResult:
         """One run over the rows of ``feeds``, in this thread; ``part`` picks its set of buffers."""
@@ -734,8 +737,8 @@ class _RunState:
             key = (v.name, off)
             if key not in self.pre_grads:
                 self.pre_grads[key] = (part, np.empty((self.T, B, width), dtype=self.dtype))
-        if len(wanted) == 1 and wanted[0][2] == len(s.pre_cols):
-            steps = self.pre_grads[(v.name, 0)][1][t0:t1]
+        if len(wanted) == 1 and wanted[0][2] == len(s.pre_cols):  # the input's gradient is the whole product
+            steps = self.pre_grads[(v.name, wanted[0][1])][1][t0:t1]
             product(Gf, self._pre_columns(v, s), out=steps.reshape(-1, steps.shape[2]))
         elif wanted:
             gx = product(Gf, self._pre_columns(v, s)).reshape(t1 - t0, B, -1)

@@ -108,22 +108,26 @@ def threads() -> int:
     return int(_GOMP.omp_get_max_threads()) if _GOMP is not None else 1
 
 
-def one_thread() -> None:
-    """From now on, products called from this thread run on it alone (a per-thread OpenMP setting)."""
+def set_threads(n: int) -> None:
+    """From now on, products called from this thread take ``n`` threads (a per-thread OpenMP setting)."""
     if _GOMP is not None:
-        _GOMP.omp_set_num_threads(1)
+        _GOMP.omp_set_num_threads(n)
+
+
+def one_thread() -> None:
+    """From now on, products called from this thread run on it alone."""
+    set_threads(1)
 
 
 @contextlib.contextmanager
 def products_on_one_thread():
     """Products called from this thread run on it alone while inside, as many as before after."""
     before = threads()
-    one_thread()
+    set_threads(1)
     try:
         yield
     finally:
-        if _GOMP is not None:
-            _GOMP.omp_set_num_threads(before)
+        set_threads(before)
 
 
 def _one_thread_after_fork() -> None:
