@@ -23,7 +23,7 @@ from unrolled.reference import run as reference_run
 
 numba = pytest.importorskip("numba")
 
-from unrolled.jitkernels import BLAS_NAME, _exp1, matmul  # noqa: E402
+from unrolled.jitkernels import BLAS_NAME, _exp1, matmul, matmul_add  # noqa: E402
 
 from helpers import embedded, make_inputs, perturbed_params  # noqa: E402
 from test_engine_agreement import _data, assert_agree, cyclic_graphs  # noqa: E402
@@ -101,6 +101,11 @@ def _product(a, b, out):
     matmul(a, b, out)
 
 
+@numba.njit
+def _product_added(a, b, out):
+    matmul_add(a, b, out)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("scale", [1, 20])
 def test_products_in_numba_take_any_view_blas_can_read(dtype, scale):
@@ -120,14 +125,44 @@ def test_products_in_numba_take_any_view_blas_can_read(dtype, scale):
         (big[::2, ::2][:3 * k, :5 * k], W[:5 * k, :2 * k]),  # no unit stride: loops
         (big[:3 * k, :0], W[:0, :4 * k]),                 # nothing to sum: zeros
     ]
+    rtol = 1e-4 if dtype == np.float32 else 1e-12
     for a, b in cases:
         out = np.full((a.shape[0], b.shape[1]), np.nan, dtype=dtype)
         _product(a, b, out)
-        np.testing.assert_allclose(out, a @ b, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-4)
-    wide = np.full((4 * k, 9 * k), 7.0, dtype=dtype)  # a row-strided output: only its columns are written
-    _product(big[:4 * k, :5 * k], W[:5 * k, :3 * k], wide[:, 2 * k:5 * k])
-    np.testing.assert_allclose(wide[:, 2 * k:5 * k], big[:4 * k, :5 * k] @ W[:5 * k, :3 * k], rtol=1e-4, atol=1e-4)
-    assert (wide[:, :2 * k] == 7).all() and (wide[:, 5 * k:] == 7).all()
+        np.testing.assert_allclose(out, a @ b, rtol=rtol, atol=1e-4)
+        start = rng.normal(size=out.shape).astype(dtype)  # matmul_add: the product added onto what is there
+        onto = start.copy()
+        _product_added(a, b, onto)
+        np.testing.assert_allclose(onto, start + a @ b, rtol=rtol, atol=1e-4)
+    for product in (_product, _product_added):
+        wide = np.full((4 * k, 9 * k), 7.0, dtype=dtype)  # a row-strided output: only its columns are written
+        product(big[:4 * k, :5 * k], W[:5 * k, :3 * k], wide[:, 2 * k:5 * k])
+        expected = big[:4 * k, :5 * k] @ W[:5 * k, :3 * k] + (7 if product is _product_added else 0)
+        np.testing.assert_allclose(wide[:, 2 * k:5 * k], expected, rtol=1e-4, atol=1e-4)
+        assert (wide[:, :2 * k] == 7).all() and (wide[:, 5 * k:] == 7).all()
+
+
+def test_products_in_numba_without_numpys_blas():
+    """Without NumPy's BLAS (and oneDNN) the products go to SciPy's BLAS when every operand is
+    contiguous, else to loops: ``matmul`` and ``matmul_add`` each way, in a process of their own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numba, numpy as np\n"
+        "import unrolled.jitkernels as j\n"
+        "assert j.BLAS_NAME in ('scipy', 'loops'), j.BLAS_NAME\n"
+        "f = numba.njit(lambda a, b, o: j.matmul(a, b, o))\n"
+        "g = numba.njit(lambda a, b, o: j.matmul_add(a, b, o))\n"
+        "rng = np.random.default_rng(1)\n"
+        "a, b = rng.normal(size=(5, 6)), rng.normal(size=(6, 4))\n"
+        "for x, y in ((a, b), (a, np.asfortranarray(b)), (a[::-1], b)):\n"
+        "    o = np.full((5, 4), np.nan); f(x, y, o); assert np.allclose(o, x @ y)\n"
+        "    o = np.ones((5, 4)); g(x, y, o); assert np.allclose(o, 1 + x @ y)\n"
+        "print('ok')\n")
+    env = dict(os.environ, UNROLLED_NUMPY_BLAS="0", UNROLLED_ONEDNN="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_numpy_blas_is_found_for_numpys_own_openblas():

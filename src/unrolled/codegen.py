@@ -23,6 +23,7 @@ _NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|
 # ------------------------------------------------------------ code writing
 
 
+
 class _Code:
     def __init__(self):
         self.lines: list[str] = []
@@ -112,6 +113,12 @@ class _Writer:
             x = xs[0] if len(xs) == 1 else f"C_{n}"
             if len(xs) > 1:
                 self._concat(c, xs, [part.size for part, _, _ in s.core], x)
+            if s.pre and s.tokens is None and dst == f"S_{n}":
+                # nothing keeps this step's value but the step: the product adds itself onto its
+                # loop-free half where that lies (Y[t]), which then holds the value
+                c(f"{dst} = Y_{n}[t - t0]  # Y holds this chunk's steps only")
+                c(f"matmul_add({x}, WT_{n}, {dst})")
+                return
             c(f"matmul({x}, WT_{n}, out={dst})")
             if s.tokens is not None:
                 # W · one_hot(k) + b is row k of WX = (W[:, pre] + b) transposed: picked in the loop
@@ -290,8 +297,9 @@ class _Writer:
                     exprs[key] = expr
         return {key: exprs[key] for key in bad}
 
-    def _add_to(self, c: _Code, target: Vertex, rng, expr_into: callable) -> None:
-        """Emit ``grad(target)[rng] (+)= value``; ``expr_into(dst)`` writes the value into ``dst``."""
+    def _add_to(self, c: _Code, target: Vertex, rng, expr_into: callable, expr_onto: callable = None) -> None:
+        """Emit ``grad(target)[rng] (+)= value``; ``expr_into(dst)`` writes the value into ``dst``,
+        ``expr_onto(dst)``, where given, adds it onto ``dst`` (a product does, without a temporary)."""
         base, key, add_only = self.grad(target)
         lo, hi = rng or (0, target.size)
         where = base if rng is None else f"{base}[:, {lo}:{hi}]"
@@ -300,6 +308,8 @@ class _Writer:
         if fresh:
             self._assigned.setdefault(key, []).append((lo, hi))
             expr_into(c, where)
+        elif expr_onto is not None:
+            expr_onto(c, where)
         else:
             tmp = f"T{hi - lo}"
             self.temp_widths.add(hi - lo)
@@ -330,7 +340,8 @@ class _Writer:
                 part = wanted[0][0]
                 base, rng = _sliced(part)
                 self._add_to(c, base if rng else part, rng,
-                             lambda cc, dst: cc(f"matmul({g}, W_{n}, out={dst})"))
+                             lambda cc, dst: cc(f"matmul({g}, W_{n}, out={dst})"),
+                             lambda cc, dst: cc(f"matmul_add({g}, W_{n}, {dst})"))
             elif wanted:
                 c(f"matmul({g}, W_{n}, out=CG_{n})")
                 off = 0

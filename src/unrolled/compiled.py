@@ -161,6 +161,7 @@ class CompiledEngine:
             "add", "subtract", "multiply", "negative", "exp", "reciprocal", "tanh", "maximum",
             "copyto", "concatenate", "greater")}
         ns["matmul"] = product  # the step products go where the whole-sequence ones go: one thread pool
+        ns["matmul_add"] = lambda a, b, out: product(a, b, out=out, accumulate=True)
         for v in self.plan.of("core"):
             if v.kind == "op" and v.op not in INLINE:
                 spec, attrs = OPS[v.op], dict(v.attrs)
