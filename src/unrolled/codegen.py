@@ -207,8 +207,14 @@ class _Writer:
         return not (self._post_grad(src) or self._has_full_grad(src))
 
     def _has_full_grad(self, v: Vertex) -> bool:
-        return v.name in self.p.split or self._post_grad(v) or (
-            v.kind == "op" and any(isinstance(a, Param) for a in v.args))
+        """Does the loop keep ``v``'s gradient for every step of a chunk (``GF``)? Asked ~90 times a
+        run (and twice that with the rows split), so remembered like :meth:`_post_grad`."""
+        memo = self.p.memo.setdefault("full_grad", {})
+        full = memo.get(v.name)
+        if full is None:
+            full = memo[v.name] = v.name in self.p.split or self._post_grad(v) or (
+                v.kind == "op" and any(isinstance(a, Param) for a in v.args))
+        return full
 
     def _post_grad(self, v: Vertex) -> bool:
         """Does ``v`` receive gradient from outside the loop (post phase, output seeds)?"""

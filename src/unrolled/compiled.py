@@ -46,7 +46,7 @@ from .codegen import _header, _with_arguments, _Writer
 from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
 from .jitcache import _load_jit_loops, _load_module, numba_allowed
-from .ops import OPS, nll_and_softmax, unbroadcast
+from .ops import OPS, unbroadcast
 from .runio import Feeds, RunResult, as_state, check_combine, parameter_copies, prepare
 from .schedule import INLINE, Plan, _Split, plan
 
@@ -420,8 +420,12 @@ class _RunState:
             return
         args = [self.params[a.name] if isinstance(a, Param) else _flat(self.value(a)) for a in v.args]
         if v.op == "cross_entropy" and self.w.fuse:  # the softmax kept: its gradient is one Numba pass
-            out, self.X[f"softmax:{v.name}"] = nll_and_softmax(args[0], args[1].reshape(-1))
-            self.X[v.name] = out.reshape(T, B, 1)
+            from .rowkernels import cross_entropy_rows
+
+            Z = args[0]
+            nll, probs = np.empty((Z.shape[0], 1), dtype=Z.dtype), np.empty_like(Z)
+            cross_entropy_rows(nll, Z, np.ascontiguousarray(args[1].reshape(-1), dtype=np.int64), probs)
+            self.X[v.name], self.X[f"softmax:{v.name}"] = nll.reshape(T, B, 1), probs
             return
         try:
             out = OPS[v.op].forward(args, dict(v.attrs, dtype=self.dtype))

@@ -184,15 +184,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(z.sum(axis=-1, keepdims=True))
 
 
-def nll_and_softmax(logits: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``-log softmax(logits)[target]`` per row ``[N, 1]``, and ``softmax(logits)``: cross-entropy's
-    value and what its gradient needs, from one exponential pass (an engine keeps the second)."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    with np.errstate(under="ignore"):
-        e = np.exp(shifted)
-    total = e.sum(axis=-1, keepdims=True)
-    nll = np.log(total) - np.take_along_axis(shifted, target.reshape(-1, 1), axis=-1)
-    return nll, np.divide(e, total, out=e)
+def _add_bias(y: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``y + b`` into ``y``, a product's own new array, where the types allow: no second array."""
+    if y.dtype == np.result_type(y, b) and y.shape == np.broadcast_shapes(y.shape, b.shape):
+        y += b
+        return y
+    return y + b
 
 
 def _scatter_rows(shape, idx, g):
@@ -265,7 +262,7 @@ OPS: dict[str, Op] = {
            lambda g, v, out, a: [product(g.T, v[1]), product(g, v[0])],
            params_allowed=(0,)),
         Op("linear", 3, _linear_shape,
-           lambda v, a: product(v[1], v[0].T) + v[2],
+           lambda v, a: _add_bias(product(v[1], v[0].T), v[2]),
            lambda g, v, out, a: [product(g.T, v[1]), product(g, v[0]), g.sum(axis=0)],
            params_allowed=(0, 2)),
         Op("add", 2, _same_size,
