@@ -23,7 +23,6 @@ _NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|
 # ------------------------------------------------------------ code writing
 
 
-
 class _Code:
     def __init__(self):
         self.lines: list[str] = []

@@ -316,6 +316,7 @@ def _product_impl(a, b, out, accumulate: bool):
 
 
 def _blas_add(a, b, out):  # pragma: no cover - replaced by the overload in jitted code
+    """``out += a @ b``, as :func:`matmul_blas` computes ``out = a @ b``."""
     raise NotImplementedError
 
 
