@@ -131,15 +131,10 @@ def test_default_engine_takes_it_for_small_runs_only(monkeypatch):
     assert CompiledEngine(GRAPHS["lstm"](), jit=False).whole is None
 
 
-def _char_model(cell: str, hidden: int, layers: int, V: int = 75) -> Graph:
-    from unrolled import cells
+def _char_model(cell: str, hidden: int, layers: int) -> Graph:
+    from unrolled.charmodel import ModelConfig, build_graph
 
-    g = Graph(f"{cell}{layers}x{hidden}")
-    x = g.one_hot(g.index_input("x", V), name="x1h")
-    h = cells.stack(g, cell, x, hidden, layers) if layers > 1 else getattr(cells, cell)(g, x, hidden)
-    y = g.linear(g.param("Wy", (V, hidden)), h, g.param("by", (V,)), name="y")
-    g.loss("cross_entropy", y, g.index_input("target", V))
-    return g
+    return build_graph(ModelConfig(cell=cell, hidden=hidden, layers=layers, vocab_size=75))
 
 
 def test_it_is_taken_only_where_its_loops_beat_blas(monkeypatch):

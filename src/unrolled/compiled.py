@@ -422,10 +422,10 @@ class _RunState:
         if v.op == "cross_entropy" and self.w.fuse:  # the softmax kept: its gradient is one Numba pass
             from .rowkernels import cross_entropy_rows
 
-            Z = args[0]
+            Z, K = args[0], np.ascontiguousarray(args[1].reshape(-1), dtype=np.int64)
             nll, probs = np.empty((Z.shape[0], 1), dtype=Z.dtype), np.empty_like(Z)
-            cross_entropy_rows(nll, Z, np.ascontiguousarray(args[1].reshape(-1), dtype=np.int64), probs)
-            self.X[v.name], self.X[f"softmax:{v.name}"] = nll.reshape(T, B, 1), probs
+            cross_entropy_rows(nll, Z, K, probs)
+            self.X[v.name], self.X[f"softmax:{v.name}"] = nll.reshape(T, B, 1), (probs, K)
             return
         try:
             out = OPS[v.op].forward(args, dict(v.attrs, dtype=self.dtype))
@@ -599,17 +599,17 @@ class _RunState:
         if v.kind == "delay":
             self._delay_backward(v, g)
             return
-        args = [self.params[a.name] if isinstance(a, Param) else _flat(self.value(a)) for a in v.args]
-        probs = self.X.get(f"softmax:{v.name}")
-        if probs is not None:  # cross-entropy from the softmax its forward pass kept
+        kept = self.X.get(f"softmax:{v.name}")
+        if kept is not None:  # cross-entropy from the softmax (and targets) its forward pass kept
             from .rowkernels import cross_entropy_back_rows
 
-            K = np.ascontiguousarray(args[1].reshape(-1), dtype=np.int64)
+            probs, K = kept
             dZ = np.empty_like(probs)
             cross_entropy_back_rows(dZ, np.ascontiguousarray(_flat(g), dtype=self.dtype), probs, K)
             if v.args[0].name in self.p.wants_grad:
                 self._add_grad(v.args[0], dZ.reshape(T, B, -1))
             return
+        args = [self.params[a.name] if isinstance(a, Param) else _flat(self.value(a)) for a in v.args]
         try:
             grads = OPS[v.op].vjp(_flat(g), args, _flat(self.value(v)), dict(v.attrs, dtype=self.dtype))
         except (FloatingPointError, ValueError) as e:

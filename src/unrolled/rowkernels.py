@@ -375,7 +375,7 @@ def seed_loss(G, M, N):
 def cross_entropy_rows(L, Z, K, P):
     """``L[r, 0] = -log softmax(Z[r])[K[r]]`` for every row, the softmax kept in ``P`` for the
     gradient: cross-entropy over all steps in one pass a row (NumPy's five passes over the
-    1250 x 75 logits of a W2 part took 0.34 ms, this 0.1)."""
+    1250 x 75 logits of a W2 part took 0.34 ms, this 0.20 with its call)."""
     for r in range(Z.shape[0]):
         cross_entropy_row(L[r], Z[r], K[r], P[r])
 
