@@ -216,6 +216,22 @@ def test_one_hot_rows_are_picked_and_scattered(jit, chunk, monkeypatch):
         assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_transposed_fills_a_column_block_exactly(dtype):
+    """The scattered one-hot gradient ``[V, out]`` added into its columns of ``[out, in]``: sizes
+    off the kernel's blocks of sixteen, into a column slice whose rows are strided."""
+    from unrolled.jitkernels import add_transposed
+
+    rng = np.random.default_rng(0)
+    for rows, cols, lo in ((37, 5, 3), (16, 16, 0), (512, 75, 0)):
+        grad = rng.standard_normal((rows, cols + lo + 7)).astype(dtype)
+        part = rng.standard_normal((cols, rows)).astype(dtype)
+        want = grad.copy()
+        want[:, lo:lo + cols] += part.T
+        add_transposed(grad[:, lo:lo + cols], part)
+        np.testing.assert_array_equal(grad, want)
+
+
 @numba.njit(cache=True)
 def _exp_each(x, out):
     for i in range(x.shape[0]):

@@ -730,7 +730,7 @@ class _RunState:
             # one-hot rows: each row's gradient lands on its token's column, no product with zeros
             dWpT = np.zeros((len(s.pre_cols), v.size), dtype=self.dtype)
             scatter(dWpT, self.bind[f"TOK_{self.w.names[v.name]}"][t0:t1].reshape(-1), Gf)
-            self._add_pre_columns(s, dWpT.T)
+            self._add_pre_columns(s, dWpT, transposed=True)
         elif len(s.pre) == 1:
             _, lo, hi = s.pre[0]
             product(Gf.T, self._pre_inputs(v, s)[t0 * B: t1 * B], out=self.grads[s.W][:, lo:hi], accumulate=True)
@@ -750,10 +750,16 @@ class _RunState:
             for part, off, width in wanted:
                 self.pre_grads[(v.name, off)][1][t0:t1] = gx[:, :, off:off + width]
 
-    def _add_pre_columns(self, s: _Split, dWp: np.ndarray) -> None:
-        """Add the loop-free half's weight gradient ``[out, pre columns]`` into the weight's columns."""
+    def _add_pre_columns(self, s: _Split, dWp: np.ndarray, transposed: bool = False) -> None:
+        """Add the loop-free half's weight gradient ``[out, pre columns]`` (``transposed``: ``[pre
+        columns, out]``, as the one-hot scatter makes it) into the weight's columns."""
         for (part, lo, hi), off in zip(s.pre, _offsets(s.pre)):
-            self.grads[s.W][:, lo:hi] += dWp[:, off:off + hi - lo]
+            if transposed:  # NumPy's strided add of a transposed view is three times slower
+                from .jitkernels import add_transposed
+
+                add_transposed(self.grads[s.W][:, lo:hi], dWp[off:off + hi - lo])
+            else:
+                self.grads[s.W][:, lo:hi] += dWp[:, off:off + hi - lo]
 
     def _loop_outside_grads(self) -> None:
         """After all chunks: the gradients the loop sent outside it, and to the initial states."""
@@ -776,14 +782,14 @@ class _RunState:
         for name, D in self.p.depth.items():
             v = g.vertices[name]
             ig = self.init_grads.get(name)
-            if ig is None or np.isscalar(ig):
+            if not isinstance(ig, np.ndarray):  # none sent (np.isscalar costs more than the rest)
                 ig = np.zeros((D, self.B, v.size), dtype=self.dtype)
             self.init_grads[name] = ig
             if v.init == "learned" and name not in f.given_init:
                 self.grads[g.init_param_name(name)] += ig.sum(axis=(0, 1))
-        copies = self._copies()
+        copies = self._copies() if combine == "mean" else {}
         for name, grad in self.grads.items():
-            if combine == "mean" and copies.get(name):
+            if copies.get(name):
                 grad = grad / copies[name]
             result.grads[name] = grad.astype(self.dtype, copy=False)
         for v in g.inputs:

