@@ -232,6 +232,37 @@ def test_add_transposed_fills_a_column_block_exactly(dtype):
         np.testing.assert_array_equal(grad, want)
 
 
+def test_aligned_arrays_start_on_a_cache_line():
+    """The engine's buffers and weight copies start on 64 bytes, whatever malloc gave: a weight
+    read off the line slows oneDNN's step product ~9%."""
+    for shape in ((3,), (25, 128), (2, 3, 5), (512, 203)):
+        for dtype in (np.float32, np.float64):
+            a = blas.aligned_empty(shape, dtype)
+            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+            assert a.ctypes.data % blas.ALIGN == 0
+    w = np.arange(24, dtype=np.float64).reshape(4, 6)
+    for src, dtype in ((w.T, None), (w[:, 1:5], np.float32), (w[::2], None)):
+        got = blas.aligned(src, dtype)
+        assert got.ctypes.data % blas.ALIGN == 0 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, src)
+        assert got.dtype == (dtype or src.dtype)
+    ready = blas.aligned_empty((8, 16), np.float32)
+    assert blas.aligned(ready) is ready  # nothing copied when it already is one
+
+
+def test_a_runs_buffers_and_weight_copies_are_aligned():
+    g = embedded("one_hot")
+    rng = np.random.default_rng(1)
+    params = perturbed_params(g, rng, np.float32)
+    inputs = make_inputs(g, 6, 4, rng, np.float32)
+    eng = CompiledEngine(g, jit=True, whole=False)
+    eng.run(params, inputs)
+    held = eng.buffers(6, 4, np.float32)
+    assert held, "a run keeps its buffers"
+    for name, a in held.items():
+        assert a.ctypes.data % blas.ALIGN == 0, name
+
+
 @numba.njit(cache=True)
 def _exp_each(x, out):
     for i in range(x.shape[0]):

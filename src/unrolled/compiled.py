@@ -41,7 +41,7 @@ import os
 import numpy as np
 
 from . import fuse, rowsplit
-from .blas import product
+from .blas import aligned, aligned_empty, product
 from .codegen import _header, _with_arguments, _Writer
 from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
@@ -359,7 +359,7 @@ class _RunState:
     def alloc(self, name: str, shape) -> np.ndarray:
         a = self.buf.get(name)
         if a is None or a.shape != tuple(shape):
-            a = self.buf[name] = np.empty(shape, dtype=self.dtype)
+            a = self.buf[name] = aligned_empty(shape, self.dtype)
         return a
 
     def value(self, v: Vertex) -> np.ndarray:
@@ -462,18 +462,19 @@ class _RunState:
             if v.name in p.split:
                 s = p.split[v.name]
                 W = self.params[s.W]
-                # SciPy's BLAS takes only C-contiguous operands; NumPy's and oneDNN take row-strided views
-                Wc = _columns(W, s.core_cols) if self.use_jit and not _views_to_blas() else _column_view(W, s.core_cols)
-                # but a transposed weight costs every step's product a quarter more than a copy costs
-                # once (a 50 x 128 x 512 step: 53 vs 40 us through oneDNN, 62 vs 52 OpenBLAS); always
-                # copied, so that the Numba loops see one layout and compile once
-                bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, np.ascontiguousarray(Wc.T)
+                # copied (unless the weight already is its own loop half, on a cache line): a row-strided
+                # view of the columns costs the backward step's product 3-5% (25 rows, 512 x 128), and
+                # SciPy's BLAS takes only C-contiguous operands; a transposed view costs the forward
+                # step's product a quarter (a 50 x 128 x 512 step: 53 vs 40 us through oneDNN, 62 vs
+                # 52 OpenBLAS), so its transpose is copied too, and the Numba loops compile once
+                Wc = aligned(_column_view(W, s.core_cols))
+                bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, aligned(Wc.T)
                 if len(s.core) > 1:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))
                 if s.tokens is not None:
                     WX = _columns(W, s.pre_cols).T + (self.params[s.bias] if s.bias else 0)
-                    bind[f"WX_{n}"] = np.ascontiguousarray(WX, dtype=self.dtype)
+                    bind[f"WX_{n}"] = aligned(WX, self.dtype)
                     bind[f"TOK_{n}"] = np.ascontiguousarray(self.value(s.tokens), dtype=np.intp)
                 elif s.pre:
                     bind[f"Y_{n}"] = self.alloc(f"Y_{n}", (self.K, B, v.size))
@@ -496,14 +497,14 @@ class _RunState:
         transposed view costs a 1250 x 128 x 512 product on one thread 3-10% more than the copy)."""
         key = f"WpT:{v.name}"
         if key not in self.X:
-            self.X[key] = np.ascontiguousarray(_column_view(self.params[s.W], s.pre_cols).T)
+            self.X[key] = aligned(_column_view(self.params[s.W], s.pre_cols).T)
         return self.X[key]
 
     def _pre_columns(self, v: Vertex, s: _Split) -> np.ndarray:
         """``W[:, pre]``, contiguous: the operand of the gradient the loop sends to its pre vertices."""
         key = f"Wp:{v.name}"
         if key not in self.X:
-            self.X[key] = np.ascontiguousarray(_column_view(self.params[s.W], s.pre_cols))
+            self.X[key] = aligned(_column_view(self.params[s.W], s.pre_cols))
         return self.X[key]
 
     def _pre_inputs(self, v: Vertex, s: _Split) -> np.ndarray:
@@ -534,7 +535,7 @@ class _RunState:
     def backward(self, result: RunResult, combine: str) -> None:
         T, B, p, w, f = self.T, self.B, self.p, self.w, self.f
         self.GX: dict[str, np.ndarray] = {}  # gradient of pre/post vertices, [T, B, F]
-        self.grads = {k: np.zeros(v.shape, dtype=self.dtype) for k, v in self.params.items()}
+        self.grads = {k: _zeros(v.shape, self.dtype) for k, v in self.params.items()}  # products write there
         self.init_grads: dict[str, np.ndarray] = {}
         self.core_grad: dict[str, np.ndarray] = {}  # post-phase gradient into core vertices, [T, B, F]
         # a delayed core vertex's gradient history is allocated now, so post-phase
@@ -669,7 +670,7 @@ class _RunState:
         for width in w.mask_widths:
             m = self.buf.get(f"M_{width}")
             if m is None or m.shape != (B, width):
-                m = self.buf[f"M_{width}"] = np.empty((B, width), dtype=bool)
+                m = self.buf[f"M_{width}"] = aligned_empty((B, width), bool)
             bind[f"M_{width}"] = m
         self.bind = bind
 
@@ -741,7 +742,7 @@ class _RunState:
         for part, off, width in wanted:
             key = (v.name, off)
             if key not in self.pre_grads:
-                self.pre_grads[key] = (part, np.empty((self.T, B, width), dtype=self.dtype))
+                self.pre_grads[key] = (part, aligned_empty((self.T, B, width), self.dtype))
         if len(wanted) == 1 and wanted[0][2] == len(s.pre_cols):  # the input's gradient is the whole product
             steps = self.pre_grads[(v.name, wanted[0][1])][1][t0:t1]
             product(Gf, self._pre_columns(v, s), out=steps.reshape(-1, steps.shape[2]))
@@ -806,6 +807,12 @@ class _RunState:
 
 def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
+
+def _zeros(shape, dtype) -> np.ndarray:
+    a = aligned_empty(shape, dtype)
+    a[...] = 0
+    return a
 
 
 def _column_view(W: np.ndarray, cols: list[int]) -> np.ndarray:

@@ -22,7 +22,7 @@ import linecache
 
 import numpy as np
 
-from .blas import product
+from .blas import aligned, product
 from .graph import Graph, Param, Vertex
 from .jitcache import numba_allowed
 from .runio import _as_history
@@ -316,22 +316,23 @@ class Generator:
     def _buffers(self, params, B, dtype, init_states) -> dict:
         bind = {}
         for name, key in self.pnames.items():
-            bind[f"P_{key}"] = np.ascontiguousarray(params[name], dtype=dtype)
+            bind[f"P_{key}"] = aligned(np.asarray(params[name]), dtype)
         for v in self.order:
             n = self.names[v.name]
             if v.kind != "op" or v.op == "slice":
                 continue
             if v.name in self.depth:
                 D = self.depth[v.name]
-                ring = np.zeros((D + 1, B, v.size), dtype=dtype)
+                ring = aligned(np.zeros((D + 1, B, v.size), dtype=dtype))
                 init = self._initial(v, D, B, dtype, params, init_states)
                 for k in range(1, D + 1):  # slot of step -k
                     ring[(-k) % (D + 1)] = init[D - k]
                 bind[f"R_{n}"] = ring
             else:
-                bind[f"S_{n}"] = np.zeros((B, v.size), dtype=dtype)
+                bind[f"S_{n}"] = aligned(np.zeros((B, v.size), dtype=dtype))
             if v.op in ("matmul", "linear"):
-                bind[f"W_{n}"] = np.ascontiguousarray(params[v.args[0].name].T, dtype=dtype)
+                # on a cache line: the step's products read it from L2 every character
+                bind[f"W_{n}"] = aligned(np.asarray(params[v.args[0].name]).T, dtype)
         return bind
 
     def _initial(self, v: Vertex, D: int, B: int, dtype, params, given) -> np.ndarray:

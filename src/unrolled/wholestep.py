@@ -33,6 +33,7 @@ import re
 
 import numpy as np
 
+from .blas import aligned_empty
 from .graph import Graph, Param, Vertex
 from .runio import Feeds, RunResult, as_state, parameter_copies
 
@@ -170,16 +171,17 @@ class _Workspace:
             n = w.names[v.name]
             D = w.depth.get(v.name)
             if D is not None:
-                a[f"H_{n}"] = np.empty((D + T, B, v.size), dtype=dtype)
+                a[f"H_{n}"] = aligned_empty((D + T, B, v.size), dtype)
                 grad_shapes[f"GH_{n}"] = (D + T, B, v.size)
             elif v.kind == "op":
-                a[f"V_{n}"] = np.empty((T, B, v.size), dtype=dtype)
+                a[f"V_{n}"] = aligned_empty((T, B, v.size), dtype)
                 grad_shapes[f"G_{n}"] = (T, B, v.size)
                 if v.op == "cross_entropy":  # the softmax its gradient needs
-                    a[f"PR_{n}"] = np.empty((T, B, v.args[0].size), dtype=dtype)
+                    a[f"PR_{n}"] = aligned_empty((T, B, v.args[0].size), dtype)
             elif v.kind == "input":
                 grad_shapes[f"G_{n}"] = (T, B, v.size)
-        self.grads = a["GRADS"] = np.zeros(sum(math.prod(s) for s in grad_shapes.values()), dtype=dtype)
+        self.grads = a["GRADS"] = aligned_empty((sum(math.prod(s) for s in grad_shapes.values()),), dtype)
+        self.grads[...] = 0
         at, starts = 0, {}
         for key, shape in grad_shapes.items():
             size = math.prod(shape)
