@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cells
+from .blas import aligned
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .data import Vocabulary, iter_eval_chunks
 from .engines import make_engine
@@ -273,7 +274,7 @@ def load_model(path) -> LoadedModel:
             )
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{file}: parameter '{name}' holds NaN or infinite values; use an earlier checkpoint")
-        params[name] = np.ascontiguousarray(a)
+        params[name] = aligned(a)  # on a cache line, like fresh ones (graph.init_params)
     return LoadedModel(file, graph, params, model, train, vocabulary, meta, arrays)
 
 

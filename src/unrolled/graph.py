@@ -331,9 +331,12 @@ class Graph:
         return unroll(self, T)
 
     def init_params(self, rng: np.random.Generator | int | None = 0, dtype=np.float64) -> dict[str, np.ndarray]:
-        """Fresh parameter values, one array per parameter, from each one's named initializer."""
+        """Fresh parameter values, one array per parameter, from each one's named initializer; each
+        starts on a cache line (see ``blas.aligned_empty``: the products read them faster so)."""
+        from .blas import aligned
+
         rng = np.random.default_rng(rng)
-        return {p.name: initializers.make(p.init, p.shape, rng, dtype) for p in self.params.values()}
+        return {p.name: aligned(initializers.make(p.init, p.shape, rng, dtype)) for p in self.params.values()}
 
     # -------------------------------------------------------- validation
 
