@@ -810,6 +810,7 @@ def _flat(a: np.ndarray) -> np.ndarray:
 
 
 def _zeros(shape, dtype) -> np.ndarray:
+    """Zeros on a cache line: the weight gradients, which the products write and add into."""
     a = aligned_empty(shape, dtype)
     a[...] = 0
     return a
