@@ -46,9 +46,16 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """Zeros on a cache line (see :func:`aligned_empty`)."""
+    a = aligned_empty(shape, dtype)
+    a[...] = 0
+    return a
+
+
 def aligned(a: np.ndarray, dtype=None) -> np.ndarray:
     """``a`` as a C-contiguous array on a cache line (``a`` itself when it already is one)."""
-    dtype = np.dtype(dtype or a.dtype)
+    dtype = a.dtype if dtype is None else np.dtype(dtype)
     if a.dtype == dtype and a.flags.c_contiguous and a.ctypes.data % ALIGN == 0:
         return a
     out = aligned_empty(a.shape, dtype)

@@ -41,7 +41,7 @@ import os
 import numpy as np
 
 from . import fuse, rowsplit
-from .blas import aligned, aligned_empty, product
+from .blas import aligned, aligned_empty, aligned_zeros, product
 from .codegen import _header, _with_arguments, _Writer
 from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
@@ -473,8 +473,8 @@ class _RunState:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))
                 if s.tokens is not None:
-                    WX = _columns(W, s.pre_cols).T + (self.params[s.bias] if s.bias else 0)
-                    bind[f"WX_{n}"] = aligned(WX, self.dtype)
+                    WX = bind[f"WX_{n}"] = aligned_empty((len(s.pre_cols), v.size), self.dtype)
+                    np.add(_column_view(W, s.pre_cols).T, self.params[s.bias] if s.bias else 0, out=WX)
                     bind[f"TOK_{n}"] = np.ascontiguousarray(self.value(s.tokens), dtype=np.intp)
                 elif s.pre:
                     bind[f"Y_{n}"] = self.alloc(f"Y_{n}", (self.K, B, v.size))
@@ -535,7 +535,7 @@ class _RunState:
     def backward(self, result: RunResult, combine: str) -> None:
         T, B, p, w, f = self.T, self.B, self.p, self.w, self.f
         self.GX: dict[str, np.ndarray] = {}  # gradient of pre/post vertices, [T, B, F]
-        self.grads = {k: _zeros(v.shape, self.dtype) for k, v in self.params.items()}  # products write there
+        self.grads = {k: aligned_zeros(v.shape, self.dtype) for k, v in self.params.items()}  # products write there
         self.init_grads: dict[str, np.ndarray] = {}
         self.core_grad: dict[str, np.ndarray] = {}  # post-phase gradient into core vertices, [T, B, F]
         # a delayed core vertex's gradient history is allocated now, so post-phase
@@ -809,25 +809,11 @@ def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
-def _zeros(shape, dtype) -> np.ndarray:
-    """Zeros on a cache line: the weight gradients, which the products write and add into."""
-    a = aligned_empty(shape, dtype)
-    a[...] = 0
-    return a
-
-
 def _column_view(W: np.ndarray, cols: list[int]) -> np.ndarray:
     """``W[:, cols]`` as a view when the columns are one run (BLAS takes its row stride), else a copy."""
     if cols and cols == list(range(cols[0], cols[-1] + 1)):
         return W[:, cols[0]: cols[-1] + 1]
-    return _columns(W, cols)
-
-
-def _columns(W: np.ndarray, cols: list[int]) -> np.ndarray:
-    """A C-contiguous copy of ``W[:, cols]``: what Numba's BLAS path (and a scattered column list) needs."""
-    if cols and cols == list(range(cols[0], cols[-1] + 1)):
-        return np.ascontiguousarray(W[:, cols[0]: cols[-1] + 1])
-    return np.ascontiguousarray(W[:, cols])
+    return W[:, cols]
 
 
 def _slot(index: int, D: int, ring: bool) -> int:

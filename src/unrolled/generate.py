@@ -22,7 +22,7 @@ import linecache
 
 import numpy as np
 
-from .blas import aligned, product
+from .blas import aligned, aligned_zeros, product
 from .graph import Graph, Param, Vertex
 from .jitcache import numba_allowed
 from .runio import _as_history
@@ -323,13 +323,13 @@ class Generator:
                 continue
             if v.name in self.depth:
                 D = self.depth[v.name]
-                ring = aligned(np.zeros((D + 1, B, v.size), dtype=dtype))
+                ring = aligned_zeros((D + 1, B, v.size), dtype)
                 init = self._initial(v, D, B, dtype, params, init_states)
                 for k in range(1, D + 1):  # slot of step -k
                     ring[(-k) % (D + 1)] = init[D - k]
                 bind[f"R_{n}"] = ring
             else:
-                bind[f"S_{n}"] = aligned(np.zeros((B, v.size), dtype=dtype))
+                bind[f"S_{n}"] = aligned_zeros((B, v.size), dtype)
             if v.op in ("matmul", "linear"):
                 # on a cache line: the step's products read it from L2 every character
                 bind[f"W_{n}"] = aligned(np.asarray(params[v.args[0].name]).T, dtype)

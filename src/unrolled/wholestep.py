@@ -33,7 +33,7 @@ import re
 
 import numpy as np
 
-from .blas import aligned_empty
+from .blas import aligned_empty, aligned_zeros
 from .graph import Graph, Param, Vertex
 from .runio import Feeds, RunResult, as_state, parameter_copies
 
@@ -180,8 +180,7 @@ class _Workspace:
                     a[f"PR_{n}"] = aligned_empty((T, B, v.args[0].size), dtype)
             elif v.kind == "input":
                 grad_shapes[f"G_{n}"] = (T, B, v.size)
-        self.grads = a["GRADS"] = aligned_empty((sum(math.prod(s) for s in grad_shapes.values()),), dtype)
-        self.grads[...] = 0
+        self.grads = a["GRADS"] = aligned_zeros((sum(math.prod(s) for s in grad_shapes.values()),), dtype)
         at, starts = 0, {}
         for key, shape in grad_shapes.items():
             size = math.prod(shape)
