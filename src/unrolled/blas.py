@@ -24,43 +24,9 @@ import os
 import numpy as np
 
 from . import onednn
+from .buffers import ALIGN, aligned, aligned_empty, aligned_zeros  # noqa: F401 (the fast path's buffers, re-exported)
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enum values (the Numba loops pass them too)
-
-ALIGN = 64  # bytes: a cache line, and one AVX-512 register
-
-
-def aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialized C-contiguous array whose data starts on a cache line.
-
-    NumPy's arrays start wherever ``malloc`` puts them: 16 bytes past a
-    64-byte boundary for a large one, anywhere on 16 for a small one. A
-    weight that oneDNN reads at every step is read ~9% slower off the line
-    (W2's step product on one thread: 34.1 against 31.3 us), so which
-    address a process happened to get moved its speed by as much. The
-    engine's buffers and weight copies are made here instead."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
-
-
-def aligned_zeros(shape, dtype) -> np.ndarray:
-    """Zeros on a cache line (see :func:`aligned_empty`)."""
-    a = aligned_empty(shape, dtype)
-    a[...] = 0
-    return a
-
-
-def aligned(a: np.ndarray, dtype=None) -> np.ndarray:
-    """``a`` as a C-contiguous array on a cache line (``a`` itself when it already is one)."""
-    dtype = a.dtype if dtype is None else np.dtype(dtype)
-    if a.dtype == dtype and a.flags.c_contiguous and a.ctypes.data % ALIGN == 0:
-        return a
-    out = aligned_empty(a.shape, dtype)
-    np.copyto(out, a)
-    return out
 
 
 def _candidates() -> list[str]:

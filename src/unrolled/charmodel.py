@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cells
-from .blas import aligned
+from .buffers import aligned
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .data import Vocabulary, iter_eval_chunks
 from .engines import make_engine

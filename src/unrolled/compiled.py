@@ -46,9 +46,11 @@ from .codegen import _header, _with_arguments, _Writer
 from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
 from .jitcache import _load_jit_loops, _load_module, numba_allowed
-from .ops import OPS, unbroadcast
+from .ops import unbroadcast, with_product
 from .runio import Feeds, RunResult, as_state, check_combine, parameter_copies, prepare
 from .schedule import INLINE, Plan, _Split, plan
+
+OPS = with_product(product)  # the op table, its matmul and linear on blas.product
 
 
 JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import initializers
+from .buffers import aligned
 from .ops import LOSS_KINDS, OPS, ArgSpec
 
 INIT_MODES = ("zeros", "learned", "given")
@@ -332,9 +333,7 @@ class Graph:
 
     def init_params(self, rng: np.random.Generator | int | None = 0, dtype=np.float64) -> dict[str, np.ndarray]:
         """Fresh parameter values, one array per parameter, from each one's named initializer; each
-        starts on a cache line (see ``blas.aligned_empty``: the products read them faster so)."""
-        from .blas import aligned
-
+        starts on a cache line (see buffers.py: the products read them faster so)."""
         rng = np.random.default_rng(rng)
         return {p.name: aligned(initializers.make(p.init, p.shape, rng, dtype)) for p in self.params.values()}
 

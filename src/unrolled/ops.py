@@ -20,8 +20,6 @@ from typing import Callable
 
 import numpy as np
 
-from .blas import product
-
 
 @dataclass(frozen=True)
 class ArgSpec:
@@ -254,9 +252,9 @@ def _log_softmax_vjp(g, v, out, a):
 
 # --------------------------------------------------------------------- table
 
-OPS: dict[str, Op] = {
-    op.name: op
-    for op in [
+def _product_ops(product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> list[Op]:
+    """matmul and linear, their matrix products made by ``product(a, b)`` (``a @ b``)."""
+    return [
         Op("matmul", 2, _matmul_shape,
            lambda v, a: product(v[1], v[0].T),
            lambda g, v, out, a: [product(g.T, v[1]), product(g, v[0])],
@@ -265,6 +263,13 @@ OPS: dict[str, Op] = {
            lambda v, a: _add_bias(product(v[1], v[0].T), v[2]),
            lambda g, v, out, a: [product(g.T, v[1]), product(g, v[0]), g.sum(axis=0)],
            params_allowed=(0, 2)),
+    ]
+
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in [
+        *_product_ops(np.matmul),
         Op("add", 2, _same_size,
            lambda v, a: v[0] + v[1],
            lambda g, v, out, a: [g, g],
@@ -322,3 +327,12 @@ OPS: dict[str, Op] = {
 }
 
 LOSS_KINDS = tuple(name for name, op in OPS.items() if op.is_loss)
+
+
+def with_product(product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict[str, Op]:
+    """The op table with matmul's and linear's products made by ``product(a, b)``.
+
+    This table is the specification and needs nothing but NumPy; the compiled
+    engine builds its own copy with the products on its BLAS bindings (blas.py),
+    every other rule shared, so that binding them is the engine's affair."""
+    return {**OPS, **{op.name: op for op in _product_ops(product)}}

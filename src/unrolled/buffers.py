@@ -1,0 +1,43 @@
+"""Arrays whose data start on a cache line.
+
+NumPy's arrays start wherever ``malloc`` puts them: 16 bytes past a 64-byte
+boundary for a large one, anywhere on 16 for a small one. A matrix product
+that reads its operand off a cache line reads it more slowly, so a process's
+speed would depend on the addresses it happened to get. Parameters, the
+compiled engine's buffers and its weight copies are made here instead.
+
+Plain NumPy: the graph layer uses it for fresh parameters, so it must not
+load any native library (the BLAS bindings live in blas.py and onednn.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ALIGN = 64  # bytes: a cache line, and one AVX-512 register
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on a cache line."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """Zeros on a cache line (see :func:`aligned_empty`)."""
+    a = aligned_empty(shape, dtype)
+    a[...] = 0
+    return a
+
+
+def aligned(a: np.ndarray, dtype=None) -> np.ndarray:
+    """``a`` as a C-contiguous array on a cache line (``a`` itself when it already is one)."""
+    dtype = a.dtype if dtype is None else np.dtype(dtype)
+    if a.dtype == dtype and a.flags.c_contiguous and a.ctypes.data % ALIGN == 0:
+        return a
+    out = aligned_empty(a.shape, dtype)
+    np.copyto(out, a)
+    return out

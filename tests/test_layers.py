@@ -1,0 +1,90 @@
+"""Layers depend downward only: the graph, the op table, the unroller and the
+reference engine need nothing but NumPy.
+
+The reference engine is the specification; a native library loaded beneath
+it (a BLAS binding, oneDNN and its fork hook, Numba) would make every check
+against it depend on the fast path it is meant to check. Each test runs a
+fresh interpreter, since this one has long since imported everything.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+NATIVE = ("unrolled.blas", "unrolled.onednn", "unrolled.compiled", "numba", "llvmlite", "scipy", "torch")
+
+PROBE = """
+import ctypes, json, sys
+opened = []
+class Recording(ctypes.CDLL):
+    def __init__(self, name, *args, **kw):
+        opened.append(str(name))
+        super().__init__(name, *args, **kw)
+ctypes.CDLL = Recording
+import numpy as np
+import unrolled, unrolled.graph, unrolled.ops, unrolled.unroll, unrolled.reference, unrolled.cells
+from unrolled.gradcheck import small_network
+g = small_network("elman")
+rng = np.random.default_rng(0)
+T, B = 4, 3
+r = unrolled.make_engine(g, "reference").run(
+    g.init_params(0), {"x": rng.normal(size=(T, B, 3)), "target": rng.integers(0, 3, (T, B))})
+assert np.isfinite(r.loss)
+try:
+    with open("/proc/self/maps") as maps:
+        mapped = sorted({line.split()[-1] for line in maps if any(k in line for k in ("dnnl", "gomp", "llvm"))})
+except OSError:
+    mapped = []
+print(json.dumps({"modules": sorted(sys.modules), "opened": opened, "mapped": mapped}))
+"""
+
+
+def _probe() -> dict:
+    import json
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_the_graph_and_the_reference_engine_load_no_native_library():
+    found = _probe()
+    native = [m for m in found["modules"] if m in NATIVE or m.startswith(tuple(n + "." for n in NATIVE))]
+    assert native == []
+    assert found["opened"] == []  # no ctypes.CDLL: neither a BLAS binding nor oneDNN
+    assert found["mapped"] == []  # oneDNN, its OpenMP runtime, LLVM: not in the process at all
+
+
+def test_the_compiled_engine_loads_its_bindings_when_imported():
+    """The other side of the rule: the bindings still load, only later."""
+    code = "import sys, unrolled.compiled; print('unrolled.blas' in sys.modules, 'unrolled.onednn' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_compiled_engine_products_agree_with_the_specification(dtype):
+    """The compiled engine's op table differs from the specification's in its products alone."""
+    import numpy as np
+
+    from unrolled import compiled, ops
+
+    rng = np.random.default_rng(1)
+    W, x, b = (rng.normal(size=s).astype(dtype) for s in ((600, 500), (700, 500), (600,)))
+    g = rng.normal(size=(700, 600)).astype(dtype)
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == "float32" else dict(rtol=1e-12, atol=1e-10)
+    for name, args in (("matmul", [W, x]), ("linear", [W, x, b])):
+        spec, fast = ops.OPS[name], compiled.OPS[name]
+        np.testing.assert_allclose(fast.forward(args, {}), spec.forward(args, {}), **tol)
+        out = spec.forward(args, {})
+        for got, want in zip(fast.vjp(g, args, out, {}), spec.vjp(g, args, out, {})):
+            np.testing.assert_allclose(got, want, **tol)
+    assert set(compiled.OPS) == set(ops.OPS)
+    assert all(compiled.OPS[k] is ops.OPS[k] for k in ops.OPS if k not in ("matmul", "linear"))
