@@ -4,8 +4,8 @@ Numba's ``np.dot`` reaches BLAS through SciPy, which bundles an OpenBLAS of
 its own. Two OpenBLAS libraries in one process mean two pools of threads,
 and each pool's threads spin for a while after every product: a step loop
 whose per-step products go to SciPy's pool while the weight products go to
-NumPy's spends its time with the two pools fighting over the two cores (the
-LSTM loop of the character model ran 4-5x slower so). Calling the very
+NumPy's spends its time with the two pools fighting over the cores, several
+times slower than with one pool. Calling the very
 ``cblas_?gemm`` that ``numpy.matmul`` calls keeps one pool.
 
 NumPy's wheels bundle OpenBLAS with its symbols renamed

@@ -69,7 +69,7 @@ def global_norm(grads: Arrays) -> float:
         with np.errstate(under="ignore"):  # elements far below the peak may flush to 0: harmless
             scaled = (g.astype(np.float64) / peak).ravel()  # in [-1, 1], so squaring cannot overflow
             # a plain reduction, not BLAS's dot: a BLAS call wakes OpenBLAS's threads, which then spin
-            # beside oneDNN's for a tenth of a second (see onednn.py)
+            # beside oneDNN's for a while after it (see onednn.py)
             norms.append(peak * math.sqrt(float(np.einsum("i,i->", scaled, scaled))))
     if any(math.isnan(n) for n in norms):
         return math.nan

@@ -55,10 +55,9 @@ OPS = with_product(product)  # the op table, its matmul and linear on blas.produ
 
 JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps
 # "auto" runs the whole run as one Numba function when rows x the multiply-adds of a step's products
-# (dense, per row) is at most this. Its own loops beat BLAS's calls only on tiny steps; measured, best of
-# five, whole vs loops: min-char-rnn (Elman 100, ~25k per row) 0.13 vs 0.31 ms at B=1, 0.38 vs 0.47 at 4,
-# 1.43 vs 0.95 at 16; the 2 x 128 LSTM character model (~245k) 2.23 vs 2.42 ms at B=1, 4.23 vs 2.86 at 2,
-# 8.72 vs 3.32 at 4 (the old rule, B x widest vertex <= 4096, took the whole run up to B=8 there).
+# (dense, per row) is at most this. The whole-run function's own loops beat a BLAS call only while a
+# step's products are tiny, where the call's fixed cost dominates; above, BLAS's blocked kernels win.
+# (A rule on rows x the widest vertex took the whole run where the loops were already faster.)
 WHOLE_AUTO_MACS = 1 << 18
 CHUNK_BYTES = 16 << 20  # per-chunk buffers of the loops (Y, GF) stay below this: see _RunState._chunk_steps
 
@@ -464,11 +463,11 @@ class _RunState:
             if v.name in p.split:
                 s = p.split[v.name]
                 W = self.params[s.W]
-                # copied (unless the weight already is its own loop half, on a cache line): a row-strided
-                # view of the columns costs the backward step's product 3-5% (25 rows, 512 x 128), and
-                # SciPy's BLAS takes only C-contiguous operands; a transposed view costs the forward
-                # step's product a quarter (a 50 x 128 x 512 step: 53 vs 40 us through oneDNN, 62 vs
-                # 52 OpenBLAS), so its transpose is copied too, and the Numba loops compile once
+                # copied (unless the weight already is its own loop half, on a cache line): a BLAS
+                # product reads a row-strided view of the columns more slowly than a contiguous copy,
+                # and SciPy's BLAS takes only C-contiguous operands; it reads a transposed view more
+                # slowly still, so the transpose is copied too (once a run, against every step's
+                # product), and the Numba loops compile for one layout
                 Wc = aligned(_column_view(W, s.core_cols))
                 bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, aligned(Wc.T)
                 if len(s.core) > 1:
@@ -495,8 +494,8 @@ class _RunState:
             Y += self.params[s.bias]
 
     def _pre_weights(self, v: Vertex, s: _Split) -> np.ndarray:
-        """``W[:, pre]``, transposed and contiguous: the operand the forward product reads (a
-        transposed view costs a 1250 x 128 x 512 product on one thread 3-10% more than the copy)."""
+        """``W[:, pre]``, transposed and contiguous: the operand the forward product reads (BLAS
+        reads a transposed view more slowly than the copy, made once a run)."""
         key = f"WpT:{v.name}"
         if key not in self.X:
             self.X[key] = aligned(_column_view(self.params[s.W], s.pre_cols).T)
@@ -757,7 +756,7 @@ class _RunState:
         """Add the loop-free half's weight gradient ``[out, pre columns]`` (``transposed``: ``[pre
         columns, out]``, as the one-hot scatter makes it) into the weight's columns."""
         for (part, lo, hi), off in zip(s.pre, _offsets(s.pre)):
-            if transposed:  # NumPy's strided add of a transposed view is three times slower
+            if transposed:  # NumPy's add of a transposed view strides through memory; the kernel blocks it
                 from .jitkernels import add_transposed
 
                 add_transposed(self.grads[s.W][:, lo:hi], dWp[off:off + hi - lo])

@@ -1,13 +1,12 @@
 """oneDNN's single-precision matrix product, when the ``fast`` extra installed it.
 
-The per-step products of a recurrent loop are small (a batch of 50 rows
-times a 128 x 512 weight) and come one after another; OpenBLAS, which
-NumPy bundles, runs them at about 60% of what the two cores can do, and
-PyTorch's LSTM runs the same shapes through oneDNN's JIT-generated kernels.
-oneDNN also ships a BLAS-like entry point, ``dnnl_sgemm``: on the 2-core
-AVX-512 machines we measure on it takes 39 us where OpenBLAS takes 50 for
-the character model's step product (50 x 128 x 512), and 10-20% less for
-the whole-sequence weight products.
+The per-step products of a recurrent loop are small (a batch of rows times
+a weight of a few hundred columns) and come one after another; OpenBLAS,
+which NumPy bundles, runs such shapes well below the machine's peak, and
+PyTorch's LSTM runs them through oneDNN's JIT-generated kernels. oneDNN
+also ships a BLAS-like entry point, ``dnnl_sgemm``, which runs both the step
+products and the whole-sequence weight products faster than OpenBLAS where
+we measured (benchmarks/RESULTS.md has the figures, their machine and date).
 
 It is found through the installed ``onednn-cpu-gomp`` distribution (or the
 system's ``libdnnl``), checked on a small product, and used for float32
@@ -16,10 +15,10 @@ off; without it every product stays with NumPy's BLAS.
 
 Two thread pools must not take turns. oneDNN's threads are GNU OpenMP's;
 OpenBLAS keeps its own, whose threads keep polling for work after each
-threaded call (for up to 2^28 cycles by default, about a tenth of a second).
-A W2 update in the plain-NumPy loop, in which one BLAS dot product per
-update (the global norm's) woke OpenBLAS's pool, took 108 ms instead of 41:
-the two pools' waiting threads shared one core. So while oneDNN runs the
+threaded call (for up to 2^28 cycles by default). One BLAS dot product an
+update (the global norm's) was enough to wake OpenBLAS's pool, whose
+waiting threads then shared the cores with oneDNN's and slowed every
+update. So while oneDNN runs the
 large products, nothing of ours calls a threaded OpenBLAS routine: the
 products below :data:`SMALL` are below OpenBLAS's own threshold for threads,
 and the norm is a plain reduction.
@@ -144,10 +143,9 @@ def _one_thread_after_fork() -> None:
 
 _one_thread_after_fork()
 
-# Below this many multiply-adds NumPy's BLAS is as fast or faster (measured from a Numba loop:
-# 16 x 48 x 192 takes 3.6 us through oneDNN, 2.6 through OpenBLAS; 4 x 128 x 512 the same 4.6;
-# 8 x 128 x 512 6.4 vs 9.2; 50 x 128 x 512 32 vs 49; 1 x 512 x 2048 35 vs 241). It is also
-# OpenBLAS's own threshold for a threaded GEMM (65536 x 4, interface/gemm.c), so the products left to it run on
+# Below this many multiply-adds NumPy's BLAS is as fast or faster: oneDNN's call has a larger fixed
+# cost, which only a larger product earns back (measured from a Numba loop; see benchmarks/RESULTS.md).
+# It is also OpenBLAS's own threshold for a threaded GEMM (65536 x 4, interface/gemm.c), so the products left to it run on
 # the calling thread and never wake its pool.
 SMALL = 1 << 18
 

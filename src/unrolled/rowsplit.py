@@ -4,13 +4,11 @@ Every op of the table works row by row, so the rows of a batch are
 independent runs that share only the weights: their losses and weight
 gradients add up, everything else (outputs, states, input gradients) is
 theirs alone. The compiled engine uses that on machines where oneDNN runs
-the products. Left as one run, a step of the character model (50 rows, two
-layers of 128) spends a third of its time on work only one core does (the
-fused gate kernels, the loop's own calls) while oneDNN's second thread
-waits, and every product pays OpenMP's fork and join. Split in two, each
-core runs 25 rows start to finish with one-thread products (25 x 128 x 512:
-32 us on one thread, the same as 50 rows on two), and nothing waits: a W2
-update took 22 ms against 24-29 on one run of 50 rows, W3 8-10% less.
+the products. Left as one run, a step spends part of its time on work only
+one core does (the fused gate kernels, the loop's own calls) while oneDNN's
+other threads wait, and every product pays OpenMP's fork and join. Split,
+each core runs its rows start to finish with one-thread products, and
+nothing waits. (benchmarks/RESULTS.md has what it measured.)
 
 The loss of a part is divided by the whole batch's divisor (``Feeds.norms``),
 so the parts' losses and gradients are summed, not averaged, and the result
@@ -33,7 +31,7 @@ import numpy as np
 from . import onednn
 from .runio import Feeds, RunResult
 
-MIN_ROWS = 16  # W2's model split in two: 16 rows a part 16% faster than one run, 12 even, 6 slower
+MIN_ROWS = 16  # fewer rows a part and a one-thread product no longer pays for its thread's start and merge
 
 
 def parts(B: int, dtype, threads: int | str = "auto") -> list[tuple[int, int]] | None:
