@@ -14,8 +14,8 @@ import os
 # test graph for seconds; tests take the NumPy loop unless they ask for jit=True
 # (tests/test_jit.py does, on a fixed set of graphs).
 os.environ.setdefault("UNROLLED_JIT", "0")
-# Multithreaded BLAS on tiny test matrices, on a shared 2-core machine, spends its
-# time spinning (an encoder-decoder test: 175 s threaded, 7 s on one thread).
+# Multithreaded BLAS on tiny test matrices spends its time waking and spinning threads,
+# the more so on a machine whose few cores other jobs share; one thread is many times faster.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402  (after the environment is set: OpenBLAS reads it at import)
