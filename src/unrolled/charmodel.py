@@ -37,6 +37,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 from .data import Vocabulary, iter_eval_chunks
 from .engines import make_engine
 from .graph import Graph
+from .memory import check_fits, evaluation_bytes
 
 # Bump when the graph's layout (vertex or parameter names, meta fields) changes
 # in a way an older reader cannot follow; a checkpoint with another number is
@@ -71,9 +72,9 @@ class ModelConfig:
         _at_least(self.layers, 1, "number of layers (--layers)")
         _at_least(self.vocab_size, 1, "vocabulary size")
         if self.embedding < 0:
-            raise ValueError(f"embedding size {self.embedding}; use 0 for one-hot input or a positive size")
+            raise ValueError(f"embedding size {self.embedding}; use 0 for one-hot input or a positive size (--embedding)")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout {self.dropout}; it is a probability, at least 0 and below 1")
+            raise ValueError(f"dropout {self.dropout}; it is a probability, at least 0 and below 1 (--dropout)")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype '{self.dtype}'; use float32 or float64")
         return self
@@ -121,7 +122,7 @@ class TrainConfig:
         if self.lr_schedule == "cosine" and not self.steps:
             raise ValueError("the cosine schedule needs the run's length: give --steps")
         if self.warmup < 0:
-            raise ValueError(f"warm-up of {self.warmup} steps; it cannot be negative")
+            raise ValueError(f"warm-up of {self.warmup} steps; it cannot be negative (--warmup)")
         if self.bptt_k1 > self.bptt_k2:
             raise ValueError(f"k1 = {self.bptt_k1} is larger than k2 = {self.bptt_k2}; the gradient must reach "
                              f"back at least over the steps since the last update (k1 <= k2)")
@@ -131,9 +132,12 @@ class TrainConfig:
             raise ValueError(f"validation fraction {self.val_fraction}; it must be above 0 and below 1 (--val-fraction)")
         for name in ("steps", "sample_every", "sample_length", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name.replace('_', '-')} is {getattr(self, name)}; it cannot be negative")
+                flag = name.replace('_', '-')
+                raise ValueError(f"{flag} is {getattr(self, name)}; it cannot be negative (--{flag})")
         if self.minutes < 0 or not math.isfinite(self.minutes):
-            raise ValueError(f"minutes is {self.minutes}; it must be a positive number (or 0 for no limit)")
+            raise ValueError(f"minutes is {self.minutes}; it must be a positive number, or 0 for no limit (--minutes)")
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed is {self.seed!r}; it must be a whole number from 0 to 2**63 - 1 (--seed)")
         return self
 
 
@@ -337,8 +341,10 @@ def score_text(model: LoadedModel, text: str, *, seq: int | None = None, batch: 
             f"the text has {len(ids)} character{'s' if len(ids) != 1 else ''} the model knows "
             f"({unknown} others skipped); scoring needs at least 2"
         )
-    seq = seq or model.train.seq
     batch = min(batch or model.train.batch, len(ids) - 1)  # no stream without a character to predict
+    seq = min(seq or model.train.seq, -(-(len(ids) - 1) // batch))  # no longer than a stream: memory follows the text
+    check_fits(evaluation_bytes(model.graph, seq, batch, model.model.dtype),
+               f"scoring chunks of --seq {seq} × --batch {batch}", "lower --seq or --batch")
     eng = make_engine(model.graph, engine)
     total, count, state = 0.0, 0, None
     for x, y, mask in iter_eval_chunks(ids, seq, batch):

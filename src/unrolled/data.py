@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .words import count
+
 # -- reading -----------------------------------------------------------------
 
 
@@ -195,7 +197,7 @@ class Vocabulary:
         """The id of one character."""
         i = self._index.get(ch)
         if i is None:
-            raise ValueError(f"{_describe(ch)} is not in the model's vocabulary of {len(self)} characters")
+            raise ValueError(f"{_describe(ch)} is not in the model's vocabulary of {count(len(self), 'character')}")
         return i
 
     def encode(self, text: str, unknown: str = "error"):
@@ -215,7 +217,7 @@ class Vocabulary:
         if not known.all():
             first = int(np.argmin(known))
             raise ValueError(f"{_describe(text[first])} {_where(text, first)} is not in the model's vocabulary "
-                             f"of {len(self)} characters; remove it from the text or skip unknown characters")
+                             f"of {count(len(self), 'character')}; remove it from the text or skip unknown characters")
         return self._order[pos]
 
     def decode(self, ids) -> str:
@@ -230,7 +232,7 @@ class Vocabulary:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= len(self):
             bad = lo if lo < 0 else hi
-            raise ValueError(f"id {bad} is outside the vocabulary of {len(self)} characters (ids 0..{len(self) - 1})")
+            raise ValueError(f"id {bad} is outside the vocabulary of {count(len(self), 'character')} (ids 0..{len(self) - 1})")
         return self._char_array[ids].tobytes().decode("utf-32-le", "surrogatepass")
 
 
@@ -266,10 +268,10 @@ def split_train_val(ids, val_fraction: float, *, min_train: int = 2, min_val: in
     n_val = int(round(n * f))
     train, val = ids[: n - n_val], ids[n - n_val :]
     if f > 0 and len(val) < min_val:
-        raise ValueError(f"the validation part would be {len(val)} characters ({f:g} of {n}), fewer than the {min_val} "
+        raise ValueError(f"the validation part would be {count(len(val), 'character')} ({f:g} of {n}), fewer than the {min_val} "
                          "it needs; raise the validation fraction or use a longer text")
     if len(train) < min_train:
-        raise ValueError(f"the training part would be {len(train)} characters ({1 - f:g} of {n}), fewer than the "
+        raise ValueError(f"the training part would be {count(len(train), 'character')} ({1 - f:g} of {n}), fewer than the "
                          f"{min_train} it needs; lower the validation fraction, lower seq_len or batch_size, or use a longer text")
     return train, val
 
@@ -297,7 +299,7 @@ class StreamBatcher:
         self.batch_size = _whole("batcher", "batch_size", batch_size)
         T, B, n = self.seq_len, self.batch_size, len(self.ids)
         if n < T * B + 1:
-            raise ValueError(f"the text has {n} characters, too few for {B} streams of {T} characters "
+            raise ValueError(f"the text has {count(n, 'character')}, too few for {count(B, 'stream')} of {count(T, 'character')} "
                              f"(needs seq_len × batch_size + 1 = {T * B + 1}); lower batch_size or seq_len, or use a longer text")
         self.stream_len = (n - 1) // B
         self.chunks_per_epoch = self.stream_len // T
@@ -362,6 +364,8 @@ def iter_eval_chunks(ids, seq_len: int, batch_size: int) -> Iterator[tuple[np.nd
     from one chunk to the next as in training. Positions past a stream's end
     are padding: ``x = y = 0`` and ``mask = 0.0`` (float64, 1.0 elsewhere).
     Start each evaluation from the initial state: streams begin cold.
+    A ``seq_len`` beyond a stream's length is cut to it: the chunks then
+    hold the same predictions, and their size follows the text, not the flag.
     """
     ids = _ids(ids, "the evaluation text")
     T = _whole("evaluation", "seq_len", seq_len)
@@ -372,6 +376,7 @@ def iter_eval_chunks(ids, seq_len: int, batch_size: int) -> Iterator[tuple[np.nd
                          "(one to read, one to predict)")
     targets = n - 1
     stream_len = -(-targets // B)
+    T = min(T, stream_len)
     starts = np.arange(B) * stream_len  # [B]
     ends = np.minimum(starts + stream_len, targets)  # [B]
     for k in range(eval_chunk_count(n, T, B)):

@@ -39,6 +39,7 @@ from .graph import Graph
 from .optim import make_optimizer
 from .seq2seq import Seq2Seq, generate
 from .train import Trainer, freeze_after_end, keep_feed, last_step_mask, length_mask, pad
+from .words import count
 
 
 @dataclass
@@ -62,7 +63,7 @@ class FlavorResult:
         verdict = "reached" if self.passed else "missed"
         cmp = ">=" if self.higher_is_better else "<="
         return (f"{self.flavor}: {self.metric} {self.value:.4g} ({verdict} {cmp} {self.target:g}) "
-                f"after {self.updates} updates in {self.seconds:.1f} s")
+                f"after {count(self.updates, 'update')} in {self.seconds:.1f} s")
 
 
 def _loop(trainer: Trainer, batch: Callable[[], tuple], measure: Callable[[], float], *, updates: int,

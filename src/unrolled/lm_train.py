@@ -46,10 +46,12 @@ from .charmodel import (
 )
 from .checkpoint import save_checkpoint
 from .engines import ENGINE_NAMES, make_engine
+from .memory import check_fits, training_bytes
 from .optim import make_optimizer
 from .sampling import Sampler
 from .schedules import make_schedule
 from .train import Trainer
+from .words import count
 
 # Settings a resumed run may change: they decide how long it goes on and what
 # it reports, never which numbers it computes.
@@ -123,12 +125,14 @@ def _check_length(n: int, cfg: TrainConfig, source: str) -> None:
     n_val = int(round(n * cfg.val_fraction))
     need_train = T * B + 1
     if n_val < 2 and n - n_val >= need_train:
-        raise ValueError(f"holding out {cfg.val_fraction:g} of the {n:,} characters of {source} leaves {n_val} for "
+        raise ValueError(f"holding out {cfg.val_fraction:g} of the {count(n, 'character', spec=',')} of {source} "
+                         f"leaves {n_val} for "
                          f"validation, fewer than the 2 it needs; raise --val-fraction or use a longer text")
     if n - n_val < need_train or n_val < 2:
         need = max(math.ceil(need_train / (1 - cfg.val_fraction)), math.ceil(2 / cfg.val_fraction)) + 1
         raise ValueError(
-            f"{source} has {n:,} characters, too short: one training chunk of --seq {T} × --batch {B} needs "
+            f"{source} has {count(n, 'character', spec=',')}, too short: one training chunk of --seq {T} × "
+            f"--batch {B} needs "
             f"{need_train:,} after holding out {cfg.val_fraction:g} for validation, so at least {need:,} in all; "
             f"use a longer text, or lower --seq or --batch"
         )
@@ -192,19 +196,12 @@ class TrainingRun:
         self.train_ids, self.val_ids = data.split_train_val(ids, cfg.val_fraction, min_train=cfg.bptt_k1 * cfg.batch + 1)
         self.batcher = data.StreamBatcher(self.train_ids, cfg.bptt_k1, cfg.batch)
 
-        # Where it writes.
-        if options.out is not None:
-            out = Path(options.out)
-        elif loaded:
-            out = loaded.path.parent
-        else:
-            out = default_out_dir()
-        # Only the resumed run's own folder may already hold checkpoints: another run's are never overwritten.
-        own = loaded is not None and out.resolve() == loaded.path.parent.resolve()
-        self.out = prepare_out_dir(out, fresh=not own)
-
         # The model and its trainer.
         self.graph = build_graph(self.model, train=True)
+        T = max(cfg.seq, cfg.bptt_k2)  # the longest chunk an update or a validation pass holds
+        check_fits(training_bytes(self.graph, T, cfg.batch, self.model.dtype, cfg.optimizer),
+                   f"training {self.model.cell} {self.model.layers}×{self.model.hidden} on chunks of "
+                   f"--seq {T} × --batch {cfg.batch}", "lower --hidden, --layers, --seq or --batch")
         # A resumed run keeps its engine unless told otherwise: engines agree to rounding, not bit for bit.
         saved = loaded.meta.get("engine") if loaded else None
         engine = options.engine or (saved if saved in ENGINE_NAMES else None)
@@ -218,6 +215,17 @@ class TrainingRun:
         self.trainer = Trainer(self.engine, params, make_optimizer(cfg.optimizer, cfg.lr), schedule=schedule,
                                clip_norm=cfg.clip or None, k1=cfg.bptt_k1, k2=cfg.bptt_k2, seed=cfg.seed)
         self.params = self.trainer.params
+
+        # Where it writes: made only now that every setting is known to be good, so a refused run leaves no folder.
+        if options.out is not None:
+            out = Path(options.out)
+        elif loaded:
+            out = loaded.path.parent
+        else:
+            out = default_out_dir()
+        # Only the resumed run's own folder may already hold checkpoints: another run's are never overwritten.
+        own = loaded is not None and out.resolve() == loaded.path.parent.resolve()
+        self.out = prepare_out_dir(out, fresh=not own)
         self.train_losses: list[float] = []  # nats/char of every update, in order
         self.val_points: list[tuple[int, float]] = []  # (step, validation bits/char)
         self.best = {"val_bpc": math.inf, "step": 0}
@@ -247,7 +255,8 @@ class TrainingRun:
         except ValueError as e:
             raise ValueError(f"cannot resume from {loaded.path}: {e}") from None
         if len(self.train_losses) != self.step:
-            raise ValueError(f"{loaded.path} is inconsistent: {len(self.train_losses)} losses for {self.step} steps")
+            raise ValueError(f"{loaded.path} is inconsistent: {count(len(self.train_losses), 'loss', 'losses')} for "
+                             f"{count(self.step, 'step')}")
         self.saved_step = self.step
 
     # ------------------------------------------------------------- loop
@@ -255,7 +264,7 @@ class TrainingRun:
     def run(self) -> RunSummary:
         cfg = self.config
         if cfg.steps and self.step >= cfg.steps:
-            raise ValueError(f"the run has already done {self.step} steps (--steps {cfg.steps}); "
+            raise ValueError(f"the run has already done {count(self.step, 'step')} (--steps {cfg.steps}); "
                              f"pass a larger --steps to continue it")
         self._announce()
         stop = _StopRequest(self._say)
@@ -314,9 +323,10 @@ class TrainingRun:
         verb = f"resuming at step {self.step}" if self.step else "training"
         limit = [f"until step {cfg.steps:,}"] if cfg.steps else []
         if cfg.minutes:
-            limit.append(f"for {cfg.minutes:g} minutes")
+            limit.append(f"for {count(cfg.minutes, 'minute', spec='g')}")
         self._say(
-            f"{verb}: {m.cell} {m.layers}×{m.hidden} ({n_params:,} parameters, {len(self.vocabulary)} characters) on "
+            f"{verb}: {m.cell} {m.layers}×{m.hidden} ({count(n_params, 'parameter', spec=',')}, "
+            f"{count(len(self.vocabulary), 'character')}) on "
             f"{self.source}: {len(self.train_ids):,} training / {len(self.val_ids):,} validation characters\n"
             f"  seq {cfg.seq}, batch {cfg.batch}, k1 {cfg.bptt_k1}, k2 {cfg.bptt_k2}, {cfg.optimizer} lr {cfg.lr:g}"
             f"{'' if cfg.lr_schedule == 'constant' else ' ' + cfg.lr_schedule}, clip {cfg.clip:g}, "

@@ -18,6 +18,7 @@ from ..data import FALLBACK_CORPUS, StreamBatcher, Vocabulary
 from ..engines import make_engine
 from ..graph import Graph
 from ..optim import make_optimizer
+from ..words import count
 
 
 def add_arguments(p) -> None:
@@ -48,7 +49,7 @@ def run(args) -> int:
     engine = make_engine(g)
     optimizer = make_optimizer("adagrad", 0.1)
     batches = StreamBatcher(vocab.encode(text), 25, 4)
-    print(f"\nTraining on {len(text)} characters ({vocab.size} distinct) for {args.seconds:g} s "
+    print(f"\nTraining on {count(len(text), 'character')} ({vocab.size} distinct) for {args.seconds:g} s "
           f"by truncated BPTT (T = 25, B = 4), {engine.name} engine:")
     state, step, start, smooth = None, 0, time.perf_counter(), None
     while time.perf_counter() - start < args.seconds:

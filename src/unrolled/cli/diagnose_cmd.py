@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import diagnose
 from ..diagnose import PLOT_FORMATS
+from ..words import count
 from . import UsageError
 from .draw_cmd import add_network_arguments, check_extension, load_model
 
@@ -129,9 +130,9 @@ def _diagnose_one(what: str, task, args) -> list[diagnose.Diagnosis]:
     before = diagnose.diagnose(graph, params, inputs, label=f"{name} untrained", **kw)
     trained, losses = diagnose.train(graph, params, task, args.train_steps, T=args.steps, B=args.train_batch,
                                      lr=args.lr, seed=args.seed + 2, engine=args.engine)
-    print(f"{name}: trained {args.train_steps} steps on the {task.describe()} task, loss "
+    print(f"{name}: trained {count(args.train_steps, 'step')} on the {task.describe()} task, loss "
           f"{np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} (mean of the first and last 10 batches)")
-    after = diagnose.diagnose(graph, trained, inputs, label=f"{name} trained {args.train_steps} steps", **kw)
+    after = diagnose.diagnose(graph, trained, inputs, label=f"{name} trained {count(args.train_steps, 'step')}", **kw)
     before.notes.append(about)
     after.notes.append(about)
     return [before, after]
@@ -148,7 +149,7 @@ def _text_inputs(model, text_path, T: int, B: int, rng) -> dict:
     ids = np.array([index[c] for c in text if c in index], dtype=np.int64)
     if len(ids) < T + 1:
         where = text_path or "the built-in corpus"
-        raise ValueError(f"{where} has {len(ids)} characters of the model's vocabulary; T={T} needs at least {T + 1}")
+        raise ValueError(f"{where} has {count(len(ids), 'character')} of the model's vocabulary; T={T} needs at least {T + 1}")
     starts = rng.integers(0, len(ids) - T, size=B)
     seq = np.stack([ids[s:s + T + 1] for s in starts], axis=1)  # [T+1, B]
     return {INPUT_NAME: seq[:-1], TARGET_NAME: seq[1:]}

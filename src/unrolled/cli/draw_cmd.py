@@ -30,6 +30,7 @@ from .. import draw as drawing
 from ..draw import FORMATS, RENDERERS
 from ..graph import Graph
 from ..unroll import UnrolledGraph
+from ..words import count as _count
 from . import UsageError
 
 
@@ -77,10 +78,6 @@ def run(args) -> int:
         how = " with Graphviz" if args.renderer != "matplotlib" and drawing.dot_program() else " with matplotlib"
     print(f"wrote {path}{how} ({shown})")
     return 0
-
-
-def _count(n: int, one: str, many: str | None = None) -> str:
-    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def check_extension(path: Path, formats) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from ..charmodel import load_model, score_text
 from ..data import read_text
 from ..engines import ENGINE_NAMES
+from ..words import count
 from . import UsageError
 
 
@@ -40,13 +41,14 @@ def run(args) -> int:
     model = load_model(args.checkpoint)
     text = read_text(args.file, args.encoding)
     s = score_text(model, text, seq=args.seq, batch=args.batch, engine=args.engine)
-    print(f"{args.file}: {s.characters:,} characters, {s.scored:,} predictions scored")
+    print(f"{args.file}: {count(s.characters, 'character', spec=',')}, "
+          f"{count(s.scored, 'prediction', spec=',')} scored")
     print(f"bits/char {s.bits_per_char:.4f}   perplexity {s.perplexity:.3f}   "
           f"({s.nats / s.scored:.4f} nats/char)")
     if s.unknown:
         listed = ", ".join(f"{c!r} ×{n}" for c, n in sorted(s.unknown_chars.items(), key=lambda kv: -kv[1])[:8])
         more = ", …" if len(s.unknown_chars) > 8 else ""
-        print(f"out of vocabulary: {s.unknown:,} characters ({len(s.unknown_chars)} distinct: {listed}{more}) were "
+        print(f"out of vocabulary: {count(s.unknown, 'character', spec=',')} ({len(s.unknown_chars)} distinct: {listed}{more}) were "
               f"skipped, not scored; charged log2({s.vocab_size}) bits each instead, bits/char would be "
               f"{s.bits_per_char_charged:.4f}")
     else:

@@ -19,6 +19,7 @@ examples:
 
 from __future__ import annotations
 
+import math
 import sys
 
 from ..charmodel import load_model
@@ -44,8 +45,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if args.length < 0:
         raise UsageError(f"--length {args.length}: give a number of characters, 0 or more")
-    if not args.temperature >= 0:
-        raise UsageError(f"--temperature {args.temperature}: give 0 or a positive number")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature {args.temperature}: give 0 or a positive finite number")
     if args.top_k < 0:
         raise UsageError(f"--top-k {args.top_k}: give a number of characters, or 0 for all")
     model = load_model(args.checkpoint)

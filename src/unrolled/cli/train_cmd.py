@@ -58,8 +58,8 @@ def add_arguments(p) -> None:
     t.add_argument("--clip", type=float, metavar="X", help=f"largest global gradient norm, 0 = no clipping (default {_T.clip:g})")
     t.add_argument("--k1", type=int, metavar="N", help="truncated BPTT: characters between updates (default --seq)")
     t.add_argument("--k2", type=int, metavar="N", help="truncated BPTT: steps the gradient flows back, >= k1 (default --seq)")
-    t.add_argument("--steps", type=int, metavar="N", help=f"stop after this many updates in all (default {_T.steps:,}; "
-                                                         f"none with --minutes alone)")
+    t.add_argument("--steps", type=int, metavar="N", help=f"stop after this many updates in all; 0 = no step limit (stop with --minutes "
+                                                         f"or Ctrl-C) (default {_T.steps:,}; none with --minutes alone)")
     t.add_argument("--minutes", type=float, metavar="M", help="stop after this many minutes of updates in this invocation "
                                                  "(validation, samples and saving are not counted)")
     t.add_argument("--val-fraction", type=float, metavar="F", help=f"the last part of the text held out (default {_T.val_fraction:g})")

@@ -1,0 +1,120 @@
+"""Bad numbers and bad flags: each refused in one line naming the flag, before any folder is made."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unrolled import memory
+from unrolled.charmodel import load_model, score_text
+from unrolled.cli import build_parser, main
+from unrolled.data import iter_eval_chunks
+from unrolled.words import count
+
+from test_cli_train import TINY, corpus, one_line_error
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "tiny.txt"
+    p.write_text(corpus())
+    return p
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--seed", "-1"], ["seed is -1", "--seed"]),
+    (["--steps", "-2"], ["--steps"]),
+    (["--warmup", "-1"], ["--warmup"]),
+    (["--dropout", "1.5"], ["--dropout"]),
+    (["--hidden", "1000000"], ["needs about", "TB of memory", "available", "--hidden"]),
+])
+def test_refused_settings_name_the_flag_and_make_no_folder(tmp_path, text_file, capsys, flags, needles):
+    out = tmp_path / "nested" / "run"
+    rc = main(["train", str(text_file), *TINY, "--steps", "2", *flags, "--out", str(out)])
+    one_line_error(capsys, rc, *needles)
+    assert not (tmp_path / "nested").exists()
+
+
+def test_memory_refusal_gives_the_figure_and_what_is_available(tmp_path, text_file, capsys, monkeypatch):
+    graph_bytes = {}
+    real = memory.training_bytes
+
+    def spy(*a, **kw):
+        graph_bytes["n"] = real(*a, **kw)
+        return graph_bytes["n"]
+
+    monkeypatch.setattr("unrolled.lm_train.training_bytes", spy)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    rc = main(["train", str(text_file), *TINY, "--steps", "2", "--out", str(tmp_path / "run")])
+    line = one_line_error(capsys, rc, "1.0 KB is available", "--seq 8 × --batch 4")
+    assert memory.human(graph_bytes["n"]) in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_memory_estimate_counts_parameters_moments_and_chunk_values():
+    from unrolled.charmodel import ModelConfig, build_graph
+
+    g = build_graph(ModelConfig(cell="elman", hidden=10, layers=1, vocab_size=5))
+    P = 10 * 15 + 10 + 5 * 10 + 5  # W [10, 5 + 10], b, out.W, out.b
+    assert memory.parameter_count(g) == P
+    per = memory.values_per_position(g)
+    assert memory.training_bytes(g, 7, 3, "float32", "adam") == 4 * (4 * P + 2 * 7 * 3 * per)
+    assert memory.training_bytes(g, 7, 3, "float64", "sgd") == 8 * (3 * P + 2 * 7 * 3 * per)
+    assert memory.evaluation_bytes(g, 7, 3, "float32") == 4 * (P + 7 * 3 * per)
+    assert memory.human(2_400_000_000) == "2.4 GB" and memory.human(999) == "999 bytes"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flags")
+    text = tmp / "t.txt"
+    text.write_text(corpus(80, seed=3))
+    assert main(["train", str(text), *TINY, "--steps", "2", "--out", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def test_evaluate_seq_beyond_the_text_is_cut_to_it(trained, tmp_path, capsys):
+    model = load_model(trained)
+    text = "the cat sat on the mat and the dog ran"
+    base = score_text(model, text, seq=8, batch=2, engine="reference")
+    huge = score_text(model, text, seq=10**10, batch=2, engine="reference")
+    assert huge.scored == base.scored == len(text) - 1
+    assert huge.nats == pytest.approx(base.nats, rel=1e-6)
+    ids = np.arange(len(text)) % 5
+    shapes = [x.shape for x, _, _ in iter_eval_chunks(ids, 30_000, 2)]
+    assert shapes == [(-(-(len(text) - 1) // 2), 2)]  # one chunk, as long as a stream, not as the flag
+    f = tmp_path / "t.txt"
+    f.write_text(text)
+    assert main(["evaluate", str(trained), str(f), "--seq", str(10**10), "--engine", "reference"]) == 0
+    assert f"{len(text) - 1} predictions scored" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_chunks_larger_than_memory(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10_000)
+    f = tmp_path / "t.txt"
+    f.write_text(corpus(20))
+    rc = main(["evaluate", str(trained), str(f), "--seq", "500", "--engine", "reference"])
+    one_line_error(capsys, rc, "needs about", "10.0 KB is available", "--seq")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "-inf"])
+def test_temperature_not_a_finite_number_is_one_usage_error(tmp_path, capsys, value):
+    rc = main(["sample", str(tmp_path / "none.npz"), f"--temperature={value}"])
+    assert rc == 2
+    one_line_error(capsys, rc, f"--temperature {value}", "finite")
+
+
+def test_steps_zero_is_documented_as_no_limit():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    help_text = " ".join(train.format_help().split())
+    assert "0 = no step limit" in help_text
+
+
+def test_counts_are_singular_only_for_one(tmp_path, text_file, capsys):
+    assert count(1, "minute") == "1 minute" and count(2, "minute") == "2 minutes"
+    assert count(0.5, "minute", spec="g") == "0.5 minutes" and count(1.0, "minute", spec="g") == "1 minute"
+    assert count(1, "vertex", "vertices") == "1 vertex" and count(12345, "character", spec=",") == "12,345 characters"
+    rc = main(["train", str(text_file), *TINY, "--steps", "1", "--minutes", "1", "--out", str(tmp_path / "r")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "or for 1 minute\n" in out and "1 minutes" not in out
