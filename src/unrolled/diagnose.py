@@ -65,7 +65,7 @@ def copy_gradient_norms(graph: Graph, params, inputs, *, init_states=None, masks
 
 
 def state_gradients(graph: Graph, params, inputs, *, init_states=None, masks=None, max_lag: int | None = None,
-                    engine: str | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+                    engine: str | None = None, progress=None) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(t, k, g)``, ``g[b] = ∂ℓ_{t,b}/∂s_{k,b}``, for ``k = t-1, t-2, …, t-max_lag`` (and ``k >= -1``).
 
     ``g`` is ``[B, S]``: for each sequence ``b`` of the batch, the gradient of
@@ -79,7 +79,8 @@ def state_gradients(graph: Graph, params, inputs, *, init_states=None, masks=Non
     and the ``j``-th repeat's mask keeping step ``k+1+j`` only, so that one
     backward pass returns, as initial-state gradients, ``∂ℓ_t/∂s_k`` for the
     ``n`` later steps at once. ``s_k`` itself comes from running one step at a
-    time from the initial state.
+    time from the initial state. ``progress(done, T)``, if given, is called
+    after each split: a long sequence takes a while.
     """
     feeds = prepare(graph, params, inputs, init_states, masks)
     T, B = feeds.T, feeds.B
@@ -102,6 +103,8 @@ def state_gradients(graph: Graph, params, inputs, *, init_states=None, masks=Non
             step = eng.run(params, {name: a[k + 1:k + 2] for name, a in feeds.inputs.items()},
                            init_states=state, backward=False)
             state = {name: _history(step.final_states[name]) for name in names}
+        if progress is not None:
+            progress(k + 2, T)
 
 
 def _split_gradients(graph, eng, params, feeds, state, k: int, n: int, names) -> np.ndarray:
@@ -153,7 +156,7 @@ class LagProfile:
 
 
 def lag_profile(graph: Graph, params, inputs, *, init_states=None, masks=None, max_lag: int | None = None,
-                engine: str | None = None) -> LagProfile:
+                engine: str | None = None, progress=None) -> LagProfile:
     """The norm of ``∂ℓ_t/∂s_k`` against the lag ``t - k``, averaged over ``t`` (see :func:`state_gradients`).
 
     Each (step, sequence) pair whose loss is unmasked counts once.
@@ -165,7 +168,7 @@ def lag_profile(graph: Graph, params, inputs, *, init_states=None, masks=None, m
     samples: list[list[float]] = [[] for _ in range(L)]
     by_step = np.full((T, L), np.nan)
     for t, k, g in state_gradients(graph, params, inputs, init_states=init_states, masks=masks, max_lag=L,
-                                   engine=engine):
+                                   engine=engine, progress=progress):
         norms = np.linalg.norm(g, axis=1)[active[t]]
         samples[t - k - 1].extend(norms.tolist())
         by_step[t, t - k - 1] = norms.mean()
@@ -192,11 +195,12 @@ class Diagnosis:
 
 
 def diagnose(graph: Graph, params, inputs, *, label: str | None = None, init_states=None, masks=None,
-             max_lag: int | None = None, engine: str | None = None) -> Diagnosis:
+             max_lag: int | None = None, engine: str | None = None, progress=None) -> Diagnosis:
     """Per-copy gradient norms and the lag profile of ``graph`` with ``params`` on ``inputs``.
 
     ``engine`` runs the lag measurement; the per-copy norms always come from
     the reference engine, the one that keeps each copy's contribution apart.
+    ``progress(done, T)`` is told how far the lag measurement, the long part, has come.
     """
     copies = copy_gradient_norms(graph, params, inputs, init_states=init_states, masks=masks)
     return Diagnosis(
@@ -204,7 +208,7 @@ def diagnose(graph: Graph, params, inputs, *, label: str | None = None, init_sta
         loss=copies.loss,
         copies=copies,
         lags=lag_profile(graph, params, inputs, init_states=init_states, masks=masks, max_lag=max_lag,
-                         engine=engine),
+                         engine=engine, progress=progress),
     )
 
 

@@ -27,9 +27,12 @@ examples:
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .. import diagnose
 from ..diagnose import PLOT_FORMATS
@@ -38,6 +41,7 @@ from . import UsageError
 from .draw_cmd import add_network_arguments, check_extension, load_model
 
 TASKS = ("delay", "latch")
+PROGRESS_SECONDS = 5.0  # between plain progress lines when stderr is not a terminal
 
 
 def add_arguments(p) -> None:
@@ -122,20 +126,36 @@ def _diagnose_one(what: str, task, args) -> list[diagnose.Diagnosis]:
     kw = dict(masks=masks, max_lag=args.max_lag, engine=args.engine)
     name = f"{what} (forget bias {args.forget_bias:g})" if what == "lstm" and args.forget_bias else what
     if not args.train_steps:
-        d = diagnose.diagnose(graph, params, inputs, label=name, **kw)
+        d = _measure(graph, params, inputs, name, **kw)
         d.notes.append(about)
         return [d]
     task.check(graph)
     _check_task(args)
-    before = diagnose.diagnose(graph, params, inputs, label=f"{name} untrained", **kw)
+    before = _measure(graph, params, inputs, f"{name} untrained", **kw)
     trained, losses = diagnose.train(graph, params, task, args.train_steps, T=args.steps, B=args.train_batch,
                                      lr=args.lr, seed=args.seed + 2, engine=args.engine)
     print(f"{name}: trained {count(args.train_steps, 'step')} on the {task.describe()} task, loss "
           f"{np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} (mean of the first and last 10 batches)")
-    after = diagnose.diagnose(graph, trained, inputs, label=f"{name} trained {count(args.train_steps, 'step')}", **kw)
+    after = _measure(graph, trained, inputs, f"{name} trained {count(args.train_steps, 'step')}", **kw)
     before.notes.append(about)
     after.notes.append(about)
     return [before, after]
+
+
+def _measure(graph, params, inputs, label: str, **kw) -> diagnose.Diagnosis:
+    """:func:`diagnose.diagnose` with a line saying what is measured and a bar (or, piped, plain lines) showing how far."""
+    print(f"measuring {label}: per-copy gradients, then gradients through time", file=sys.stderr, flush=True)
+    with tqdm(desc=label, unit="step", file=sys.stderr, disable=None, leave=False, dynamic_ncols=True) as bar:
+        shown = [time.monotonic()]
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            if bar.disable and time.monotonic() - shown[0] >= PROGRESS_SECONDS:
+                shown[0] = time.monotonic()
+                print(f"  {label}: step {done} of {total}", file=sys.stderr, flush=True)
+
+        return diagnose.diagnose(graph, params, inputs, label=label, progress=progress, **kw)
 
 
 def _text_inputs(model, text_path, T: int, B: int, rng) -> dict:

@@ -34,6 +34,9 @@ from ..words import count as _count
 from . import UsageError
 
 
+MAX_DRAWN_NODES = 2_000  # an unrolled picture larger than this is unreadable at any size
+
+
 def add_arguments(p) -> None:
     p.add_argument("what", metavar="WHAT", help="a cell name, a checkpoint (.npz or run folder), or module:function")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the picture: .svg, .png or .dot")
@@ -64,6 +67,8 @@ def run(args) -> int:
     model = load_model(args.what, layers=args.layers, hidden=args.hidden, inputs=args.inputs,
                        outputs=args.outputs, forget_bias=args.forget_bias)
     T = args.unroll if args.unroll is not None else model.unroll
+    if T is not None:
+        check_drawable(model.graph, T)
     what = model.graph if T is None else model.graph.unroll(T)
     drawing.draw(what, path, renderer=args.renderer)
     if isinstance(what, UnrolledGraph):
@@ -78,6 +83,17 @@ def run(args) -> int:
         how = " with Graphviz" if args.renderer != "matplotlib" and drawing.dot_program() else " with matplotlib"
     print(f"wrote {path}{how} ({shown})")
     return 0
+
+
+def check_drawable(graph: Graph, T: int) -> None:
+    """Refuse an unrolled picture too large to read, before spending minutes laying it out."""
+    one, two = len(graph.unroll(1).nodes), len(graph.unroll(2).nodes)
+    per_step, shared = two - one, 2 * one - two
+    nodes = shared + per_step * T
+    if nodes > MAX_DRAWN_NODES:
+        most = max(1, (MAX_DRAWN_NODES - shared) // max(per_step, 1))
+        raise UsageError(f"--unroll {T}: the picture would have {nodes:,} nodes; more than {MAX_DRAWN_NODES:,} cannot be "
+                         f"read and take minutes to lay out; every step looks the same, so draw at most --unroll {most}")
 
 
 def check_extension(path: Path, formats) -> None:
