@@ -118,3 +118,10 @@ def test_counts_are_singular_only_for_one(tmp_path, text_file, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "or for 1 minute\n" in out and "1 minutes" not in out
+
+
+@pytest.mark.parametrize("flags", [["--seconds", "nan"], ["--seconds", "0"], ["--hidden", "0"]])
+def test_demo_bad_numbers_are_one_usage_error(capsys, flags):
+    rc = main(["demo", *flags])
+    assert rc == 2
+    one_line_error(capsys, rc, flags[0])

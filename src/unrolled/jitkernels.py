@@ -22,6 +22,7 @@ from numba import types
 from llvmlite import ir
 from numba.extending import intrinsic, overload
 
+from . import compiling as _compiling
 from .blas import NO_TRANS, ROW_MAJOR
 from .blas import _lead as blas_lead
 from .onednn import NO as ONEDNN_NO
@@ -29,6 +30,7 @@ from .onednn import SMALL as ONEDNN_SMALL
 from .onednn import YES as ONEDNN_YES
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})  # FMA: faster, no less exact
+_compiling.listen()  # the user is told when compiling begins, and budgets leave its time out
 
 
 def _at(x, i, j):  # pragma: no cover - replaced by the overload in jitted code

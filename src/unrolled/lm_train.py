@@ -7,7 +7,9 @@ loops: the next ``[k1, B]`` chunk of the streams (:class:`data.StreamBatcher`)
 clipping, schedule, optimizer). Along the way it shows a progress bar, prints
 a short sample now and then, measures validation bits per character, keeps
 ``latest.npz`` and ``best.npz`` (lowest validation loss) in the output
-folder, and draws ``loss.png``.
+folder, draws ``loss.png``, and logs every update to ``metrics.csv``
+(:mod:`unrolled.runlog`). Without a terminal for the progress bar (output
+piped to a file) it prints a plain progress line every few seconds instead.
 
 Everything a run needs to continue is in its checkpoints: the parameters,
 the optimizer's moments, the schedule, the batcher's position, the state
@@ -19,8 +21,10 @@ uninterrupted one (``tests/test_resume.py``).
 Ctrl-C asks the loop to stop after the update under way; the run then saves
 ``latest.npz`` and returns. A second Ctrl-C stops at once (the last saved
 checkpoint stays intact: writes are atomic). A loss or gradient that is NaN
-or infinite stops the run with an error naming the step; nothing is saved
-after it, so the last checkpoint is the last good one.
+or infinite, or a loss that stays far above its best (:mod:`unrolled.divergence`),
+stops the run with an error naming the step and the last good checkpoint;
+nothing is saved after it. Time spent compiling (the first run on a machine)
+is not counted in ``--minutes`` or in the speeds (:mod:`unrolled.compiling`).
 """
 
 from __future__ import annotations
@@ -38,16 +42,18 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from . import data
+from . import compiling, data
 from .atomic import atomic_write_bytes
 from .charmodel import (
     INPUT_NAME, LOSS_NAME, TARGET_NAME, LoadedModel, ModelConfig, TrainConfig, bits, build_graph,
     checkpoint_contents, init_params, load_model,
 )
 from .checkpoint import save_checkpoint
+from .divergence import DivergenceWatch
 from .engines import ENGINE_NAMES, make_engine
 from .memory import check_fits, training_bytes
 from .optim import make_optimizer
+from .runlog import METRICS_NAME, MetricsLog
 from .sampling import Sampler
 from .schedules import make_schedule
 from .train import Trainer
@@ -58,6 +64,8 @@ from .words import count
 RESUMABLE = frozenset({"steps", "minutes", "sample_every", "sample_length", "eval_every", "checkpoint_every"})
 DEFAULT_RUNS = Path("runs")
 PLOT_NAME = "loss.png"
+PROGRESS_SECONDS = 5.0  # between plain progress lines when there is no terminal for the progress bar
+_clock = time.perf_counter  # the clock of --minutes and speeds (a module attribute, so that tests can set it)
 
 
 @dataclass
@@ -234,6 +242,10 @@ class TrainingRun:
         if loaded:
             self._restore(loaded)
         self._sampler: Sampler | None = None
+        self.watch = DivergenceWatch(len(self.vocabulary))
+        self._ema_loss: float | None = None  # smoothed training loss of this invocation, nats/char
+        self._ema_dt: float | None = None  # smoothed seconds per update
+        self._first_step = self.step
 
     @property
     def step(self) -> int:
@@ -268,54 +280,88 @@ class TrainingRun:
                              f"pass a larger --steps to continue it")
         self._announce()
         stop = _StopRequest(self._say)
-        chars_per_step = cfg.bptt_k1 * cfg.batch
-        budget = cfg.minutes * 60.0
-        spent = 0.0  # seconds of updates in this invocation
-        ema_loss, ema_dt, first = None, None, True
-        bar = tqdm(total=cfg.steps or None, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=None, file=sys.stderr, leave=False)
-        stopped = "done"
+        self._bar = tqdm(total=cfg.steps or None, initial=self.step, unit="step", dynamic_ncols=True,
+                         disable=None, file=sys.stderr, leave=False)
+        self.log = MetricsLog(self.out, self.step)
+        self._row = None  # the last update's row of the log, written once its validation (if any) is known
         try:
             with stop:
-                while not (cfg.steps and self.step >= cfg.steps) and not (budget and spent >= budget):
-                    if self.batcher.at_epoch_start:  # the streams jump back to their starts
-                        self.trainer.tbptt.reset()
-                    x, y = self.batcher.next_batch()
-                    t0 = time.perf_counter()
-                    with np.errstate(all="ignore"):  # a NaN is caught below, by name and step
-                        stats = self.trainer.train_step({INPUT_NAME: x, TARGET_NAME: y})
-                    dt = time.perf_counter() - t0
-                    spent += dt
-                    self.train_seconds += dt
-                    if stats.skipped or not math.isfinite(stats.loss):
-                        self._diverged(stats, bar)
-                    self.train_losses.append(stats.loss)
-                    ema_loss = stats.loss if ema_loss is None else 0.95 * ema_loss + 0.05 * stats.loss
-                    if first:  # the first update may pay for compiling the engine: not a speed
-                        first = False
-                    else:
-                        ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
-                    bar.update(1)
-                    speed = chars_per_step / ema_dt if ema_dt else math.nan
-                    bar.set_postfix_str(f"loss {stats.loss:.3f}, {bits(ema_loss):.3f} bits/char, "
-                                        f"{speed:,.0f} chars/s", refresh=False)
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        self._evaluate_and_save(ema_loss, speed, stop)
-                    elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                        self._save(("latest",))
-                    if cfg.sample_every and self.step % cfg.sample_every == 0:
-                        self._print_sample()
-                    if stop.requested:
-                        stopped = "interrupted"
-                        break
+                stopped = self._loop(stop)
                 if stopped == "done" and not (self.val_points and self.val_points[-1][0] == self.step):
-                    self._evaluate_and_save(ema_loss, chars_per_step / ema_dt if ema_dt else math.nan, stop)
+                    self._evaluate_and_save(stop)
                 if self.saved_step != self.step:  # interrupted, or the last validation was cut short
                     self._save(("latest",))
         finally:
-            bar.close()
+            self._bar.close()
+            self._write_row()
+            self.log.close()
         self._plot()
-        return self._finish(stopped, ema_loss)
+        return self._finish(stopped)
+
+    def _loop(self, stop: "_StopRequest") -> str:
+        """Updates until a limit ("done") or Ctrl-C ("interrupted"); validation, samples and saves on the way."""
+        cfg = self.config
+        budget = cfg.minutes * 60.0
+        spent = 0.0  # seconds of updates in this invocation, compiling left out
+        shown = _clock()  # when the last plain progress line was printed (no terminal)
+        while not (cfg.steps and self.step >= cfg.steps) and not (budget and spent >= budget):
+            spent += self._update()
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._evaluate_and_save(stop)
+            elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not self.watch.over:
+                self._save(("latest",))  # not while the loss is far above its best: that may be divergence
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self._print_sample()
+            if self._bar.disable and _clock() - shown >= PROGRESS_SECONDS:  # piped to a file: a plain line
+                shown = _clock()
+                total = f"/{cfg.steps:,}" if cfg.steps else ""
+                self._say(f"step {self.step:,}{total}: {self._progress()}")
+            if stop.requested:
+                return "interrupted"
+        return "done"
+
+    def _update(self) -> float:
+        """One update, logged and watched; its seconds, compiling left out."""
+        if self.batcher.at_epoch_start:  # the streams jump back to their starts
+            self.trainer.tbptt.reset()
+        x, y = self.batcher.next_batch()
+        compiled, t0 = compiling.seconds(), _clock()
+        with np.errstate(all="ignore"):  # a NaN is caught below, by name and step
+            stats = self.trainer.train_step({INPUT_NAME: x, TARGET_NAME: y})
+        compile_dt = compiling.seconds() - compiled
+        dt = max(_clock() - t0 - compile_dt, 0.0)
+        self.train_seconds += dt
+        if compile_dt == 0.0 and self.step > self._first_step + 1:  # the first update may still load code
+            self._ema_dt = dt if self._ema_dt is None else 0.9 * self._ema_dt + 0.1 * dt
+        self._write_row()
+        self._row = [self.step, self.train_seconds, bits(stats.loss), math.nan, stats.lr, stats.grad_norm,
+                     self._chars_per_s()]
+        if stats.skipped or not math.isfinite(stats.loss):
+            what = "loss" if not math.isfinite(stats.loss) else "gradient"
+            value = stats.loss if what == "loss" else stats.grad_norm
+            self._diverged(f"the training {what} became {value} at step {stats.step}")
+        self.train_losses.append(stats.loss)
+        self._ema_loss = stats.loss if self._ema_loss is None else 0.95 * self._ema_loss + 0.05 * stats.loss
+        reason = self.watch.update(stats.loss)
+        if reason:
+            self._diverged(f"training diverged by step {stats.step}: {reason}", self.step - self.watch.over + 1)
+        self._bar.update(1)
+        self._bar.set_postfix_str(self._progress(), refresh=False)
+        return dt
+
+    def _chars_per_s(self) -> float:
+        return self.config.bptt_k1 * self.config.batch / self._ema_dt if self._ema_dt else math.nan
+
+    def _progress(self) -> str:
+        """The one figure of the progress bar and the plain progress lines: smoothed training bits/char."""
+        speed = self._chars_per_s()
+        return (f"train {bits(self._ema_loss):.3f} bits/char (smoothed)"
+                + (f", {speed:,.0f} chars/s" if math.isfinite(speed) else ""))
+
+    def _write_row(self) -> None:
+        if self._row is not None:
+            self.log.add(*self._row)
+            self._row = None
 
     def _announce(self) -> None:
         cfg, m = self.config, self.model
@@ -331,18 +377,25 @@ class TrainingRun:
             f"  seq {cfg.seq}, batch {cfg.batch}, k1 {cfg.bptt_k1}, k2 {cfg.bptt_k2}, {cfg.optimizer} lr {cfg.lr:g}"
             f"{'' if cfg.lr_schedule == 'constant' else ' ' + cfg.lr_schedule}, clip {cfg.clip:g}, "
             f"dropout {m.dropout:g}, engine {self.engine_name}; {' or '.join(limit) or 'until Ctrl-C'}\n"
-            f"  writing to {self.out}/ (latest.npz, best.npz, {PLOT_NAME}); Ctrl-C stops and saves"
+            f"  writing to {self.out}/ (latest.npz, best.npz, {PLOT_NAME}, {METRICS_NAME}); Ctrl-C stops and saves"
         )
 
-    def _diverged(self, stats, bar) -> None:
-        bar.close()
+    def _diverged(self, what: str, bad_from: int | None = None) -> None:
+        """Stop the run without saving (a NaN, or a loss far above its best), naming the checkpoint to go back
+        to: the last one saved before step ``bad_from``, where the loss began to climb (default: this step)."""
+        self._bar.close()
         self._plot()
-        what = "loss" if not math.isfinite(stats.loss) else "gradient"
-        value = stats.loss if what == "loss" else stats.grad_norm
-        where = (f"the last good checkpoint is {self.out / 'latest.npz'} (step {self.saved_step})"
-                 if self.saved_step is not None else "no checkpoint had been saved yet")
-        raise RuntimeError(f"the training {what} became {value} at step {stats.step}; stopped without saving it: "
-                           f"{where}; try a lower --lr or --clip")
+        bad_from = self.step if bad_from is None else bad_from
+        if self.saved_step is not None and self.saved_step < bad_from:
+            where = f"the last good checkpoint is {self.out / 'latest.npz'} (step {self.saved_step})"
+        elif self.best["step"] and self.best["step"] < bad_from:
+            where = (f"the last good checkpoint is {self.out / 'best.npz'} (step {self.best['step']}, "
+                     f"{self.best['val_bpc']:.3f} bits/char); latest.npz was saved after the loss began to climb")
+        elif self.saved_step is None:
+            where = "no checkpoint had been saved yet"
+        else:
+            where = f"every checkpoint was saved after the loss began to climb at step {bad_from}"
+        raise RuntimeError(f"{what}; stopped without saving it: {where}; try a lower --lr or --clip")
 
     # ------------------------------------------------- validation, saving
 
@@ -360,20 +413,24 @@ class TrainingRun:
             state = {k: np.array(v, copy=True) for k, v in r.final_states.items()}
         return bits(total / count)
 
-    def _evaluate_and_save(self, ema_loss, chars_per_s: float, stop) -> None:
+    def _evaluate_and_save(self, stop) -> None:
         val = self.validate(stop)
-        if not math.isfinite(val):  # interrupted mid-way, or diverged: keep the checkpoints as they are
-            if not stop.requested:
-                self._say(f"step {self.step}: validation loss is {val}; not saving")
+        if stop.requested:  # interrupted mid-way: keep the checkpoints as they are
             return
+        reason = self.watch.validation(val, self.best["val_bpc"])
+        if reason:
+            self._diverged(f"training diverged by step {self.step}: {reason}")
+        if self._row is not None and self._row[0] == self.step:
+            self._row[3] = val
         self.val_points.append((self.step, val))
         improved = val < self.best["val_bpc"]
         if improved:
             self.best = {"val_bpc": val, "step": self.step}
         self._save(("latest", "best") if improved else ("latest",))
         self._plot()
-        train = f"train {bits(ema_loss):.3f}, " if ema_loss is not None else ""
+        train = f"train {bits(self._ema_loss):.3f}, " if self._ema_loss is not None else ""
         best = " (best)" if improved else f" (best {self.best['val_bpc']:.3f} at step {self.best['step']})"
+        chars_per_s = self._chars_per_s()
         speed = f", {chars_per_s:,.0f} chars/s" if math.isfinite(chars_per_s) else ""
         self._say(f"step {self.step}: {train}validation {val:.3f} bits/char{best}{speed}")
 
@@ -390,6 +447,8 @@ class TrainingRun:
         return arrays, meta
 
     def _save(self, names) -> None:
+        self._write_row()
+        self.log.flush()  # the log on disk reaches at least the step the checkpoint holds
         arrays, meta = self.checkpoint()
         for name in names:
             save_checkpoint(self.out / f"{name}.npz", arrays, meta)
@@ -411,8 +470,9 @@ class TrainingRun:
         text = self._sampler.sample(self.config.sample_length, seed=[self.config.seed, self.step])
         self._say(f"--- sample at step {self.step} ---\n{text}\n---")
 
-    def _finish(self, stopped: str, ema_loss) -> RunSummary:
+    def _finish(self, stopped: str) -> RunSummary:
         val = self.val_points[-1][1] if self.val_points and self.val_points[-1][0] == self.step else math.nan
+        ema_loss = self._ema_loss
         summary = RunSummary(self.out, self.step, stopped, bits(ema_loss) if ema_loss is not None else math.nan,
                              val, self.best["val_bpc"], self.best["step"])
         if stopped == "interrupted":

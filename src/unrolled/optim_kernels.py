@@ -17,6 +17,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from . import compiling as _compiling
+
+_compiling.listen()
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from .. import compiling
+
 SUBCOMMANDS = {
     "train": "train a character-level language model on text files",
     "sample": "generate text from a trained checkpoint",
@@ -45,6 +47,13 @@ def _module(name: str):
     return importlib.import_module(f"unrolled.cli.{name}_cmd")
 
 
+def _compiling_notice() -> None:
+    """Said once, when Numba first compiles: the pause that follows is not a hang."""
+    from tqdm import tqdm
+
+    tqdm.write("compiling (first run only)…", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -54,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    compiling.set_notice(_compiling_notice)
     try:
         return int(_module(args.command).run(args) or 0)
     except BrokenPipeError:  # `unrolled sample ... | head`: the reader has seen enough

@@ -5,10 +5,16 @@ running Python's own standard-library sources). The defaults are char-rnn's:
 an LSTM of 2 layers of 128, chunks of 50 characters × 50 streams, Adam at
 2e-3, gradients clipped to a global norm of 5, the last 10% held out.
 
-While it runs it shows a progress bar (step, loss, bits/char, chars/s),
+While it runs it shows a progress bar (step, smoothed bits/char, chars/s),
 prints a short sample and the validation bits/char now and then, and keeps
 in the output folder: latest.npz (the run as it stands), best.npz (lowest
-validation loss) and loss.png (training and validation curves).
+validation loss), loss.png (training and validation curves) and
+metrics.csv (one row per update: step, elapsed_s, train_bpc, val_bpc, lr,
+grad_norm, chars_per_s; TensorBoard events in tensorboard/ too when
+tensorboardX or torch's tensorboard is installed, UNROLLED_TENSORBOARD=0 to
+skip). Without a terminal it prints a plain progress line every few seconds.
+A loss that diverges (NaN, or far above its best) stops the run, naming the
+last good checkpoint.
 
 Ctrl-C stops after the update under way and saves; `--resume DIR` continues
 exactly where the run stopped (same losses, bit for bit, as if it had never
