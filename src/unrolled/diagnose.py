@@ -35,6 +35,7 @@ from . import reference
 from .engines import make_engine
 from .graph import Graph
 from .runio import prepare
+from .words import count
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 
@@ -260,7 +261,7 @@ class DelayTask(_SymbolTask):
     def batch(self, T: int, B: int, rng: np.random.Generator):
         """``(inputs, mask)`` for ``B`` sequences of ``T`` steps; the mask is ``[T, B]``."""
         if self.delay >= T:
-            raise ValueError(f"a delay task with delay {self.delay} needs sequences longer than {self.delay} steps")
+            raise ValueError(f"a delay task with delay {self.delay} needs sequences longer than {count(self.delay, 'step')}")
         sym = rng.integers(0, self.symbols, size=(T, B))
         target = np.zeros_like(sym)
         target[self.delay:] = sym[:-self.delay]

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .graph import Graph, Param, Vertex
 from .unroll import UnrolledGraph
+from .words import count
 
 FORMATS = (".dot", ".svg", ".png")
 RENDERERS = ("auto", "graphviz", "matplotlib")
@@ -113,7 +114,7 @@ def scene(what, unroll: int | None = None) -> Scene:
     """The picture of a folded graph, or of an unrolled one (``unroll=T`` or an :class:`UnrolledGraph`)."""
     if isinstance(what, UnrolledGraph):
         if unroll is not None and unroll != what.T:
-            raise ValueError(f"the graph is already unrolled over T={what.T} steps, "
+            raise ValueError(f"the graph is already unrolled over T={count(what.T, 'step')}, "
                              f"but unroll={unroll} was asked for")
         return _unrolled_scene(what)
     if not isinstance(what, Graph):
@@ -230,7 +231,7 @@ def _unrolled_scene(dag: UnrolledGraph) -> Scene:
     graph = dag.graph
     layers = vertex_layers(graph)
     states = set(graph.delayed())
-    sc = Scene(f"{graph.name}: unrolled over T={dag.T} steps", unrolled=True, T=dag.T)
+    sc = Scene(f"{graph.name}: unrolled over T={count(dag.T, 'step')}", unrolled=True, T=dag.T)
     shared = {name: len(users) for name, users in dag.params_of().items()}
     color = {name: PARAM_COLORS[i % len(PARAM_COLORS)] for i, name in enumerate(graph.params)}
     for node in dag.nodes:

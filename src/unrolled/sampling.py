@@ -37,6 +37,7 @@ from .engines import make_engine
 from .generate import Generator
 from .generate_kernels import sample_rows_numpy
 from .graph import Graph
+from .words import count
 
 START_CHAR = "\n"  # fed first when there is no prime text (a fresh line), if the vocabulary has it
 BLOCK = 1000  # characters generated per call: a long sample streams in blocks of this size
@@ -70,7 +71,7 @@ class Sampler:
             if k is None:
                 raise ValueError(
                     f"--prime character {ch!r} (U+{ord(ch):04X}) at position {i + 1} is not in the model's "
-                    f"vocabulary of {len(self.chars)} characters ({_summary(self.chars)}); "
+                    f"vocabulary of {count(len(self.chars), 'character')} ({_summary(self.chars)}); "
                     f"remove it from the prime text"
                 )
             ids.append(k)

@@ -33,6 +33,7 @@ from .graph import Graph, Vertex
 from .optim import Optimizer, optimizer_from_state
 from .runio import RunResult, check_combine
 from .schedules import Schedule, schedule_from_dict
+from .words import count
 
 # ----------------------------------------------------------------------------------------- truncated BPTT
 
@@ -201,7 +202,7 @@ class TruncatedBPTT:
             raise ValueError(f"truncated BPTT: the chunk's inputs cover different [T, B]: {shapes}")
         n, B = next(iter(shapes.values()))
         if not 1 <= n <= self.k1:
-            raise ValueError(f"truncated BPTT: a chunk covers {n} steps; it must bring 1 to k1={self.k1} new steps")
+            raise ValueError(f"truncated BPTT: a chunk covers {count(n, 'step')}; it must bring 1 to k1={self.k1} new steps")
         if self._batch is not None and B != self._batch and (self._history_steps or self._state is not None):
             raise ValueError(
                 f"truncated BPTT: this chunk has {B} rows but the carried state has {self._batch}; "
@@ -278,7 +279,7 @@ def freeze_after_end(graph: Graph, keep: str = KEEP_INPUT) -> Graph:
     deep = sorted(n for n, d in delayed.items() if d > 1)
     if deep:
         raise ValueError(
-            f"freeze_after_end: '{deep[0]}' is read {delayed[deep[0]]} steps back; freezing after a row's end "
+            f"freeze_after_end: '{deep[0]}' is read {count(delayed[deep[0]], 'step')} back; freezing after a row's end "
             f"keeps one step of history, so it supports states read one step back only"
         )
     width = max(g.vertices[n].size for n in delayed)
@@ -319,7 +320,7 @@ def _lengths(lengths, T: int | None) -> tuple[np.ndarray, int]:
         raise ValueError(f"a length is {lengths.min()}; lengths must be at least 0")
     T = int(lengths.max(initial=0)) if T is None else int(T)
     if lengths.size and lengths.max() > T:
-        raise ValueError(f"a row is {lengths.max()} steps long but the batch covers T={T}; pad to at least that")
+        raise ValueError(f"a row is {count(int(lengths.max()), 'step')} long but the batch covers T={T}; pad to at least that")
     return lengths, T
 
 

@@ -85,7 +85,7 @@ def run(args) -> int:
     for what in args.what:
         results += _diagnose_one(what, task, args)
     fed = ", ".join(dict.fromkeys(note for r in results for note in r.notes))
-    title = f"gradients through time: T={args.steps}, {args.batch} sequences of {fed}"
+    title = f"gradients through time: T={args.steps}, {count(args.batch, 'sequence')} of {fed}"
     diagnose.plot(results, path, title=title)
     print(diagnose.summary(results, lags=[g for g in (1, 5, 10, 20, 40) if g <= args.max_lag]))
     print(f"wrote {path}")
