@@ -263,7 +263,8 @@ def test_diagnose_shows_progress(tmp_path, capsys, monkeypatch):
     from unrolled.cli import diagnose_cmd
 
     monkeypatch.setattr(diagnose_cmd, "PROGRESS_SECONDS", 0.0)
-    assert main(["diagnose", "elman", "--steps", "6", "--delay", "2", "--hidden", "4", "-o", str(tmp_path / "d.png")]) == 0
+    argv = ["diagnose", "elman", "--steps", "6", "--delay", "2", "--hidden", "4", "-o", str(tmp_path / "d.png")]
+    assert main(argv) == 0
     err = capsys.readouterr().err
     assert "measuring elman: per-copy gradients, then gradients through time" in err
     assert [l.strip() for l in err.splitlines() if ": step " in l][-1] == "elman: step 6 of 6"

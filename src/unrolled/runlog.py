@@ -30,6 +30,7 @@ import importlib.util
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 from .atomic import atomic_write_text
@@ -107,10 +108,14 @@ def tensorboard_writer(folder: Path, purge_step: int = 0):
     if os.environ.get("UNROLLED_TENSORBOARD", "1") == "0":
         return None
     kw = {"purge_step": purge_step} if purge_step else {}
-    if importlib.util.find_spec("tensorboardX") is not None:
-        from tensorboardX import SummaryWriter
-    elif importlib.util.find_spec("tensorboard") is not None and importlib.util.find_spec("torch") is not None:
-        from torch.utils.tensorboard import SummaryWriter
-    else:
+    try:
+        if importlib.util.find_spec("tensorboardX") is not None:
+            from tensorboardX import SummaryWriter
+        elif importlib.util.find_spec("tensorboard") is not None and importlib.util.find_spec("torch") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            return None
+        return SummaryWriter(str(folder), **kw)
+    except (ImportError, OSError) as e:  # a broken optional package must not stop a run
+        warnings.warn(f"no TensorBoard events: the writer could not start ({e}); metrics.csv has the same figures")
         return None
-    return SummaryWriter(str(folder), **kw)

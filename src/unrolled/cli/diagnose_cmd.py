@@ -143,7 +143,8 @@ def _diagnose_one(what: str, task, args) -> list[diagnose.Diagnosis]:
 
 
 def _measure(graph, params, inputs, label: str, **kw) -> diagnose.Diagnosis:
-    """:func:`diagnose.diagnose` with a line saying what is measured and a bar (or, piped, plain lines) showing how far."""
+    """:func:`diagnose.diagnose`, saying what it measures and showing how far it has come: a bar on a
+    terminal, plain lines every few seconds when piped (a long sequence takes minutes)."""
     print(f"measuring {label}: per-copy gradients, then gradients through time", file=sys.stderr, flush=True)
     with tqdm(desc=label, unit="step", file=sys.stderr, disable=None, leave=False, dynamic_ncols=True) as bar:
         shown = [time.monotonic()]

@@ -92,8 +92,9 @@ def check_drawable(graph: Graph, T: int) -> None:
     nodes = shared + per_step * T
     if nodes > MAX_DRAWN_NODES:
         most = max(1, (MAX_DRAWN_NODES - shared) // max(per_step, 1))
-        raise UsageError(f"--unroll {T}: the picture would have {nodes:,} nodes; more than {MAX_DRAWN_NODES:,} cannot be "
-                         f"read and take minutes to lay out; every step looks the same, so draw at most --unroll {most}")
+        raise UsageError(f"--unroll {T}: the picture would have {nodes:,} nodes; more than {MAX_DRAWN_NODES:,} "
+                         f"cannot be read and take minutes to lay out; every step looks the same, so draw at most "
+                         f"--unroll {most}")
 
 
 def check_extension(path: Path, formats) -> None:

@@ -67,7 +67,7 @@ def add_arguments(p) -> None:
     t.add_argument("--steps", type=int, metavar="N", help=f"stop after this many updates in all; 0 = no step limit (stop with --minutes "
                                                          f"or Ctrl-C) (default {_T.steps:,}; none with --minutes alone)")
     t.add_argument("--minutes", type=float, metavar="M", help="stop after this many minutes of updates in this invocation "
-                                                 "(validation, samples and saving are not counted)")
+                                                 "(compiling, validation, samples and saving are not counted)")
     t.add_argument("--val-fraction", type=float, metavar="F", help=f"the last part of the text held out (default {_T.val_fraction:g})")
     t.add_argument("--seed", type=int, metavar="S", help=f"initial weights and dropout (default {_T.seed})")
     r = p.add_argument_group("run")
