@@ -308,7 +308,7 @@ def test_bad_parameters_and_missing_given_state(engine, rng):
         eng.run(dict(params, W=params["W"][:, :6]), inputs, init_states=init)
     with pytest.raises(ValueError, match=r"parameters mix dtypes"):
         eng.run(dict(params, W=params["W"].astype(np.float32)), inputs, init_states=init)
-    with pytest.raises(ValueError, match=r"parameters are int64; use float32 or float64"):
+    with pytest.raises(ValueError, match=r"parameter '\w+' holds int64; use float32 or float64"):
         eng.run({k: v.astype(np.int64) for k, v in params.items()}, inputs, init_states=init)
 
 

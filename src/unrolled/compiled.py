@@ -47,7 +47,7 @@ from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
 from .jitcache import _load_jit_loops, _load_module, numba_allowed
 from .ops import unbroadcast, with_product
-from .runio import Feeds, RunResult, as_state, check_combine, parameter_copies, prepare
+from .runio import Binding, Feeds, RunResult, as_state, check_combine, parameter_copies, prepare
 from .schedule import INLINE, Plan, _Split, plan
 
 OPS = with_product(product)  # the op table, its matmul and linear on blas.product
@@ -73,6 +73,8 @@ class CompiledEngine:
     vertex runs in which phase. ``threads``: how many threads a batch's rows
     may be split across ("auto": as many as oneDNN uses, when it runs the
     products and each thread gets at least ``rowsplit.MIN_ROWS`` rows; 1: never).
+    The engine runs the graph as it was when made: a graph changed since is
+    refused (see :class:`unrolled.runio.Binding`); make a new engine.
     """
 
     name = "compiled"
@@ -80,6 +82,7 @@ class CompiledEngine:
     def __init__(self, graph: Graph, jit: bool | str = "auto", chunk_steps: int | None = None,
                  whole: bool | str = "auto", threads: int | str = "auto"):
         self.graph = graph.check()
+        self._binding = Binding.of(graph)
         if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ValueError(f"threads must be 'auto' or a whole number >= 1 (1: never split a batch's rows "
                              f"across threads), not {threads!r}")
@@ -177,13 +180,23 @@ class CompiledEngine:
 
     def run(self, params, inputs=None, *, init_states=None, masks=None, combine: str = "sum",
             per_copy: bool = False, backward: bool = True, steps=None, batch=None,
-            final_state_grads=None, output_grads=None) -> RunResult:
-        """Forward and (unless ``backward=False``) BPTT; see :func:`unrolled.reference.run`."""
+            final_state_grads=None, output_grads=None, check_finite: bool = True) -> RunResult:
+        """Forward and (unless ``backward=False``) BPTT; the arguments are :func:`unrolled.reference.run`'s.
+
+        ``init_states`` and ``RunResult.final_states`` are keyed by the vertex
+        a delay reads and shaped by its deepest delay ``D``: ``[B, F]`` when
+        D = 1, ``[D, B, F]`` (its last D values, oldest first) when D > 1.
+        ``check_finite=False`` skips the scan of the caller's arrays for NaN
+        and infinities (one pass over each; see :func:`unrolled.runio.prepare`).
+        """
+        self._binding.check()
         check_combine(combine)
         if per_copy:
             raise ValueError("per-copy gradients come from the reference engine: use engine='reference'")
         feeds = prepare(self.graph, params, inputs, init_states, masks, steps=steps, batch=batch,
-                        final_state_grads=final_state_grads, output_grads=output_grads)
+                        final_state_grads=final_state_grads, output_grads=output_grads,
+                        check_finite=check_finite)
+        params = feeds.params
         if self.uses_whole(feeds.B):
             with np.errstate(under="ignore", over="ignore"):
                 return self.whole.run(params, feeds, combine, backward)
@@ -236,7 +249,8 @@ class CompiledEngine:
                 {k: v for k, v in feeds.init.items() if k in st.delayed and k in feeds.given_init},
                 {k: v for k, v in feeds.masks.items() if k in g.vertices}, steps=feeds.T, batch=feeds.B,
                 final_state_grads={k: v for k, v in feeds.final_state_grads.items() if k in st.delayed},
-                output_grads={k: v for k, v in feeds.output_grads.items() if k in st.outputs})
+                output_grads={k: v for k, v in feeds.output_grads.items() if k in st.outputs},
+                check_finite=False)  # the whole run's arrays were scanned
             sub.norms = {k: feeds.norms[k] for k in sub.norms}  # a part of the rows keeps the batch's divisors
             state = _RunState(eng, {k: params[k] for k in g.params}, sub, part)
             state.forward()

@@ -175,6 +175,13 @@ class Graph:
             name = f"{source.name}_prev" + ("" if depth == 1 else str(depth))
             while name in self.vertices or name in self.params:
                 name += "_"
+        elif self.vertices.get(name) is not None and self.vertices[name].kind == "pending":
+            raise ValueError(
+                f"g.delay({source.name}, {depth}, name='{name}') cannot define state '{name}': a state's value "
+                f"is defined by an op and its past is read with {name}.prev; for a state that holds "
+                f"{source.name} from {depth} step(s) ago write g.identity(g.delay({source.name}, {depth}), "
+                f"name='{name}')"
+            )
         return self._add(Vertex(self, name, source.size, "delay", "delay", (source,), {"depth": int(depth)}))
 
     # --------------------------------------------------------------- ops
@@ -315,6 +322,11 @@ class Graph:
             self._cache["delayed"] = depth
         return dict(self._cache["delayed"])
 
+    @property
+    def version(self) -> int:
+        """A count of the changes made to the graph: an engine notes it when made, to refuse a later graph."""
+        return self._version
+
     def init_param_name(self, vertex_name: str) -> str:
         return f"{vertex_name}.init"
 
@@ -352,6 +364,7 @@ class Graph:
         cycle = self._find_cycle()
         if cycle:
             self._raise_cycle(cycle)
+        self._check_given_read()
         varying = self._time_varying()
         for v in self.outputs:
             if v.name not in varying:
@@ -367,6 +380,16 @@ class Graph:
                 )
         self._cache["checked"] = True
         return self
+
+    def _check_given_read(self) -> None:
+        """An initial value given by the caller is read only by delays: a state no delay reads has no use for one."""
+        delayed = self.delayed()
+        for v in self.vertices.values():
+            if v.init == "given" and v.name not in delayed:
+                raise ValueError(
+                    f"state '{v.name}' has init='given' but no delay reads it, so a given initial value would "
+                    f"never be used: read it through a delay ({v.name}.prev) or drop init='given'"
+                )
 
     def _find_cycle(self) -> list[Vertex] | None:
         """A cycle along same-step edges (delay edges cut), as a list of vertices, or None."""

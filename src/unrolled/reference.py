@@ -16,7 +16,7 @@ import numpy as np
 
 from .graph import Graph
 from .ops import OPS, unbroadcast
-from .runio import Feeds, RunResult, as_state, check_combine, prepare
+from .runio import Binding, Feeds, RunResult, as_state, check_combine, prepare
 from .unroll import Node, UnrolledGraph, unroll
 
 
@@ -34,20 +34,34 @@ def run(
     batch: int | None = None,
     final_state_grads: dict[str, np.ndarray] | None = None,
     output_grads: dict[str, np.ndarray] | None = None,
+    check_finite: bool = True,
 ) -> RunResult:
     """Forward over the unrolled graph and, unless ``backward=False``, BPTT back through it.
+
+    ``params``: one array per parameter (``graph.init_params()``), one
+    float dtype for all. ``inputs``: ``[T, B, F]`` per dense input, ``[T, B]``
+    integers per index input. ``masks``: ``[T, B]`` (or ``[T]``) weights per
+    loss, 0 or more.
+
+    ``init_states`` and ``RunResult.final_states`` are keyed by the vertex a
+    delay reads (``h`` for ``h.prev``) and shaped by its deepest delay ``D``:
+    ``[B, F]`` when D = 1, ``[D, B, F]`` when D > 1 (its last D values,
+    oldest first: ``[0]`` is what ``h.delay(D)`` reads at step 0). A run's
+    ``final_states`` are the next chunk's ``init_states``, as they are.
 
     ``combine="sum"`` gives each parameter the sum of its copies'
     contributions (the gradient of the total loss); ``"mean"`` divides it by
     the number of copies. ``final_state_grads`` and ``output_grads`` add
     outside gradients (from a model this one feeds) to the seeds of the
-    backward pass.
+    backward pass. ``check_finite=False`` skips the scan of the caller's
+    arrays for NaN and infinities (see :func:`unrolled.runio.prepare`).
     """
     check_combine(combine)
     feeds = prepare(
         graph, params, inputs, init_states, masks, steps=steps, batch=batch,
-        final_state_grads=final_state_grads, output_grads=output_grads,
+        final_state_grads=final_state_grads, output_grads=output_grads, check_finite=check_finite,
     )
+    params = feeds.params
     dag = unroll(graph, feeds.T)
     values = _forward(dag, params, feeds)
     result = _collect_forward(dag, values, feeds)
@@ -57,14 +71,21 @@ def run(
 
 
 class ReferenceEngine:
-    """The reference engine bound to a graph, with the same interface as the compiled engine."""
+    """The reference engine bound to a graph, with the same interface as the compiled engine.
+
+    It runs the graph as it was when the engine was made: a graph changed
+    since is refused (see :class:`unrolled.runio.Binding`), as the compiled
+    engine refuses it; make a new engine after changing a graph."""
 
     name = "reference"
 
     def __init__(self, graph: Graph):
         self.graph = graph.check()
+        self._binding = Binding.of(graph)
 
     def run(self, params, inputs=None, **kw) -> RunResult:
+        """See :func:`run` (the same arguments after ``graph``)."""
+        self._binding.check()
         return run(self.graph, params, inputs, **kw)
 
 

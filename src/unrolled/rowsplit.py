@@ -63,6 +63,7 @@ def rows(feeds: Feeds, lo: int, hi: int) -> Feeds:
         final_state_grads={k: cut(a) for k, a in feeds.final_state_grads.items()},
         output_grads={k: cut(a) for k, a in feeds.output_grads.items()},
         given_init=feeds.given_init,
+        params=feeds.params,
     )
 
 

@@ -10,6 +10,7 @@ states ``[B, F]`` for a vertex delayed by one step and ``[D, B, F]``
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,29 +61,83 @@ class Feeds:
     final_state_grads: dict[str, np.ndarray]  # [D, B, F]
     output_grads: dict[str, np.ndarray]  # [T, B, F]
     given_init: frozenset = frozenset()  # states whose initial value the caller passed
+    params: dict[str, np.ndarray] = field(default_factory=dict)  # checked; a list given is an array here
 
 
 _UNSIGNED = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}  # a view's dtype from a string is parsed every call
 
 
-def run_dtype(params: dict[str, np.ndarray], graph: Graph) -> np.dtype:
+def check_params(graph: Graph, params) -> tuple[dict[str, np.ndarray], np.dtype]:
+    """The run's parameters as arrays of one float dtype, one per parameter of the graph.
+
+    A list (or any sequence of numbers) is converted, as inputs are; what it
+    converts to must still have the parameter's shape and a float dtype, so a
+    wrong shape or an integer list is refused, not silently cast."""
+    if params is None:
+        if graph.params:
+            raise TypeError(f"params=None, but graph '{graph.name}' has parameters {_names(graph.params)}: "
+                             f"pass params=graph.init_params() or a dict of your own arrays")
+        params = {}
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params is a {type(params).__name__}; pass a dict of arrays by parameter name, "
+                        f"e.g. graph.init_params()")
+    extra = [name for name in params if name not in graph.params]
+    if extra:
+        raise ValueError(f"no parameter named {', '.join(map(repr, sorted(map(str, extra))))} in graph "
+                         f"'{graph.name}'; its parameters are {_names(graph.params) or 'none'}")
     missing = [p for p in graph.params if p not in params]
     if missing:
         raise ValueError(f"no value for parameter(s) {', '.join(missing)}; use graph.init_params() to make them")
-    dtypes = set()
+    out, first = {}, None
     for name, p in graph.params.items():
         a = params[name]
         if not isinstance(a, np.ndarray):
-            a = np.asarray(a)
-        dtypes.add(a.dtype)
+            a = _as_array(a, f"parameter '{name}'")
         if a.shape != p.shape:
             raise ValueError(f"parameter '{name}' is {list(a.shape)} but the graph says {list(p.shape)}")
-    if len(dtypes) > 1:
-        raise ValueError(f"parameters mix dtypes {sorted(map(str, dtypes))}; use one (float32 or float64)")
-    dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"parameters are {dtype}; use float32 or float64")
-    return np.dtype(dtype)
+        if a.dtype not in (np.float32, np.float64):
+            raise ValueError(f"parameter '{name}' holds {a.dtype}; use float32 or float64")
+        if first is None:
+            first = name
+        elif a.dtype != out[first].dtype:
+            raise ValueError(f"parameters mix dtypes: '{name}' is {a.dtype} but '{first}' is {out[first].dtype}; "
+                             f"give every parameter one dtype (float32 or float64)")
+        out[name] = a
+    return out, (out[first].dtype if first is not None else np.dtype(np.float64))
+
+
+def _as_array(a, what: str) -> np.ndarray:
+    """``a`` as an array of numbers; a ragged list or an object is refused, naming it."""
+    try:
+        a = np.asarray(a)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{what} is not a rectangular array of numbers ({e}); pass a NumPy array") from None
+    if a.dtype.kind not in "biufc":
+        raise ValueError(f"{what} holds {a.dtype} values, not numbers; pass a NumPy array of floats")
+    return a
+
+
+def _names(names) -> str:
+    return ", ".join(sorted(names))
+
+
+def check_finite(a: np.ndarray, what: str, axes: str = "") -> None:
+    """Refuse an array holding NaN or an infinity, saying where the first one is (see :func:`prepare`)."""
+    bad = _nonfinite(a, axes)
+    if bad:
+        raise ValueError(f"{what} {bad}: a run needs finite values (check_finite=False skips this scan)")
+
+
+def _nonfinite(a: np.ndarray, axes: str = "") -> str | None:
+    """Where ``a``'s first NaN or infinity is, in words (``axes`` names the index's parts), or None.
+
+    One pass (``np.isfinite``) over a float array; an integer array (an index
+    input) cannot hold either and is not read."""
+    if a.dtype.kind != "f" or np.isfinite(a).all():
+        return None
+    flat = int(np.flatnonzero(~np.isfinite(a))[0])
+    where = ", ".join(str(int(i)) for i in np.unravel_index(flat, a.shape))
+    return f"holds {a.flat[flat]} at [{where}]" + (f" ([{axes}])" if axes else "")
 
 
 def prepare(
@@ -96,17 +151,40 @@ def prepare(
     batch: int | None = None,
     final_state_grads: dict[str, np.ndarray] | None = None,
     output_grads: dict[str, np.ndarray] | None = None,
+    check_finite: bool = True,
 ) -> Feeds:
-    """Check and convert a run's arrays; ``steps``/``batch`` are needed only for a graph with no inputs."""
+    """Check and convert a run's arrays; ``steps``/``batch`` are needed only for a graph with no inputs.
+
+    ``check_finite`` scans every float array the caller passed (parameters,
+    dense inputs, initial states, outside gradients) once for NaN and
+    infinities, so that a bad value is named where it enters, not found as a
+    NaN loss later; ``False`` skips that scan. Masks are always checked
+    (finite, not negative): they are small."""
     graph.check()
-    dtype = run_dtype(params, graph)
+    params, dtype = check_params(graph, params)
+    out_inputs, T, B = _inputs(graph, inputs, steps, batch, dtype)
+    init = _initial_states(graph, params, init_states or {}, B, dtype)
+    out_masks, norms = _masks(graph, masks or {}, T, B, dtype)
+    fsg = {
+        name: _as_history(graph, name, a, B, dtype, "final_state_grads")
+        for name, a in (final_state_grads or {}).items()
+    }
+    ogr = _output_grads(graph, output_grads or {}, T, B, dtype)
+    given = frozenset(init_states or {})
+    feeds = Feeds(T, B, dtype, out_inputs, init, out_masks, norms, fsg, ogr, given, params)
+    if check_finite:
+        _scan(feeds)
+    return feeds
+
+
+def _inputs(graph: Graph, inputs, T, B, dtype) -> tuple[dict[str, np.ndarray], int, int]:
+    """Each input as ``[T, B, F]`` in the run's dtype (``[T, B]`` int64 for an index input), and T, B."""
     inputs = dict(inputs or {})
     known = {v.name for v in graph.inputs}
     extra = set(inputs) - known
     if extra:
         raise ValueError(f"no input named {', '.join(sorted(extra))} in graph '{graph.name}'; its inputs are {', '.join(sorted(known)) or 'none'}")
-    T, B = steps, batch
-    out_inputs = {}
+    out = {}
     for v in graph.inputs:
         if v.name not in inputs:
             raise ValueError(f"input '{v.name}' was not given: pass inputs={{'{v.name}': array}}")
@@ -126,30 +204,41 @@ def prepare(
             if a.size and int(a.view(_UNSIGNED[a.itemsize]).max()) >= v.size:
                 bad = int(a.min()) if a.min() < 0 else int(a.max())
                 raise ValueError(f"index input '{v.name}' holds {bad}, outside 0..{v.size - 1}")
-            out_inputs[v.name] = a.astype(np.int64, copy=False)
+            out[v.name] = a.astype(np.int64, copy=False)
         else:
-            out_inputs[v.name] = np.ascontiguousarray(a, dtype=dtype)
+            out[v.name] = np.ascontiguousarray(a, dtype=dtype)
     if T is None or B is None:
         raise ValueError(f"graph '{graph.name}' has no inputs: pass steps=T and batch=B")
     if T < 1 or B < 1:
         raise ValueError(f"a run needs at least one step and one row, got T={T}, B={B}")
-    init = _initial_states(graph, params, init_states or {}, B, dtype)
-    out_masks, norms = _masks(graph, masks or {}, T, B, dtype)
-    fsg = {
-        name: _as_history(graph, name, a, B, dtype, "final_state_grads")
-        for name, a in (final_state_grads or {}).items()
-    }
-    ogr = {}
+    return out, T, B
+
+
+def _output_grads(graph: Graph, output_grads, T: int, B: int, dtype) -> dict[str, np.ndarray]:
+    out = {}
     outs = {v.name: v for v in graph.outputs}
-    for name, a in (output_grads or {}).items():
+    for name, a in output_grads.items():
         if name not in outs:
             raise ValueError(f"output_grads names '{name}', which is not an output of graph '{graph.name}'")
         a = np.asarray(a, dtype=dtype)
         if a.shape != (T, B, outs[name].size):
             raise ValueError(f"output_grads['{name}'] is {list(a.shape)}; it must be {[T, B, outs[name].size]}")
-        ogr[name] = a
-    given = frozenset(init_states or {})
-    return Feeds(T, B, dtype, out_inputs, init, out_masks, norms, fsg, ogr, given)
+        out[name] = a
+    return out
+
+
+def _scan(feeds: Feeds) -> None:
+    """NaN or an infinity in anything the caller passed (see :func:`prepare`); index inputs hold integers."""
+    for name, a in feeds.params.items():
+        check_finite(a, f"parameter '{name}'")
+    for name, a in feeds.inputs.items():
+        check_finite(a, f"input '{name}'", "t, b, feature")
+    for what, states in (("init_states", {k: feeds.init[k] for k in feeds.given_init}),
+                         ("final_state_grads", feeds.final_state_grads)):
+        for name, a in states.items():  # placed in the caller's shape: [B, F] for a state delayed once
+            check_finite(as_state(a), f"{what}['{name}']", "b, feature" if len(a) == 1 else "slot, b, feature")
+    for name, a in feeds.output_grads.items():
+        check_finite(a, f"output_grads['{name}']", "t, b, feature")
 
 
 def _as_history(graph: Graph, name: str, a, B: int, dtype, what: str) -> np.ndarray:
@@ -214,10 +303,22 @@ def _masks(graph, masks, T, B, dtype):
             m = np.broadcast_to(m[:, None], (T, B))
         if m.shape != (T, B):
             raise ValueError(f"mask of loss '{loss.name}' is {list(m.shape)}; it must be [T, B] = {[T, B]} or [T]")
+        _check_mask(m, loss.name)
         out[loss.name] = np.ascontiguousarray(m)
         total = float(m.sum())
         norms[loss.name] = 1.0 if loss.reduce == "sum" else (total if total > 0 else 1.0)
     return out, norms
+
+
+def _check_mask(m: np.ndarray, loss_name: str) -> None:
+    """A mask weighs each (step, row) of a loss: a weight must be finite and not negative."""
+    bad = _nonfinite(m, "t, b")
+    if bad is None and m.size and m.min() < 0:
+        t, b = np.unravel_index(int(np.argmin(m)), m.shape)
+        bad = f"holds {m[t, b]} at [{t}, {b}] ([t, b])"
+    if bad:
+        raise ValueError(f"mask of loss '{loss_name}' {bad}: a mask weighs each step and row, "
+                         f"1 to count it, 0 to leave it out; use finite weights of 0 or more")
 
 
 @functools.lru_cache(maxsize=16)
@@ -240,6 +341,47 @@ def parameter_copies(graph: Graph, T: int, given_init) -> dict[str, int]:
         if graph.vertices[name].init == "learned" and name not in given_init:
             out[graph.init_param_name(name)] = D
     return out
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The graph an engine was made for, as it was then: a run refuses the graph once it has changed.
+
+    An engine derives things from the graph when it is made (the compiled
+    one its plan, its generated and compiled loops), so a later change would
+    run half the old graph and half the new one; both engines refuse it the
+    same way, and a new engine picks the change up."""
+
+    graph: Graph
+    version: int
+    layout: dict
+
+    @classmethod
+    def of(cls, graph: Graph) -> "Binding":
+        return cls(graph, graph.version, _layout(graph))
+
+    def check(self) -> None:
+        if self.graph.version == self.version:
+            return
+        now, was = _layout(self.graph), self.layout
+        changes = [f"{'added' if added else 'removed'} {what} {', '.join(map(repr, sorted(names)))}"
+                   for what in now for added, names in ((True, now[what] - was[what]), (False, was[what] - now[what]))
+                   if names]
+        raise ValueError(f"graph '{self.graph.name}' changed after its engine was made "
+                         f"({'; '.join(changes) or 'a state init or a definition changed'}): "
+                         f"an engine runs the graph as it was; make a new one with make_engine(graph)")
+
+
+def _layout(graph: Graph) -> dict[str, frozenset]:
+    """What a change to the graph is described by: its names of each kind, and each state's init."""
+    return {
+        "vertex": frozenset(v.name for v in graph.vertices.values() if v.kind != "delay") - {l.name for l in graph.losses},
+        "delay": frozenset(v.name for v in graph.delays),
+        "parameter": frozenset(graph.params),
+        "output": frozenset(v.name for v in graph.outputs),
+        "loss": frozenset(l.name for l in graph.losses),
+        "initial state": frozenset(f"{n}: init={graph.vertices[n].init}" for n in graph.delayed()),
+    }
 
 
 def check_combine(combine: str) -> None:
