@@ -4,7 +4,8 @@ Checking the caller's arrays here, once, means both engines reject the same
 mistakes with the same sentence, and agree on shapes: inputs ``[T, B, F]``
 (``[T, B]`` integers for index inputs), masks ``[T, B]`` (or ``[T]``),
 states ``[B, F]`` for a vertex delayed by one step and ``[D, B, F]``
-(oldest first) for one whose deepest delay is ``D > 1``.
+(oldest first) for one whose deepest delay is ``D > 1``. Every float array
+the caller passes is scanned once for NaN and infinities (``check_finite``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ class RunResult:
     its copies' contributions combined (summed, or averaged over the copies).
     ``input_grads``: ``[T, B, F]`` per dense input. ``init_grads``: the
     gradient with respect to each initial state, shaped like the state.
-    ``final_states``: each delayed vertex's last ``D`` values, ready to pass
-    as ``init_states`` of the next chunk. ``outputs``: ``[T, B, F]`` per
+    ``final_states``: each vertex a delay reads, by name, with its last
+    ``D`` values (``D``: its deepest delay): ``[B, F]`` when D = 1,
+    ``[D, B, F]`` oldest first when D > 1 (the shape ``init_states`` takes),
+    ready to pass as ``init_states`` of the next chunk. ``outputs``: ``[T, B, F]`` per
     output. ``step_losses``: ``[T, B]`` per loss, masked, before reduction.
     ``per_copy`` (reference engine, on request): for each parameter an array
     ``[copies, *shape]``, one contribution per step that uses it, the steps
