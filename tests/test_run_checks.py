@@ -262,3 +262,44 @@ def test_state_shapes_follow_the_deepest_delay(engine, rng):
                                       init_states=r.final_states, backward=False)
     for name in g.delayed():
         np.testing.assert_allclose(step.final_states[name], whole.final_states[name], rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ encoder-decoder and step-by-step loops
+
+
+def test_seq2seq_parameters_get_the_same_sentences(rng):
+    from test_flavors import tiny_batch, tiny_seq2seq
+
+    model, enc, dec = tiny_seq2seq()
+    params = {**enc.init_params(rng), **dec.init_params(rng)}
+    inputs, masks = tiny_batch(enc, rng)
+    with pytest.raises(ValueError, match=r"seq2seq: no parameter named 'dec.Wx' in the encoder or the decoder"):
+        model.run(dict(params, **{"dec.Wx": params["out.W"]}), inputs, masks=masks)
+    with pytest.raises(TypeError, match=r"seq2seq: params is NoneType; pass a dict of arrays by parameter name"):
+        model.run(None, inputs, masks=masks)
+    bad = dict(params, **{"out.b": np.full(params["out.b"].shape, np.nan)})
+    with pytest.raises(ValueError, match=r"parameter 'out.b' holds nan at \[0\]"):
+        model.run(bad, inputs, masks=masks)
+    with np.errstate(all="ignore"):
+        assert np.isnan(model.run(bad, inputs, masks=masks, check_finite=False).loss)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generation_scans_the_parameters_once(engine, monkeypatch):
+    """A NaN parameter is refused at the first generated step; the later steps are not scanned again."""
+    from unrolled import runio
+    from unrolled.seq2seq import generate
+
+    g = Graph("counter")
+    h = g.state("h", 4)
+    g.tanh(g.linear(g.param("W", (4, 7)), g.concat(g.one_hot(g.index_input("prev", 3)), h.prev), g.param("b", (4,))),
+           name="h")
+    g.output(g.linear(g.param("V", (3, 4)), h, g.param("c", (3,)), name="y"))
+    params = g.init_params(0)
+    scans = []
+    monkeypatch.setattr(runio, "_scan", lambda feeds, scan=runio._scan: scans.append(feeds.T) or scan(feeds))
+    gen = generate(make_engine(g, engine), params, feedback={"prev": "y"}, start={"prev": 0}, steps=6, batch=2)
+    assert gen.tokens["prev"].shape == (6, 2) and scans == [1]
+    params["b"][2] = np.inf
+    with pytest.raises(ValueError, match=r"parameter 'b' holds inf at \[2\]"):
+        generate(make_engine(g, engine), params, feedback={"prev": "y"}, start={"prev": 0}, steps=6, batch=2)

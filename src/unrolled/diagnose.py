@@ -102,7 +102,7 @@ def state_gradients(graph: Graph, params, inputs, *, init_states=None, masks=Non
                     yield k + 1 + j, k, grads[j]
         if k + 1 < T - 1:
             step = eng.run(params, {name: a[k + 1:k + 2] for name, a in feeds.inputs.items()},
-                           init_states=state, backward=False)
+                           init_states=state, backward=False, check_finite=False)  # feeds: scanned once, above
             state = {name: _history(step.final_states[name]) for name in names}
         if progress is not None:
             progress(k + 2, T)
@@ -121,7 +121,7 @@ def _split_gradients(graph, eng, params, feeds, state, k: int, n: int, names) ->
         if not keep.any():
             continue
         masks = {l.name: (keep if l is loss else np.zeros_like(keep)) for l in graph.losses}
-        result = eng.run(params, inputs, init_states=init, masks=masks)
+        result = eng.run(params, inputs, init_states=init, masks=masks, check_finite=False)  # scanned by the caller
         # The engine divides a "mean" loss by its mask's sum; undo that to get each sequence's own loss.
         scale = keep.sum() if loss.reduce == "mean" else 1.0
         for name in names:

@@ -124,7 +124,7 @@ def _names(names) -> str:
     return ", ".join(sorted(names))
 
 
-def check_finite(a: np.ndarray, what: str, axes: str = "") -> None:
+def _refuse_nonfinite(a: np.ndarray, what: str, axes: str = "") -> None:
     """Refuse an array holding NaN or an infinity, saying where the first one is (see :func:`prepare`)."""
     bad = _nonfinite(a, axes)
     if bad:
@@ -233,15 +233,15 @@ def _output_grads(graph: Graph, output_grads, T: int, B: int, dtype) -> dict[str
 def _scan(feeds: Feeds) -> None:
     """NaN or an infinity in anything the caller passed (see :func:`prepare`); index inputs hold integers."""
     for name, a in feeds.params.items():
-        check_finite(a, f"parameter '{name}'")
+        _refuse_nonfinite(a, f"parameter '{name}'")
     for name, a in feeds.inputs.items():
-        check_finite(a, f"input '{name}'", "t, b, feature")
+        _refuse_nonfinite(a, f"input '{name}'", "t, b, feature")
     for what, states in (("init_states", {k: feeds.init[k] for k in feeds.given_init}),
                          ("final_state_grads", feeds.final_state_grads)):
         for name, a in states.items():  # placed in the caller's shape: [B, F] for a state delayed once
-            check_finite(as_state(a), f"{what}['{name}']", "b, feature" if len(a) == 1 else "slot, b, feature")
+            _refuse_nonfinite(as_state(a), f"{what}['{name}']", "b, feature" if len(a) == 1 else "slot, b, feature")
     for name, a in feeds.output_grads.items():
-        check_finite(a, f"output_grads['{name}']", "t, b, feature")
+        _refuse_nonfinite(a, f"output_grads['{name}']", "t, b, feature")
 
 
 def _as_history(graph: Graph, name: str, a, B: int, dtype, what: str) -> np.ndarray:
@@ -367,9 +367,11 @@ class Binding:
         if self.graph.version == self.version:
             return
         now, was = _layout(self.graph), self.layout
-        changes = [f"{'added' if added else 'removed'} {what} {', '.join(map(repr, sorted(names)))}"
-                   for what in now for added, names in ((True, now[what] - was[what]), (False, was[what] - now[what]))
-                   if names]
+        changes = []
+        for what in now:
+            for verb, names in (("added", now[what] - was[what]), ("removed", was[what] - now[what])):
+                if names:
+                    changes.append(f"{verb} {what} {', '.join(map(repr, sorted(names)))}")
         raise ValueError(f"graph '{self.graph.name}' changed after its engine was made "
                          f"({'; '.join(changes) or 'a state init or a definition changed'}): "
                          f"an engine runs the graph as it was; make a new one with make_engine(graph)")
@@ -378,7 +380,8 @@ class Binding:
 def _layout(graph: Graph) -> dict[str, frozenset]:
     """What a change to the graph is described by: its names of each kind, and each state's init."""
     return {
-        "vertex": frozenset(v.name for v in graph.vertices.values() if v.kind != "delay") - {l.name for l in graph.losses},
+        "vertex": frozenset(v.name for v in graph.vertices.values()
+                            if v.kind != "delay" and all(v is not l.vertex for l in graph.losses)),
         "delay": frozenset(v.name for v in graph.delays),
         "parameter": frozenset(graph.params),
         "output": frozenset(v.name for v in graph.outputs),

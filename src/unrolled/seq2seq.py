@@ -17,6 +17,7 @@ needs no engine code of its own:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,7 +118,9 @@ def generate(engine, params, inputs: dict[str, np.ndarray] | None = None, *, fee
     for t in range(steps):
         feed = {k: a[t : t + 1] for k, a in inputs.items()}
         feed.update({i: tokens[i][t : t + 1] for i in feedback})
-        r = engine.run(params, feed, backward=False, **({"init_states": state} if state is not None else {}))
+        # one scan of the parameters and the caller's state, at the first step: the later steps read what it made
+        r = engine.run(params, feed, backward=False, check_finite=t == 0,
+                       **({"init_states": state} if state is not None else {}))
         state = r.final_states
         for o in outs:
             outs[o].append(r.outputs[o][0])
@@ -166,7 +169,8 @@ def scheduled_inputs(engine, params, inputs: dict[str, np.ndarray], *, feedback:
     state = init_states
     for t in range(T - 1):
         feed = {k: a[t : t + 1] for k, a in out.items()}
-        r = engine.run(params, feed, backward=False, **({"init_states": state} if state is not None else {}))
+        r = engine.run(params, feed, backward=False, check_finite=t == 0,  # the later steps read what it made
+                       **({"init_states": state} if state is not None else {}))
         state = r.final_states
         for i, o in feedback.items():
             guess = r.outputs[o][0].argmax(axis=-1)
@@ -329,26 +333,42 @@ class Seq2Seq:
         return ({k: v for k, v in inputs.items() if k in enc_names},
                 {k: v for k, v in inputs.items() if k in dec_names})
 
+    def split_params(self, params) -> tuple[dict, dict]:
+        """The encoder's parameters and the decoder's, from one dict (a name in both is one shared parameter)."""
+        enc, dec = self.encoder.graph.params, self.decoder.graph.params
+        if not isinstance(params, Mapping):
+            raise TypeError(f"seq2seq: params is {type(params).__name__}; pass a dict of arrays by parameter "
+                            f"name, e.g. {{**encoder_graph.init_params(), **decoder_graph.init_params()}}")
+        extra = sorted(k for k in params if k not in enc and k not in dec)
+        if extra:
+            raise ValueError(f"seq2seq: no parameter named '{extra[0]}' in the encoder or the decoder")
+        missing = [k for k in [*enc, *dec] if k not in params]
+        if missing:
+            raise ValueError(f"seq2seq: no value for parameter '{missing[0]}'; each graph's init_params() makes its own")
+        return {k: params[k] for k in enc}, {k: params[k] for k in dec}
+
     def encode(self, params, enc_inputs, init_states=None) -> RunResult:
-        p = {k: params[k] for k in self.encoder.graph.params}
+        p, _ = self.split_params(params)
         return self.encoder.run(p, enc_inputs, init_states=init_states, backward=False)
 
     def bridged(self, enc_finals: dict) -> dict:
         return {d: np.concatenate([enc_finals[e] for e in es], axis=-1) for d, es in self.bridge.items()}
 
     def run(self, params, inputs, *, masks=None, combine: str = "sum", backward: bool = True,
-            init_states: dict | None = None, sampling: float | None = None, **kw) -> RunResult:
+            init_states: dict | None = None, sampling: float | None = None, check_finite: bool = True,
+            **kw) -> RunResult:
         """Encoder forward, decoder forward (and back), encoder back; one merged :class:`RunResult`.
 
         ``init_states`` are the encoder's; ``masks`` the decoder's losses'.
         ``sampling`` overrides the scheduled-sampling ratio (training runs only).
+        ``check_finite``: as the engines' (the encoder's second pass reads
+        what the first one checked, and is not scanned again).
         """
         if kw:
             raise TypeError(f"seq2seq run: unexpected option(s) {', '.join(sorted(kw))}")
         enc_inputs, dec_inputs = self.split(inputs)
-        enc_p = {k: params[k] for k in self.encoder.graph.params}
-        dec_p = {k: params[k] for k in self.decoder.graph.params}
-        enc = self.encoder.run(enc_p, enc_inputs, init_states=init_states, backward=False)
+        enc_p, dec_p = self.split_params(params)
+        enc = self.encoder.run(enc_p, enc_inputs, init_states=init_states, backward=False, check_finite=check_finite)
         dec_init = self.bridged(enc.final_states)
         ratio = self.sampling if sampling is None else float(sampling)
         if backward and ratio > 0:
@@ -356,7 +376,8 @@ class Seq2Seq:
                 raise ValueError("seq2seq: scheduled sampling needs feedback={decoder input: decoder output}")
             dec_inputs = scheduled_inputs(self.decoder, dec_p, dec_inputs, feedback=self.feedback, ratio=ratio,
                                           rng=self.rng, init_states=dec_init)
-        dec = self.decoder.run(dec_p, dec_inputs, init_states=dec_init, masks=masks, combine=combine, backward=backward)
+        dec = self.decoder.run(dec_p, dec_inputs, init_states=dec_init, masks=masks, combine=combine, backward=backward,
+                               check_finite=check_finite)
         result = RunResult(loss=dec.loss, outputs={**enc.outputs, **dec.outputs}, step_losses=dec.step_losses,
                            final_states=dec.final_states)
         if not backward:
@@ -369,7 +390,8 @@ class Seq2Seq:
                 piece = g[..., start : start + size]
                 fsg[e] = fsg[e] + piece if e in fsg else piece
                 start += size
-        enc_b = self.encoder.run(enc_p, enc_inputs, init_states=init_states, final_state_grads=fsg, combine=combine)
+        enc_b = self.encoder.run(enc_p, enc_inputs, init_states=init_states, final_state_grads=fsg, combine=combine,
+                                 check_finite=False)
         grads = dict(enc_b.grads)
         for k, v in dec.grads.items():
             grads[k] = grads[k] + v if k in grads else v
@@ -385,6 +407,6 @@ class Seq2Seq:
             raise ValueError("seq2seq: generation needs feedback={decoder input: decoder output}")
         enc = self.encode(params, enc_inputs)
         B = next(iter(enc.final_states.values())).shape[-2]
-        dec_p = {k: params[k] for k in self.decoder.graph.params}
+        _, dec_p = self.split_params(params)
         return generate(self.decoder, dec_p, dec_inputs, feedback=self.feedback, start=start, steps=steps,
                         init_states=self.bridged(enc.final_states), end=end, batch=B)
