@@ -228,7 +228,8 @@ def test_a_delay_named_after_a_state_says_what_to_write():
     g.output(g.identity(g.delay(x, 1), name="h"))  # what the message says: a state holding x one step ago
     xs = np.arange(6.0).reshape(3, 1, 2)
     for engine in ENGINES:
-        np.testing.assert_allclose(make_engine(g, engine).run({}, {"x": xs}).outputs["h"], [[[0, 0]], [[0, 1]], [[2, 3]]])
+        h = make_engine(g, engine).run({}, {"x": xs}).outputs["h"]
+        np.testing.assert_allclose(h, [[[0, 0]], [[0, 1]], [[2, 3]]])
 
 
 def test_a_given_initial_state_nothing_reads_is_refused_at_check():
@@ -303,3 +304,47 @@ def test_generation_scans_the_parameters_once(engine, monkeypatch):
     params["b"][2] = np.inf
     with pytest.raises(ValueError, match=r"parameter 'b' holds inf at \[2\]"):
         generate(make_engine(g, engine), params, feedback={"prev": "y"}, start={"prev": 0}, steps=6, batch=2)
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+def _trainer(engine: str, rng, **kw):
+    from unrolled.optim import make_optimizer
+    from unrolled.train import Trainer
+
+    g = GRAPHS["elman"]()
+    params, run_kw = _run_kw(g, rng)
+    return Trainer(make_engine(g, engine), params, make_optimizer("sgd", 0.1), **kw), run_kw["inputs"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("tbptt", [False, True], ids=["batch", "tbptt"])
+def test_the_trainer_refuses_what_its_caller_gives_it(engine, tbptt, rng):
+    from unrolled.optim import make_optimizer
+    from unrolled.train import Trainer
+
+    kw = {"k1": 2, "k2": 3} if tbptt else {}
+    trainer, inputs = _trainer(engine, rng, **kw)
+    inputs["x"][1, 0, 2] = np.nan
+    with pytest.raises(ValueError, match=r"input 'x' holds nan at \[1, 0, 2\] \(\[t, b, feature\]\)"):
+        trainer.train_step(inputs)
+    assert trainer.step_count == 0
+    params = dict(trainer.params, b=np.array([0.0, np.inf, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"parameter 'b' holds inf at \[1\]: a run needs finite values$"):
+        Trainer(trainer.engine, params, make_optimizer("sgd", 0.1), **kw)
+    if tbptt:
+        with pytest.raises(ValueError, match=r"init_states\['h'\] holds nan at \[0, 0\]"):
+            trainer.tbptt.reset({"h": np.full((B, 4), np.nan)})
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("tbptt", [False, True], ids=["batch", "tbptt"])
+def test_parameters_an_update_broke_show_as_a_skipped_update(engine, tbptt, rng):
+    """Not as a refusal: the training loop reports a non-finite loss or gradient with its step."""
+    trainer, inputs = _trainer(engine, rng, **({"k1": 2, "k2": 3} if tbptt else {}))
+    trainer.train_step({k: a[:2] for k, a in inputs.items()})
+    trainer.params["W"][0, 0] = np.nan  # as an update that overflowed (inf - inf) would leave it
+    with np.errstate(all="ignore"):
+        stats = trainer.train_step({k: a[2:] for k, a in inputs.items()})
+    assert stats.skipped and np.isnan(stats.loss) and not np.isfinite(stats.grad_norm)

@@ -350,7 +350,9 @@ def score_text(model: LoadedModel, text: str, *, seq: int | None = None, batch: 
     for x, y, mask in iter_eval_chunks(ids, seq, batch):
         kw = {"init_states": state} if state is not None else {}
         with np.errstate(under="ignore"):
-            r = eng.run(model.params, {INPUT_NAME: x, TARGET_NAME: y}, masks={LOSS_NAME: mask}, backward=False, **kw)
+            # the first chunk scans the parameters; the later ones carry the state the engine made
+            r = eng.run(model.params, {INPUT_NAME: x, TARGET_NAME: y}, masks={LOSS_NAME: mask}, backward=False,
+                        check_finite=state is None, **kw)
         total += float(r.step_losses[LOSS_NAME].sum(dtype=np.float64))
         count += int(mask.sum())
         state = {k: np.array(v, copy=True) for k, v in r.final_states.items()}

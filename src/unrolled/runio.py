@@ -124,11 +124,26 @@ def _names(names) -> str:
     return ", ".join(sorted(names))
 
 
-def _refuse_nonfinite(a: np.ndarray, what: str, axes: str = "") -> None:
+SKIP_HINT = " (check_finite=False skips this scan)"
+
+
+def scan_arrays(params=None, inputs=None, init_states=None, *, hint: str = SKIP_HINT) -> None:
+    """Refuse NaN or an infinity in a caller's parameters, inputs or initial states, naming the array
+    and the place of the first one: the one rule of :func:`prepare`'s scan, also for loops (the
+    trainer) that scan what their caller gave them and run the engine on it unscanned."""
+    for name, a in (params or {}).items():
+        _refuse_nonfinite(a, f"parameter '{name}'", "", hint)
+    for name, a in (inputs or {}).items():
+        _refuse_nonfinite(a, f"input '{name}'", "t, b, feature", hint)
+    for name, a in (init_states or {}).items():
+        _refuse_nonfinite(a, f"init_states['{name}']", "b, feature" if np.ndim(a) == 2 else "slot, b, feature", hint)
+
+
+def _refuse_nonfinite(a, what: str, axes: str = "", hint: str = SKIP_HINT) -> None:
     """Refuse an array holding NaN or an infinity, saying where the first one is (see :func:`prepare`)."""
-    bad = _nonfinite(a, axes)
+    bad = _nonfinite(a if isinstance(a, np.ndarray) else np.asarray(a), axes)
     if bad:
-        raise ValueError(f"{what} {bad}: a run needs finite values (check_finite=False skips this scan)")
+        raise ValueError(f"{what} {bad}: a run needs finite values{hint}")
 
 
 def _nonfinite(a: np.ndarray, axes: str = "") -> str | None:
@@ -232,14 +247,11 @@ def _output_grads(graph: Graph, output_grads, T: int, B: int, dtype) -> dict[str
 
 def _scan(feeds: Feeds) -> None:
     """NaN or an infinity in anything the caller passed (see :func:`prepare`); index inputs hold integers."""
-    for name, a in feeds.params.items():
-        _refuse_nonfinite(a, f"parameter '{name}'")
-    for name, a in feeds.inputs.items():
-        _refuse_nonfinite(a, f"input '{name}'", "t, b, feature")
-    for what, states in (("init_states", {k: feeds.init[k] for k in feeds.given_init}),
-                         ("final_state_grads", feeds.final_state_grads)):
-        for name, a in states.items():  # placed in the caller's shape: [B, F] for a state delayed once
-            _refuse_nonfinite(as_state(a), f"{what}['{name}']", "b, feature" if len(a) == 1 else "slot, b, feature")
+    # a state in the caller's shape: [B, F] for a state delayed once
+    scan_arrays(feeds.params, feeds.inputs, {k: as_state(feeds.init[k]) for k in feeds.given_init})
+    for name, a in feeds.final_state_grads.items():
+        a = as_state(a)
+        _refuse_nonfinite(a, f"final_state_grads['{name}']", "b, feature" if a.ndim == 2 else "slot, b, feature")
     for name, a in feeds.output_grads.items():
         _refuse_nonfinite(a, f"output_grads['{name}']", "t, b, feature")
 

@@ -139,7 +139,8 @@ class Sampler:
         x = np.asarray(ids, dtype=np.int64)[:, None]  # [T, 1]
         kw = {"init_states": state} if state is not None else {}
         with np.errstate(under="ignore"):
-            r = self.engine.run(self.params, {INPUT_NAME: x, TARGET_NAME: np.zeros_like(x)}, backward=False, **kw)
+            r = self.engine.run(self.params, {INPUT_NAME: x, TARGET_NAME: np.zeros_like(x)}, backward=False,
+                                check_finite=state is None, **kw)  # a carried state is the engine's own
         logits = np.array(r.outputs[LOGITS_NAME][-1, 0], dtype=np.float64)  # [V], copied out of engine buffers
         return logits, {k: np.array(v, copy=True) for k, v in r.final_states.items()}
 

@@ -344,7 +344,8 @@ class Seq2Seq:
             raise ValueError(f"seq2seq: no parameter named '{extra[0]}' in the encoder or the decoder")
         missing = [k for k in [*enc, *dec] if k not in params]
         if missing:
-            raise ValueError(f"seq2seq: no value for parameter '{missing[0]}'; each graph's init_params() makes its own")
+            raise ValueError(f"seq2seq: no value for parameter '{missing[0]}'; "
+                             f"each graph's init_params() makes its own")
         return {k: params[k] for k in enc}, {k: params[k] for k in dec}
 
     def encode(self, params, enc_inputs, init_states=None) -> RunResult:

@@ -31,7 +31,7 @@ from . import cells
 from .clip import clip_by_global_norm, clip_by_value, global_norm
 from .graph import Graph, Vertex
 from .optim import Optimizer, optimizer_from_state
-from .runio import RunResult, check_combine
+from .runio import RunResult, check_combine, scan_arrays
 from .schedules import Schedule, schedule_from_dict
 from .words import count
 
@@ -93,6 +93,7 @@ class TruncatedBPTT:
         ``init_states`` (optional) is where the next stream starts; without
         it, the graph's own initial states (zeros, learned or given).
         """
+        scan_arrays(init_states=init_states, hint="")
         self._state = {k: np.array(v, copy=True) for k, v in init_states.items()} if init_states else None
         self._history: dict[str, np.ndarray] = {}  # inputs of the steps in [window start, now), [h, B, ...]
         self._history_steps = 0
@@ -105,16 +106,22 @@ class TruncatedBPTT:
         """The state at the start of the next window (``None``: the graph's own initial state)."""
         return self._state
 
-    def step(self, params, inputs: dict[str, np.ndarray], masks: dict | None = None) -> RunResult:
+    def step(self, params, inputs: dict[str, np.ndarray], masks: dict | None = None, *,
+             check_finite: bool = True) -> RunResult:
         """One update: run the window ending with these new steps; see the class docstring.
 
         Returns the engine's :class:`RunResult` restricted to the new steps:
         ``loss`` and ``step_losses`` of these steps, ``outputs`` and
         ``input_grads`` of these steps, ``grads`` through the whole window,
         ``final_states`` after these steps. ``init_grads`` is empty: the
-        carried state takes no gradient.
+        carried state takes no gradient. ``check_finite`` scans ``params``
+        and the new steps for NaN and infinities, as an engine run does;
+        the replayed steps were scanned when new, and the carried state is
+        computed, so the engine runs unscanned.
         """
         n, B = self._check_chunk(inputs)
+        if check_finite:
+            scan_arrays(params, inputs)
         if self._state is None:
             given = [name for name in self.graph.delayed() if self.graph.vertices[name].init == "given"]
             if given:
@@ -124,7 +131,7 @@ class TruncatedBPTT:
         window = {name: (np.concatenate([self._history[name], a]) if h else a) for name, a in inputs.items()}
         window_masks = self._window_masks(masks, h, n, B)
         kw = {"init_states": self._state} if self._state is not None else {}
-        result = self.engine.run(params, window, masks=window_masks, combine=self.combine, **kw)
+        result = self.engine.run(params, window, masks=window_masks, combine=self.combine, check_finite=False, **kw)
 
         # Move the window start forward past the steps the next window no longer holds.
         keep = min(self.k2 - self.k1, h + n)
@@ -133,7 +140,7 @@ class TruncatedBPTT:
             self._state = {k: np.array(v, copy=True) for k, v in result.final_states.items()}
         elif drop > 0:
             head = {name: a[:drop] for name, a in window.items()}
-            self._state = self.engine.run(params, head, backward=False, **kw).final_states
+            self._state = self.engine.run(params, head, backward=False, check_finite=False, **kw).final_states
         self._history = {name: a[drop:].copy() for name, a in window.items()} if keep else {}
         self._history_steps = keep
         self._batch = B
@@ -398,6 +405,11 @@ class Trainer:
     ``engine`` is anything with ``graph`` and ``run(params, inputs, **kw)``
     returning a :class:`RunResult` (an engine, or ``seq2seq.Seq2Seq``).
     A non-finite gradient skips the update (``StepStats.skipped``).
+    The caller's arrays are scanned for NaN and infinities (the parameters
+    once, here; each batch's inputs and initial states at its update), the
+    way an engine run scans them; the engine then runs unscanned, so that
+    parameters an update made non-finite show as a non-finite loss or
+    gradient of the next update, which the training loop reports by step.
     Nothing here is random except the dropout masks, so the same seed, data
     and engine give bit-identical parameters.
     """
@@ -412,6 +424,7 @@ class Trainer:
             raise ValueError(f"clip_norm={clip_norm!r}; it must be a positive number (None turns clipping off)")
         if clip_value is not None and not clip_value > 0:
             raise ValueError(f"clip_value={clip_value!r}; it must be a positive number (None turns clipping off)")
+        scan_arrays(params, hint="")
         self.engine = engine
         self.params = params
         self.optimizer = optimizer
@@ -434,15 +447,17 @@ class Trainer:
     def train_step(self, inputs: dict[str, np.ndarray], masks: dict | None = None, *,
                    init_states: dict | None = None, **run_kw) -> StepStats:
         """One update on one batch (or, with k1/k2, on the stream's next chunk)."""
+        if run_kw.pop("check_finite", True):
+            scan_arrays(inputs=inputs, init_states=init_states)
         inputs = self._with_dropout(inputs, train=True)
         if self.tbptt is not None:
             if init_states is not None or run_kw:
                 raise ValueError("with truncated BPTT the trainer carries the state itself; "
                                  "pass initial states with trainer.tbptt.reset(init_states)")
-            result = self.tbptt.step(self.params, inputs, masks)
+            result = self.tbptt.step(self.params, inputs, masks, check_finite=False)
         else:
             result = self.engine.run(self.params, inputs, init_states=init_states, masks=masks,
-                                     combine=self.combine, **run_kw)
+                                     combine=self.combine, check_finite=False, **run_kw)
         return self.apply_gradients(result.grads, loss=result.loss, result=result)
 
     def apply_gradients(self, grads: dict[str, np.ndarray], *, loss: float = math.nan,
@@ -467,8 +482,11 @@ class Trainer:
 
         Neither the parameters nor a truncated-BPTT stream's carried state are touched.
         """
+        if run_kw.pop("check_finite", True):
+            scan_arrays(inputs=inputs, init_states=init_states)
         inputs = self._with_dropout(inputs, train=False)
-        return self.engine.run(self.params, inputs, init_states=init_states, masks=masks, backward=False, **run_kw)
+        return self.engine.run(self.params, inputs, init_states=init_states, masks=masks, backward=False,
+                               check_finite=False, **run_kw)
 
     def _with_dropout(self, inputs: dict, train: bool) -> dict:
         missing = [n for n in self._dropout if n not in inputs]
