@@ -3,7 +3,9 @@ vector-Jacobian product (VJP), side by side.
 
 Every engine (reference, compiled) evaluates vertices through this table, so
 an op defined here is correct everywhere or nowhere; the op tests check each
-VJP against central finite differences.
+VJP against central finite differences. Each entry also carries the op's ONNX
+rule (``Op.onnx``), so that exporting a graph (export/onnx.py) needs no second
+table; the rules build ONNX nodes through a small builder and import nothing.
 
 Conventions. A vertex value at one step is ``[B, F]`` (``[B]`` integers for an
 index input). A parameter value has its own shape and no batch axis; when an
@@ -41,6 +43,10 @@ class Op:
     is_loss: bool = False
     params_allowed: tuple[int, ...] = field(default=())  # argument positions that may be parameters
     index_allowed: tuple[int, ...] = field(default=())  # positions that may be index inputs
+    # onnx(b, args, attrs) -> the name of the tensor holding one step's value [B, F]; ``args`` are the
+    # operands' tensor names, ``b`` a builder with node(op_type, inputs, **attributes) -> name and
+    # const(value, integer=False) -> name (see export/onnx.py). None: the op cannot be exported.
+    onnx: Callable | None = None
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -250,6 +256,40 @@ def _log_softmax_vjp(g, v, out, a):
     return [g - p * g.sum(axis=-1, keepdims=True)]
 
 
+# ----------------------------------------------------------------- ONNX rules
+# Values are [B, F] (an index input [B] int64); parameters keep their own shapes.
+
+
+def _onnx_product(b, args, a):
+    """``x · W^T (+ bias)`` as one Gemm: the vertex is the first Gemm operand."""
+    return b.node("Gemm", [args[1], args[0], *args[2:]], transB=1)
+
+
+def _onnx_slice(b, args, a):
+    return b.node("Slice", [args[0], b.const([a["start"]], integer=True), b.const([a["stop"]], integer=True),
+                            b.const([1], integer=True)])
+
+
+def _onnx_one_hot(b, args, a):
+    return b.node("OneHot", [args[0], b.const(a["n"], integer=True), b.const([0, 1])], axis=-1)
+
+
+def _onnx_xent(b, args, a):
+    """``-log_softmax(logits)[target]`` as a [B, 1] column."""
+    logp = b.node("LogSoftmax", [args[0]], axis=-1)
+    picked = b.node("GatherElements", [logp, b.node("Unsqueeze", [args[1], b.const([1], integer=True)])], axis=1)
+    return b.node("Neg", [picked])
+
+
+def _onnx_mse(b, args, a):
+    d = b.node("Sub", [args[0], args[1]])
+    return b.node("ReduceMean", [b.node("Mul", [d, d])], axes=[-1], keepdims=1)
+
+
+def _onnx_elementwise(op_type: str):
+    return lambda b, args, a: b.node(op_type, list(args))
+
+
 # --------------------------------------------------------------------- table
 
 def _product_ops(product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> list[Op]:
@@ -258,11 +298,11 @@ def _product_ops(product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> lis
         Op("matmul", 2, _matmul_shape,
            lambda v, a: product(v[1], v[0].T),
            lambda g, v, out, a: [product(g.T, v[1]), product(g, v[0])],
-           params_allowed=(0,)),
+           params_allowed=(0,), onnx=_onnx_product),
         Op("linear", 3, _linear_shape,
            lambda v, a: _add_bias(product(v[1], v[0].T), v[2]),
            lambda g, v, out, a: [product(g.T, v[1]), product(g, v[0]), g.sum(axis=0)],
-           params_allowed=(0, 2)),
+           params_allowed=(0, 2), onnx=_onnx_product),
     ]
 
 
@@ -273,56 +313,67 @@ OPS: dict[str, Op] = {
         Op("add", 2, _same_size,
            lambda v, a: v[0] + v[1],
            lambda g, v, out, a: [g, g],
-           params_allowed=(0, 1)),
+           params_allowed=(0, 1), onnx=_onnx_elementwise("Add")),
         Op("sub", 2, _same_size,
            lambda v, a: v[0] - v[1],
            lambda g, v, out, a: [g, -g],
-           params_allowed=(0, 1)),
+           params_allowed=(0, 1), onnx=_onnx_elementwise("Sub")),
         Op("mul", 2, _same_size,
            lambda v, a: v[0] * v[1],
            lambda g, v, out, a: [g * v[1], g * v[0]],
-           params_allowed=(0, 1)),
+           params_allowed=(0, 1), onnx=_onnx_elementwise("Mul")),
         Op("scale", 1, _unary,
            lambda v, a: v[0] * a["c"],
-           lambda g, v, out, a: [g * a["c"]]),
+           lambda g, v, out, a: [g * a["c"]],
+           onnx=lambda b, args, a: b.node("Mul", [args[0], b.const(a["c"])])),
         Op("one_minus", 1, _unary,
            lambda v, a: 1 - v[0],
-           lambda g, v, out, a: [-g]),
+           lambda g, v, out, a: [-g],
+           onnx=lambda b, args, a: b.node("Sub", [b.const(1.0), args[0]])),
         Op("concat", None, _concat_shape,
            lambda v, a: np.concatenate(v, axis=-1),
-           _concat_vjp),
+           _concat_vjp,
+           onnx=lambda b, args, a: b.node("Concat", list(args), axis=-1)),
         Op("slice", 1, _slice_shape,
            lambda v, a: v[0][:, a["start"] : a["stop"]],
-           _slice_vjp),
+           _slice_vjp,
+           onnx=_onnx_slice),
         Op("tanh", 1, _unary,
            lambda v, a: np.tanh(v[0]),
-           lambda g, v, out, a: [g * (1 - out * out)]),
+           lambda g, v, out, a: [g * (1 - out * out)],
+           onnx=_onnx_elementwise("Tanh")),
         Op("sigmoid", 1, _unary,
            lambda v, a: sigmoid(v[0]),
-           lambda g, v, out, a: [g * out * (1 - out)]),
+           lambda g, v, out, a: [g * out * (1 - out)],
+           onnx=_onnx_elementwise("Sigmoid")),
         Op("relu", 1, _unary,
            lambda v, a: np.maximum(v[0], 0),
-           lambda g, v, out, a: [g * (v[0] > 0)]),
+           lambda g, v, out, a: [g * (v[0] > 0)],
+           onnx=_onnx_elementwise("Relu")),
         Op("identity", 1, _unary,
            lambda v, a: v[0].copy(),
-           lambda g, v, out, a: [g]),
+           lambda g, v, out, a: [g],
+           onnx=_onnx_elementwise("Identity")),
         Op("softmax", 1, _unary,
            lambda v, a: softmax(v[0]),
-           _softmax_vjp),
+           _softmax_vjp,
+           onnx=lambda b, args, a: b.node("Softmax", [args[0]], axis=-1)),
         Op("log_softmax", 1, _unary,
            lambda v, a: log_softmax(v[0]),
-           _log_softmax_vjp),
+           _log_softmax_vjp,
+           onnx=lambda b, args, a: b.node("LogSoftmax", [args[0]], axis=-1)),
         Op("embedding", 2, _embedding_shape,
            lambda v, a: v[0][v[1]],
            lambda g, v, out, a: [_scatter_rows(v[0].shape, v[1], g), None],
-           params_allowed=(0,), index_allowed=(1,)),
+           params_allowed=(0,), index_allowed=(1,),
+           onnx=lambda b, args, a: b.node("Gather", [args[0], args[1]], axis=0)),
         Op("one_hot", 1, _one_hot_shape,
            lambda v, a: _one_hot(v[0], a["n"], a["dtype"]),
            lambda g, v, out, a: [None],
-           index_allowed=(0,)),
+           index_allowed=(0,), onnx=_onnx_one_hot),
         Op("cross_entropy", 2, _xent_shape, _xent_forward, _xent_vjp,
-           is_loss=True, index_allowed=(1,)),
-        Op("mse", 2, _mse_shape, _mse_forward, _mse_vjp, is_loss=True),
+           is_loss=True, index_allowed=(1,), onnx=_onnx_xent),
+        Op("mse", 2, _mse_shape, _mse_forward, _mse_vjp, is_loss=True, onnx=_onnx_mse),
     ]
 }
 
