@@ -1,0 +1,127 @@
+"""ONNX export of any graph: ONNX Runtime must give the reference engine's outputs and final states.
+
+Every model passes ``onnx.checker`` (``to_onnx`` runs it); float32 outputs
+and final states agree with ``reference.run(..., backward=False)`` to 1e-5,
+for T in {1, 7, 50} and B in {1, 4}, from the default initial states and
+from given ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from helpers import GRAPHS, make_init_states, make_inputs, make_params  # noqa: E402
+from test_engine_agreement import cyclic_graphs  # noqa: E402
+from unrolled import ops  # noqa: E402
+from unrolled.export.onnx import FINAL_PREFIX, INIT_PREFIX, OnnxRunner, export_onnx, to_onnx  # noqa: E402
+from unrolled.graph import Graph  # noqa: E402
+from unrolled.reference import run as reference_run  # noqa: E402
+
+TOL = 1e-5
+NAMED = ["elman", "jordan", "lstm", "gru", "lstm_stack2", "delay2", "delay3_and_1", "learned_init_delay2",
+         "given_init_delay2", "embedding", "one_hot", "input_delay"]
+_MODELS: dict[str, tuple] = {}
+
+
+def _exported(name: str):
+    """One graph, its float32 parameters and its model in ONNX Runtime, built once for every T and B."""
+    if name not in _MODELS:
+        g = GRAPHS[name]()
+        params = make_params(g, np.random.default_rng(len(name)), np.float32)
+        _MODELS[name] = g, params, OnnxRunner(to_onnx(g, params))
+    return _MODELS[name]
+
+
+def assert_same_as_engine(g: Graph, params, runner: OnnxRunner, T: int, B: int, seed: int, every_state: bool):
+    rng = np.random.default_rng(seed)
+    inputs = make_inputs(g, T, B, rng, np.float32)
+    init = make_init_states(g, B, rng, every=every_state, dtype=np.float32)
+    want = reference_run(g, params, inputs, init_states=init, backward=False)
+    outputs, finals = runner.run(inputs, init)
+    assert set(outputs) == set(want.outputs) and set(finals) == set(want.final_states)
+    for ours, theirs in ((outputs, want.outputs), (finals, want.final_states)):
+        for name, a in theirs.items():
+            assert ours[name].shape == a.shape, name
+            np.testing.assert_allclose(ours[name], a, rtol=TOL, atol=TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("T", [1, 7, 50])
+@pytest.mark.parametrize("name", NAMED)
+def test_onnx_runtime_matches_the_engine(name, T, B):
+    g, params, runner = _exported(name)
+    assert_same_as_engine(g, params, runner, T, B, seed=T * 10 + B, every_state=False)
+    assert_same_as_engine(g, params, runner, T, B, seed=T * 10 + B + 1, every_state=True)
+
+
+@settings(max_examples=int(os.environ.get("UNROLLED_EXAMPLES", 5)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(g=cyclic_graphs(), T=st.sampled_from([1, 7, 50]), B=st.sampled_from([1, 4]), seed=st.integers(0, 2**16),
+       every_state=st.booleans())
+def test_random_graphs_match_the_engine(g, T, B, seed, every_state):
+    params = make_params(g, np.random.default_rng(seed), np.float32)
+    assert_same_as_engine(g, params, OnnxRunner(to_onnx(g, params)), T, B, seed, every_state)
+
+
+def test_interface_names_inputs_states_and_outputs(tmp_path):
+    g, params, _ = _exported("learned_init_delay2")
+    path = tmp_path / "m.onnx"
+    model = export_onnx(g, params, path)
+    assert path.stat().st_size > 0
+    main = model.graph
+    assert [i.name for i in main.input] == ["x", INIT_PREFIX + "h"]  # the loss's target is not an input
+    assert {o.name for o in main.output} == {"y", FINAL_PREFIX + "h"}
+    assert [n.op_type for n in main.node].count("Scan") == 1
+    runner = OnnxRunner(path)
+    assert runner.states == {"h": 2}
+    # the learned initial state is the default: a run without init_states starts from it
+    x = np.random.default_rng(0).normal(size=(3, 2, 3)).astype(np.float32)
+    want = reference_run(g, params, {"x": x, "target": np.zeros((3, 2), dtype=np.int64)}, backward=False)
+    outputs, _ = runner.run({"x": x})
+    np.testing.assert_allclose(outputs["y"], want.outputs["y"], rtol=TOL, atol=TOL)
+
+
+def test_final_states_carry_into_the_next_chunk():
+    """Two chunks with the state carried through ONNX equal one run over both."""
+    g, params, runner = _exported("delay3_and_1")
+    rng = np.random.default_rng(5)
+    inputs = make_inputs(g, 9, 2, rng, np.float32)
+    first = {k: v[:4] for k, v in inputs.items()}
+    second = {k: v[4:] for k, v in inputs.items()}
+    _, state = runner.run(first)
+    outputs, finals = runner.run(second, state)
+    whole = reference_run(g, params, inputs, backward=False)
+    np.testing.assert_allclose(outputs["y"], whole.outputs["y"][4:], rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(finals["h"], whole.final_states["h"], rtol=TOL, atol=TOL)
+
+
+def test_an_op_without_a_rule_names_the_vertex_and_the_op(monkeypatch):
+    g, params, _ = _exported("gru")
+    monkeypatch.setitem(ops.OPS, "one_minus", dataclasses.replace(ops.OPS["one_minus"], onnx=None))
+    with pytest.raises(ValueError, match=r"vertex '1mz' = one_minus\(\.\.\.\) cannot be exported: op 'one_minus' "
+                                         r"has no ONNX rule"):
+        to_onnx(g, params)
+
+
+def test_every_op_has_a_rule():
+    assert [name for name, op in ops.OPS.items() if op.onnx is None] == []
+
+
+def test_a_loss_feeding_an_output_is_exported():
+    g = Graph("loss_out")
+    x = g.input("x", 3)
+    h = g.state("h", 3)
+    g.tanh(g.linear(g.param("W", (3, 6)), g.concat(x, h.prev), g.param("b", (3,))), name="h")
+    loss = g.loss("cross_entropy", h, g.index_input("t", 3), name="xent")
+    g.output(loss.vertex)
+    params = make_params(g, np.random.default_rng(1), np.float32)
+    assert_same_as_engine(g, params, OnnxRunner(to_onnx(g, params)), 5, 3, seed=2, every_state=True)
