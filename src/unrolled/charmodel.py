@@ -329,7 +329,31 @@ def score_text(model: LoadedModel, text: str, *, seq: int | None = None, batch: 
     time, with the state carried, as validation does in training; every
     remaining character but the first is predicted exactly once.
     """
-    vocab = Vocabulary.from_list(model.vocabulary)
+    eng = make_engine(model.graph, engine)
+
+    def run_chunk(x, y, mask, state):
+        kw = {"init_states": state} if state is not None else {}
+        with np.errstate(under="ignore"):
+            # the first chunk scans the parameters; the later ones carry the state the engine made
+            r = eng.run(model.params, {INPUT_NAME: x, TARGET_NAME: y}, masks={LOSS_NAME: mask}, backward=False,
+                        check_finite=state is None, **kw)
+        nats = float(r.step_losses[LOSS_NAME].sum(dtype=np.float64))
+        return nats, {k: np.array(v, copy=True) for k, v in r.final_states.items()}
+
+    def fits(seq, batch):
+        check_fits(evaluation_bytes(model.graph, seq, batch, model.model.dtype),
+                   f"scoring chunks of --seq {seq} × --batch {batch}", "lower --seq or --batch")
+
+    return score_chunks(model.vocabulary, text, seq or model.train.seq, batch or model.train.batch, run_chunk,
+                        fits=fits)
+
+
+def score_chunks(vocabulary: list[str], text: str, seq: int, batch: int, run_chunk, *, fits=None) -> Score:
+    """:func:`score_text`'s rule with any runner: ``run_chunk(x, y, mask, state) -> (nats, state)``
+    scores one ``[T, B]`` chunk from ``state`` (None at the start) and returns the state after it;
+    ``fits(seq, batch)``, if given, refuses chunks too large for memory before the first. The ONNX
+    scorer (export/charmodel.py) shares the unknown-character rule and the chunking so."""
+    vocab = Vocabulary.from_list(vocabulary)
     ids, unknown = vocab.encode(text, unknown="skip")
     unknown_chars: dict[str, int] = {}
     if unknown:
@@ -341,19 +365,13 @@ def score_text(model: LoadedModel, text: str, *, seq: int | None = None, batch: 
             f"the text has {len(ids)} character{'s' if len(ids) != 1 else ''} the model knows "
             f"({unknown} others skipped); scoring needs at least 2"
         )
-    batch = min(batch or model.train.batch, len(ids) - 1)  # no stream without a character to predict
-    seq = min(seq or model.train.seq, -(-(len(ids) - 1) // batch))  # no longer than a stream: memory follows the text
-    check_fits(evaluation_bytes(model.graph, seq, batch, model.model.dtype),
-               f"scoring chunks of --seq {seq} × --batch {batch}", "lower --seq or --batch")
-    eng = make_engine(model.graph, engine)
+    batch = min(batch, len(ids) - 1)  # no stream without a character to predict
+    seq = min(seq, -(-(len(ids) - 1) // batch))  # no longer than a stream: memory follows the text
+    if fits is not None:
+        fits(seq, batch)
     total, count, state = 0.0, 0, None
     for x, y, mask in iter_eval_chunks(ids, seq, batch):
-        kw = {"init_states": state} if state is not None else {}
-        with np.errstate(under="ignore"):
-            # the first chunk scans the parameters; the later ones carry the state the engine made
-            r = eng.run(model.params, {INPUT_NAME: x, TARGET_NAME: y}, masks={LOSS_NAME: mask}, backward=False,
-                        check_finite=state is None, **kw)
-        total += float(r.step_losses[LOSS_NAME].sum(dtype=np.float64))
+        nats, state = run_chunk(x, y, mask, state)
+        total += nats
         count += int(mask.sum())
-        state = {k: np.array(v, copy=True) for k, v in r.final_states.items()}
     return Score(len(text), count, total, unknown, unknown_chars, len(vocab))

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "train": "train a character-level language model on text files",
     "sample": "generate text from a trained checkpoint",
     "evaluate": "bits per character of a text under a checkpoint",
+    "export": "write a model as ONNX or PyTorch weights, or PyTorch weights as a checkpoint",
     "draw": "draw the folded or the unrolled graph",
     "diagnose": "draw gradients through time",
     "gradcheck": "check a network's gradients against finite differences",

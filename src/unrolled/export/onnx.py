@@ -219,7 +219,7 @@ class OnnxRunner:
     def __init__(self, model_or_path):
         ort = need("onnxruntime")
         onnx = need("onnx")
-        model = model_or_path if hasattr(model_or_path, "SerializeToString") else onnx.load(str(model_or_path))
+        model = model_or_path if hasattr(model_or_path, "SerializeToString") else _load(onnx, model_or_path)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about unused defaults are not the user's business
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -240,3 +240,14 @@ class OnnxRunner:
         finals = {k[len(FINAL_PREFIX):]: as_state(v) for k, v in got.items() if k.startswith(FINAL_PREFIX)}
         outputs = {k.removeprefix("output."): v for k, v in got.items() if not k.startswith(FINAL_PREFIX)}
         return outputs, finals
+
+
+def _load(onnx, path):
+    """An ONNX file, or one sentence saying it is not one."""
+    with open(path, "rb") as f:  # a missing file is the OSError the command line reports
+        data = f.read()
+    try:
+        return onnx.load_from_string(data)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ValueError(f"{path} is not an ONNX model ({type(e).__name__}); "
+                         f"write one with 'unrolled export CKPT -o model.onnx'") from None
