@@ -3,13 +3,17 @@
 Every model passes ``onnx.checker`` (``to_onnx`` runs it); float32 outputs
 and final states agree with ``reference.run(..., backward=False)`` to 1e-5,
 for T in {1, 7, 50} and B in {1, 4}, from the default initial states and
-from given ones.
+from given ones. ``unrolled evaluate --onnx`` prints the checkpoint's figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,12 +25,16 @@ pytest.importorskip("onnxruntime")
 
 from helpers import GRAPHS, make_init_states, make_inputs, make_params  # noqa: E402
 from test_engine_agreement import cyclic_graphs  # noqa: E402
+import unrolled  # noqa: E402
 from unrolled import ops  # noqa: E402
+from unrolled.charmodel import load_model  # noqa: E402
+from unrolled.cli import main  # noqa: E402
 from unrolled.export.onnx import FINAL_PREFIX, INIT_PREFIX, OnnxRunner, export_onnx, to_onnx  # noqa: E402
 from unrolled.graph import Graph  # noqa: E402
 from unrolled.reference import run as reference_run  # noqa: E402
 
 TOL = 1e-5
+SRC = str(Path(unrolled.__file__).parents[1])  # the tree under test, for a subprocess
 NAMED = ["elman", "jordan", "lstm", "gru", "lstm_stack2", "delay2", "delay3_and_1", "learned_init_delay2",
          "given_init_delay2", "embedding", "one_hot", "input_delay"]
 _MODELS: dict[str, tuple] = {}
@@ -125,3 +133,75 @@ def test_a_loss_feeding_an_output_is_exported():
     g.output(loss.vertex)
     params = make_params(g, np.random.default_rng(1), np.float32)
     assert_same_as_engine(g, params, OnnxRunner(to_onnx(g, params)), 5, 3, seed=2, every_state=True)
+
+
+# ------------------------------------------------------- the character model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx_lm")
+    text = folder / "train.txt"
+    text.write_text("the cat sat on a mat and the dog ran to the red barn\n" * 8)
+    run = folder / "run"
+    assert main(["train", str(text), "--engine", "reference", "--hidden", "8", "--layers", "2", "--seq", "7",
+                 "--batch", "3", "--lr", "0.02", "--steps", "4", "--sample-every", "0", "--out", str(run)]) == 0
+    model = folder / "model.onnx"
+    assert main(["export", str(run), "-o", str(model)]) == 0
+    return text, run, model
+
+
+def bits_line(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 0
+    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("bits/char"))
+
+
+def test_evaluate_onnx_prints_the_checkpoints_figures(trained, capsys, tmp_path):
+    text, run, model = trained
+    other = tmp_path / "other.txt"
+    other.write_text("a red cat ran to the barn; the dog sat!\n")  # '!' and ';' are not in the vocabulary
+    for file in (text, other):
+        ours = bits_line(capsys, ["evaluate", str(run), str(file)])
+        assert bits_line(capsys, ["evaluate", "--onnx", str(model), str(file)]) == ours
+        assert bits_line(capsys, ["evaluate", "--onnx", str(model), str(file), "--seq", "5", "--batch", "2"]) == \
+            bits_line(capsys, ["evaluate", str(run), str(file), "--seq", "5", "--batch", "2"])
+
+
+def test_the_vocabulary_travels_in_the_metadata(trained):
+    _, run, model = trained
+    meta = OnnxRunner(model).metadata
+    assert json.loads(meta["unrolled.vocabulary"]) == load_model(run).vocabulary
+
+
+def one_line_error(capsys, argv, rc=1) -> str:
+    capsys.readouterr()
+    assert main(argv) == rc
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_evaluate_onnx_refuses_what_it_cannot_score(trained, capsys, tmp_path):
+    text, run, model = trained
+    assert "not both" in one_line_error(capsys, ["evaluate", str(run), str(text), "--onnx", str(model)], rc=2)
+    g, params, _ = _exported("elman")
+    export_onnx(g, params, tmp_path / "g.onnx")
+    assert "is not a language model exported by 'unrolled export'" in one_line_error(
+        capsys, ["evaluate", "--onnx", str(tmp_path / "g.onnx"), str(text)])
+    assert "is not an ONNX model" in one_line_error(capsys, ["evaluate", "--onnx", str(text), str(text)])
+
+
+def test_without_the_extra_the_command_names_it(trained, capsys, monkeypatch, tmp_path):
+    _, run, _ = trained
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    err = one_line_error(capsys, ["export", str(run), "-o", str(tmp_path / "m.onnx")])
+    assert err.endswith('pip install "unrolled[export]"')
+
+
+def test_the_core_imports_without_the_extra():
+    code = ("import sys\n"
+            "for m in ('onnx', 'onnxruntime', 'safetensors'): sys.modules[m] = None\n"
+            "import unrolled, unrolled.charmodel, unrolled.cli, unrolled.export.onnx, unrolled.export.charmodel\n"
+            "from unrolled.cli import build_parser; build_parser()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": SRC})

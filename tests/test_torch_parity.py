@@ -6,7 +6,8 @@ cross-entropy per step or a plain sum of the top layer's outputs (our side
 seeds that one through ``output_grads``). Outputs, final states, parameter
 gradients and initial-state gradients must agree to 1e-9 relative.
 
-Weight layouts (cells.py follows PyTorch's gate order):
+Weight layouts (cells.py follows PyTorch's gate order; the converter is
+``unrolled.export.torch_weights.cell_from_torch``):
 
 * Elman and LSTM: ``W = [W_ih | W_hh]``, ``b = b_ih + b_hh``.
 * GRU: ``W = [W_ih[:2H] | W_hh[:2H]]``, ``b = b_ih[:2H] + b_hh[:2H]`` for r
@@ -26,6 +27,7 @@ from helpers import relative_error
 
 from unrolled import cells
 from unrolled.engines import available_engines, make_engine
+from unrolled.export.torch_weights import cell_from_torch
 from unrolled.graph import Graph
 
 T, B, N_IN, H, C = 5, 3, 4, 3, 4
@@ -44,21 +46,9 @@ def build(cell: str, layers: int, readout: str) -> Graph:
 
 
 def to_ours(cell: str, net: torch.nn.Module, layers: int) -> dict[str, np.ndarray]:
-    """Our parameters from the torch module's, by the layouts in the module docstring."""
-    out = {}
-    for k in range(layers):
-        w_ih, w_hh = (getattr(net, f"weight_{n}_l{k}").detach().numpy() for n in ("ih", "hh"))
-        b_ih, b_hh = (getattr(net, f"bias_{n}_l{k}").detach().numpy() for n in ("ih", "hh"))
-        p = f"l{k}."
-        if cell == "gru":
-            out[p + "W"] = np.hstack([w_ih[: 2 * H], w_hh[: 2 * H]])
-            out[p + "b"] = b_ih[: 2 * H] + b_hh[: 2 * H]
-            out[p + "Wn"], out[p + "bn"] = w_ih[2 * H:], b_ih[2 * H:]
-            out[p + "Un"], out[p + "cn"] = w_hh[2 * H:], b_hh[2 * H:]
-        else:
-            out[p + "W"] = np.hstack([w_ih, w_hh])
-            out[p + "b"] = b_ih + b_hh
-    return {k: v.copy() for k, v in out.items()}
+    """Our parameters from the torch module's, by the library's converter (export/torch_weights.py)."""
+    tensors = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    return cell_from_torch(cell, tensors, layers, prefix="")
 
 
 def torch_grads(cell: str, net: torch.nn.Module, layers: int) -> dict[str, np.ndarray]:
