@@ -71,6 +71,21 @@ def test_onnx_runtime_matches_the_engine(name, T, B):
     assert_same_as_engine(g, params, runner, T, B, seed=T * 10 + B + 1, every_state=True)
 
 
+@pytest.mark.parametrize("name", ["lstm", "one_hot", "embedding", "delay3_and_1"])
+def test_float64_models_match_the_engine_closely(name):
+    g = GRAPHS[name]()
+    params = make_params(g, np.random.default_rng(3), np.float64)
+    rng = np.random.default_rng(4)
+    inputs = make_inputs(g, 7, 4, rng)
+    init = make_init_states(g, 4, rng, every=True)
+    want = reference_run(g, params, inputs, init_states=init, backward=False)
+    outputs, finals = OnnxRunner(to_onnx(g, params)).run(inputs, init)
+    for name, a in want.outputs.items():
+        np.testing.assert_allclose(outputs[name], a, rtol=1e-12, atol=1e-12)
+    for name, a in want.final_states.items():
+        np.testing.assert_allclose(finals[name], a, rtol=1e-12, atol=1e-12)
+
+
 @settings(max_examples=int(os.environ.get("UNROLLED_EXAMPLES", 5)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(g=cyclic_graphs(), T=st.sampled_from([1, 7, 50]), B=st.sampled_from([1, 4]), seed=st.integers(0, 2**16),
@@ -205,3 +220,12 @@ def test_the_core_imports_without_the_extra():
             "import unrolled, unrolled.charmodel, unrolled.cli, unrolled.export.onnx, unrolled.export.charmodel\n"
             "from unrolled.cli import build_parser; build_parser()\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": SRC})
+
+
+def test_bad_feeds_are_one_sentence():
+    g, params, runner = _exported("elman")
+    x = np.zeros((3, 2, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="init_states names 'nope', which the model does not carry; its states are h"):
+        runner.run({"x": x}, {"nope": np.zeros((2, 4), dtype=np.float32)})
+    with pytest.raises(ValueError, match="ONNX Runtime refused the feeds"):
+        runner.run({"x": x}, {"h": np.zeros((2, 5), dtype=np.float32)})

@@ -44,8 +44,9 @@ class Op:
     params_allowed: tuple[int, ...] = field(default=())  # argument positions that may be parameters
     index_allowed: tuple[int, ...] = field(default=())  # positions that may be index inputs
     # onnx(b, args, attrs) -> the name of the tensor holding one step's value [B, F]; ``args`` are the
-    # operands' tensor names, ``b`` a builder with node(op_type, inputs, **attributes) -> name and
-    # const(value, integer=False) -> name (see export/onnx.py). None: the op cannot be exported.
+    # operands' tensor names, ``b`` a builder with node(op_type, inputs, **attributes) -> name,
+    # const(value, integer=False) -> name and float_type, the ONNX type of the run's floats (see
+    # export/onnx.py). None: the op cannot be exported.
     onnx: Callable | None = None
 
 
@@ -271,7 +272,9 @@ def _onnx_slice(b, args, a):
 
 
 def _onnx_one_hot(b, args, a):
-    return b.node("OneHot", [args[0], b.const(a["n"], integer=True), b.const([0, 1])], axis=-1)
+    """``index == range(n)``, cast: ONNX Runtime's OneHot has no float64 kernel."""
+    column = b.node("Unsqueeze", [args[0], b.const([1], integer=True)])  # [B, 1]
+    return b.node("Cast", [b.node("Equal", [column, b.const(np.arange(a["n"]), integer=True)])], to=b.float_type)
 
 
 def _onnx_xent(b, args, a):

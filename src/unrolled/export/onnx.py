@@ -49,6 +49,7 @@ class _Builder:
     def __init__(self, helper, numpy_helper, dtype: np.dtype, prefix: str, counter: list[int]):
         self.helper, self.numpy_helper, self.dtype = helper, numpy_helper, dtype
         self.prefix, self._counter = prefix, counter  # one counter for the graph and its body: unique names
+        self.float_type = helper.np_dtype_to_tensor_dtype(dtype)
         self.nodes: list = []
 
     def fresh(self, hint: str) -> str:
@@ -236,7 +237,10 @@ class OnnxRunner:
                                  f"its states are {', '.join(self.states) or 'none'}")
             a = np.asarray(a)
             feeds[INIT_PREFIX + name] = a[None] if a.ndim == 2 else a
-        got = dict(zip(self.output_names, self.session.run(None, feeds)))
+        try:
+            got = dict(zip(self.output_names, self.session.run(None, feeds)))
+        except Exception as e:  # ONNX Runtime's own error types: wrong shapes, dtypes or names of feeds
+            raise ValueError(f"ONNX Runtime refused the feeds: {e}") from None
         finals = {k[len(FINAL_PREFIX):]: as_state(v) for k, v in got.items() if k.startswith(FINAL_PREFIX)}
         outputs = {k.removeprefix("output."): v for k, v in got.items() if not k.startswith(FINAL_PREFIX)}
         return outputs, finals
