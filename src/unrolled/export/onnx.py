@@ -136,7 +136,7 @@ def _apply_rule(b: _Builder, v: Vertex, values: dict[str, str]) -> str:
     return rule(b, args, dict(v.attrs, dtype=b.dtype))
 
 
-def _initial_state(onnx, graph: Graph, params, name: str, D: int, dtype) -> np.ndarray | None:
+def _initial_state(graph: Graph, params, name: str, D: int, dtype) -> np.ndarray | None:
     """The default of ``init_state.<name>``, ``[D, 1, F]``; None for a state the caller must give."""
     v = graph.vertices[name]
     if v.init == "given":
@@ -147,7 +147,7 @@ def _initial_state(onnx, graph: Graph, params, name: str, D: int, dtype) -> np.n
     return np.zeros((D, 1, v.size), dtype=elem)
 
 
-def _output_name(graph: Graph, v: Vertex) -> str:
+def _output_name(v: Vertex) -> str:
     """An output is named after its vertex, unless that name is already a model input."""
     return f"output.{v.name}" if v.kind in ("input", "index") else v.name
 
@@ -179,7 +179,7 @@ def to_onnx(graph: Graph, params: dict[str, np.ndarray], *, metadata: dict[str, 
         v = graph.vertices[name]
         elem = _elem(onnx, v, dtype)
         inputs.append(helper.make_tensor_value_info(INIT_PREFIX + name, elem, [D, "B_init", v.size]))
-        default = _initial_state(onnx, graph, params, name, D, dtype)
+        default = _initial_state(graph, params, name, D, dtype)
         if default is not None:
             initializers.append(onnx.numpy_helper.from_array(default, INIT_PREFIX + name))
         shape = b.node("Concat", [b.const([D], integer=True), batch, b.const([v.size], integer=True)], axis=0)
@@ -187,10 +187,10 @@ def to_onnx(graph: Graph, params: dict[str, np.ndarray], *, metadata: dict[str, 
         finals.append(FINAL_PREFIX + name)
         outputs.append(helper.make_tensor_value_info(FINAL_PREFIX + name, elem, [D, "B", v.size]))
     for v in graph.outputs:
-        outputs.append(helper.make_tensor_value_info(_output_name(graph, v), _elem(onnx, v, dtype),
+        outputs.append(helper.make_tensor_value_info(_output_name(v), _elem(onnx, v, dtype),
                                                      ["T", *_step_input_shape(v)]))
     b.nodes.append(helper.make_node("Scan", states + [v.name for v in scanned],
-                                    finals + [_output_name(graph, v) for v in graph.outputs],
+                                    finals + [_output_name(v) for v in graph.outputs],
                                     body=body, num_scan_inputs=len(scanned)))
     main = helper.make_graph(b.nodes, graph.name, inputs, outputs, initializer=initializers)
     model = helper.make_model(main, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="unrolled",
