@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .. import compiling
+from .. import __version__, compiling
 
 SUBCOMMANDS = {
     "train": "train a character-level language model on text files",
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unrolled",
         description="Recurrent networks as cyclic graphs with delay edges, unrolled in time, trained by BPTT.",
     )
+    parser.add_argument("--version", action="version", version=f"unrolled {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         module = _module(name)

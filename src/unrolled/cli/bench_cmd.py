@@ -25,6 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seconds", help="minimum length of one timed repetition (default 2)")
     p.add_argument("--reps", help="timed repetitions (default 5)")
     p.add_argument("--warmup", help="untimed warm-up steps (default 3)")
+    p.add_argument("--corpus", metavar="FILE", help="the text the workloads train on "
+                                                    "(default $UNROLLED_BENCH_CORPUS, else ../shared/data/shakespeare.txt)")
 
 
 def _harness():
@@ -43,7 +45,7 @@ def run(args) -> int:
     argv = list(args.rest)
     if args.json:
         argv.append("--json")
-    for flag in ("systems", "seconds", "reps", "warmup"):
+    for flag in ("systems", "seconds", "reps", "warmup", "corpus"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag}", str(value)]

@@ -1,0 +1,28 @@
+"""The command line as a new user meets it: --version, bench --corpus."""
+
+from __future__ import annotations
+
+import types
+
+import unrolled
+from unrolled.cli import bench_cmd, main
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"unrolled {unrolled.__version__}"
+
+
+def test_bench_passes_corpus_to_the_harness(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(bench_cmd, "_harness", lambda: types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
+    corpus = tmp_path / "c.txt"
+    assert main(["bench", "W1", "--corpus", str(corpus), "--reps", "2"]) == 0
+    assert seen == [["W1", "--reps", "2", "--corpus", str(corpus)]]
+
+
+def test_bench_names_a_missing_corpus(tmp_path, capsys):
+    rc = main(["bench", "W1", "--corpus", str(tmp_path / "none.txt")])
+    out = capsys.readouterr()
+    assert rc != 0
+    assert "none.txt not found: pass --corpus FILE" in out.out + out.err
