@@ -221,3 +221,64 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path, text_file, capsys, mo
     m = load_model(out / "latest.npz")  # still loads: NaN weights would be refused
     assert m.meta["step"] == 4
     assert (out / "loss.png").is_file()
+
+
+def test_folder_as_the_corpus(tmp_path, capsys):
+    folder = tmp_path / "texts"
+    (folder / "more").mkdir(parents=True)
+    (folder / "b.txt").write_text(corpus(100, seed=2))
+    (folder / "a.txt").write_text(corpus(100, seed=1))
+    (folder / "more" / "c.txt").write_text(corpus(50, seed=3))
+    (folder / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    out = tmp_path / "run"
+    assert main(["train", str(folder), *TINY, "--steps", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"{folder}: 3 text files, read in sorted order; 1 binary file left out (logo.png)" in said
+    text = load_checkpoint(out / "latest.npz")[1]["text"]
+    assert text["files"] == ["../texts/a.txt", "../texts/b.txt", "../texts/more/c.txt"]
+    assert text["chars"] == len(corpus(100, seed=1) + corpus(100, seed=2) + corpus(50, seed=3))
+    (tmp_path / "empty").mkdir()
+    one_line_error(capsys, main(["train", str(tmp_path / "empty"), *TINY]), "is a folder without text files")
+
+
+def test_standard_input_as_the_corpus(tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(corpus().encode())))
+    out = tmp_path / "run"
+    assert main(["train", "-", *TINY, "--steps", "2", "--out", str(out)]) == 0
+    meta = load_checkpoint(out / "latest.npz")[1]
+    assert meta["text"]["files"] == ["-"] and meta["text"]["chars"] == len(corpus())
+    capsys.readouterr()
+    one_line_error(capsys, main(["train", "--resume", str(out), "--steps", "3"]),
+                   "was trained on standard input; pipe the same text again")
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_devices_are_refused(tmp_path, capsys, device):
+    one_line_error(capsys, main(["train", device, *TINY, "--out", str(tmp_path / "r")]),
+                   f"{device} is a character device, not a regular file; pass a text file, or - to read standard input")
+
+
+def test_fifo_is_refused_without_hanging(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    try:  # a subprocess, so that a hang is a timeout, not a stuck test run
+        r = subprocess.run([sys.executable, "-m", "unrolled", "train", str(fifo), "--out", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("unrolled train waited on a FIFO")
+    assert r.returncode == 1 and "pipe is a FIFO (named pipe), not a regular file" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_text_over_the_limit_is_refused(tmp_path, text_file, capsys):
+    one_line_error(capsys, main(["train", str(text_file), *TINY, "--max-text-mb", "0.001", "--out", str(tmp_path / "r")]),
+                   "tiny.txt holds more than 0.001 MB, the limit on a text read whole; raise it with --max-text-mb")
+    one_line_error(capsys, main(["train", str(text_file), *TINY, "--max-text-mb", "nan"]), "--max-text-mb nan")

@@ -32,10 +32,11 @@ def test_read_text_other_encodings(tmp_path):
     (None, "utf-8", r"missing.txt: no such file; check the path$"),
     (b"", "utf-8", r"f.txt is empty; a corpus needs some text$"),
     (b"\xef\xbb\xbf", "utf-8", r"f.txt is empty"),
-    (b"abc\x00\x01\x02", "utf-8", r"f.txt looks binary \(it contains a NUL byte at offset 3\); pass a text file$"),
+    (b"abc\x00\x01\x02", "utf-8", r"f.txt looks binary \(it contains a NUL byte at offset 3, line 1, column 4\); pass a text file$"),
     (b"line one\nna\xefve\n", "utf-8",
      r"f.txt is not valid utf-8 text: byte 0xEF at offset 11 \(line 2, column 3\); if it is Latin-1 text, pass --encoding latin-1$"),
     (b"abc", "klingon", r"unknown text encoding 'klingon'; try utf-8 or latin-1$"),
+    (b"abc", "rot13", r"'rot13' is not a text encoding; try utf-8 or latin-1$"),
 ])
 def test_read_text_errors(tmp_path, content, encoding, match):
     p = tmp_path / ("missing.txt" if content is None else "f.txt")
@@ -48,6 +49,74 @@ def test_read_text_errors(tmp_path, content, encoding, match):
 def test_read_text_folder(tmp_path):
     with pytest.raises(ValueError, match="is a folder, not a text file; pass a file inside it"):
         read_text(tmp_path)
+
+
+def test_read_text_refuses_devices_without_reading_them(tmp_path):
+    import os
+    for dev in ("/dev/zero", "/dev/urandom"):
+        if os.path.exists(dev):
+            with pytest.raises(ValueError, match=f"{dev} is a character device, not a regular file; pass a text file, "
+                                                 "or - to read standard input"):
+                read_text(dev)
+
+
+def test_read_text_refuses_a_fifo_without_waiting_for_a_writer(tmp_path):
+    import os
+    import threading
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    errors = []
+
+    def read():
+        try:
+            read_text(fifo)
+        except ValueError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    if t.is_alive():  # unblock the reader before failing, so the test run does not hang
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_text waited on a FIFO")
+    assert errors and "pipe is a FIFO (named pipe), not a regular file" in errors[0]
+
+
+def test_read_text_bounds_the_bytes_it_reads(tmp_path):
+    p = tmp_path / "big.txt"
+    p.write_text("x" * 1001)
+    assert read_text(p, max_bytes=1001) == "x" * 1001
+    with pytest.raises(ValueError, match=r"big.txt holds more than 0.001 MB, the limit on a text read whole; "
+                                         r"raise it with --max-text-mb"):
+        read_text(p, max_bytes=1000)
+
+
+def test_read_text_dash_is_standard_input(monkeypatch):
+    import io
+    import sys
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("héllo\r\nworld\n".encode())))
+    assert read_text("-") == "héllo\nworld\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"y" * 5000)))
+    with pytest.raises(ValueError, match="standard input holds more than 0.004 MB"):
+        read_text("-", max_bytes=4000)  # read in pieces: a stream has no size to check first
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    with pytest.raises(ValueError, match="standard input is empty"):
+        read_text("-")
+
+
+def test_corpus_files_sorted_recursive_without_hidden_or_binary(tmp_path):
+    from unrolled.data import corpus_files
+    (tmp_path / "b.txt").write_text("b")
+    (tmp_path / "a.md").write_text("a")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.txt").write_text("c")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref")
+    (tmp_path / ".hidden.txt").write_text("h")
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    texts, skipped = corpus_files(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in texts] == ["a.md", "b.txt", "sub/c.txt"]
+    assert [p.name for p in skipped] == ["logo.png"]
 
 
 # -- the built-in corpus ----------------------------------------------------

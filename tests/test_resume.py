@@ -115,20 +115,96 @@ def test_resume_keeps_the_model_and_settings(tmp_path, text_file, capsys):
     assert rc == 1 and "already done 2 steps" in err
 
 
-def test_resume_on_another_text_is_refused(tmp_path, text_file, capsys):
+def test_resume_on_another_text_goes_on_in_a_new_folder(tmp_path, text_file, capsys):
     out = tmp_path / "run"
     assert main(["train", str(text_file), *SETTINGS, "--steps", "2", "--out", str(out)]) == 0
+    before = (out / "latest.npz").read_bytes()
     other = tmp_path / "other.txt"
     other.write_text(corpus(7, seed=5))  # same characters, other text
     capsys.readouterr()
     rc = main(["train", str(other), "--resume", str(out), "--steps", "4"])
     err = capsys.readouterr().err
-    assert rc == 1 and "another training text" in err and len(err.splitlines()) == 1
+    assert rc == 1 and "other.txt is not the text the run in" in err and "add --out NEWDIR" in err
+    assert len(err.splitlines()) == 1 and (out / "latest.npz").read_bytes() == before
+    assert main(["train", str(other), "--resume", str(out), "--steps", "4", "--out", str(tmp_path / "ft")]) == 0
+    assert "resuming on a new text" in capsys.readouterr().out
+    assert history(tmp_path / "ft")[1]["step"] == 4 and (out / "latest.npz").read_bytes() == before
+
     new_chars = tmp_path / "new.txt"
     new_chars.write_text(corpus(7) + "XYZ")
-    rc = main(["train", str(new_chars), "--resume", str(out), "--steps", "4"])
+    rc = main(["train", str(new_chars), "--resume", str(out), "--steps", "4", "--out", str(tmp_path / "ft2")])
     err = capsys.readouterr().err
-    assert rc == 1 and "not the text this run was trained on" in err and "'X'" in err
+    assert rc == 1 and "character 'X' (U+0058)" in err and "(3 such in all); pass --skip-unknown" in err
+    assert main(["train", str(new_chars), "--resume", str(out), "--steps", "4", "--out", str(tmp_path / "ft2"),
+                 "--skip-unknown"]) == 0
+    assert "leaving out 3 characters" in capsys.readouterr().out
+
+
+def test_text_is_found_relative_to_the_run_folder(tmp_path, capsys):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "tiny.txt").write_text(corpus(7))
+    run = project / "runs" / "a"
+    assert main(["train", str(project / "data" / "tiny.txt"), *SETTINGS, "--steps", "2", "--out", str(run)]) == 0
+    text = history(run)[1]["text"]
+    assert text["files"] == ["../../data/tiny.txt"] and text["bytes"] == [len(corpus(7))]
+    moved = tmp_path / "elsewhere"
+    project.rename(moved)  # the project moves as a whole: the run still finds its text
+    assert main(["train", "--resume", str(moved / "runs" / "a"), "--steps", "3"]) == 0
+    assert history(moved / "runs" / "a")[1]["step"] == 3
+
+    (moved / "data" / "tiny.txt").rename(tmp_path / "tiny.txt")  # the text alone moves
+    capsys.readouterr()
+    rc = main(["train", "--resume", str(moved / "runs" / "a"), "--steps", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "tiny.txt (recorded in" in err and "is not there; if it moved, name it: unrolled train NEWPATH" in err
+    assert main(["train", str(tmp_path / "tiny.txt"), "--resume", str(moved / "runs" / "a"), "--steps", "4"]) == 0
+    assert "new text" not in capsys.readouterr().out  # the same text under another name: an exact resume
+
+
+def _retext(run, tmp_path, **changes):
+    """A copy of the run's checkpoint whose text record is changed (with a valid checksum: anyone can make one)."""
+    from unrolled.checkpoint import save_checkpoint
+
+    arrays, meta = load_checkpoint(run / "latest.npz")
+    meta["text"] = {**meta["text"], **changes}
+    (tmp_path / "hostile").mkdir(exist_ok=True)
+    save_checkpoint(tmp_path / "hostile" / "latest.npz", arrays, meta)
+    return tmp_path / "hostile"
+
+
+def test_checkpoint_named_files_are_read_only_if_they_are_the_text(tmp_path, text_file, capsys):
+    import zlib
+
+    out = tmp_path / "run"
+    assert main(["train", str(text_file), *SETTINGS, "--steps", "2", "--out", str(out)]) == 0
+    secret = tmp_path / "secret.txt"
+    secret.write_text("Q" * 40 + "\n")
+    size, crc = secret.stat().st_size, zlib.crc32(secret.read_bytes())
+    cases = [
+        ({"files": [str(secret)]}, "(its size differs); name the training text: unrolled train FILE --resume"),
+        ({"files": [str(secret)], "bytes": [size]}, "(their checksum differs); name the training text"),
+        ({"files": ["/dev/zero"], "bytes": [0]}, "/dev/zero (recorded in"),
+        ({"files": [str(secret)], "bytes": [size], "crc32": crc, "encoding": "rot13"}, "'rot13' is not a text encoding"),
+        ({"files": ["-"]}, "was trained on standard input; pipe the same text again"),
+        ({"files": 5}, "its field 'text.files' is 5, not a list of paths"),
+        ({"bytes": "many"}, "its field 'text.bytes' is 'many', not a list of one file size per file"),
+    ]
+    for changes, needle in cases:
+        capsys.readouterr()
+        rc = main(["train", "--resume", str(_retext(out, tmp_path, **changes)), "--steps", "4"])
+        err = capsys.readouterr().err
+        assert rc == 1 and needle in err and len(err.splitlines()) == 1, (changes, err)
+        assert "Q" not in err.replace(str(tmp_path), "")  # nothing of the file is quoted
+    old = {k: v for k, v in history(out)[1]["text"].items() if k not in ("bytes", "crc32")}
+    meta = load_checkpoint(out / "latest.npz")[1]
+    arrays = load_checkpoint(out / "latest.npz")[0]
+    meta["text"] = old
+    from unrolled.checkpoint import save_checkpoint
+    save_checkpoint(out / "latest.npz", arrays, meta)
+    rc = main(["train", "--resume", str(out), "--steps", "4"])
+    assert rc == 1 and "does not record its text's size and checksum" in capsys.readouterr().err
+    assert main(["train", str(text_file), "--resume", str(out), "--steps", "4"]) == 0
 
 
 def test_resume_from_a_model_only_checkpoint_is_refused(tmp_path, text_file, capsys):

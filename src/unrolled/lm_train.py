@@ -32,9 +32,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import signal
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -78,6 +80,8 @@ class RunOptions:
     resume: str | None = None  # a run folder or checkpoint file to continue
     engine: str | None = None  # engine name; None = the library's default
     stream: TextIO | None = None  # where messages and samples go (default: stdout)
+    max_text_bytes: int = data.MAX_TEXT_BYTES  # the most bytes of text read (the text is held whole)
+    skip_unknown: bool = False  # on resume, leave out characters outside the model's vocabulary (else refuse)
 
 
 @dataclass
@@ -96,13 +100,130 @@ class RunSummary:
 # ------------------------------------------------------------------ setup
 
 
-def read_corpus(files: list[str], encoding: str) -> tuple[str, str]:
-    """``(text, description)``: the files concatenated, or the built-in corpus when there are none."""
+@dataclass
+class Corpus:
+    """A training text and what a checkpoint records of it to find and recognize it again."""
+
+    text: str
+    name: str  # for messages: a file, "N files (first, …)", standard input, or the built-in corpus
+    files: list[str] = field(default_factory=list)  # the files read, in order, folders expanded ("-": stdin)
+    sizes: list[int] = field(default_factory=list)  # bytes of each file
+    crc32: int = 0  # CRC-32 of the files' bytes, one after another
+    encoding: str = "utf-8"
+    notes: list[str] = field(default_factory=list)  # what to tell the user (a folder's file count)
+
+
+def read_corpus(files: list[str], encoding: str, max_bytes: int = data.MAX_TEXT_BYTES) -> Corpus:
+    """The files concatenated (a folder: its text files, sorted; ``-``: standard input), or the built-in
+    corpus when there are none; at most ``max_bytes`` bytes in all."""
     if not files:
-        return data.builtin_corpus(), data.BUILTIN_NAME
-    texts = [data.read_text(f, encoding) for f in files]
-    name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, …)"
-    return "".join(texts), name
+        return Corpus(data.builtin_corpus(), data.BUILTIN_NAME, encoding=encoding)
+    codec = data.text_codec(encoding)
+    paths, notes = _expand_folders(files, encoding)
+    texts, sizes, crc = [], [], 0
+    for p in paths:
+        name = "standard input" if p == data.STDIN else p
+        raw = data.read_bytes(p, max_bytes)
+        sizes.append(len(raw))
+        if sum(sizes) > max_bytes:
+            raise ValueError(f"the {len(paths)} files of the corpus hold more than {max_bytes / 1e6:g} MB, the limit on "
+                             f"a text read whole; raise it with --max-text-mb if the machine has the memory")
+        crc = zlib.crc32(raw, crc)
+        texts.append(data.decode_text(raw, codec, name))
+    first = "standard input" if paths[0] == data.STDIN else paths[0]
+    name = first if len(paths) == 1 else f"{len(paths)} files ({first}, …)"
+    return Corpus("".join(texts), name, paths, sizes, crc, encoding, notes)
+
+
+def _expand_folders(files: list[str], encoding: str) -> tuple[list[str], list[str]]:
+    paths, notes = [], []
+    for f in map(str, files):
+        if f == data.STDIN or not Path(f).is_dir():
+            paths.append(f)
+            continue
+        texts, skipped = data.corpus_files(f, encoding)
+        if not texts:
+            raise ValueError(f"{f} is a folder without text files; pass a folder of text files, or the files themselves")
+        skip = (f"; {len(skipped)} binary {_plural(len(skipped), 'file')} left out ({', '.join(p.name for p in skipped[:3])}"
+                f"{', …' if len(skipped) > 3 else ''})") if skipped else ""
+        notes.append(f"{f}: {len(texts)} text {_plural(len(texts), 'file')}, read in sorted order{skip}")
+        paths += [str(p) for p in texts]
+    return paths, notes
+
+
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else word + "s"
+
+
+def text_record(corpus: Corpus, out: Path) -> dict:
+    """The checkpoint's record of its text: paths relative to the run folder where there is one,
+    so that a project moved as a whole still finds its text; sizes and CRC to recognize it."""
+    def rel(f: str) -> str:
+        if f == data.STDIN:
+            return f
+        try:
+            return os.path.relpath(Path(f).resolve(), out.resolve())
+        except ValueError:  # another drive (Windows): no relative path
+            return str(Path(f).resolve())
+    return {"source": corpus.name, "files": [rel(f) for f in corpus.files], "bytes": corpus.sizes,
+            "crc32": corpus.crc32, "encoding": corpus.encoding, "chars": len(corpus.text)}
+
+
+def _check_text_record(record: dict, checkpoint: Path) -> None:
+    def bad(field: str, want: str):
+        raise ValueError(f"{checkpoint}: its field 'text.{field}' is {record[field]!r:.60}, not {want}; "
+                         f"the file is damaged or foreign (name the text on the command line to resume)")
+
+    if not (isinstance(record.get("files", []), list) and all(isinstance(f, str) and f for f in record.get("files", []))):
+        bad("files", "a list of paths")
+    if "bytes" in record and not (isinstance(record["bytes"], list) and len(record["bytes"]) == len(record["files"])
+                                  and all(type(b) is int and b >= 0 for b in record["bytes"])):
+        bad("bytes", "a list of one file size per file")
+    if "crc32" in record and not (type(record["crc32"]) is int and 0 <= record["crc32"] < 2 ** 32):
+        bad("crc32", "a CRC-32")
+    if not isinstance(record.get("encoding", "utf-8"), str):
+        bad("encoding", "an encoding's name")
+
+
+def read_recorded_corpus(record: dict, checkpoint: Path, max_bytes: int = data.MAX_TEXT_BYTES) -> Corpus:
+    """The text a checkpoint records, found relative to its folder, read only if it is the same text.
+
+    A checkpoint may come from anyone, so the paths it names are not trusted: a
+    file is read only if it is a regular file of the recorded size, and used only
+    if its bytes have the recorded CRC; otherwise the error says so without
+    quoting the file, and tells the user to name the text on the command line.
+    """
+    _check_text_record(record, checkpoint)
+    files = record.get("files") or []
+    resume = f"unrolled train FILE --resume {checkpoint.parent}"
+    if not files:
+        return read_corpus([], record.get("encoding", "utf-8"))
+    if data.STDIN in files:
+        raise ValueError(f"{checkpoint} was trained on standard input; pipe the same text again: "
+                                f"... | unrolled train - --resume {checkpoint.parent}")
+    if "bytes" not in record or "crc32" not in record:
+        raise ValueError(f"{checkpoint} does not record its text's size and checksum (an older checkpoint), "
+                                f"so the files it names are not opened; name the text: {resume}")
+    paths, raws, crc = [], [], 0
+    for f, size in zip(files, record["bytes"]):
+        p = Path(f) if Path(f).is_absolute() else checkpoint.parent / f
+        if not p.is_file():
+            raise ValueError(f"the training text {p} (recorded in {checkpoint}) is not there; if it moved, "
+                                    f"name it: unrolled train NEWPATH --resume {checkpoint.parent}")
+        if p.stat().st_size != size or size > max_bytes:
+            raise ValueError(f"{p} (named by {checkpoint}) is not the text the run was trained on "
+                                    f"(its size differs); name the training text: {resume}")
+        raw = data.read_bytes(p, max_bytes)
+        crc = zlib.crc32(raw, crc)
+        paths.append(str(p))
+        raws.append(raw)
+    if crc != record["crc32"] or len(raws) != len(record["bytes"]):
+        raise ValueError(f"the files {checkpoint} names ({paths[0]}{', …' if len(paths) > 1 else ''}) are not "
+                                f"the text the run was trained on (their checksum differs); name the training text: {resume}")
+    codec = data.text_codec(record["encoding"])
+    text = "".join(data.decode_text(raw, codec, p) for raw, p in zip(raws, paths))
+    name = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, …)"
+    return Corpus(text, name, paths, [len(r) for r in raws], crc, record["encoding"])
 
 
 def default_out_dir() -> Path:
@@ -169,6 +290,22 @@ def _resolve_configs(model_flags: dict, train_flags: dict, loaded: LoadedModel |
     return loaded.model, dataclasses.replace(loaded.train, **changes).check()
 
 
+def _dict_field(meta: dict, name: str) -> dict:
+    value = meta.get(name, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"the checkpoint's '{name}' field is a {type(value).__name__}, not a JSON object; "
+                         f"the file is damaged or foreign")
+    return value
+
+
+def _is_new_text(meta: dict, batcher: data.StreamBatcher) -> bool:
+    """Whether the resumed run was trained on another text than this batcher's (by length and CRC)."""
+    saved, mine = meta.get("data"), batcher.state()
+    if not isinstance(saved, dict):
+        return False  # no position to restore: _restore says so
+    return (saved.get("text_length"), saved.get("text_crc32")) != (mine["text_length"], mine["text_crc32"])
+
+
 # --------------------------------------------------------------- the run
 
 
@@ -181,28 +318,21 @@ class TrainingRun:
         loaded = load_model(options.resume) if options.resume else None
         self.model, self.config = _resolve_configs(dict(model_flags or {}), dict(train_flags or {}), loaded)
 
-        # The text. A resumed run reads the files it was trained on unless given others.
-        text_meta = loaded.meta.get("text", {}) if loaded else {}
-        files = list(options.files) or list(text_meta.get("files", []))
-        encoding = options.encoding if (options.files or not loaded) else text_meta.get("encoding", options.encoding)
-        self.text, self.source = read_corpus(files, encoding)
-        self.text_meta = {"source": self.source, "files": [str(Path(f).resolve()) for f in files],
-                          "encoding": encoding, "chars": len(self.text)}
-        if loaded:
-            self.vocabulary = data.Vocabulary.from_list(loaded.vocabulary)
-            try:
-                ids = self.vocabulary.encode(self.text)
-            except ValueError as e:
-                raise ValueError(f"{self.source} is not the text this run was trained on: {e}") from None
+        # The text: the files given, else (on resume) the ones the checkpoint records, else the built-in corpus.
+        if loaded and not options.files:
+            corpus = read_recorded_corpus(_dict_field(loaded.meta, "text"), loaded.path, options.max_text_bytes)
         else:
-            self.vocabulary = data.Vocabulary.from_text(self.text)
-            self.model = dataclasses.replace(self.model, vocab_size=len(self.vocabulary))
-            ids = self.vocabulary.encode(self.text)
+            corpus = read_corpus(options.files, options.encoding, options.max_text_bytes)
+        self.corpus, self.text, self.source = corpus, corpus.text, corpus.name
+        for note in corpus.notes:
+            self._say(note)
+        ids = self._encode(loaded)
         self.model.check()
         _check_length(len(ids), self.config, self.source)
         cfg = self.config
         self.train_ids, self.val_ids = data.split_train_val(ids, cfg.val_fraction, min_train=cfg.bptt_k1 * cfg.batch + 1)
         self.batcher = data.StreamBatcher(self.train_ids, cfg.bptt_k1, cfg.batch)
+        self.new_text = loaded is not None and bool(options.files) and _is_new_text(loaded.meta, self.batcher)
 
         # The model and its trainer.
         self.graph = build_graph(self.model, train=True)
@@ -233,7 +363,11 @@ class TrainingRun:
             out = default_out_dir()
         # Only the resumed run's own folder may already hold checkpoints: another run's are never overwritten.
         own = loaded is not None and out.resolve() == loaded.path.parent.resolve()
+        if own and self.new_text:
+            raise ValueError(f"{self.source} is not the text the run in {out} was trained on; training on another text "
+                             f"continues in a new folder, so that this run stays as it is: add --out NEWDIR")
         self.out = prepare_out_dir(out, fresh=not own)
+        self.text_meta = text_record(corpus, self.out)
         self.train_losses: list[float] = []  # nats/char of every update, in order
         self.val_points: list[tuple[int, float]] = []  # (step, validation bits/char)
         self.best = {"val_bpc": math.inf, "step": 0}
@@ -247,6 +381,23 @@ class TrainingRun:
         self._ema_dt: float | None = None  # smoothed seconds per update
         self._first_step = self.step
 
+    def _encode(self, loaded: LoadedModel | None) -> np.ndarray:
+        """The text as ids: a fresh run's vocabulary is the text's; a resumed run keeps its own."""
+        if not loaded:
+            self.vocabulary = data.Vocabulary.from_text(self.text)
+            self.model = dataclasses.replace(self.model, vocab_size=len(self.vocabulary))
+            return self.vocabulary.encode(self.text)
+        self.vocabulary = data.Vocabulary.from_list(loaded.vocabulary)
+        ids, unknown = self.vocabulary.encode(self.text, unknown="skip")
+        if unknown and not self.options.skip_unknown:
+            first = next(i for i, ch in enumerate(self.text) if ch not in self.vocabulary)
+            raise ValueError(f"{self.source}: {data.describe_at(self.text, first)} is not in the resumed model's "
+                             f"vocabulary of {len(self.vocabulary)} characters ({unknown:,} such in all); "
+                             f"pass --skip-unknown to leave them out")
+        if unknown:
+            self._say(f"leaving out {unknown:,} characters of {self.source} that are not in the model's vocabulary")
+        return ids
+
     @property
     def step(self) -> int:
         return self.trainer.step_count
@@ -256,7 +407,11 @@ class TrainingRun:
         try:
             state = {k: v for k, v in arrays.items() if k.startswith(("optimizer/", "tbptt/"))}
             self.trainer.load_state(state, meta["trainer"])
-            self.batcher.load_state(meta["data"])
+            if self.new_text:  # the weights and optimizer go on; the new text is read from its start
+                if self.trainer.tbptt is not None:
+                    self.trainer.tbptt.reset()
+            else:
+                self.batcher.load_state(meta["data"])
             self.train_losses = [float(v) for v in arrays["history/train_loss"]]
             self.val_points = [(int(s), float(v)) for s, v in arrays["history/val"].reshape(-1, 2)]
             self.best = {"val_bpc": float(meta["best"]["val_bpc"]), "step": int(meta["best"]["step"])}
@@ -270,6 +425,10 @@ class TrainingRun:
             raise ValueError(f"{loaded.path} is inconsistent: {count(len(self.train_losses), 'loss', 'losses')} for "
                              f"{count(self.step, 'step')}")
         self.saved_step = self.step
+        if self.new_text:  # figures on the old text do not compare with the new one's
+            self.best = {"val_bpc": math.inf, "step": 0}
+            self._say(f"resuming on a new text, {self.source}: its streams start at its beginning, and "
+                      f"{self.out / 'best.npz'} keeps the best on this text")
 
     # ------------------------------------------------------------- loop
 

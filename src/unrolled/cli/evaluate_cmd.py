@@ -26,12 +26,15 @@ from ..data import read_text
 from ..engines import ENGINE_NAMES
 from ..words import count
 from . import UsageError
+from .train_cmd import MAX_TEXT_MB, max_text_bytes
 
 
 def add_arguments(p) -> None:
     p.add_argument("checkpoint", metavar="CKPT", nargs="?", help="a checkpoint file or a run folder")
-    p.add_argument("file", metavar="FILE", help="the text to score")
+    p.add_argument("file", metavar="FILE", help="the text to score (- for standard input)")
     p.add_argument("--encoding", default="utf-8", metavar="NAME", help="text encoding of FILE (default utf-8), e.g. latin-1")
+    p.add_argument("--max-text-mb", type=float, default=MAX_TEXT_MB, metavar="MB",
+                   help=f"the most text read, in MB (default {MAX_TEXT_MB:g}; the text is held in memory whole)")
     p.add_argument("--seq", type=int, metavar="T", help="characters per chunk (default: the checkpoint's)")
     p.add_argument("--batch", type=int, metavar="B", help="parallel streams (default: the checkpoint's)")
     p.add_argument("--engine", choices=ENGINE_NAMES, help="compiled or reference (default: the library's default)")
@@ -49,7 +52,7 @@ def run(args) -> int:
     if args.onnx and args.engine:
         raise UsageError("--engine chooses how a checkpoint runs; an --onnx model runs in ONNX Runtime")
     model = load_model(args.checkpoint) if args.checkpoint else None
-    text = read_text(args.file, args.encoding)
+    text = read_text(args.file, args.encoding, max_bytes=max_text_bytes(args.max_text_mb))
     if model is None:
         from ..export.charmodel import score_text_onnx
 

@@ -33,11 +33,21 @@ from __future__ import annotations
 
 from .. import cells
 from ..charmodel import ModelConfig, TrainConfig
+from ..data import MAX_TEXT_BYTES
 from ..engines import ENGINE_NAMES
 from ..lm_train import RunOptions, train
 from ..optim import OPTIMIZERS
+from . import UsageError
 
 _M, _T = ModelConfig(), TrainConfig()
+MAX_TEXT_MB = MAX_TEXT_BYTES / 1e6
+
+
+def max_text_bytes(mb: float) -> int:
+    """--max-text-mb as bytes, or a one-line refusal."""
+    if not (mb > 0 and mb < 1e9):  # also refuses NaN
+        raise UsageError(f"--max-text-mb {mb:g}: give a positive number of megabytes")
+    return int(mb * 1e6)
 
 # the flags that set a field of ModelConfig / TrainConfig of the same name
 MODEL_FLAGS = ("cell", "hidden", "layers", "dropout", "embedding")
@@ -46,7 +56,9 @@ TRAIN_FLAGS = ("seq", "batch", "lr", "lr_schedule", "warmup", "optimizer", "clip
 
 
 def add_arguments(p) -> None:
-    p.add_argument("files", nargs="*", metavar="FILE", help="text files to learn (concatenated); none: the built-in corpus")
+    p.add_argument("files", nargs="*", metavar="FILE", help="text files to learn (concatenated), folders of them "
+                                                             "(their text files, sorted), - for standard input; "
+                                                             "none: the built-in corpus (on resume: the run's own text)")
     m = p.add_argument_group("model")
     m.add_argument("--cell", choices=cells.CELLS, help=f"recurrent cell (default {_M.cell})")
     m.add_argument("--hidden", type=int, metavar="N", help=f"state size of each layer (default {_M.hidden})")
@@ -76,6 +88,10 @@ def add_arguments(p) -> None:
     r.add_argument("--engine", choices=ENGINE_NAMES, help="compiled (fast) or reference (literal unrolling); "
                                                           "default: the library's default")
     r.add_argument("--encoding", default=None, metavar="NAME", help="text encoding of the files (default utf-8), e.g. latin-1")
+    r.add_argument("--max-text-mb", type=float, default=MAX_TEXT_MB, metavar="MB",
+                   help=f"the most text read, in MB (default {MAX_TEXT_MB:g}; the text is held in memory whole)")
+    r.add_argument("--skip-unknown", action="store_true", help="on --resume with a new text: leave out characters "
+                                                              "the model's vocabulary lacks (default: refuse)")
     r.add_argument("--sample-every", type=int, metavar="N", help=f"updates between printed samples, 0 = never (default {_T.sample_every})")
     r.add_argument("--sample-length", type=int, metavar="N", help=f"characters per printed sample (default {_T.sample_length})")
     r.add_argument("--eval-every", type=int, metavar="N", help=f"updates between validation passes and saves, 0 = only at the end "
@@ -89,6 +105,7 @@ def run(args) -> int:
     if "minutes" in train_flags and "steps" not in train_flags and not args.resume:
         train_flags["steps"] = 0  # a time limit alone: no step limit
     options = RunOptions(files=list(args.files), encoding=args.encoding or "utf-8", out=args.out,
-                         resume=args.resume, engine=args.engine)
+                         resume=args.resume, engine=args.engine, max_text_bytes=max_text_bytes(args.max_text_mb),
+                         skip_unknown=args.skip_unknown)
     summary = train(options, model_flags, train_flags)
     return 130 if summary.stopped == "interrupted" else 0
