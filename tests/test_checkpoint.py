@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import zipfile
 
@@ -229,3 +231,137 @@ def test_resolve_checkpoint(tmp_path):
     assert resolve_checkpoint(run / "best.npz") == run / "best.npz"
     with pytest.raises(ValueError, match="does not exist"):
         resolve_checkpoint(tmp_path / "gone.npz")
+
+
+# -- hostile archives: nothing is unpacked before its declared size is checked
+
+
+def _npy_header(shape, dtype="<f8") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _crafted(path, entries, compression=zipfile.ZIP_STORED):
+    """A zip of raw ``{entry name: bytes}``, each written with ``compression``."""
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _meta_entry(meta=None) -> bytes:
+    raw = json.dumps({"format": "unrolled-checkpoint", "version": 1, **(meta or {})}).encode()
+    return _npy_header((len(raw),), "|u1") + raw
+
+
+def _zeros_member(shape, chunk=1 << 22):
+    """The .npy bytes of float64 zeros of ``shape``, as a generator of pieces (never all in memory)."""
+    yield _npy_header(shape)
+    left = math.prod(shape) * 8
+    while left:
+        n = min(chunk, left)
+        yield bytes(n)
+        left -= n
+
+
+def _bomb(path, shape, compression):
+    """A checkpoint whose one array is ``shape`` zeros, compressed: a small file that unpacks to a lot."""
+    with zipfile.ZipFile(path, "w", compression=compression, compresslevel=9 if compression == zipfile.ZIP_DEFLATED else None) as zf:
+        zf.writestr("__meta__.json.npy", _meta_entry())
+        with zf.open("big.npy", "w", force_zip64=True) as f:
+            for piece in _zeros_member(shape):
+                f.write(piece)
+        zf.writestr("__sha256__.npy", _npy_header((64,), "|u1") + b"0" * 64)
+    return path
+
+
+def _peak_bytes(fn):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_bzip2_members_are_refused_unread(tmp_path):
+    path = _bomb(tmp_path / "b.npz", (1_000_000,), zipfile.ZIP_BZIP2)  # 8 MB of zeros in a few hundred bytes; any size is refused
+    assert path.stat().st_size < 100_000
+
+    def load():
+        with pytest.raises(ValueError, match=r"b.npz: entry '__meta__.json.npy' is encrypted or compressed with zip "
+                                             r"method 12; unrolled writes stored entries"):
+            load_checkpoint(path)
+    assert _peak_bytes(load) < 5_000_000
+
+
+def test_deflate_bomb_is_refused_before_unpacking(tmp_path):
+    path = _bomb(tmp_path / "d.npz", (12_500_000,), zipfile.ZIP_DEFLATED)  # 100 MB of zeros in ~100 kB
+    assert path.stat().st_size < 1_000_000
+
+    def load():
+        with pytest.raises(ValueError, match=r"d.npz: its arrays declare 100.0 MB, more than the 6\d.\d MB allowed "
+                                             r"for a file of 0.\d MB; refusing to unpack it"):
+            load_checkpoint(path)
+    assert _peak_bytes(load) < 5_000_000
+    with pytest.raises(ValueError, match="its arrays declare 100.0 MB, more than the 1.0 MB"):
+        load_checkpoint(path, max_bytes=1_000_000)
+
+
+def test_a_recompressed_checkpoint_still_loads(tmp_path, rng):
+    path = _saved(tmp_path, rng)
+    with zipfile.ZipFile(path) as zf:
+        entries = {n: zf.read(n) for n in zf.namelist()}
+    _crafted(tmp_path / "z.npz", entries, zipfile.ZIP_DEFLATED)
+    arrays, meta = load_checkpoint(tmp_path / "z.npz")
+    assert meta == META and np.array_equal(arrays["params/W_h"], load_checkpoint(path)[0]["params/W_h"])
+
+
+@pytest.mark.parametrize("member, match", [
+    (_npy_header((1_000_000_000,)) + bytes(16), r"array 'a' declares 8,000,000,000 bytes of data but its entry holds 16"),
+    (_npy_header((2,)) + bytes(24), r"array 'a' declares 16 bytes of data but its entry holds 24"),
+    (_npy_header((2, 2), "<f8").replace(b"False", b"True ") + bytes(32), r"array 'a' is float64 in Fortran order"),
+    (_npy_header((2,), "<U3") + bytes(24), r"array 'a' is <U3, not a plain numeric array"),
+    (b"\x93NUMPY\x01\x00" + (60_000).to_bytes(2, "little") + b" " * 16, r"array 'a': a .npy header of 60,000 bytes"),
+    (b"PK-not-npy", r"array 'a': not a .npy array"),
+])
+def test_lying_array_headers_are_refused_before_reading(tmp_path, member, match):
+    path = _crafted(tmp_path / "c.npz", {"__meta__.json.npy": _meta_entry(), "a.npy": member,
+                                         "__sha256__.npy": _npy_header((64,), "|u1") + b"0" * 64})
+    with pytest.raises(ValueError, match="c.npz: checksum mismatch: the file was modified or damaged \\(" + match):
+        load_checkpoint(path)
+
+
+def test_too_many_entries_and_duplicates(tmp_path, monkeypatch):
+    entries = {"__meta__.json.npy": _meta_entry(), **{f"a{i}.npy": _npy_header((0,)) for i in range(12)}}
+    monkeypatch.setattr(checkpoint, "MAX_MEMBERS", 10)
+    with pytest.raises(ValueError, match="13 entries, more than the 10 a checkpoint may hold"):
+        load_checkpoint(_crafted(tmp_path / "c.npz", entries))
+    monkeypatch.undo()
+    with zipfile.ZipFile(tmp_path / "d.npz", "w") as zf:
+        zf.writestr("__meta__.json.npy", _meta_entry())
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("__meta__.json.npy", _meta_entry({"x": 1}))
+    with pytest.raises(ValueError, match=r"unexpected entry '__meta__.json.npy'"):
+        load_checkpoint(tmp_path / "d.npz")
+
+
+def test_check_sees_declared_shapes_before_any_array_is_read(tmp_path, rng, monkeypatch):
+    path = _saved(tmp_path, rng)
+    reads = []
+    real = checkpoint._read_bytes
+    monkeypatch.setattr(checkpoint, "_read_bytes", lambda zf, m, p, h=None: reads.append(m.name) or real(zf, m, p, h))
+    seen = {}
+
+    def check(meta, declared):
+        seen.update(declared)
+        assert reads == ["__meta__.json"]  # only the metadata so far
+        raise ValueError("refused by the caller")
+    with pytest.raises(ValueError, match="refused by the caller"):
+        load_checkpoint(path, check=check)
+    assert seen["params/W_h"] == (np.dtype("float64"), (4, 4)) and seen["empty"] == (np.dtype("float64"), (0, 3))
+    assert reads == ["__meta__.json"]
+

@@ -147,17 +147,47 @@ def _at_least(value, low: int, what: str) -> None:
 
 
 def config_from_dict(cls, data: dict, where: str):
-    """A config dataclass from its JSON form, refusing fields this version does not know."""
+    """A config dataclass from its JSON form, refusing fields this version does not know and
+    values of the wrong type (a whole number where the field is one, a number, a string)."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where} is not a JSON object")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+        raise ValueError(f"field '{where}' is {data!r:.40}, not a JSON object")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(
-            f"{where} has field(s) {', '.join(unknown)} that this version of unrolled does not know; "
+            f"field '{where}' has field(s) {', '.join(unknown)} that this version of unrolled does not know; "
             f"it was written by a newer version"
         )
+    for name, value in data.items():
+        want = type(known[name].default)
+        ok = (type(value) is int if want is int else
+              type(value) in (int, float) and math.isfinite(value) if want is float else
+              isinstance(value, want))
+        if not ok:
+            kind = {int: "a whole number", float: "a finite number", str: "a string"}.get(want, want.__name__)
+            raise ValueError(f"field '{where}.{name}' is {value!r:.40}, not {kind}")
     return cls(**data)
+
+
+# Upper bounds on what a checkpoint may ask for: the settings a file brings are used to size
+# memory (a chunk of seq × batch, the graph's layers), and a file may come from anyone.
+LOADED_LIMITS = {"layers": 1_000, "seq": 100_000, "batch": 100_000, "k1": 100_000, "k2": 100_000,
+                 "sample_length": 10_000_000, "vocab_size": 0x110000}
+MAX_LOADED_CHUNK = 10_000_000  # characters in one chunk, seq × batch
+
+
+def check_loaded_ranges(model: ModelConfig, train: TrainConfig) -> None:
+    """Refuse settings from a file beyond :data:`LOADED_LIMITS`; the usual checks come first."""
+    model.check()
+    train.check()
+    for cfg, section in ((model, "model"), (train, "train")):
+        for name, limit in LOADED_LIMITS.items():
+            if hasattr(cfg, name) and getattr(cfg, name) > limit:
+                raise ValueError(f"field '{section}.{name}' is {getattr(cfg, name):,}, more than the "
+                                 f"{limit:,} a checkpoint may ask for")
+    if train.seq * train.batch > MAX_LOADED_CHUNK:
+        raise ValueError(f"a chunk of train.seq {train.seq:,} × train.batch {train.batch:,} characters is more "
+                         f"than the {MAX_LOADED_CHUNK:,} a checkpoint may ask for")
 
 
 # -------------------------------------------------------------------- graph
@@ -242,22 +272,41 @@ def load_model(path) -> LoadedModel:
     Every way a file can be wrong becomes one ``ValueError`` sentence naming it.
     """
     file = Path(resolve_checkpoint(path))
-    arrays, meta = load_checkpoint(file)
+    found = {}
+
+    def check(meta: dict, declared: dict) -> None:  # before any array is read
+        found.update(_model_from_meta(file, meta))
+        _check_declared(file, found["graph"], found["model"], declared)
+
+    arrays, meta = load_checkpoint(file, check=check)
+    model, graph = found["model"], found["graph"]
+    params = {}
+    for name in graph.params:
+        a = arrays[PARAM_PREFIX + name]
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{file}: parameter '{name}' holds NaN or infinite values; use an earlier checkpoint")
+        params[name] = aligned(a)  # on a cache line, like fresh ones (graph.init_params)
+    return LoadedModel(file, graph, params, model, found["train"], found["vocabulary"], meta, arrays)
+
+
+def _model_from_meta(file: Path, meta: dict) -> dict:
+    """The model, training config, vocabulary and graph a checkpoint's meta describes, every field checked."""
     kind = meta.get("kind")
     if kind != CHECKPOINT_KIND:
         raise ValueError(
-            f"{file} is not a language-model checkpoint (it holds {kind or 'something else'!r}); "
+            f"{file} is not a language-model checkpoint (it holds {str(kind or 'something else')!r:.60}); "
             f"use a checkpoint written by 'unrolled train'"
         )
     fmt = meta.get("model_format")
     if fmt != MODEL_FORMAT:
         raise ValueError(
-            f"{file} was written with language-model format {fmt!r}, but this version of unrolled reads "
+            f"{file} was written with language-model format {fmt!r:.40}, but this version of unrolled reads "
             f"format {MODEL_FORMAT}; use the unrolled version that wrote it, or train again"
         )
     try:
-        model = config_from_dict(ModelConfig, meta.get("model"), f"{file}: model config").check()
-        train = config_from_dict(TrainConfig, meta.get("train"), f"{file}: training config")
+        model = config_from_dict(ModelConfig, meta.get("model"), "model")
+        train = config_from_dict(TrainConfig, meta.get("train"), "train")
+        check_loaded_ranges(model, train)
         vocabulary = meta.get("vocabulary")
         if (not isinstance(vocabulary, list) or len(vocabulary) != model.vocab_size
                 or not all(isinstance(c, str) and len(c) == 1 for c in vocabulary)
@@ -266,20 +315,29 @@ def load_model(path) -> LoadedModel:
         graph = build_graph(model, train=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{file} holds an unusable model: {e}") from None
-    params = {}
+    return {"model": model, "train": train, "vocabulary": vocabulary, "graph": graph}
+
+
+def _check_declared(file: Path, graph: Graph, model: ModelConfig, declared: dict) -> None:
+    """Every parameter the model needs is in the file with its exact dtype and shape, and the other
+    arrays (optimizer moments, carried state, history) are not out of proportion to them."""
+    dtype = np.dtype(model.dtype)
+    param_bytes = 0
     for name, p in graph.params.items():
-        a = arrays.get(PARAM_PREFIX + name)
-        if a is None:
+        d = declared.get(PARAM_PREFIX + name)
+        if d is None:
             raise ValueError(f"{file} has no array for parameter '{name}'; the file is incomplete or foreign")
-        if tuple(a.shape) != p.shape or a.dtype != np.dtype(model.dtype):
+        if d != (dtype, tuple(p.shape)):
             raise ValueError(
-                f"{file}: parameter '{name}' is {a.dtype}{list(a.shape)} but the model needs "
+                f"{file}: parameter '{name}' is {d[0]}{list(d[1])} but the model needs "
                 f"{model.dtype}{list(p.shape)}; the file is damaged or foreign"
             )
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"{file}: parameter '{name}' holds NaN or infinite values; use an earlier checkpoint")
-        params[name] = aligned(a)  # on a cache line, like fresh ones (graph.init_params)
-    return LoadedModel(file, graph, params, model, train, vocabulary, meta, arrays)
+        param_bytes += math.prod(p.shape) * dtype.itemsize
+    other = sum(math.prod(s) * t.itemsize for n, (t, s) in declared.items() if not n.startswith(PARAM_PREFIX))
+    limit = 4 * param_bytes + 256_000_000  # moments and state in proportion; history and state grow with the run
+    if other > limit:
+        raise ValueError(f"{file}: its arrays besides the parameters declare {other / 1e6:,.1f} MB, more than the "
+                         f"{limit / 1e6:,.1f} MB a model of {param_bytes / 1e6:,.1f} MB can need; refusing to unpack it")
 
 
 def graph_from_checkpoint(path) -> tuple[Graph, dict[str, np.ndarray], dict]:

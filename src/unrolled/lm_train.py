@@ -290,12 +290,31 @@ def _resolve_configs(model_flags: dict, train_flags: dict, loaded: LoadedModel |
     return loaded.model, dataclasses.replace(loaded.train, **changes).check()
 
 
-def _dict_field(meta: dict, name: str) -> dict:
-    value = meta.get(name, {})
-    if not isinstance(value, dict):
-        raise ValueError(f"the checkpoint's '{name}' field is a {type(value).__name__}, not a JSON object; "
-                         f"the file is damaged or foreign")
-    return value
+RUN_STATE = ("trainer", "data", "best")  # what a resume needs beyond the model
+
+
+def check_run_meta(meta: dict, path: Path) -> None:
+    """The run fields of a checkpoint's meta, by type and range: one sentence naming the field, never a
+    TypeError from deep inside (the trainer's own state is checked as it is put back)."""
+    missing = [name for name in RUN_STATE if name not in meta]
+    if missing:
+        raise ValueError(f"{path} holds a model but not the training state to resume it (no '{missing[0]}'); "
+                         f"start a new run, or sample from it")
+
+    def need(ok: bool, name: str, value, want: str) -> None:
+        if not ok:
+            raise ValueError(f"{path}: field '{name}' is {value!r:.60}, not {want}; the file is damaged or foreign")
+
+    for name in RUN_STATE + ("text",):
+        need(isinstance(meta.get(name, {}), dict), name, meta.get(name), "a JSON object")
+    for key in ("position", "epoch", "seq_len", "batch_size", "text_length", "text_crc32"):
+        v = meta["data"].get(key)
+        need(type(v) is int and v >= 0, f"data.{key}", v, "a whole number of at least 0")
+    for name, v in (("best.step", meta["best"].get("step")), ("step", meta.get("step", 0))):
+        need(type(v) is int and v >= 0, name, v, "a whole number of at least 0")
+    for name, v in (("best.val_bpc", meta["best"].get("val_bpc")), ("train_seconds", meta.get("train_seconds", 0.0))):
+        need(type(v) in (int, float) and v >= 0, name, v, "a number of at least 0")  # NaN fails v >= 0
+    need(isinstance(meta.get("engine", ""), str), "engine", meta.get("engine"), "an engine's name")
 
 
 def _is_new_text(meta: dict, batcher: data.StreamBatcher) -> bool:
@@ -316,11 +335,13 @@ class TrainingRun:
         self.options = options
         self.stream = options.stream or sys.stdout
         loaded = load_model(options.resume) if options.resume else None
+        if loaded:
+            check_run_meta(loaded.meta, loaded.path)
         self.model, self.config = _resolve_configs(dict(model_flags or {}), dict(train_flags or {}), loaded)
 
         # The text: the files given, else (on resume) the ones the checkpoint records, else the built-in corpus.
         if loaded and not options.files:
-            corpus = read_recorded_corpus(_dict_field(loaded.meta, "text"), loaded.path, options.max_text_bytes)
+            corpus = read_recorded_corpus(loaded.meta.get("text", {}), loaded.path, options.max_text_bytes)
         else:
             corpus = read_corpus(options.files, options.encoding, options.max_text_bytes)
         self.corpus, self.text, self.source = corpus, corpus.text, corpus.name
@@ -416,11 +437,11 @@ class TrainingRun:
             self.val_points = [(int(s), float(v)) for s, v in arrays["history/val"].reshape(-1, 2)]
             self.best = {"val_bpc": float(meta["best"]["val_bpc"]), "step": int(meta["best"]["step"])}
             self.train_seconds = float(meta.get("train_seconds", 0.0))
-        except KeyError as e:
-            raise ValueError(f"{loaded.path} holds a model but not the training state to resume it (no {e}); "
-                             f"start a new run, or sample from it") from None
         except ValueError as e:
             raise ValueError(f"cannot resume from {loaded.path}: {e}") from None
+        except (KeyError, TypeError, AttributeError, IndexError, OverflowError) as e:  # inside 'trainer'
+            raise ValueError(f"cannot resume from {loaded.path}: its training state is damaged or foreign "
+                             f"({type(e).__name__}: {str(e):.80})") from None
         if len(self.train_losses) != self.step:
             raise ValueError(f"{loaded.path} is inconsistent: {count(len(self.train_losses), 'loss', 'losses')} for "
                              f"{count(self.step, 'step')}")
