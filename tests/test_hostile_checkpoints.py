@@ -142,6 +142,7 @@ def _edited_run(run, tmp_path, edit):
     (lambda m: m["best"].__setitem__("val_bpc", "low"), "field 'best.val_bpc' is 'low', not a number"),
     (lambda m: m.__setitem__("train_seconds", -1), "field 'train_seconds' is -1, not a number of at least 0"),
     (lambda m: m.__setitem__("engine", 7), "field 'engine' is 7, not an engine's name"),
+    (lambda m: m["trainer"].__setitem__("step", "2"), "field 'trainer.step' is '2', not a whole number"),
     (lambda m: m.pop("data"), "holds a model but not the training state to resume it (no 'data')"),
 ])
 def test_bad_run_fields_on_resume_are_named(run, tmp_path, capsys, edit, needle):

@@ -200,30 +200,34 @@ def read_recorded_corpus(record: dict, checkpoint: Path, max_bytes: int = data.M
         return read_corpus([], record.get("encoding", "utf-8"))
     if data.STDIN in files:
         raise ValueError(f"{checkpoint} was trained on standard input; pipe the same text again: "
-                                f"... | unrolled train - --resume {checkpoint.parent}")
+                         f"... | unrolled train - --resume {checkpoint.parent}")
     if "bytes" not in record or "crc32" not in record:
         raise ValueError(f"{checkpoint} does not record its text's size and checksum (an older checkpoint), "
-                                f"so the files it names are not opened; name the text: {resume}")
+                         f"so the files it names are not opened; name the text: {resume}")
     paths, raws, crc = [], [], 0
     for f, size in zip(files, record["bytes"]):
         p = Path(f) if Path(f).is_absolute() else checkpoint.parent / f
-        if not p.is_file():
+        if not p.exists():
             raise ValueError(f"the training text {p} (recorded in {checkpoint}) is not there; if it moved, "
-                                    f"name it: unrolled train NEWPATH --resume {checkpoint.parent}")
+                             f"name it: unrolled train NEWPATH --resume {checkpoint.parent}")
+        if not p.is_file():
+            raise ValueError(f"{p} (named by {checkpoint}) is not a regular file, so it is not read; name the "
+                             f"training text: {resume}")
         if p.stat().st_size != size or size > max_bytes:
             raise ValueError(f"{p} (named by {checkpoint}) is not the text the run was trained on "
-                                    f"(its size differs); name the training text: {resume}")
+                             f"(its size differs); name the training text: {resume}")
         raw = data.read_bytes(p, max_bytes)
         crc = zlib.crc32(raw, crc)
         paths.append(str(p))
         raws.append(raw)
-    if crc != record["crc32"] or len(raws) != len(record["bytes"]):
+    if crc != record["crc32"]:
         raise ValueError(f"the files {checkpoint} names ({paths[0]}{', …' if len(paths) > 1 else ''}) are not "
-                                f"the text the run was trained on (their checksum differs); name the training text: {resume}")
-    codec = data.text_codec(record["encoding"])
+                         f"the text the run was trained on (their checksum differs); name the training text: {resume}")
+    encoding = record.get("encoding", "utf-8")
+    codec = data.text_codec(encoding)
     text = "".join(data.decode_text(raw, codec, p) for raw, p in zip(raws, paths))
     name = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, …)"
-    return Corpus(text, name, paths, [len(r) for r in raws], crc, record["encoding"])
+    return Corpus(text, name, paths, [len(r) for r in raws], crc, encoding)
 
 
 def default_out_dir() -> Path:
@@ -310,7 +314,8 @@ def check_run_meta(meta: dict, path: Path) -> None:
     for key in ("position", "epoch", "seq_len", "batch_size", "text_length", "text_crc32"):
         v = meta["data"].get(key)
         need(type(v) is int and v >= 0, f"data.{key}", v, "a whole number of at least 0")
-    for name, v in (("best.step", meta["best"].get("step")), ("step", meta.get("step", 0))):
+    for name, v in (("best.step", meta["best"].get("step")), ("step", meta.get("step", 0)),
+                    ("trainer.step", meta["trainer"].get("step")), ("trainer.seed", meta["trainer"].get("seed", 0))):
         need(type(v) is int and v >= 0, name, v, "a whole number of at least 0")
     for name, v in (("best.val_bpc", meta["best"].get("val_bpc")), ("train_seconds", meta.get("train_seconds", 0.0))):
         need(type(v) in (int, float) and v >= 0, name, v, "a number of at least 0")  # NaN fails v >= 0
