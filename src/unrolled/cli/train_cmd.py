@@ -19,11 +19,17 @@ last good checkpoint.
 Ctrl-C stops after the update under way and saves; `--resume DIR` continues
 exactly where the run stopped (same losses, bit for bit, as if it had never
 stopped). A resumed run keeps its model and training settings; only
---steps, --minutes and the reporting intervals may change.
+--steps, --minutes and the reporting intervals may change. It reads the
+text it was trained on, found relative to the run folder and recognized by
+its size and checksum; if the text moved, name it again. Naming another
+text continues training on it in a new --out folder (--skip-unknown leaves
+out characters the model's vocabulary lacks).
 
 examples:
   unrolled train                                  # the built-in corpus
   unrolled train shakespeare.txt --minutes 10
+  unrolled train books/                           # a folder: its text files, sorted
+  cat notes/*.txt | unrolled train -              # standard input
   unrolled train notes.txt --cell gru --hidden 256 --layers 1 --out runs/gru
   unrolled train --resume runs/gru --steps 20000
   unrolled sample runs/gru --prime "The "
