@@ -412,11 +412,20 @@ class Trainer:
     gradient of the next update, which the training loop reports by step.
     Nothing here is random except the dropout masks, so the same seed, data
     and engine give bit-identical parameters.
+
+    ``comm`` (an MPI communicator or a :class:`distributed.DataParallel`)
+    trains data-parallel: each rank passes its own rows of the global batch
+    (``dp.shard(x)``), the gradients of all ranks are summed by one allreduce
+    per update, and every rank applies the same update (see
+    :mod:`unrolled.distributed`). Dropout masks are drawn for the global batch
+    from the one generator every rank holds, so ``n`` ranks compute what one
+    process computes on the whole batch.
     """
 
     def __init__(self, engine, params: dict[str, np.ndarray], optimizer: Optimizer, *,
                  schedule: Schedule | None = None, clip_norm: float | None = None, clip_value: float | None = None,
-                 combine: str = "sum", k1: int | None = None, k2: int | None = None, seed: int = 0):
+                 combine: str = "sum", k1: int | None = None, k2: int | None = None, seed: int = 0,
+                 comm=None):
         check_combine(combine)
         if (k1 is None) != (k2 is None):
             raise ValueError("truncated BPTT needs both k1 and k2 (k1 <= k2); give both or neither")
@@ -438,6 +447,13 @@ class Trainer:
         graphs = getattr(engine, "graphs", None) or [engine.graph]
         self._dropout = {name: rate for g in graphs for name, rate in cells.dropout_rates(g).items()}
         self._dropout_sizes = {name: g.vertices[name].size for g in graphs for name in cells.dropout_rates(g)}
+        self._losses = [loss for g in graphs for loss in g.losses]
+        self.dist = None
+        if comm is not None:
+            from .distributed import as_data_parallel
+
+            self.dist = as_data_parallel(comm)
+            self.dist.broadcast_params(self.params)
 
     @property
     def lr(self) -> float:
@@ -458,7 +474,53 @@ class Trainer:
         else:
             result = self.engine.run(self.params, inputs, init_states=init_states, masks=masks,
                                      combine=self.combine, check_finite=False, **run_kw)
-        return self.apply_gradients(result.grads, loss=result.loss, result=result)
+        if self.dist is None:
+            return self.apply_gradients(result.grads, loss=result.loss, result=result)
+        grads, loss = self._allreduce(result, inputs, masks)
+        stats = self.apply_gradients(grads, loss=loss, result=result)
+        self.dist.check_params(self.params, self.step_count)
+        return stats
+
+    def _allreduce(self, result: RunResult, inputs: dict, masks: dict | None) -> tuple[dict, float]:
+        """The global batch's gradients and loss from this rank's: one flat buffer, one allreduce.
+
+        A loss with ``reduce="mean"`` divides by the number of terms it
+        counted (its mask's sum, or T·B): this rank's count, where the update
+        needs the global one. So the local gradients are multiplied back by
+        the local count, summed over ranks with the counts, and divided by the
+        global count. ``combine="mean"`` needs nothing more: it divides by the
+        number of steps, the same on every rank.
+        """
+        local = self._local_count(inputs, masks)
+        names = sorted(result.grads)
+        dtype = result.grads[names[0]].dtype if names else np.dtype(np.float64)
+        extra = np.array([result.loss * local, local], dtype=dtype)
+        summed = self.dist.allreduce_sum([result.grads[n] * dtype.type(local) for n in names] + [extra])
+        total = float(summed[-1][1])
+        divisor = total if total > 0 else 1.0  # no term counted anywhere: the gradients are zeros
+        grads = {n: g / dtype.type(divisor) for n, g in zip(names, summed)}
+        return grads, float(summed[-1][0]) / divisor
+
+    def _local_count(self, inputs: dict, masks: dict | None) -> float:
+        """The count this rank's losses divided by (1 when every loss is a sum); one count for all losses."""
+        kinds = {loss.reduce for loss in self._losses}
+        if kinds <= {"sum"}:
+            return 1.0
+        if "sum" in kinds:
+            raise ValueError("data-parallel training needs the graph's losses to be all reduce='sum' or all "
+                             "reduce='mean' (their gradients are rescaled by the global count); make them alike")
+        T, B = _time_batch(inputs)
+        counts = set()
+        for loss in self._losses:
+            m = (masks or {}).get(loss.name)
+            m = np.ones((T, B)) if m is None else np.asarray(m, dtype=np.float64)
+            n = float(np.broadcast_to(m.reshape(T, -1), (T, B)).sum())
+            if n > 0:
+                counts.add(n)
+        if len(counts) > 1:
+            raise ValueError("data-parallel training needs the graph's mean losses to count the same terms "
+                             "(the same mask); give them one mask, or reduce='sum'")
+        return counts.pop() if counts else 0.0
 
     def apply_gradients(self, grads: dict[str, np.ndarray], *, loss: float = math.nan,
                         result: RunResult | None = None) -> StepStats:
@@ -495,11 +557,15 @@ class Trainer:
         T, B = _time_batch(inputs)
         dtype = next(iter(self.params.values())).dtype if self.params else np.float64
         out = dict(inputs)
+        ranks = self.dist.size if self.dist is not None else 1
         for name in missing:  # in graph order, so the draws are reproducible
             shape = (T, B, self._dropout_sizes[name])
             keep = 1.0 - self._dropout[name]
             if train and keep < 1.0:
-                out[name] = (self.rng.random(shape) < keep).astype(dtype) / np.asarray(keep, dtype=dtype)
+                # Drawn for the global batch, this rank's rows kept: every rank's generator stays the same.
+                draw = self.rng.random((T, B * ranks, shape[2]))
+                draw = draw if ranks == 1 else self.dist.shard(draw)
+                out[name] = (draw < keep).astype(dtype) / np.asarray(keep, dtype=dtype)
             else:
                 out[name] = np.ones(shape, dtype=dtype)
         return out
@@ -510,7 +576,10 @@ class Trainer:
         """Optimizer state (``optimizer/…``) and carried stream state (``tbptt/…``); parameters are the caller's."""
         out = {f"optimizer/{k}": v for k, v in self.optimizer.state_arrays().items()}
         if self.tbptt is not None:
-            out.update({f"tbptt/{k}": v for k, v in self.tbptt.state_arrays().items()})
+            carried = self.tbptt.state_arrays()
+            if self.dist is not None:  # every rank's rows, joined: the checkpoint of the global batch
+                carried = self.dist.gather_rows(carried, {k: _batch_axis(k, v) for k, v in carried.items()})
+            out.update({f"tbptt/{k}": v for k, v in carried.items()})
         return out
 
     def state_meta(self) -> dict:
@@ -520,8 +589,14 @@ class Trainer:
             "optimizer": self.optimizer.state_meta(),
             "schedule": self.schedule.to_dict() if self.schedule is not None else None,
             "clip_norm": self.clip_norm, "clip_value": self.clip_value, "combine": self.combine,
-            "tbptt": self.tbptt.state_meta() if self.tbptt is not None else None,
+            "tbptt": self._tbptt_meta() if self.tbptt is not None else None,
         }
+
+    def _tbptt_meta(self) -> dict:
+        meta = self.tbptt.state_meta()
+        if self.dist is not None and meta["batch"] is not None:
+            meta["batch"] *= self.dist.size  # the arrays hold the global batch
+        return meta
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Continue exactly where :meth:`state_arrays` / :meth:`state_meta` left off."""
@@ -537,8 +612,19 @@ class Trainer:
             raise ValueError("the saved trainer state and this trainer disagree on truncated BPTT; "
                              "resume with the same k1 and k2")
         if self.tbptt is not None:
-            self.tbptt.load_state({k[len("tbptt/"):]: v for k, v in arrays.items() if k.startswith("tbptt/")},
-                                  meta["tbptt"])
+            carried = {k[len("tbptt/"):]: v for k, v in arrays.items() if k.startswith("tbptt/")}
+            tmeta = meta["tbptt"]
+            if self.dist is not None:  # the checkpoint holds the global batch: keep this rank's rows
+                carried = {k: self.dist.shard(v, _batch_axis(k, v)) for k, v in carried.items()}
+                if tmeta.get("batch") is not None:
+                    rows = self.dist.rows(int(tmeta["batch"]))
+                    tmeta = dict(tmeta, batch=rows.stop - rows.start)
+            self.tbptt.load_state(carried, tmeta)
+
+
+def _batch_axis(name: str, a: np.ndarray) -> int:
+    """The batch axis of a carried array: ``history/<input>`` is ``[h, B, ...]``, a state ``[B, F]`` or ``[D, B, F]``."""
+    return 1 if name.startswith("history/") else np.ndim(a) - 2
 
 
 def _time_batch(inputs: dict) -> tuple[int, int]:
