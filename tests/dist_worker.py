@@ -4,10 +4,14 @@
 same global batches; started by ``mpiexec -n N`` the rows are split over the
 N ranks (``Trainer(comm=...)``), alone it trains the whole batch in one
 process. Rank 0 writes each case's final parameters to ``OUT/<case>.npz``.
+
+``python dist_worker.py lm CORPUS OUT STEPS [RESUME]`` is a character-model
+run (:func:`lm_run`), fresh or resumed, on as many ranks as it was started on.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
@@ -19,10 +23,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helpers  # noqa: E402
-from unrolled import distributed  # noqa: E402
+from unrolled import distributed, lm_train  # noqa: E402
 from unrolled.charmodel import INPUT_NAME, TARGET_NAME, ModelConfig, build_graph, init_params  # noqa: E402
 from unrolled.engines import make_engine  # noqa: E402
 from unrolled.optim import make_optimizer  # noqa: E402
+from unrolled.lm_train import RunOptions  # noqa: E402
 from unrolled.train import Trainer, freeze_after_end, keep_feed, length_mask  # noqa: E402
 
 UPDATES = 4
@@ -76,6 +81,16 @@ CASES = {
 }
 
 
+def lm_run(corpus: str, out: str, steps: int, resume: str | None = None, dp=None):
+    """A tiny float64 character-model run with dropout and k1 < k2, validated and saved every 2 updates."""
+    options = RunOptions(files=[corpus], out=out, resume=resume, stream=io.StringIO(), comm=dp)
+    model = {} if resume else {"hidden": 8, "layers": 2, "dropout": 0.2, "dtype": "float64"}
+    train = {"seq": 6, "batch": 4, "k1": 3, "k2": 5, "steps": steps, "eval_every": 2, "sample_every": 0}
+    if resume:
+        train = {"steps": steps}
+    return lm_train.train(options, model, train)
+
+
 def main(out: str) -> None:
     dp = distributed.from_environment()
     for name, case in CASES.items():
@@ -85,4 +100,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "lm":
+        lm_run(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:], dp=distributed.from_environment())
+    else:
+        main(sys.argv[1])

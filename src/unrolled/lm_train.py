@@ -25,6 +25,13 @@ or infinite, or a loss that stays far above its best (:mod:`unrolled.divergence`
 stops the run with an error naming the step and the last good checkpoint;
 nothing is saved after it. Time spent compiling (the first run on a machine)
 is not counted in ``--minutes`` or in the speeds (:mod:`unrolled.compiling`).
+
+Under ``mpiexec -n N`` (``RunOptions.comm``, :mod:`unrolled.distributed`)
+each rank trains its ``B/N`` of the streams and validates its share of the
+held-out text; rank 0 alone prints and writes. A checkpoint holds the whole
+batch's carried state, so it resumes under any ``N`` that divides the batch.
+Every rank stops at the same update after Ctrl-C; an error on any rank stops
+them all (``MPI.Abort``), naming the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ class RunOptions:
     stream: TextIO | None = None  # where messages and samples go (default: stdout)
     max_text_bytes: int = data.MAX_TEXT_BYTES  # the most bytes of text read (the text is held whole)
     skip_unknown: bool = False  # on resume, leave out characters outside the model's vocabulary (else refuse)
+    comm: object | None = None  # a distributed.DataParallel under mpiexec -n N; None = one process
 
 
 @dataclass
@@ -339,6 +347,8 @@ class TrainingRun:
     def __init__(self, options: RunOptions, model_flags: dict | None = None, train_flags: dict | None = None):
         self.options = options
         self.stream = options.stream or sys.stdout
+        self.dp = options.comm
+        self.is_root = self.dp is None or self.dp.is_root  # the one that prints and writes
         loaded = load_model(options.resume) if options.resume else None
         if loaded:
             check_run_meta(loaded.meta, loaded.path)
@@ -359,6 +369,8 @@ class TrainingRun:
         self.train_ids, self.val_ids = data.split_train_val(ids, cfg.val_fraction, min_train=cfg.bptt_k1 * cfg.batch + 1)
         self.batcher = data.StreamBatcher(self.train_ids, cfg.bptt_k1, cfg.batch)
         self.new_text = loaded is not None and bool(options.files) and _is_new_text(loaded.meta, self.batcher)
+        if self.dp is not None:
+            self.dp.rows(cfg.batch)  # refuses a batch that does not split over the ranks
 
         # The model and its trainer.
         self.graph = build_graph(self.model, train=True)
@@ -377,7 +389,8 @@ class TrainingRun:
             params = init_params(self.model, cfg.seed)
         schedule = make_schedule(cfg.lr_schedule, cfg.lr, total_steps=cfg.steps or None, warmup_steps=cfg.warmup)
         self.trainer = Trainer(self.engine, params, make_optimizer(cfg.optimizer, cfg.lr), schedule=schedule,
-                               clip_norm=cfg.clip or None, k1=cfg.bptt_k1, k2=cfg.bptt_k2, seed=cfg.seed)
+                               clip_norm=cfg.clip or None, k1=cfg.bptt_k1, k2=cfg.bptt_k2, seed=cfg.seed,
+                               comm=self.dp)
         self.params = self.trainer.params
 
         # Where it writes: made only now that every setting is known to be good, so a refused run leaves no folder.
@@ -392,7 +405,7 @@ class TrainingRun:
         if own and self.new_text:
             raise ValueError(f"{self.source} is not the text the run in {out} was trained on; training on another text "
                              f"continues in a new folder, so that this run stays as it is: add --out NEWDIR")
-        self.out = prepare_out_dir(out, fresh=not own)
+        self.out = _on_root(self.dp, lambda: prepare_out_dir(out, fresh=not own))
         self.text_meta = text_record(corpus, self.out)
         self.train_losses: list[float] = []  # nats/char of every update, in order
         self.val_points: list[tuple[int, float]] = []  # (step, validation bits/char)
@@ -466,8 +479,8 @@ class TrainingRun:
         self._announce()
         stop = _StopRequest(self._say)
         self._bar = tqdm(total=cfg.steps or None, initial=self.step, unit="step", dynamic_ncols=True,
-                         disable=None, file=sys.stderr, leave=False)
-        self.log = MetricsLog(self.out, self.step)
+                         disable=None if self.is_root else True, file=sys.stderr, leave=False)
+        self.log = MetricsLog(self.out, self.step) if self.is_root else _NoLog()
         self._row = None  # the last update's row of the log, written once its validation (if any) is known
         try:
             with stop:
@@ -497,19 +510,25 @@ class TrainingRun:
                 self._save(("latest",))  # not while the loss is far above its best: that may be divergence
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self._print_sample()
-            if self._bar.disable and _clock() - shown >= PROGRESS_SECONDS:  # piped to a file: a plain line
+            if self._bar.disable and self.is_root and _clock() - shown >= PROGRESS_SECONDS:  # piped: a plain line
                 shown = _clock()
                 total = f"/{cfg.steps:,}" if cfg.steps else ""
                 self._say(f"step {self.step:,}{total}: {self._progress()}")
-            if stop.requested:
+            if self._stopping(stop):
                 return "interrupted"
         return "done"
+
+    def _stopping(self, stop: "_StopRequest") -> bool:
+        """Whether to stop now; every rank gives the same answer, so that all stop at the same update."""
+        return stop.requested if self.dp is None else self.dp.any(stop.requested)
 
     def _update(self) -> float:
         """One update, logged and watched; its seconds, compiling left out."""
         if self.batcher.at_epoch_start:  # the streams jump back to their starts
             self.trainer.tbptt.reset()
         x, y = self.batcher.next_batch()
+        if self.dp is not None:  # this rank's streams
+            x, y = self.dp.shard(x), self.dp.shard(y)
         compiled, t0 = compiling.seconds(), _clock()
         with np.errstate(all="ignore"):  # a NaN is caught below, by name and step
             stats = self.trainer.train_step({INPUT_NAME: x, TARGET_NAME: y})
@@ -561,9 +580,14 @@ class TrainingRun:
             f"{self.source}: {len(self.train_ids):,} training / {len(self.val_ids):,} validation characters\n"
             f"  seq {cfg.seq}, batch {cfg.batch}, k1 {cfg.bptt_k1}, k2 {cfg.bptt_k2}, {cfg.optimizer} lr {cfg.lr:g}"
             f"{'' if cfg.lr_schedule == 'constant' else ' ' + cfg.lr_schedule}, clip {cfg.clip:g}, "
-            f"dropout {m.dropout:g}, engine {self.engine_name}; {' or '.join(limit) or 'until Ctrl-C'}\n"
+            f"dropout {m.dropout:g}, engine {self.engine_name}{self._ranks()}; {' or '.join(limit) or 'until Ctrl-C'}\n"
             f"  writing to {self.out}/ (latest.npz, best.npz, {PLOT_NAME}, {METRICS_NAME}); Ctrl-C stops and saves"
         )
+
+    def _ranks(self) -> str:
+        if self.dp is None:
+            return ""
+        return f", {self.dp.size} ranks × {count(self.config.batch // self.dp.size, 'stream')}"
 
     def _diverged(self, what: str, bad_from: int | None = None) -> None:
         """Stop the run without saving (a NaN, or a loss far above its best), naming the checkpoint to go back
@@ -586,22 +610,26 @@ class TrainingRun:
 
     def validate(self, stop: "_StopRequest | None" = None) -> float:
         """Validation bits/char: every held-out character but the first, scored once, state carried."""
-        cfg = self.config
+        cfg, dp = self.config, self.dp
         total, count, state = 0.0, 0.0, None
         for x, y, mask in data.iter_eval_chunks(self.val_ids, cfg.seq, cfg.batch):
-            if stop is not None and stop.requested:
+            if stop is not None and stop.requested and dp is None:  # ranks finish together: no stop mid-way
                 return math.nan
+            if dp is not None:  # this rank's streams of the held-out text
+                x, y, mask = dp.shard(x), dp.shard(y), dp.shard(mask)
             with np.errstate(all="ignore"):
                 r = self.trainer.evaluate({INPUT_NAME: x, TARGET_NAME: y}, {LOSS_NAME: mask}, init_states=state,
                                           check_finite=False)  # the state is the engine's own; NaN: see below
             total += float(r.step_losses[LOSS_NAME].sum(dtype=np.float64))
             count += float(mask.sum())
             state = {k: np.array(v, copy=True) for k, v in r.final_states.items()}
+        if dp is not None:
+            total, count = dp.total([total, count])
         return bits(total / count)
 
     def _evaluate_and_save(self, stop) -> None:
         val = self.validate(stop)
-        if stop.requested:  # interrupted mid-way: keep the checkpoints as they are
+        if self.dp is None and stop.requested:  # interrupted mid-way: keep the checkpoints as they are
             return
         reason = self.watch.validation(val, self.best["val_bpc"])
         if reason:
@@ -635,12 +663,15 @@ class TrainingRun:
     def _save(self, names) -> None:
         self._write_row()
         self.log.flush()  # the log on disk reaches at least the step the checkpoint holds
-        arrays, meta = self.checkpoint()
-        for name in names:
-            save_checkpoint(self.out / f"{name}.npz", arrays, meta)
+        arrays, meta = self.checkpoint()  # on every rank: it gathers their carried state
+        if self.is_root:  # no two ranks ever write the same file
+            for name in names:
+                save_checkpoint(self.out / f"{name}.npz", arrays, meta)
         self.saved_step = self.step
 
     def _plot(self) -> None:
+        if not self.is_root:
+            return
         try:
             png = plot_losses(self.train_losses, self.val_points, f"{self.model.cell} {self.model.layers}×"
                               f"{self.model.hidden} on {Path(self.source).name}")
@@ -649,6 +680,8 @@ class TrainingRun:
             self._say(f"could not draw {self.out / PLOT_NAME}: {e}")
 
     def _print_sample(self) -> None:
+        if not self.is_root:
+            return
         if self._sampler is None:
             self._sampler = Sampler(build_graph(self.model, train=False), self.params, self.vocabulary.chars,
                                     engine=self.options.engine)
@@ -672,12 +705,62 @@ class TrainingRun:
         return summary
 
     def _say(self, text: str) -> None:
-        tqdm.write(text, file=self.stream)
+        if self.is_root:
+            tqdm.write(text, file=self.stream)
+
+    def last_good(self) -> str:
+        """Where to go back to after a failure: the last checkpoint this run saved, or its resumed one."""
+        if self.saved_step is None:
+            return "no checkpoint had been saved yet"
+        return f"the last good checkpoint is {self.out / 'latest.npz'} (step {self.saved_step})"
 
 
 def train(options: RunOptions, model_flags: dict | None = None, train_flags: dict | None = None) -> RunSummary:
-    """Train (or resume) a language model; ``*_flags`` name the config fields the user set."""
-    return TrainingRun(options, model_flags, train_flags).run()
+    """Train (or resume) a language model; ``*_flags`` name the config fields the user set.
+
+    Under ``mpiexec`` an error on one rank must not leave the others waiting
+    in a collective: it is printed, naming the last good checkpoint, and
+    every rank is stopped.
+    """
+    if options.comm is None:
+        return TrainingRun(options, model_flags, train_flags).run()
+    run = None
+    try:
+        run = TrainingRun(options, model_flags, train_flags)
+        return run.run()
+    except BaseException as e:  # noqa: BLE001 (KeyboardInterrupt too: the second Ctrl-C)
+        last = run.last_good() if run is not None and "checkpoint" not in str(e) else ""
+        options.comm.abort(e, last, prog="unrolled train")
+        raise
+
+
+def _on_root(dp, make):
+    """``make()`` on rank 0 only, its result (or its error) on every rank: for what one rank alone must do."""
+    if dp is None:
+        return make()
+    result, error = None, None
+    if dp.is_root:
+        try:
+            result = make()
+        except ValueError as e:
+            error = str(e)
+    result, error = dp.bcast((result, error))
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+class _NoLog:
+    """The metrics log of a rank that does not write (every rank but 0)."""
+
+    def add(self, *row) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _StopRequest:

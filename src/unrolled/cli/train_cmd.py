@@ -25,6 +25,11 @@ its size and checksum; if the text moved, name it again. Naming another
 text continues training on it in a new --out folder (--skip-unknown leaves
 out characters the model's vocabulary lacks).
 
+Under `mpiexec -n N` (pip install "unrolled[dist]") it trains data-parallel:
+each of the N processes takes --batch/N of the streams, the gradients are
+summed once per update, and rank 0 alone prints and writes. A checkpoint
+resumes under any N that divides --batch, or in one process.
+
 examples:
   unrolled train                                  # the built-in corpus
   unrolled train shakespeare.txt --minutes 10
@@ -33,11 +38,12 @@ examples:
   unrolled train notes.txt --cell gru --hidden 256 --layers 1 --out runs/gru
   unrolled train --resume runs/gru --steps 20000
   unrolled sample runs/gru --prime "The "
+  mpiexec -n 4 unrolled train corpus.txt --batch 64 --out runs/dp
 """
 
 from __future__ import annotations
 
-from .. import cells
+from .. import cells, distributed
 from ..charmodel import ModelConfig, TrainConfig
 from ..data import MAX_TEXT_BYTES
 from ..engines import ENGINE_NAMES
@@ -112,6 +118,7 @@ def run(args) -> int:
         train_flags["steps"] = 0  # a time limit alone: no step limit
     options = RunOptions(files=list(args.files), encoding=args.encoding or "utf-8", out=args.out,
                          resume=args.resume, engine=args.engine, max_text_bytes=max_text_bytes(args.max_text_mb),
-                         skip_unknown=args.skip_unknown)
+                         skip_unknown=args.skip_unknown,
+                         comm=distributed.from_environment())
     summary = train(options, model_flags, train_flags)
     return 130 if summary.stopped == "interrupted" else 0
