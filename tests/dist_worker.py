@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("UNROLLED_JIT", "0")
@@ -99,8 +101,31 @@ def main(out: str) -> None:
             np.savez(Path(out) / f"{name}.npz", **params)
 
 
+def inject_fault(dp, spec: str) -> None:
+    """``FAULT=rank,step,how``: at that update that rank raises, dies (SIGKILL) or hangs."""
+    rank, step, how = spec.split(",")
+    if dp is None or dp.rank != int(rank):
+        return
+    real = Trainer.train_step
+
+    def train_step(self, *args, **kw):
+        if self.step_count + 1 == int(step):
+            if how == "raise":
+                raise ValueError(f"injected failure at update {step}")
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)  # hang
+        return real(self, *args, **kw)
+
+    Trainer.train_step = train_step
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "lm":
-        lm_run(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:], dp=distributed.from_environment())
+        dp = distributed.from_environment()
+        inject_fault(dp, os.environ.get("FAULT", "-1,0,none"))
+        summary = lm_run(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:], dp=dp)
+        if dp is None or dp.is_root:
+            print(f"{summary.stopped} at step {summary.step}", flush=True)
     else:
         main(sys.argv[1])

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +40,15 @@ def _mpi_ready() -> str | None:
 needs_mpi = pytest.mark.skipif(_mpi_ready() is not None, reason=_mpi_ready() or "")
 
 
-def mpiexec(n: int, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """``mpiexec -n n python ARGS`` with this checkout's sources first on the path."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-               UNROLLED_JIT="0", OPENBLAS_NUM_THREADS="1")
+def _env(**extra) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+                UNROLLED_JIT="0", OPENBLAS_NUM_THREADS="1", **extra)
+
+
+def mpiexec(n: int, *args: str, check: bool = True, **env) -> subprocess.CompletedProcess:
+    """``mpiexec -n n python ARGS`` with this checkout's sources first on the path (``env``: more variables)."""
     cmd = ["mpiexec", "-n", str(n), sys.executable, *args]
-    p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
+    p = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT)
     if check and p.returncode:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
@@ -116,6 +122,62 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
     dist_worker.lm_run(corpus, str(tmp_path / "cut"), 2)
     mpiexec(2, worker, "lm", corpus, str(tmp_path / "cut"), "4", str(tmp_path / "cut"))
     _same(_latest(tmp_path / "cut"), _latest(tmp_path / "whole"), 1e-12)
+
+
+def _saved_step(folder: Path) -> int:
+    with np.load(folder / "latest.npz") as z:
+        return int(json.loads(z["__meta__.json"].tobytes())["trainer"]["step"])
+
+
+@needs_mpi
+@pytest.mark.parametrize("how", ["raise", "kill", "hang"])
+def test_a_failing_rank_stops_every_rank_and_the_last_checkpoint_stays(tmp_path, how):
+    corpus, out = _corpus(tmp_path), tmp_path / "run"
+    p = mpiexec(2, str(HERE / "dist_worker.py"), "lm", corpus, str(out), "8", check=False,
+                FAULT=f"1,3,{how}", UNROLLED_MPI_TIMEOUT="2")
+    assert p.returncode != 0
+    assert "done at step" not in p.stdout
+    if how == "raise":  # the failing rank names itself, its error and where to go back to
+        assert "rank 1 of 2" in p.stderr and "injected failure at update 3" in p.stderr
+    if how == "hang":  # rank 0 gives up waiting
+        assert "rank 0 of 2" in p.stderr and "waited 2 s" in p.stderr
+    if how != "kill":
+        assert f"the last good checkpoint is {out / 'latest.npz'} (step 2)" in p.stderr
+    assert _saved_step(out) == 2  # intact, and resumable
+    assert sorted(f.name for f in out.iterdir()) == ["best.npz", "latest.npz", "loss.png", "metrics.csv"]
+
+
+@needs_mpi
+def test_ctrl_c_on_mpiexec_stops_every_rank_at_one_update_and_saves_once(tmp_path):
+    corpus, out = _corpus(tmp_path), tmp_path / "run"
+    cmd = ["mpiexec", "-n", "2", sys.executable, str(HERE / "dist_worker.py"), "lm", corpus, str(out), "100000"]
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "latest.npz").exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=TIMEOUT)
+    finally:
+        p.kill()
+    assert p.returncode == 0, stderr
+    found = re.search(r"^interrupted at step (\d+)$", stdout, re.M)  # mpiexec says its own lines too
+    assert found, stdout
+    step = int(found.group(1))
+    assert 2 <= step < 100000 and _saved_step(out) == step
+
+
+@needs_mpi
+def test_the_command_line_trains_on_two_ranks_and_refuses_a_batch_that_does_not_split(tmp_path):
+    corpus, out = _corpus(tmp_path), tmp_path / "run"
+    flags = ["-m", "unrolled", "train", corpus, "--hidden", "8", "--layers", "1", "--seq", "8", "--steps", "2",
+             "--sample-every", "0", "--out", str(out)]
+    p = mpiexec(2, *flags, "--batch", "4")
+    assert p.stdout.count("done: step 2") == 1 and "2 ranks × 2 streams" in p.stdout  # rank 0 alone prints
+    assert _saved_step(out) == 2
+    bad = mpiexec(2, *flags, "--batch", "3", "--out", str(tmp_path / "bad"), check=False)
+    assert bad.returncode != 0 and "a batch of 3 rows does not split over 2 ranks" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):

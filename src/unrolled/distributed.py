@@ -22,13 +22,16 @@ ranks compute the single-process update up to the order of the sums.
 
 A failure on one rank must not leave the others waiting in a collective:
 :meth:`DataParallel.abort` prints the error and calls ``MPI.Abort``, which
-stops every rank.
+stops every rank. A rank that dies is noticed by ``mpiexec``, which stops the
+others; one that hangs is noticed by the ``timeout`` of the update's
+allreduce (``UNROLLED_MPI_TIMEOUT`` seconds for the command line).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -37,6 +40,8 @@ from .words import count
 
 INSTALL_HINT = 'pip install "unrolled[dist]"'
 CHECK_EVERY = 100  # updates between parameter checksums
+TIMEOUT_VAR = "UNROLLED_MPI_TIMEOUT"  # seconds a rank waits for the others in an update; 0 = forever
+DEFAULT_TIMEOUT = 600.0  # far longer than any update or validation, short enough to give a stuck run back
 # Environment variables an MPI launcher sets in every process it starts (MPICH's Hydra, Open MPI, Slurm's PMI).
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 
@@ -64,8 +69,13 @@ def from_environment() -> "DataParallel | None":
     n = launched_size()
     if n <= 1:
         return None
+    raw = os.environ.get(TIMEOUT_VAR, "")
     try:
-        return DataParallel()
+        timeout = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_VAR}={raw!r}; give seconds (0: wait forever)") from None
+    try:
+        return DataParallel(timeout=timeout or None)
     except RuntimeError as e:
         raise RuntimeError(f"started by mpiexec with {count(n, 'process', 'processes')}, but {e}") from None
 
@@ -73,14 +83,17 @@ def from_environment() -> "DataParallel | None":
 class DataParallel:
     """The collective steps of data-parallel training over an MPI communicator (default ``COMM_WORLD``)."""
 
-    def __init__(self, comm=None, *, check_every: int = CHECK_EVERY):
+    def __init__(self, comm=None, *, check_every: int = CHECK_EVERY, timeout: float | None = None):
         MPI = _mpi()
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         if not (isinstance(check_every, int) and check_every >= 0):
             raise ValueError(f"check_every={check_every!r}; give a whole number of updates (0: never compare)")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout={timeout!r}; give a positive number of seconds, or None to wait forever")
         self.check_every = check_every
+        self.timeout = timeout  # seconds an allreduce waits for the other ranks before this one gives up
 
     @property
     def is_root(self) -> bool:
@@ -118,10 +131,25 @@ class DataParallel:
         """The sums over ranks of ``arrays`` (of one dtype), through one flat buffer and one ``Allreduce``."""
         flat = _flatten(arrays)
         total = np.empty_like(flat)
-        self.comm.Allreduce(flat, total, op=self.MPI.SUM)
+        if self.timeout is None:
+            self.comm.Allreduce(flat, total, op=self.MPI.SUM)
+        else:
+            self._wait(self.comm.Iallreduce(flat, total, op=self.MPI.SUM))
         out = [np.empty_like(a) for a in arrays]
         _unflatten(total, out)
         return out
+
+    def _wait(self, request) -> None:
+        """Wait for a non-blocking collective, at most ``timeout`` seconds (then another rank is stuck or gone)."""
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-5
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank {self.rank} waited {self.timeout:g} s for the other ranks to finish an "
+                                   f"update; one of them is stuck or gone (raise {TIMEOUT_VAR} if updates are "
+                                   f"that slow)")
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
 
     def total(self, values) -> np.ndarray:
         """Float64 sums over ranks of a few numbers (validation totals, counts)."""
