@@ -75,6 +75,18 @@ def user_graph(dp, dtype: str) -> dict[str, np.ndarray]:
     return trainer.params
 
 
+def drift(dp) -> None:
+    """Rank 1's parameters drift from rank 0's before update 2; the checksum after it must stop both."""
+    model = ModelConfig(cell="gru", hidden=4, layers=1, vocab_size=VOCAB, dtype="float64")
+    trainer = Trainer(make_engine(build_graph(model)), init_params(model, seed=1), make_optimizer("sgd", 0.1),
+                      k1=3, k2=3, comm=distributed.DataParallel(check_every=2))
+    ids = dp.shard(np.random.default_rng(5).integers(0, VOCAB, size=(4, B)))
+    for k in range(2):
+        if k == 1 and dp.rank == 1:
+            next(iter(trainer.params.values()))[...] += 1e-9
+        trainer.train_step({INPUT_NAME: ids[:3], TARGET_NAME: ids[1:]})
+
+
 CASES = {
     "char64": lambda dp: char_model(dp, "float64"),
     "char32": lambda dp: char_model(dp, "float32"),
@@ -121,7 +133,9 @@ def inject_fault(dp, spec: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "lm":
+    if sys.argv[1] == "drift":
+        drift(distributed.from_environment())
+    elif sys.argv[1] == "lm":
         dp = distributed.from_environment()
         inject_fault(dp, os.environ.get("FAULT", "-1,0,none"))
         summary = lm_run(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:], dp=dp)

@@ -69,6 +69,13 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
         assert max(float(np.abs(v - start[k]).max()) for k, v in alone.items()) > 1e-3  # the updates did move them
 
 
+@needs_mpi
+def test_parameters_that_drift_apart_stop_every_rank_at_the_next_checksum():
+    p = mpiexec(2, str(HERE / "dist_worker.py"), "drift", check=False)
+    assert p.returncode != 0
+    assert "after update 2 the parameters of rank 1 differ from rank 0's" in p.stderr
+
+
 def _corpus(tmp_path) -> str:
     path = tmp_path / "corpus.txt"
     path.write_text("the cat sat on the mat; the dog sat on the log. " * 40, encoding="utf-8")
@@ -134,9 +141,9 @@ def _saved_step(folder: Path) -> int:
 def test_a_failing_rank_stops_every_rank_and_the_last_checkpoint_stays(tmp_path, how):
     corpus, out = _corpus(tmp_path), tmp_path / "run"
     p = mpiexec(2, str(HERE / "dist_worker.py"), "lm", corpus, str(out), "8", check=False,
-                FAULT=f"1,3,{how}", UNROLLED_MPI_TIMEOUT="2")
+                FAULT=f"1,3,{how}", UNROLLED_MPI_TIMEOUT="2" if how == "hang" else "60")
     assert p.returncode != 0
-    assert "done at step" not in p.stdout
+    assert "done at step" not in p.stdout and "Traceback" not in p.stderr
     if how == "raise":  # the failing rank names itself, its error and where to go back to
         assert "rank 1 of 2" in p.stderr and "injected failure at update 3" in p.stderr
     if how == "hang":  # rank 0 gives up waiting
@@ -178,6 +185,7 @@ def test_the_command_line_trains_on_two_ranks_and_refuses_a_batch_that_does_not_
     bad = mpiexec(2, *flags, "--batch", "3", "--out", str(tmp_path / "bad"), check=False)
     assert bad.returncode != 0 and "a batch of 3 rows does not split over 2 ranks" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+    assert bad.stderr.count("does not split") == 1  # every rank refuses it; rank 0 alone says so
 
 
 def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):

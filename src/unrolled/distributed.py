@@ -190,7 +190,9 @@ class DataParallel:
         tail = f"; {context}" if context else ""
         print(f"{prog} (rank {self.rank} of {self.size}): {what}{tail}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        self.comm.Abort(130 if isinstance(error, KeyboardInterrupt) else 1)
+        code = 130 if isinstance(error, KeyboardInterrupt) else 1
+        self.comm.Abort(code)
+        os._exit(code)  # MPI_Abort may return before the launcher's kill arrives: go no further
 
 
 def as_data_parallel(comm) -> "DataParallel | None":

@@ -74,6 +74,7 @@ RESUMABLE = frozenset({"steps", "minutes", "sample_every", "sample_length", "eva
 DEFAULT_RUNS = Path("runs")
 PLOT_NAME = "loss.png"
 PROGRESS_SECONDS = 5.0  # between plain progress lines when there is no terminal for the progress bar
+ABORT_GRACE_SECONDS = 2.0  # how long a failing rank but 0 waits for rank 0's own abort before it aborts
 _clock = time.perf_counter  # the clock of --minutes and speeds (a module attribute, so that tests can set it)
 
 
@@ -730,6 +731,8 @@ def train(options: RunOptions, model_flags: dict | None = None, train_flags: dic
         return run.run()
     except BaseException as e:  # noqa: BLE001 (KeyboardInterrupt too: the second Ctrl-C)
         last = run.last_good() if run is not None and "checkpoint" not in str(e) else ""
+        if not options.comm.is_root:  # most errors strike every rank alike: let rank 0 alone say it, if it can
+            time.sleep(ABORT_GRACE_SECONDS)
         options.comm.abort(e, last, prog="unrolled train")
         raise
 

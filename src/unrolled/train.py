@@ -524,7 +524,11 @@ class Trainer:
 
     def apply_gradients(self, grads: dict[str, np.ndarray], *, loss: float = math.nan,
                         result: RunResult | None = None) -> StepStats:
-        """Clip ``grads`` (in place), then update the parameters; for loops that compute gradients themselves."""
+        """Clip ``grads`` (in place), then update the parameters; for loops that compute gradients themselves.
+
+        With ``comm``, ``grads`` must already be the global batch's, the same on every rank
+        (:meth:`train_step` reduces them; a loop of its own uses ``self.dist.allreduce_sum``).
+        """
         lr = self.lr
         if self.clip_norm is not None:
             norm = clip_by_global_norm(grads, self.clip_norm)
