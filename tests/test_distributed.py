@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import dist_worker
+import helpers
 from unrolled import distributed
 
 HERE = Path(__file__).resolve().parent
@@ -186,6 +187,41 @@ def test_the_command_line_trains_on_two_ranks_and_refuses_a_batch_that_does_not_
     assert bad.returncode != 0 and "a batch of 3 rows does not split over 2 ranks" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
     assert bad.stderr.count("does not split") == 1  # every rank refuses it; rank 0 alone says so
+
+
+@needs_mpi
+def test_a_batch_splits_into_equal_shares_of_rows_or_is_refused():
+    from mpi4py import MPI
+
+    dp = distributed.DataParallel(MPI.COMM_SELF)
+    dp.rank, dp.size = 1, 2  # rank 1 of 2, as far as the rows are concerned
+    assert dp.rows(6) == slice(3, 6)
+    np.testing.assert_array_equal(dp.shard(np.arange(12).reshape(2, 6)), [[3, 4, 5], [9, 10, 11]])
+    with pytest.raises(ValueError, match=r"a batch of 5 rows does not split over 2 ranks; .*--batch 4"):
+        dp.rows(5)
+
+
+@needs_mpi
+@pytest.mark.parametrize("mix", ["sum_and_mean", "two_masks"])
+def test_losses_whose_counts_cannot_be_made_global_are_refused(mix, rng):
+    from mpi4py import MPI
+
+    from unrolled.engines import make_engine
+    from unrolled.optim import make_optimizer
+    from unrolled.train import Trainer
+
+    g = helpers.GRAPHS["two_losses"]()
+    names = [loss.name for loss in g.losses]
+    masks = None
+    if mix == "sum_and_mean":
+        g.losses[0].reduce, g.losses[1].reduce = "sum", "mean"
+    else:
+        g.losses[1].reduce = "mean"  # both mean, but over different steps: no one global count
+        masks = {names[0]: np.ones((4, 2)), names[1]: np.array([[1, 1], [1, 0], [0, 0], [0, 0]])}
+    trainer = Trainer(make_engine(g), helpers.make_params(g, rng), make_optimizer("sgd", 0.1), comm=MPI.COMM_SELF)
+    with pytest.raises(ValueError, match="all reduce='sum' or all reduce='mean'" if mix == "sum_and_mean"
+                       else "count the same terms"):
+        trainer.train_step(helpers.make_inputs(g, 4, 2, rng), masks)
 
 
 def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):
