@@ -23,16 +23,21 @@ ranks compute the single-process update up to the order of the sums.
 A failure on one rank must not leave the others waiting in a collective:
 :meth:`DataParallel.abort` prints the error and calls ``MPI.Abort``, which
 stops every rank. A rank that dies is noticed by ``mpiexec``, which stops the
-others; one that hangs is noticed by the ``timeout`` of the update's
-allreduce (``UNROLLED_MPI_TIMEOUT`` seconds for the command line).
+others; one that hangs is noticed by a watchdog thread on every other rank,
+which stops them all once a collective has waited ``timeout`` seconds
+(``UNROLLED_MPI_TIMEOUT`` for the command line). The collectives themselves
+stay blocking MPI calls, so MPI moves the bytes at full speed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 import zlib
+from typing import Callable
 
 import numpy as np
 
@@ -93,7 +98,9 @@ class DataParallel:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout={timeout!r}; give a positive number of seconds, or None to wait forever")
         self.check_every = check_every
-        self.timeout = timeout  # seconds an allreduce waits for the other ranks before this one gives up
+        self.timeout = timeout  # seconds a collective waits for the other ranks before every rank is stopped
+        self.context: Callable[[], str] = lambda: ""  # what an abort adds, e.g. the last good checkpoint
+        self._watchdog = _Watchdog(self) if timeout is not None else None
 
     @property
     def is_root(self) -> bool:
@@ -120,36 +127,38 @@ class DataParallel:
 
     # ------------------------------------------------------------ collectives
 
+    @contextlib.contextmanager
+    def _collective(self):
+        """Around every collective: the watchdog's clock runs while this rank waits for the others."""
+        if self._watchdog is None:
+            yield
+            return
+        self._watchdog.since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._watchdog.since = None
+
     def broadcast_params(self, params: dict[str, np.ndarray]) -> None:
         """Rank 0's parameters, on every rank, in place (one flat buffer)."""
         names = sorted(params)
         flat = _flatten([params[n] for n in names])
-        self.comm.Bcast(flat, root=0)
-        _unflatten(flat, [params[n] for n in names])
+        with self._collective():
+            self.comm.Bcast(flat, root=0)
+        for name, view in zip(names, _views(flat, [params[n] for n in names])):
+            params[name][...] = view
 
-    def allreduce_sum(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """The sums over ranks of ``arrays`` (of one dtype), through one flat buffer and one ``Allreduce``."""
+    def allreduce_sum(self, arrays: list[np.ndarray], scale: float | None = None) -> list[np.ndarray]:
+        """The sums over ranks of ``arrays`` (of one dtype), each first multiplied by ``scale`` if given.
+
+        One flat buffer, one ``Allreduce`` in place; the answers are views of that buffer.
+        """
         flat = _flatten(arrays)
-        total = np.empty_like(flat)
-        if self.timeout is None:
-            self.comm.Allreduce(flat, total, op=self.MPI.SUM)
-        else:
-            self._wait(self.comm.Iallreduce(flat, total, op=self.MPI.SUM))
-        out = [np.empty_like(a) for a in arrays]
-        _unflatten(total, out)
-        return out
-
-    def _wait(self, request) -> None:
-        """Wait for a non-blocking collective, at most ``timeout`` seconds (then another rank is stuck or gone)."""
-        deadline = time.monotonic() + self.timeout
-        pause = 1e-5
-        while not request.Test():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"rank {self.rank} waited {self.timeout:g} s for the other ranks to finish an "
-                                   f"update; one of them is stuck or gone (raise {TIMEOUT_VAR} if updates are "
-                                   f"that slow)")
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
+        if scale is not None:
+            flat *= scale
+        with self._collective():
+            self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
+        return _views(flat, arrays)
 
     def total(self, values) -> np.ndarray:
         """Float64 sums over ranks of a few numbers (validation totals, counts)."""
@@ -157,7 +166,8 @@ class DataParallel:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (so that all stop at the same update)."""
-        return bool(self.comm.allreduce(bool(flag), op=self.MPI.LOR))
+        with self._collective():
+            return bool(self.comm.allreduce(bool(flag), op=self.MPI.LOR))
 
     def check_params(self, params: dict[str, np.ndarray], step: int) -> None:
         """Every ``check_every`` updates: compare a checksum of the parameters' bytes over ranks; differ -> stop."""
@@ -166,7 +176,8 @@ class DataParallel:
         crc = 0
         for name in sorted(params):
             crc = zlib.crc32(np.ascontiguousarray(params[name]).view(np.uint8), crc)
-        sums = self.comm.allgather(crc)
+        with self._collective():
+            sums = self.comm.allgather(crc)
         bad = [r for r, c in enumerate(sums) if c != sums[0]]
         if bad:
             raise RuntimeError(f"after update {step} the parameters of rank {bad[0]} differ from rank 0's; every rank "
@@ -174,7 +185,8 @@ class DataParallel:
 
     def gather_rows(self, arrays: dict[str, np.ndarray], axes: dict[str, int]) -> dict[str, np.ndarray]:
         """Every rank's ``arrays`` joined along each one's batch axis (``axes[name]``), in rank order, on every rank."""
-        parts = self.comm.allgather({k: np.asarray(v) for k, v in arrays.items()})
+        with self._collective():
+            parts = self.comm.allgather({k: np.asarray(v) for k, v in arrays.items()})
         names = list(parts[0])
         if any(list(p) != names for p in parts):
             raise RuntimeError("the ranks carry different state names; every rank must run the same graph")
@@ -182,17 +194,47 @@ class DataParallel:
 
     def bcast(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""
-        return self.comm.bcast(value, root=0)
+        with self._collective():
+            return self.comm.bcast(value, root=0)
 
-    def abort(self, error: BaseException, context: str = "", prog: str = "unrolled") -> None:
-        """Print ``error`` as one line naming this rank, then stop every rank (``MPI.Abort``) so none waits forever."""
+    def abort(self, error: BaseException, context: str | None = None, prog: str = "unrolled") -> None:
+        """Print ``error`` as one line naming this rank, then stop every rank (``MPI.Abort``) so none waits forever.
+
+        ``context`` (default: ``self.context()``) ends the line, e.g. naming the last good checkpoint.
+        """
         what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {error}"
+        context = self.context() if context is None else context
         tail = f"; {context}" if context else ""
         print(f"{prog} (rank {self.rank} of {self.size}): {what}{tail}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         code = 130 if isinstance(error, KeyboardInterrupt) else 1
         self.comm.Abort(code)
         os._exit(code)  # MPI_Abort may return before the launcher's kill arrives: go no further
+
+
+class _Watchdog:
+    """A thread that stops every rank once this one has waited ``timeout`` seconds in a collective.
+
+    A rank that dies is caught by ``mpiexec``; one that hangs (a deadlock,
+    a stalled file system) would hold the others in their next collective
+    forever. MPI has no timeouts, so a thread watches the clock that
+    :meth:`DataParallel._collective` starts and stops.
+    """
+
+    def __init__(self, dp: DataParallel):
+        self.dp = dp
+        self.since: float | None = None  # when the collective under way began; None: none under way
+        threading.Thread(target=self._watch, name="unrolled-mpi-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        timeout = self.dp.timeout
+        while True:
+            time.sleep(min(1.0, timeout / 4))
+            since = self.since
+            if since is not None and time.monotonic() - since > timeout:
+                self.dp.abort(RuntimeError(
+                    f"rank {self.dp.rank} waited {timeout:g} s for the other ranks; one of them is stuck or gone "
+                    f"(raise {TIMEOUT_VAR} if an update or a validation pass takes that long)"))
 
 
 def as_data_parallel(comm) -> "DataParallel | None":
@@ -210,8 +252,10 @@ def _flatten(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.ravel(a) for a in arrays]) if arrays else np.zeros(0, dtype)
 
 
-def _unflatten(flat: np.ndarray, into: list[np.ndarray]) -> None:
-    at = 0
-    for a in into:
-        a[...] = flat[at : at + a.size].reshape(a.shape)
+def _views(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+    """``flat`` cut into views shaped like ``like``, in order."""
+    out, at = [], 0
+    for a in like:
+        out.append(flat[at : at + a.size].reshape(np.shape(a)))
         at += a.size
+    return out

@@ -415,6 +415,8 @@ class TrainingRun:
         self.saved_step: int | None = None  # the step of the last checkpoint written (the last good one)
         if loaded:
             self._restore(loaded)
+        if self.dp is not None:
+            self.dp.context = self.last_good  # what a rank that gives up waiting for the others names
         self._sampler: Sampler | None = None
         self.watch = DivergenceWatch(len(self.vocabulary))
         self._ema_loss: float | None = None  # smoothed training loss of this invocation, nats/char

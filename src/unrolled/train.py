@@ -494,12 +494,12 @@ class Trainer:
         local = self._local_count(inputs, masks)
         names = sorted(result.grads)
         dtype = result.grads[names[0]].dtype if names else np.dtype(np.float64)
-        extra = np.array([result.loss * local, local], dtype=dtype)
-        summed = self.dist.allreduce_sum([result.grads[n] * dtype.type(local) for n in names] + [extra])
-        total = float(summed[-1][1])
-        divisor = total if total > 0 else 1.0  # no term counted anywhere: the gradients are zeros
-        grads = {n: g / dtype.type(divisor) for n, g in zip(names, summed)}
-        return grads, float(summed[-1][0]) / divisor
+        extra = np.array([result.loss, 1.0], dtype=dtype)  # times the count: this rank's loss sum, its count
+        *summed, (loss, total) = self.dist.allreduce_sum([result.grads[n] for n in names] + [extra], scale=local)
+        divisor = dtype.type(total if total > 0 else 1.0)  # no term counted anywhere: the gradients are zeros
+        for g in summed:
+            g /= divisor
+        return dict(zip(names, summed)), float(loss) / float(divisor)
 
     def _local_count(self, inputs: dict, masks: dict | None) -> float:
         """The count this rank's losses divided by (1 when every loss is a sum); one count for all losses."""
