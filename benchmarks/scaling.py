@@ -78,9 +78,9 @@ def worker(workload_id: str, updates: int, warmup: int = 2) -> dict:
     if dp is not None:  # time the allreduce inside the update
         inner = dp.allreduce_sum
 
-        def timed(arrays):
+        def timed(arrays, scale=None):
             t0 = time.perf_counter()
-            out = inner(arrays)
+            out = inner(arrays, scale)
             reduce_s.append(time.perf_counter() - t0)
             return out
 
