@@ -187,6 +187,8 @@ def test_the_command_line_trains_on_two_ranks_and_refuses_a_batch_that_does_not_
     assert bad.returncode != 0 and "a batch of 3 rows does not split over 2 ranks" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
     assert bad.stderr.count("does not split") == 1  # every rank refuses it; rank 0 alone says so
+    stdin = mpiexec(2, *flags[:3], "-", *flags[4:], "--batch", "4", "--out", str(tmp_path / "stdin"), check=False)
+    assert stdin.returncode != 0 and "under mpiexec only rank 0 gets standard input" in stdin.stderr
 
 
 @needs_mpi

@@ -350,6 +350,9 @@ class TrainingRun:
         self.stream = options.stream or sys.stdout
         self.dp = options.comm
         self.is_root = self.dp is None or self.dp.is_root  # the one that prints and writes
+        if self.dp is not None and data.STDIN in map(str, options.files):
+            raise ValueError("under mpiexec only rank 0 gets standard input, and every rank reads the text: "
+                             "save it to a file and name the file")
         loaded = load_model(options.resume) if options.resume else None
         if loaded:
             check_run_meta(loaded.meta, loaded.path)
