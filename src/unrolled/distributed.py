@@ -47,8 +47,9 @@ INSTALL_HINT = 'pip install "unrolled[dist]"'
 CHECK_EVERY = 100  # updates between parameter checksums
 TIMEOUT_VAR = "UNROLLED_MPI_TIMEOUT"  # seconds a rank waits for the others in an update; 0 = forever
 DEFAULT_TIMEOUT = 600.0  # far longer than any update or validation, short enough to give a stuck run back
-# Environment variables an MPI launcher sets in every process it starts (MPICH's Hydra, Open MPI, Slurm's PMI).
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+# The size of the job, as launchers tell each process they start: MPICH's mpiexec (Hydra) and other PMI
+# launchers set PMI_SIZE, Open MPI's mpirun sets OMPI_COMM_WORLD_SIZE.
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 
 
 def _mpi():
