@@ -327,8 +327,26 @@ def _product_impl(a, b, out, accumulate: bool):
             else:
                 big(np.int8(ONEDNN_NO if ta == NO_TRANS else ONEDNN_YES), np.int8(ONEDNN_NO if tb == NO_TRANS else ONEDNN_YES),
                     M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, beta, out.ctypes.data, ldo)
-        return impl
-    return (lambda a, b, out: _blas_add(a, b, out)) if accumulate else (lambda a, b, out: matmul_blas(a, b, out))
+        return _named(impl, "onednn", accumulate)
+    if accumulate:
+        return _named(lambda a, b, out: _blas_add(a, b, out), "blas", accumulate)
+    return _named(lambda a, b, out: matmul_blas(a, b, out), "blas", accumulate)
+
+
+def _named(impl, products: str, accumulate: bool):
+    """``impl``, named after what it captured that its argument types do not show.
+
+    Numba names a compiled closure by its qualified name, its argument types and
+    a counter of the process that compiles it, and links the functions of one
+    name as one function. Two step loops cached by two processes could each hold
+    a different ``impl`` under one name (counter 2, the same types: one
+    ``out = a @ b``, the other ``out += a @ b``); a process that loaded both ran
+    the first one loaded in both loops, and the second graph's loss and
+    gradients were wrong. Named after its products and its ``+=``, one name is
+    one function. (The products' choice is in every loop's text: PRODUCTS.)"""
+    impl.__name__ = f"{products}_{'add' if accumulate else 'set'}"
+    impl.__qualname__ = f"{impl.__qualname__.rsplit('.', 1)[0]}.{impl.__name__}"
+    return impl
 
 
 def _blas_add(a, b, out):  # pragma: no cover - replaced by the overload in jitted code
@@ -365,15 +383,15 @@ def _blas_impl(a, b, out, accumulate: bool):
                 _matmul_loops(a, b, out, accumulate)
             else:
                 gemm(ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, beta, out.ctypes.data, ldo)
-        return impl
+        return _named(impl, "gemm", accumulate)
     if HAVE_BLAS and a.layout == "C" and b.layout == "C" and out.layout == "C":
         if accumulate:
-            return lambda a, b, out: _add_dot(a, b, out)
+            return _named(lambda a, b, out: _add_dot(a, b, out), "dot", accumulate)
 
         def impl(a, b, out):
             np.dot(a, b, out)
-        return impl
-    return lambda a, b, out: _matmul_loops(a, b, out, accumulate)
+        return _named(impl, "dot", accumulate)
+    return _named(lambda a, b, out: _matmul_loops(a, b, out, accumulate), "loops", accumulate)
 
 
 @numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
