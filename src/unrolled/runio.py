@@ -346,15 +346,20 @@ def _ones(T: int, B: int, dtype) -> np.ndarray:
 
 def parameter_copies(graph: Graph, T: int, given_init) -> dict[str, int]:
     """How many copies of each parameter the unrolled graph has (the divisor of combine='mean'):
-    T for a weight an op reads, D for a learned initial state not overridden by a given one."""
+    one per step whose ops read it (T), plus one per initial-state slot it fills (D, for a
+    learned initial state not overridden by a given one). A learned initial vector that an
+    op reads too has both kinds, T + D, as the reference engine's unrolled graph counts them."""
+    out: dict[str, int] = {}
     used = set()
     for v in graph.vertices.values():
         if v.kind == "op":
             used.update(a.name for a in v.args if isinstance(a, Param))
-    out = {name: T for name in used}
+    for name in used:
+        out[name] = T
     for name, D in graph.delayed().items():
         if graph.vertices[name].init == "learned" and name not in given_init:
-            out[graph.init_param_name(name)] = D
+            pname = graph.init_param_name(name)
+            out[pname] = out.get(pname, 0) + D
     return out
 
 
