@@ -302,3 +302,39 @@ def test_random_graphs_agree_in_the_numba_loops(g, T, B, seed, combine, dtype, c
     expected = reference_run(g, params, inputs, masks=masks, init_states=init, combine=combine)
     got = eng.run(params, inputs, masks=masks, init_states=init, combine=combine)
     assert_agree(expected, got, 1e-10 if dtype == np.float64 else 1e-4)
+
+
+def _float32s(lo: float, hi: float, every: int) -> np.ndarray:
+    """Every ``every``-th float32 from ``lo`` to ``hi`` (both positive), by bit pattern: dense at every scale."""
+    a, b = np.array([lo, hi], dtype=np.float32).view(np.int32)
+    return np.arange(a, b, every, dtype=np.int32).view(np.float32)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_float32_fast_functions_are_accurate_and_saturate(name):
+    """The float32 tanh and σ the Numba kernels use: within the bound their docstrings state,
+    exactly at their limits where float32 rounds to them (so that 1 - y^2 and y (1 - y), the
+    derivatives computed from the kept value, are 0 there), at +-inf, and NaN for NaN."""
+    from unrolled import jitkernels
+    from unrolled.ops import sigmoid
+
+    pos = _float32s(1e-30, 60.0, 997)
+    x = np.concatenate([pos, -pos, np.float32([0.0, 100.0, -100.0, 3e38, -3e38])])
+    got = np.empty((x.size, 1), np.float32)
+    getattr(jitkernels, name)(x[:, None], got)
+    got = got[:, 0].astype(np.float64)
+    exact = np.tanh(x.astype(np.float64)) if name == "tanh" else sigmoid(x.astype(np.float64))
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    normal = np.abs(exact) >= np.finfo(np.float32).tiny
+    assert np.max(np.abs(got - exact)) <= 1e-7
+    assert np.max(np.abs(got - exact)[normal] / ulp[normal]) <= (5 if name == "tanh" else 3)
+    limit = np.float32(9.02) if name == "tanh" else np.float32(17.4)  # float32 rounds the function to 1 beyond
+    assert np.all(got[x > limit] == 1.0)
+    if name == "tanh":
+        assert np.all(got[x < -limit] == -1.0)
+    else:  # the lower tail keeps its relative precision down to -88, then is 0
+        assert np.all(got[x < -88] == 0.0) and np.all(got[(x < 0) & (x >= -88)] > 0)
+    special = np.float32([[np.inf], [-np.inf], [np.nan]])
+    out = np.empty_like(special)
+    getattr(jitkernels, name)(special, out)
+    assert out[0, 0] == 1.0 and out[1, 0] == (-1.0 if name == "tanh" else 0.0) and np.isnan(out[2, 0])

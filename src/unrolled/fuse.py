@@ -96,7 +96,7 @@ class KernelText:
     def module(self) -> str:
         """Each kernel twice, for float32 and float64 (``name_f32``, ``name_f64``): constants are
         written in the run's precision, so float32 arithmetic stays float32 and vectorizes."""
-        head = ("import numba\nimport numpy as np\nfrom unrolled.jitkernels import _tanh1\n\n"
+        head = ("import numba\nimport numpy as np\nfrom unrolled.jitkernels import _sigmoid1, _tanh1\n\n"
                 "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\", fastmath={\"contract\"})\n\n")
         out = []
         for f in self.functions:
@@ -107,7 +107,7 @@ class KernelText:
 
     def generic(self) -> str:
         """The kernels for a Numba loop, which passes the precision as their first argument, ``KIND``."""
-        head = "from unrolled.jitkernels import _tanh1, _jit as _kernel\n\n"
+        head = "from unrolled.jitkernels import _sigmoid1, _tanh1, _jit as _kernel\n\n"
         return head + "\n\n".join("@_kernel\n" + f.replace("(", "(KIND, ", 1) for f in self.functions) + "\n"
 
     def names(self) -> list[str]:
@@ -172,7 +172,7 @@ def _forward_formula(v: Vertex, a: list[str], K: str) -> str:
     if op == "tanh":
         return f"_tanh1({a[0]})"
     if op == "sigmoid":
-        return f"{K}(0.5) + {K}(0.5) * _tanh1({K}(0.5) * {a[0]})"
+        return f"_sigmoid1({a[0]})"
     if op == "relu":
         return f"max({a[0]}, {K}(0.0))"
     return a[0]  # identity

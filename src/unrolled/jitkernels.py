@@ -133,25 +133,37 @@ def _tanh1(x):  # pragma: no cover - replaced by the overload in jitted code
 
 @overload(_tanh1, inline="always")
 def _tanh1_overload(x):
-    """tanh of one number: in float32 a rational approximation (Eigen's, |error| < 4e-7,
-    pure arithmetic so the loops vectorize); in float64 the C library's, exactly as NumPy."""
+    """tanh of one number: in float64 the C library's, exactly as NumPy; in float32 pure
+    arithmetic, so that the loops vectorize (the C library's tanhf goes one number at a time).
+
+    float32: for |x| < 0.625 Eigen's rational approximation, accurate there to a few ulps;
+    beyond, 1 - 2 / (1 + e^(2|x|)) with ``_exp1``. Within 1e-7 and 5 ulps of the true tanh
+    everywhere (tests/test_jit.py checks it on a dense grid of float32s), exactly +-1
+    where the float32 tanh rounds to +-1 (|x| > 9.02) and at +-inf, NaN for NaN. The saturation
+    matters: backward rules compute the derivative from this value (1 - y^2), and a value that
+    stopped short of 1 would pass gradient through a saturated unit."""
     if isinstance(x, types.Float) and x.bitwidth == 32:
         def impl(x):
-            c = np.float32(7.90531110763549805)
-            x = min(max(x, -c), c)
-            x2 = x * x
+            a = abs(x)
+            s = min(a, np.float32(0.625))  # the rational part's argument: only small ones are used
+            s2 = s * s
             p = np.float32(-2.76076847742355e-16)
-            p = x2 * p + np.float32(2.00018790482477e-13)
-            p = x2 * p + np.float32(-8.60467152213735e-11)
-            p = x2 * p + np.float32(5.12229709037114e-08)
-            p = x2 * p + np.float32(1.48572235717979e-05)
-            p = x2 * p + np.float32(6.37261928875436e-04)
-            p = x2 * p + np.float32(4.89352455891786e-03)
+            p = s2 * p + np.float32(2.00018790482477e-13)
+            p = s2 * p + np.float32(-8.60467152213735e-11)
+            p = s2 * p + np.float32(5.12229709037114e-08)
+            p = s2 * p + np.float32(1.48572235717979e-05)
+            p = s2 * p + np.float32(6.37261928875436e-04)
+            p = s2 * p + np.float32(4.89352455891786e-03)
             q = np.float32(1.19825839466702e-06)
-            q = x2 * q + np.float32(1.18534705686654e-04)
-            q = x2 * q + np.float32(2.26843463243900e-03)
-            q = x2 * q + np.float32(4.89352518554385e-03)
-            return x * p / q
+            q = s2 * q + np.float32(1.18534705686654e-04)
+            q = s2 * q + np.float32(2.26843463243900e-03)
+            q = s2 * q + np.float32(4.89352518554385e-03)
+            far = np.float32(1.0) - np.float32(2.0) / (np.float32(1.0) + _exp1(np.float32(2.0) * a))
+            # choices by arithmetic, not branches (an inlined conditional trips Numba's checks); a NaN
+            # x fails both tests and comes out of _exp1 as NaN
+            near = np.float32(a < np.float32(0.625))
+            sign = np.float32(1.0) - np.float32(2.0) * np.float32(x < np.float32(0.0))
+            return sign * (near * (s * p / q) + (np.float32(1.0) - near) * far)
         return impl
     return lambda x: math.tanh(x)
 
@@ -459,15 +471,24 @@ def _sigmoid1(x):  # pragma: no cover - replaced by the overload in jitted code
 
 @overload(_sigmoid1, inline="always")
 def _sigmoid1_overload(x):
-    """σ of one number as (1 + tanh(x/2)) / 2, staying in x's precision: a float64 constant
-    would promote a float32 x to float64 and send it to the C library's tanh, one call an
-    element, where the float32 rational approximation of ``_tanh1`` vectorizes."""
+    """σ of one number as 1 / (1 + e^-x), staying in x's precision (a float64 constant would
+    promote a float32 x to float64 and send it to the C library, one call an element).
+
+    float32: e^-x by ``_exp1``, so it vectorizes; within 3 ulps of the true σ wherever σ is a
+    normal float32 (tests/test_jit.py checks it), exactly 1 where the float32 σ rounds to 1
+    (x > 17.4) and at +inf, 0 below -88 and at -inf, NaN for NaN. Unlike (1 + tanh(x/2)) / 2 it
+    keeps its relative precision in the lower tail, where the derivative y (1 - y) is y itself."""
     if isinstance(x, types.Float) and x.bitwidth == 32:
         def impl(x):
-            half = np.float32(0.5)
-            return half + half * _tanh1(half * x)
+            y = np.float32(1.0) / (np.float32(1.0) + _exp1(-x))
+            return y - y * np.float32(x < np.float32(-88.0))  # 0 below -88 (and at -inf); NaN stays NaN
         return impl
-    return lambda x: 0.5 + 0.5 * math.tanh(0.5 * x)
+
+    def impl64(x):  # as ops.sigmoid: e^-|x| never overflows; below 0, σ = e^x / (1 + e^x)
+        e = math.exp(-abs(x))
+        below = np.float64(x < 0.0)
+        return (below * e + (1.0 - below)) / (1.0 + e)
+    return impl64
 
 
 def _cast(c, x):  # pragma: no cover - replaced by the overload in jitted code

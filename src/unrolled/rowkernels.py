@@ -21,6 +21,11 @@ row first (``W[j, at:at + n]``) costs more than it saves there (the view's
 own bookkeeping, and LLVM loses the literal offset), so ``product_dx_row``
 and ``product_dw`` index ``W`` directly. Kernels whose speed alone
 matters keep their views (``add_dot_rows``, ``copy_row``, forward).
+
+The float32 tanh, σ and e^x are jitkernels' (``_tanh1``, ``_sigmoid1``,
+``_exp1``), inlined here. Numba's disk cache of these kernels is keyed by
+this file alone: a change to those functions must come with a change to
+this file (or an emptied ``__pycache__``), or the old machine code runs.
 """
 
 from __future__ import annotations
