@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 
 from . import fuse
-from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
 from .schedule import Plan
 
@@ -72,7 +71,7 @@ class _Writer:
             return f"X_{n}[{t}]"  # a pre delay (a shifted input), computed before the loop
         if ph != "core":
             return f"X_{n}[{t}]"
-        if v.kind == "op" and v.op == "slice":
+        if self.p.is_view(v):
             return f"{self.val(v.args[0], t)}[:, {v.attrs['start']}:{v.attrs['stop']}]"
         if v.name in self.p.depth:
             return f"H_{n}[{t}+{self.p.depth[v.name]}]"
@@ -144,6 +143,8 @@ class _Writer:
             c(f"maximum({a[0]}, 0, out={dst})")
         elif op == "identity":
             c(f"copyto({dst}, {a[0]})")
+        elif op == "slice":  # delayed, so not a view (Plan.is_view): its history gets a copy of its columns
+            c(f"copyto({dst}, {a[0]}[:, {v.attrs['start']}:{v.attrs['stop']}])")
         elif op == "concat":
             self._concat(c, a, [x.size for x in v.args], dst)
         else:
@@ -226,9 +227,9 @@ class _Writer:
         def reads(a) -> bool:  # a is v, or a slice or a delay of it, or a slice of a delay of it, ...
             if isinstance(a, Param):
                 return False
-            base = _sliced(a)[0]
+            base = self.p.viewed(a)[0]
             while base.kind == "delay":
-                base = _sliced(base.source)[0]
+                base = self.p.viewed(base.source)[0]
             return base is v
 
         if any(reads(o) for o in self.g.outputs):
@@ -251,7 +252,7 @@ class _Writer:
     def _find_contributions(self):
         out = []
         for v in reversed(self.core):
-            if v.kind != "op" or v.op == "slice" or v.name in self.skip:
+            if v.kind != "op" or self.p.is_view(v) or v.name in self.skip:
                 continue
             for target, rng in self._targets(v):
                 out.append((target, rng))
@@ -262,15 +263,23 @@ class _Writer:
         if v.name in self.p.split:
             for part, _, _ in self.p.split[v.name].core:
                 if part.name in self.p.wants_grad:
-                    base, rng = _sliced(part)
+                    base, rng = self.p.viewed(part)
                     res.append((base, rng) if rng else (part, None))
             return res
+        if v.op == "slice":  # a delayed slice: its gradient goes to its columns of what it slices
+            return [self._slice_target(v)] if v.args[0].name in self.p.wants_grad else []
         for a in v.args:
             if isinstance(a, Param) or a.name not in self.p.wants_grad:
                 continue
-            base, rng = _sliced(a)
+            base, rng = self.p.viewed(a)
             res.append((base, rng) if rng else (a, None))
         return res
+
+    def _slice_target(self, v: Vertex):
+        """(vertex, column range) where the gradient of slice ``v`` (one that is not a view) lands."""
+        base, rng = self.p.viewed(v.args[0])
+        off = rng[0] if rng else 0
+        return base, (off + v.attrs["start"], off + v.attrs["stop"])
 
     def _zero_fill_targets(self) -> dict[str, str]:
         """Per-step gradient buffers that cannot be written assign-first: zero them each step."""
@@ -295,7 +304,7 @@ class _Writer:
                 bad.add(key)
         # a target read in the loop that no one writes in the loop must be zeroed too
         for v in self.core:
-            if v.kind == "op" and v.op != "slice" and v.name not in self.skip:
+            if v.kind == "op" and not self.p.is_view(v) and v.name not in self.skip:
                 expr, key, add_only = self.grad(v)
                 if not add_only and key not in covered:
                     bad.add(key)
@@ -323,15 +332,19 @@ class _Writer:
 
     def _emit_backward(self, c: _Code, v: Vertex) -> None:
         g, _, _ = self.grad(v)
-        if v.op == "slice" or v.name not in self.p.wants_grad:
+        if self.p.is_view(v) or v.name not in self.p.wants_grad:
             return
         op, n = v.op, self.names[v.name]
+        if op == "slice":  # delayed, so not a view: its gradient is copied back into its columns
+            base, rng = self._slice_target(v)
+            self._add_to(c, base, rng, lambda cc, dst: cc(f"copyto({dst}, {g})"))
+            return
         out = self.val(v)
         targets = []
         for i, a in enumerate(v.args):
             if isinstance(a, Param) or a.name not in self.p.wants_grad:
                 continue
-            base, rng = _sliced(a)
+            base, rng = self.p.viewed(a)
             targets.append((i, base if rng else a, rng))
 
         def each(fn):
@@ -343,7 +356,7 @@ class _Writer:
             wanted = [(part, a0, b0) for part, a0, b0 in s.core if part.name in self.p.wants_grad]
             if len(s.core) == 1 and wanted:
                 part = wanted[0][0]
-                base, rng = _sliced(part)
+                base, rng = self.p.viewed(part)
                 self._add_to(c, base if rng else part, rng,
                              lambda cc, dst: cc(f"matmul({g}, W_{n}, out={dst})"),
                              lambda cc, dst: cc(f"matmul_add({g}, W_{n}, {dst})"))
@@ -353,7 +366,7 @@ class _Writer:
                 for part, a0, b0 in s.core:
                     w = b0 - a0
                     if part.name in self.p.wants_grad:
-                        base, rng = _sliced(part)
+                        base, rng = self.p.viewed(part)
                         self._add_to(c, base if rng else part, rng,
                                      lambda cc, dst, o=off, w=w: cc(f"copyto({dst}, CG_{n}[:, {o}:{o + w}])"))
                     off += w
@@ -397,7 +410,7 @@ class _Writer:
         """The loop body in order: vertices, or fused Regions of them when fusing."""
         if self.fuse:
             return fuse.regions(self)
-        return [v for v in self.core if v.kind == "op" and v.op != "slice" and v.name not in self.skip]
+        return [v for v in self.core if v.kind == "op" and not self.p.is_view(v) and v.name not in self.skip]
 
     def _concat(self, c: _Code, parts: list[str], sizes: list[int], dst: str) -> None:
         if not self.jit:

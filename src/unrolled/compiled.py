@@ -43,7 +43,6 @@ import numpy as np
 from . import fuse, rowsplit
 from .blas import aligned, aligned_empty, aligned_zeros, product
 from .codegen import _header, _with_arguments, _Writer
-from .fuse import sliced as _sliced
 from .graph import Graph, Param, Vertex
 from .jitcache import _load_jit_loops, _load_module, numba_allowed
 from .ops import unbroadcast, with_product
@@ -388,7 +387,7 @@ class _RunState:
             return self.X[v.name]
         if ph != "core":
             return self.X[v.name]
-        if v.kind == "op" and v.op == "slice":
+        if self.p.is_view(v):
             return self.value(v.args[0])[:, :, v.attrs["start"]:v.attrs["stop"]]
         n = self.w.names[v.name]
         if D is not None:
@@ -472,7 +471,7 @@ class _RunState:
                 bind[f"H_{n}"] = H
             elif v.name in p.stored:
                 bind[f"V_{n}"] = self.alloc(f"V_{n}", (T, B, v.size))
-            elif v.kind == "op" and v.op != "slice":
+            elif v.kind == "op" and not p.is_view(v):
                 bind[f"S_{n}"] = self.alloc(f"S_{n}", (B, v.size))
             if v.name in p.split:
                 s = p.split[v.name]
@@ -587,8 +586,8 @@ class _RunState:
 
     def _add_grad(self, v: Vertex, g: np.ndarray) -> None:
         """Accumulate a whole-sequence gradient ``[T, B, F]`` into vertex ``v`` (or what it slices)."""
-        if v.kind == "op" and v.op == "slice" and self.p.phase[v.name] == "core":
-            base, (lo, hi) = _sliced(v)
+        if self.p.is_view(v) and self.p.phase[v.name] == "core":
+            base, (lo, hi) = self.p.viewed(v)
             full = np.zeros((self.T, self.B, base.size), dtype=self.dtype)
             full[:, :, lo:hi] = g
             return self._add_grad(base, full)
@@ -660,7 +659,7 @@ class _RunState:
                     for k in range(D):  # the last D steps, at indexes T .. T+D-1
                         GH[_slot(T + k, D, w.in_ring(v))] += fs[k]
                 bind[f"GH_{n}"] = GH
-            elif v.kind == "op" and v.op != "slice":
+            elif v.kind == "op" and not p.is_view(v):
                 if w._has_full_grad(v):
                     Y = self.buf.get(f"Y_{n}")
                     if Y is not None and Y.shape == (self.K, B, v.size):
@@ -693,7 +692,7 @@ class _RunState:
         """Seed a chunk's product-output gradients: what the post phase sent to steps t0..t1-1, else zeros."""
         w = self.w
         for v in self.p.of("core"):
-            if v.kind == "op" and v.op != "slice" and v.name not in self.p.depth and w._has_full_grad(v):
+            if v.kind == "op" and not self.p.is_view(v) and v.name not in self.p.depth and w._has_full_grad(v):
                 GF = self.bind[f"GF_{w.names[v.name]}"][:t1 - t0]
                 post = self.core_grad.get(v.name)
                 if post is not None:
@@ -710,7 +709,7 @@ class _RunState:
             n = w.names[v.name]
             if v.kind == "delay":
                 continue
-            if v.kind == "op" and v.op != "slice" and w._has_full_grad(v) and v.name not in p.depth:
+            if v.kind == "op" and not p.is_view(v) and w._has_full_grad(v) and v.name not in p.depth:
                 G = self.bind[f"GF_{n}"][:t1 - t0]
             elif v.name in p.depth:
                 D = p.depth[v.name]

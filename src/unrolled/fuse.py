@@ -55,7 +55,7 @@ def regions(writer) -> list:
         run.clear()
 
     for v in writer.core:
-        if v.kind != "op" or v.op == "slice" or v.name in writer.skip:
+        if v.kind != "op" or writer.p.is_view(v) or v.name in writer.skip:
             continue
         if v.op in FUSABLE and all(_ok_operand(a, v.size) for a in v.args) and (not run or run[0].size == v.size):
             run.append(v)
@@ -130,11 +130,8 @@ def access(writer, a, t: str = "t") -> tuple[str, int, int]:
     """(loop expression of a C-contiguous base array, column offset, rank) for operand ``a``'s value at step t."""
     if isinstance(a, Param):
         return f"P_{writer.pnames[a.name]}", 0, 1
-    off = 0
-    while a.kind == "op" and a.op == "slice":
-        off += a.attrs["start"]
-        a = a.args[0]
-    return writer.val(a, t), off, 2
+    a, rng = writer.p.viewed(a)
+    return writer.val(a, t), (rng[0] if rng else 0), 2
 
 
 def emit_forward(writer, region: Region, kernels: KernelText, c) -> None:
@@ -231,7 +228,7 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
             if a.name in inside:
                 acc[a.name] = f"({acc[a.name]} + {contribution})" if a.name in acc else f"({contribution})"
                 continue
-            target, rng = sliced(a)
+            target, rng = writer.p.viewed(a)
             tbase, tkey, t_add = writer.grad(target)
             lo, hi = rng or (0, target.size)
             fresh = not t_add and tkey not in writer._zero_fill and not any(
@@ -248,16 +245,6 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
     kernels.add(fn, ops_params(ops), [body], rows, region.size)
     c(f"# d {', '.join(v.name for v in reversed(region.vertices))}: fused into one kernel, bwd_r{region.index}")
     c(f"{fn}({', '.join(_kind(writer) + ops.exprs)})")
-
-
-def sliced(v: Vertex):
-    """What a slice vertex views (through nested slices) and its column range, or (v, None)."""
-    lo, hi = None, None
-    while v.kind == "op" and v.op == "slice":
-        s, e = v.attrs["start"], v.attrs["stop"]
-        lo, hi = (s, e) if lo is None else (s + lo, s + hi)
-        v = v.args[0]
-    return v, ((lo, hi) if lo is not None else None)
 
 
 def _vjp_formula(v: Vertex, i: int, g: str, args: list[str], out: str, K: str) -> str:

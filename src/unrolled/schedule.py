@@ -63,6 +63,21 @@ class Plan:
     wants_grad: set[str] = field(default_factory=set)
     memo: dict = field(default_factory=dict)
 
+    def is_view(self, v) -> bool:
+        """Whether ``v`` is a view of the vertex it slices, kept nowhere of its own: a slice, unless
+        it is read through a delay. A delayed slice keeps a history like any delayed vertex, so the
+        loop writes it each step (a copy of its columns) and sends its gradient back to them."""
+        return isinstance(v, Vertex) and v.kind == "op" and v.op == "slice" and v.name not in self.depth
+
+    def viewed(self, v):
+        """What view ``v`` views (through nested views) and its column range there, or ``(v, None)``."""
+        lo, hi = None, None
+        while self.is_view(v):
+            s, e = v.attrs["start"], v.attrs["stop"]
+            lo, hi = (s, e) if lo is None else (s + lo, s + hi)
+            v = v.args[0]
+        return v, ((lo, hi) if lo is not None else None)
+
     def of(self, phase: str) -> list[Vertex]:
         """The vertices of one phase in a same-step order (the loop's order, for the core); cached."""
         key = "of:" + phase
@@ -244,8 +259,7 @@ def _stored(graph: Graph, p: Plan) -> set[str]:
     core = {v.name for v in p.of("core")}
 
     def mark(v: Vertex):
-        while v.kind == "op" and v.op == "slice":  # a slice is a view: keep what it views
-            v = v.args[0]
+        v = p.viewed(v)[0]  # a view is kept where what it views is
         if v.kind == "delay":
             return  # histories are always kept
         need.add(v.name)
