@@ -58,7 +58,9 @@ JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is
 # step's products are tiny, where the call's fixed cost dominates; above, BLAS's blocked kernels win.
 # (A rule on rows x the widest vertex took the whole run where the loops were already faster.)
 WHOLE_AUTO_MACS = 1 << 18
-CHUNK_BYTES = 16 << 20  # per-chunk buffers of the loops (Y, GF) stay below this: see _RunState._chunk_steps
+CHUNK_BYTES = 16 << 20  # per-chunk buffers of the loops (Y, GF) stay below this: see CompiledEngine.steps_per_chunk
+# The ways a run can go, as CompiledEngine.strategies names them; tests/helpers.py runs a graph through each.
+STRATEGIES = ("whole", "stages", "numba_loop", "numpy_loop", "fused", "row_split", "chunked")
 
 
 # ------------------------------------------------------------------- engine
@@ -138,6 +140,51 @@ class CompiledEngine:
         # thread pool); through SciPy's BLAS, or without BLAS, only where calls cost more than products
         widest = max((v.size for v in self.plan.of("core")), default=0)
         return B * widest <= JIT_AUTO_LIMIT or _views_to_blas()
+
+    def strategies(self, T: int, B: int, dtype) -> set[str]:
+        """Which of :data:`STRATEGIES` a run of ``T`` steps over ``B`` rows of ``dtype`` takes:
+        the whole-run function alone, or the step loops (Numba's or plain NumPy's, with fused
+        kernels or not), per stage, per part of the rows, in one chunk of steps or several."""
+        if self.uses_whole(B):
+            return {"whole"}
+        out = {"stages"} if self.stages else set()
+        ranges = self.row_parts(B, dtype)
+        if ranges:
+            out.add("row_split")
+        for eng in self._loop_engines():
+            for rows in ([hi - lo for lo, hi in ranges] if ranges else [B]):
+                jit = eng.uses_jit(rows)
+                out.add("numba_loop" if jit else "numpy_loop")
+                if (eng.jit_kernels() if jit else eng._writer.kernels).functions:
+                    out.add("fused")
+                if eng.steps_per_chunk(T, rows, dtype) < T:
+                    out.add("chunked")
+        return out
+
+    def steps_per_chunk(self, T: int, B: int, dtype) -> int:
+        """How many steps the loops run between two visits to the weights.
+
+        The loop-free halves of split products (``Y``) and the gradients of
+        every product's output (``GF``) are the only per-step buffers that
+        nothing needs outside a stretch of steps: a chunk's ``Y`` is computed
+        just before the forward loop runs it, and a chunk's weight gradients
+        are taken just after the backward loop leaves it. Holding ``K`` steps
+        of them instead of ``T`` is what keeps long sequences in memory
+        (1000 steps of a 256-wide LSTM: 16 MiB instead of 125); ``K * B``
+        rows are still plenty for the weight products to run at full speed.
+        """
+        if self.chunk_steps is not None:
+            return min(T, self.chunk_steps)
+        p, w = self.plan, self._writer
+        width = sum(v.size for v in p.of("core") if v.kind == "op" and v.name not in p.depth
+                    and (v.name in p.split or w._has_full_grad(v)))
+        per_step = B * max(width, 1) * np.dtype(dtype).itemsize
+        return max(1, min(T, CHUNK_BYTES // per_step))
+
+    def jit_kernels(self):
+        """The fused kernels the Numba loop calls (its writer's; written, not compiled, on first use)."""
+        self.jit_code  # noqa: B018  (writes the Numba loops' text, and with it their writer)
+        return self._jit_writer.kernels
 
     @property
     def jit_code(self) -> str:
@@ -346,27 +393,8 @@ class _RunState:
         self.buf = eng.buffers(self.T, self.B, self.dtype, part)
         self.use_jit = eng.uses_jit(self.B)
         self.X: dict[str, np.ndarray] = {}  # pre/post values, [T, B, F] (or [T, B] indices)
-        self.K = self._chunk_steps()
+        self.K = eng.steps_per_chunk(self.T, self.B, self.dtype)
         self.chunks = [(t0, min(t0 + self.K, self.T)) for t0 in range(0, self.T, self.K)]
-
-    def _chunk_steps(self) -> int:
-        """How many steps the loops run between two visits to the weights.
-
-        The loop-free halves of split products (``Y``) and the gradients of
-        every product's output (``GF``) are the only per-step buffers that
-        nothing needs outside a stretch of steps: a chunk's ``Y`` is computed
-        just before the forward loop runs it, and a chunk's weight gradients
-        are taken just after the backward loop leaves it. Holding ``K`` steps
-        of them instead of ``T`` is what keeps long sequences in memory
-        (1000 steps of a 256-wide LSTM: 16 MiB instead of 125); ``K * B``
-        rows are still plenty for the weight products to run at full speed.
-        """
-        if self.eng.chunk_steps is not None:
-            return min(self.T, self.eng.chunk_steps)
-        width = sum(v.size for v in self.p.of("core") if v.kind == "op" and v.name not in self.p.depth
-                    and (v.name in self.p.split or self.w._has_full_grad(v)))
-        per_step = self.B * max(width, 1) * np.dtype(self.dtype).itemsize
-        return max(1, min(self.T, CHUNK_BYTES // per_step))
 
     # ---- buffers
 
