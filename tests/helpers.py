@@ -9,11 +9,18 @@ checked :class:`~unrolled.graph.Graph` whose losses are named ``xent`` (and
 
 from __future__ import annotations
 
+import contextlib
+import os
+from unittest import mock
+
 import numpy as np
 
-from unrolled import cells
+from unrolled import cells, rowsplit, wholestep
+from unrolled.compiled import STRATEGIES, CompiledEngine
 from unrolled.gradcheck import numeric_gradient
 from unrolled.graph import Graph
+from unrolled.reference import run as reference_run
+from unrolled.stages import cut
 
 N_IN, HIDDEN, N_OUT = 3, 4, 3
 
@@ -32,6 +39,120 @@ def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Central differences of the scalar ``f()`` with respect to ``x``, nudged in place."""
     assert np.shares_memory(x.reshape(-1), x), "x must be contiguous so that nudging it reaches f"
     return numeric_gradient(f, x, eps).astype(np.float64, copy=False)
+
+
+# ------------------------------------------------------------ agreement
+
+def _close(a, b, tol, scale=0.0):
+    """Relative agreement; ``scale`` is the size of the whole family of arrays ``a`` belongs to,
+    so that an entry whose exact value is 0 is judged against its siblings, not against itself."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = max(np.abs(a).max(initial=0), np.abs(b).max(initial=0), scale, 1e-30)
+    return np.abs(a - b).max(initial=0) <= tol * scale
+
+
+_GRADIENTS = ("grads", "input_grads", "init_grads")
+
+
+def _largest(result, fields) -> float:
+    return max((np.abs(a).max(initial=0) for f in fields for a in getattr(result, f).values()), default=0.0)
+
+
+def assert_agree(r1, r2, tol):
+    """Every field of two runs agrees to ``tol``, each array relative to its family: gradients are
+    judged against all gradients (a parameter's exactly-zero gradient may be a cancellation of
+    terms the size of an input's gradient, and rounding leaves ~1e-17 of it), values against their field."""
+    assert _close(r1.loss, r2.loss, tol), (r1.loss, r2.loss)
+    gradients = _largest(r1, _GRADIENTS)
+    for field in ("grads", "input_grads", "init_grads", "final_states", "outputs", "step_losses"):
+        d1, d2 = getattr(r1, field), getattr(r2, field)
+        assert set(d1) == set(d2), field
+        family = gradients if field in _GRADIENTS else _largest(r1, (field,))
+        for k in d1:
+            assert d1[k].shape == d2[k].shape, (field, k)
+            assert d1[k].dtype == d2[k].dtype, (field, k)
+            assert _close(d1[k], d2[k], tol, family), (field, k, np.abs(d1[k] - d2[k]).max())
+
+
+# ------------------------------------------------------------ every compiled path
+
+
+@contextlib.contextmanager
+def _jit_env(value: str):
+    """UNROLLED_JIT for the engines built inside (the tests run with "0": no Numba unless asked)."""
+    with mock.patch.dict(os.environ, {"UNROLLED_JIT": value}):
+        yield
+
+
+@contextlib.contextmanager
+def _rows_in_halves():
+    """Split every run's rows in two parts, as oneDNN's thread count would (any BLAS will do here)."""
+    def halves(B, dtype, threads="auto"):
+        return [(0, B // 2), (B // 2, B)] if B >= 2 else None
+
+    with mock.patch.object(rowsplit, "parts", halves):
+        yield
+
+
+# (name, UNROLLED_JIT, engine arguments, whether the rows are split): each a configuration a user
+# can reach; together they must take every strategy in compiled.STRATEGIES (run_every_path checks)
+PATHS = [
+    ("whole-run function", "1", dict(whole=True), False),
+    ("Numba loop", "1", dict(whole=False, jit=True), False),
+    ("Numba loop, chunks of 1 step", "1", dict(whole=False, jit=True, chunk_steps=1), False),
+    ("Numba loop, rows split in two", "1", dict(whole=False, jit=True), True),
+    ("NumPy loop", "0", dict(jit=False), False),
+    ("NumPy loop, chunks of 2 steps", "0", dict(jit=False, chunk_steps=2), False),
+    ("NumPy loop with fused kernels", "fuse", dict(whole=False), False),
+]
+
+
+def _not_applicable(g: Graph, T: int, B: int) -> dict[str, str]:
+    """The strategies no run of ``g`` over ``T`` steps of ``B`` rows can take, and why."""
+    out = {}
+    if T < 2:
+        out["chunked"] = "one step: nothing to cut into chunks"
+    if wholestep.unsupported(g):
+        out["whole"] = f"the whole-run function cannot run {sorted(wholestep.unsupported(g))}"
+    if len(cut(g)) < 2:
+        out["stages"] = "one recurrent core: nothing to run in stages"
+    if B < 2:
+        out["row_split"] = "one row: nothing to split"
+    with _jit_env("fuse"):
+        engines = [e for _, e in CompiledEngine(g, whole=False).stages] or [CompiledEngine(g, whole=False)]
+    if not any(e._writer.kernels.functions for e in engines):
+        out["fused"] = "no run of elementwise vertices to fuse"
+    return out
+
+
+def run_every_path(g: Graph, params, inputs, *, tol: float = 1e-10, require=(), **run_kw) -> set[str]:
+    """Run ``g`` through every configuration of :data:`PATHS` and hold each to the reference engine
+    (``assert_agree`` to ``tol``). Asks each engine which strategies it took and fails if any of
+    ``compiled.STRATEGIES`` never ran, unless it cannot apply to ``g`` (and is not in ``require``):
+    a strategy added to the engine without a configuration here fails every caller.
+    Returns the strategies that ran."""
+    first = next(iter(inputs.values()))
+    T, B = first.shape[:2]
+    dtype = next(iter(params.values())).dtype
+    want = reference_run(g, params, inputs, **run_kw)
+    taken: set[str] = set()
+    skip = _not_applicable(g, T, B)
+    for name, jit_env, kw, split in PATHS:
+        if kw.get("whole") is True and "whole" in skip:
+            continue
+        with _jit_env(jit_env), (_rows_in_halves() if split else contextlib.nullcontext()):
+            eng = CompiledEngine(g, **kw)
+            took = eng.strategies(T, B, dtype)
+            got = eng.run(params, inputs, **run_kw)
+        try:
+            assert_agree(want, got, tol)
+        except AssertionError as e:
+            raise AssertionError(f"{name} ({sorted(took)}) disagrees with the reference engine: {e}") from None
+        taken |= took
+    missing = set(STRATEGIES) - taken - (set(skip) - set(require))
+    assert not missing, (f"strategies {sorted(missing)} never ran: add a configuration to tests/helpers.PATHS "
+                         f"(not applicable here: {skip})")
+    return taken
 
 
 # ------------------------------------------------------------ feeds

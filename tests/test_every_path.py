@@ -1,0 +1,97 @@
+"""Graphs that once broke one compiled path, run through every path (helpers.run_every_path).
+
+Each test is built from a reproducer of issue 16: a state defined by a
+slice and a gate slice, read through a delay (the step loops never wrote
+their histories); ``combine="mean"`` with a learned initial vector an op
+also reads (divided by D copies instead of T + D); float32 units saturated
+far beyond the point where the fast tanh stopped at 1 - 2.4e-7 (their
+derivative, 1 - y^2, was not 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import run_every_path
+from unrolled.compiled import STRATEGIES
+from unrolled.graph import Graph
+
+
+def _slice_state(two_layers: bool = False) -> Graph:
+    """h is columns 1..2 of a = tanh(W·[x; h_prev]) (a is wider than h); ``two_layers``: a second
+    cycle reads h through an elementwise run (add, tanh), so that stages and fused kernels run."""
+    g = Graph("slice_state")
+    x, h = g.input("x", 2), g.state("h", 2)
+    a = g.tanh(g.matmul(g.param("W", (3, 4)), g.concat(x, h.prev)), name="a")
+    g.slice(a, 1, 3, name="h")
+    top = h
+    if two_layers:
+        h2 = g.state("h2", 2)
+        pre = g.add(g.matmul(g.param("U", (2, 4)), g.concat(h, h2.prev)), g.param("b", (2,), init="normal:0.5"))
+        top = g.tanh(pre, name="h2")
+    y = g.output(g.matmul(g.param("V", (2, 2)), top, name="y"))
+    if not two_layers:  # the issue's NaN by default (the whole-run function has no softmax: the loops run)
+        g.output(g.softmax(y, name="p"))
+    g.loss("cross_entropy", y, g.index_input("t", 2))
+    return g
+
+
+def _feeds(g: Graph, T: int, B: int, seed: int = 0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for v in g.inputs:
+        inputs[v.name] = (rng.integers(0, v.size, (T, B)) if v.kind == "index"
+                          else rng.normal(size=(T, B, v.size)).astype(dtype))
+    return inputs
+
+
+@pytest.mark.parametrize("two_layers", [False, True])
+def test_state_defined_by_slice_read_through_delay(two_layers):
+    g = _slice_state(two_layers)
+    params = g.init_params(0)
+    # two layers: every strategy applies, and must have run
+    run_every_path(g, params, _feeds(g, T=3, B=2), require=set(STRATEGIES) if two_layers else ())
+
+
+def test_gate_slice_read_through_delay():
+    """zi, a gate (a slice of the product z), read one step later: zi.prev."""
+    g = Graph("gate_prev")
+    x, h = g.input("x", 2), g.state("h", 3)
+    z = g.matmul(g.param("W", (6, 5)), g.concat(x, h.prev), name="z")
+    zi, zf = g.split(z, 2, names=["zi", "zf"])
+    g.tanh(g.add(g.sigmoid(zf), zi.prev), name="h")
+    y = g.output(g.matmul(g.param("V", (2, 3)), h, name="y"))
+    g.loss("cross_entropy", y, g.index_input("t", 2))
+    run_every_path(g, g.init_params(1), _feeds(g, T=4, B=2, seed=1), require={"fused"})
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_mean_over_copies_of_a_learned_initial_vector_an_op_reads(given):
+    """h.init fills D initial slots and is added at each of T steps: T + D copies (D alone if given)."""
+    g = Graph("init_read")
+    x, h = g.input("x", 2), g.state("h", 3, init="learned")
+    a = g.matmul(g.param("W", (3, 5)), g.concat(x, h.prev), name="a")
+    g.tanh(g.add(a, g.params["h.init"]), name="h")
+    y = g.output(g.matmul(g.param("V", (2, 3)), h, name="y"))
+    g.loss("cross_entropy", y, g.index_input("t", 2))
+    params = {k: v + 0.3 for k, v in g.init_params(0).items()}
+    init = {"h": np.random.default_rng(2).normal(size=(2, 3))} if given else None
+    run_every_path(g, params, _feeds(g, T=4, B=2), combine="mean", init_states=init)
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_saturated_unit_passes_no_gradient(act, dtype):
+    """h = act(W·[x; h_prev]) at W·x = 20, y = 1000 h, MSE against 0: the true dL/dW is ~1e-11 of
+    dL/dV (0 in float32, where act(20) is 1). A fast tanh that stopped short of 1 leaked 0.95 here."""
+    g = Graph("saturated")
+    x, h = g.input("x", 1), g.state("h", 1)
+    pre = g.add(g.matmul(g.param("W", (1, 2)), g.concat(x, h.prev)), g.param("b", (1,)))  # fused with act
+    g.apply(act, pre, name="h")
+    y = g.output(g.matmul(g.param("V", (1, 1)), h, name="y"))
+    g.loss("mse", y, g.input("goal", 1))
+    params = {"W": np.array([[20, 0]], dtype), "b": np.zeros(1, dtype), "V": np.array([[1000]], dtype)}
+    inputs = {"x": np.ones((2, 2, 1), dtype), "goal": np.zeros((2, 2, 1), dtype)}
+    # 1e-5 of the largest gradient (dL/dV): the leak was 4.8e-4 of it
+    run_every_path(g, params, inputs, tol=1e-5, require={"fused"})
