@@ -132,3 +132,19 @@ def test_jit_float32_reading_matches_numpy():
     for k in fa:
         assert fb[k].dtype == np.float32
         np.testing.assert_allclose(fa[k], fb[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_state_defined_by_a_slice_keeps_its_ring(jit):
+    """h = a[1:3], read as h.prev: a delayed slice is not a view, its ring is written each step
+    (it had none: KeyError). The states after the prime equal the reference engine's."""
+    g = Graph("slice_state")
+    x, h = g.one_hot(g.index_input("tok", 3)), g.state("h", 2)
+    a = g.tanh(g.matmul(g.param("W", (3, 5)), g.concat(x, h.prev)), name="a")
+    g.slice(a, 1, 3, name="h")
+    g.output(g.matmul(g.param("V", (3, 2)), h, name="y"))
+    params = {k: 3 * v for k, v in g.init_params(0).items()}
+    prime = np.array([[0, 1], [2, 2], [1, 0], [1, 2]])
+    _, states = Generator(g, "tok", "y", jit=jit).run(params, length=0, prime=prime, rng=np.random.default_rng(0))
+    want = reference_run(g, params, {"tok": prime}, backward=False).final_states["h"]
+    np.testing.assert_allclose(states["h"], want, rtol=1e-12, atol=1e-12)

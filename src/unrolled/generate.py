@@ -26,6 +26,7 @@ from .blas import aligned, aligned_zeros, product
 from .graph import Graph, Param, Vertex
 from .jitcache import numba_allowed
 from .runio import _as_history
+from .schedule import is_view
 
 _JIT_OPS = {"matmul", "linear", "add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu",
             "identity", "slice", "concat", "one_hot", "embedding"}
@@ -74,7 +75,7 @@ class Generator:
         if v.kind == "delay":
             D = self.depth[v.source.name]
             return f"R_{self.names[v.source.name]}[({t} - {v.depth}) % {D + 1}]"
-        if v.kind == "op" and v.op == "slice":
+        if is_view(v, self.depth):
             return f"{self._val(v.args[0], t)}[:, {v.attrs['start']}:{v.attrs['stop']}]"
         if v.name in self.depth:
             return f"R_{self.names[v.name]}[{t} % {self.depth[v.name] + 1}]"
@@ -120,7 +121,7 @@ class Generator:
         """
         groups: list[list[Vertex]] = []
         for v in self.order:
-            if v.kind != "op" or v.op == "slice":
+            if v.kind != "op" or is_view(v, self.depth):
                 continue
             if self._fusable(v) and groups and self._fusable(groups[-1][-1]) and groups[-1][-1].size == v.size:
                 groups[-1].append(v)
@@ -183,7 +184,7 @@ class Generator:
             return f"P_{self.pnames[v.name]}[{j}]"
         if local and v.name in local:
             return local[v.name]
-        if v.kind == "op" and v.op == "slice":
+        if is_view(v, self.depth):
             start = v.attrs["start"]
             return self._elem(v.args[0], f"{start} + {j}" if start else j, rows, local)
         if v.kind == "delay":
@@ -236,6 +237,8 @@ class Generator:
             return [f"maximum({a[0]}, 0, out={dst})"]
         if op == "identity":
             return [f"copyto({dst}, {a[0]})"]
+        if op == "slice":  # delayed, so not a view: its ring gets a copy of its columns
+            return [f"copyto({dst}, {a[0]}[:, {v.attrs['start']}:{v.attrs['stop']}])"]
         if op == "concat":
             out, off = [], 0
             for x, src in zip(v.args, a):
@@ -319,7 +322,7 @@ class Generator:
             bind[f"P_{key}"] = aligned(np.asarray(params[name]), dtype)
         for v in self.order:
             n = self.names[v.name]
-            if v.kind != "op" or v.op == "slice":
+            if v.kind != "op" or is_view(v, self.depth):
                 continue
             if v.name in self.depth:
                 D = self.depth[v.name]

@@ -24,6 +24,15 @@ NEEDS = {"matmul": "x", "linear": "x", "add": "", "sub": "", "mul": "args", "sca
 # ------------------------------------------------------------------ planning
 
 
+def is_view(v, depth) -> bool:
+    """Whether ``v`` is a view of the vertex it slices, kept nowhere of its own: a slice, unless it
+    is read through a delay (``depth``: the delayed vertices). A delayed slice keeps a history like
+    any delayed vertex, so a step loop writes it each step (a copy of its columns) and, training,
+    sends its gradient back to those columns."""
+    return isinstance(v, Vertex) and v.kind == "op" and v.op == "slice" and v.name not in depth
+
+
+
 @dataclass
 class _Split:
     """A core product ``W · concat(parts)`` cut into its pre-loop and in-loop halves."""
@@ -64,10 +73,8 @@ class Plan:
     memo: dict = field(default_factory=dict)
 
     def is_view(self, v) -> bool:
-        """Whether ``v`` is a view of the vertex it slices, kept nowhere of its own: a slice, unless
-        it is read through a delay. A delayed slice keeps a history like any delayed vertex, so the
-        loop writes it each step (a copy of its columns) and sends its gradient back to them."""
-        return isinstance(v, Vertex) and v.kind == "op" and v.op == "slice" and v.name not in self.depth
+        """Whether ``v`` is a view of the vertex it slices: see :func:`is_view`."""
+        return is_view(v, self.depth)
 
     def viewed(self, v):
         """What view ``v`` views (through nested views) and its column range there, or ``(v, None)``."""
