@@ -10,9 +10,10 @@ relative in float64, 1e-4 in float32. On saturated graphs the compiled
 engine in float32, fused kernels included, is held to the reference in
 float64 (FLOAT32_SATURATED_TOL of the largest gradient).
 
-UNROLLED_EXAMPLES (default 60) and UNROLLED_EXAMPLES_F32 (default 10) set
-the example counts; a long run is, for instance,
-``UNROLLED_EXAMPLES=2000 UNROLLED_EXAMPLES_F32=2000 pytest tests/test_engine_agreement.py``.
+UNROLLED_EXAMPLES sets every test's example count (the defaults keep CI
+fast); UNROLLED_EXAMPLES_F32 the saturated float32 test's alone, whose
+every example compiles fused kernels. A long run, not for CI:
+``UNROLLED_EXAMPLES=2000 UNROLLED_EXAMPLES_F32=300 pytest tests/test_engine_agreement.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from helpers import _GRADIENTS, _largest, assert_agree, make_inputs
 from unrolled.compiled import CompiledEngine
 from unrolled.graph import Graph
 from unrolled.reference import run as reference_run
+
+def _examples(default: int, name: str = "UNROLLED_EXAMPLES") -> int:
+    return int(os.environ.get(name, default))
+
 
 UNARY = ["tanh", "sigmoid", "relu", "identity", "one_minus", "scale", "softmax", "log_softmax"]
 BINARY = ["add", "sub", "mul"]
@@ -173,7 +178,7 @@ def _data(g: Graph, T: int, B: int, seed: int, dtype):
 CHUNKS = st.one_of(st.none(), st.integers(1, 4))
 
 
-@settings(max_examples=int(os.environ.get("UNROLLED_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(g=cyclic_graphs(), T=st.integers(1, 6), B=st.integers(1, 3), seed=st.integers(0, 2**16),
        combine=st.sampled_from(["sum", "mean"]), chunk=CHUNKS)
 def test_compiled_agrees_with_reference_float64(g, T, B, seed, combine, chunk):
@@ -183,7 +188,7 @@ def test_compiled_agrees_with_reference_float64(g, T, B, seed, combine, chunk):
     assert_agree(r1, r2, 1e-10)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(g=cyclic_graphs(), T=st.integers(1, 5), B=st.integers(1, 3), seed=st.integers(0, 2**16), chunk=CHUNKS)
 def test_compiled_agrees_with_reference_float32(g, T, B, seed, chunk):
     params, inputs, masks, init = _data(g, T, B, seed, np.float32)
@@ -199,7 +204,7 @@ FLOAT32_SATURATED_TOL = 1e-4
 FLOAT32_FLOOR = 1e-30
 
 
-@settings(max_examples=int(os.environ.get("UNROLLED_EXAMPLES_F32", 10)), deadline=None,
+@settings(max_examples=_examples(10, "UNROLLED_EXAMPLES_F32"), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(g=cyclic_graphs(saturate=True), T=st.integers(1, 4), B=st.integers(1, 3), seed=st.integers(0, 2**16),
        combine=st.sampled_from(["sum", "mean"]), chunk=CHUNKS)
@@ -222,7 +227,7 @@ def test_float32_saturated_agrees_with_float64(g, T, B, seed, combine, chunk):
                 field, k, np.abs(got - want).max() / largest)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(g=cyclic_graphs(), T=st.integers(2, 5), B=st.integers(1, 3), seed=st.integers(0, 2**16), chunk=CHUNKS)
 def test_outside_gradients_agree(g, T, B, seed, chunk):
     """final_state_grads and output_grads seeds (used to chain an encoder into a decoder)."""
