@@ -4,6 +4,11 @@ Numba keeps compiled functions only for functions defined in files; the
 engine's loops and fused kernels are generated text. Each text is written
 once (named by its hash) under ``$UNROLLED_CACHE``, else ``~/.cache/unrolled``,
 else the temporary folder, and imported from there.
+
+Numba's own cache of the package's kernels lives beside their source, else
+under ``~/.cache/numba``; where neither can be written (a read-only install
+run by an account without a home) :func:`prepare_numba_cache` points it at
+the folder above instead, with one warning.
 """
 
 from __future__ import annotations
@@ -11,6 +16,43 @@ from __future__ import annotations
 import functools
 import os
 import sys
+
+@functools.cache
+def prepare_numba_cache() -> None:
+    """Make sure Numba has a folder to cache compiled code in, before any ``cache=True`` function is defined.
+
+    Numba refuses to define such a function when it can write neither beside the source nor under
+    ``~/.cache/numba`` ("cannot cache function ...: no locator available"), and every command would die
+    on import. Then the cache goes to our own cache folder, and one line on stderr says so."""
+    if os.environ.get("NUMBA_CACHE_DIR"):  # the user's choice
+        return
+    from pathlib import Path
+
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if writable(Path(__file__).parent / "__pycache__") or writable(Path(xdg) / "numba"):
+        return
+    folder = cache_root() / "numba"
+    os.environ["NUMBA_CACHE_DIR"] = str(folder)
+    if "numba" in sys.modules:  # Numba read its configuration when it was imported
+        sys.modules["numba"].core.config.CACHE_DIR = str(folder)
+    print(f"unrolled: warning: neither the package's folder nor {xdg} is writable; Numba caches compiled code "
+          f"in {folder} (set NUMBA_CACHE_DIR to choose another)", file=sys.stderr)
+
+
+def writable(folder) -> bool:
+    """Can files be made in ``folder`` (created if missing)?"""
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
 
 def _load_module(text: str, prefix: str) -> dict:
     """Import generated Numba code from a file in the cache folder (so Numba can cache it); its names."""
@@ -26,6 +68,7 @@ def _load_module(text: str, prefix: str) -> dict:
         from .atomic import atomic_write_text
 
         atomic_write_text(path, text)
+    prepare_numba_cache()
     spec = importlib.util.spec_from_file_location(f"unrolled_{prefix}_{digest}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -68,6 +111,11 @@ def _binder(compiled, names):
     return call
 
 
+def cache_root():
+    """The folder our caches live under (:func:`_cache_folder`'s parent)."""
+    return _cache_folder().parent
+
+
 def _cache_folder():
     """Where generated JIT loops live: $UNROLLED_CACHE, else ~/.cache/unrolled, else a temporary folder."""
     import tempfile
@@ -78,14 +126,8 @@ def _cache_folder():
         if not candidate:
             continue
         folder = Path(candidate) / "jit"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+        if writable(folder):
             return folder
-        except OSError:
-            continue
     raise OSError("no writable folder for the JIT cache: set UNROLLED_CACHE to one, or use jit=False")
 
 

@@ -25,10 +25,12 @@ from numba.extending import intrinsic, overload
 from . import compiling as _compiling
 from .blas import NO_TRANS, ROW_MAJOR
 from .blas import _lead as blas_lead
+from .jitcache import prepare_numba_cache
 from .onednn import NO as ONEDNN_NO
 from .onednn import SMALL as ONEDNN_SMALL
 from .onednn import YES as ONEDNN_YES
 
+prepare_numba_cache()  # before the first cache=True function
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})  # FMA: faster, no less exact
 _compiling.listen()  # the user is told when compiling begins, and budgets leave its time out
 

@@ -18,8 +18,10 @@ import numba
 import numpy as np
 
 from . import compiling as _compiling
+from .jitcache import prepare_numba_cache
 
 _compiling.listen()
+prepare_numba_cache()  # before the first cache=True function
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 

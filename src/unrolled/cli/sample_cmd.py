@@ -24,7 +24,6 @@ import sys
 
 from ..charmodel import load_model
 from ..engines import ENGINE_NAMES
-from ..sampling import Sampler
 from . import UsageError
 
 
@@ -49,6 +48,8 @@ def run(args) -> int:
         raise UsageError(f"--temperature {args.temperature}: give 0 or a positive finite number")
     if args.top_k < 0:
         raise UsageError(f"--top-k {args.top_k}: give a number of characters, or 0 for all")
+    from ..sampling import Sampler  # here, not above: `--help` needs no Numba
+
     model = load_model(args.checkpoint)
     sampler = Sampler.from_model(model, engine=args.engine)
     pieces = sampler.generate(args.length, temperature=args.temperature, top_k=args.top_k,
