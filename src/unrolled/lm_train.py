@@ -18,9 +18,12 @@ dropout generator, and the loss history. ``--resume DIR`` puts all of it
 back, so an interrupted-and-resumed run computes bit for bit the losses of an
 uninterrupted one (``tests/test_resume.py``).
 
-Ctrl-C asks the loop to stop after the update under way; the run then saves
-``latest.npz`` and returns. A second Ctrl-C stops at once (the last saved
-checkpoint stays intact: writes are atomic). A loss or gradient that is NaN
+Ctrl-C or SIGTERM asks the loop to stop after the update under way; the run
+then saves ``latest.npz`` and returns. A second one quits at once, without
+saving (:mod:`unrolled.interrupts`; the last saved checkpoint stays intact:
+writes are atomic). One run at a time writes in a folder: it holds the
+folder's lock while it lives, and removes what a save cut short left there
+(:mod:`unrolled.runfolder`). A loss or gradient that is NaN
 or infinite, or a loss that stays far above its best (:mod:`unrolled.divergence`),
 stops the run with an error naming the step and the last good checkpoint;
 nothing is saved after it. Time spent compiling (the first run on a machine)
@@ -40,7 +43,6 @@ import dataclasses
 import io
 import math
 import os
-import signal
 import sys
 import time
 import zlib
@@ -57,11 +59,13 @@ from .charmodel import (
     INPUT_NAME, LOSS_NAME, TARGET_NAME, LoadedModel, ModelConfig, TrainConfig, bits, build_graph,
     checkpoint_contents, init_params, load_model,
 )
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .divergence import DivergenceWatch
 from .engines import ENGINE_NAMES, make_engine
+from .interrupts import NAMES, StopRequest
 from .memory import check_fits, training_bytes
 from .optim import make_optimizer
+from .runfolder import FolderLock, remove_stale_temporaries
 from .runlog import METRICS_NAME, MetricsLog
 from .sampling import Sampler
 from .schedules import make_schedule
@@ -99,11 +103,12 @@ class RunSummary:
 
     out: Path  # the output folder
     step: int  # updates done in all
-    stopped: str  # "done" (step or time limit reached) or "interrupted" (Ctrl-C)
+    stopped: str  # "done" (step or time limit reached) or "interrupted" (Ctrl-C or SIGTERM)
     train_bpc: float  # bits/char of the last updates (smoothed)
     val_bpc: float  # validation bits/char at the end (NaN if not measured)
     best_val_bpc: float  # lowest validation bits/char seen
     best_step: int  # the step it was seen at
+    signum: int | None = None  # the signal that interrupted it
 
 
 # ------------------------------------------------------------------ setup
@@ -411,6 +416,8 @@ class TrainingRun:
                              f"continues in a new folder, so that this run stays as it is: add --out NEWDIR")
         self.out = _on_root(self.dp, lambda: prepare_out_dir(out, fresh=not own))
         self.text_meta = text_record(corpus, self.out)
+        self._lock = FolderLock(self.out)  # taken by run(): one run at a time writes here
+        self._resumed_from = loaded.path if own else None
         self.train_losses: list[float] = []  # nats/char of every update, in order
         self.val_points: list[tuple[int, float]] = []  # (step, validation bits/char)
         self.best = {"val_bpc": math.inf, "step": 0}
@@ -418,6 +425,7 @@ class TrainingRun:
         self.saved_step: int | None = None  # the step of the last checkpoint written (the last good one)
         if loaded:
             self._restore(loaded)
+            self._extend_schedule(schedule)
         if self.dp is not None:
             self.dp.context = self.last_good  # what a rank that gives up waiting for the others names
         self._sampler: Sampler | None = None
@@ -475,21 +483,61 @@ class TrainingRun:
             self._say(f"resuming on a new text, {self.source}: its streams start at its beginning, and "
                       f"{self.out / 'best.npz'} keeps the best on this text")
 
+    def _extend_schedule(self, schedule) -> None:
+        """A resumed run with another ``--steps`` follows the schedule that many steps give.
+
+        The checkpoint's schedule ends where the first run did: a cosine decay would hold the rate at
+        its floor for every step beyond it, and the run would go on without learning."""
+        saved = self.trainer.schedule
+        if saved is None or schedule is None or saved.to_dict() == schedule.to_dict():
+            return
+        self.trainer.schedule = schedule
+        self._say(f"the {self.config.lr_schedule} schedule now ends at step {self.config.steps:,}: the learning "
+                  f"rate goes on at {schedule.lr_at(self.step):.3g} (it was {saved.lr_at(self.step):.3g} at step "
+                  f"{self.step:,})")
+
     # ------------------------------------------------------------- loop
 
     def run(self) -> RunSummary:
+        """Train until a limit, Ctrl-C, SIGTERM or a failure, holding the output folder's lock throughout."""
         cfg = self.config
         if cfg.steps and self.step >= cfg.steps:
             raise ValueError(f"the run has already done {count(self.step, 'step')} (--steps {cfg.steps}); "
                              f"pass a larger --steps to continue it")
-        self._announce()
-        stop = _StopRequest(self._say)
+        try:
+            _on_root(self.dp, self._claim_folder)  # rank 0 alone writes, so it alone holds the lock
+            return self._train()
+        finally:
+            self._lock.release()
+
+    def _claim_folder(self) -> None:
+        """Take the folder's lock; refuse to bury a newer latest.npz; remove what an interrupted save left."""
+        self._lock.acquire()
+        latest = self.out / "latest.npz"
+        source = self._resumed_from
+        if source is not None and latest.exists() and latest.resolve() != source.resolve():
+            newer = _saved_step(latest)
+            if newer is None or newer > self.step:
+                at = f"step {newer}" if newer is not None else "a step it cannot tell (the file is unreadable)"
+                raise ValueError(
+                    f"{latest} ({at}) is newer than {source} (step {self.step}), and this run would overwrite it; "
+                    f"continue the newer one with --resume {self.out}, or go on from {source.name} into "
+                    f"another folder with --out NEW_FOLDER")
+        removed, size = remove_stale_temporaries(self.out)
+        if removed:
+            self._say(f"removed {count(removed, 'unfinished temporary file')} ({size / 1e6:.1f} MB) "
+                      f"that an interrupted save left in {self.out}")
+
+    def _train(self) -> RunSummary:
+        cfg = self.config
+        stop = StopRequest("quitting at once, without saving (the last checkpoint saved stays whole)")
         self._bar = tqdm(total=cfg.steps or None, initial=self.step, unit="step", dynamic_ncols=True,
                          disable=None if self.is_root else True, file=sys.stderr, leave=False)
         self.log = MetricsLog(self.out, self.step) if self.is_root else _NoLog()
         self._row = None  # the last update's row of the log, written once its validation (if any) is known
         try:
             with stop:
+                self._announce()
                 stopped = self._loop(stop)
                 if stopped == "done" and not (self.val_points and self.val_points[-1][0] == self.step):
                     self._evaluate_and_save(stop)
@@ -500,9 +548,9 @@ class TrainingRun:
             self._write_row()
             self.log.close()
         self._plot()
-        return self._finish(stopped)
+        return self._finish(stopped, stop.signum)
 
-    def _loop(self, stop: "_StopRequest") -> str:
+    def _loop(self, stop: StopRequest) -> str:
         """Updates until a limit ("done") or Ctrl-C ("interrupted"); validation, samples and saves on the way."""
         cfg = self.config
         budget = cfg.minutes * 60.0
@@ -614,7 +662,7 @@ class TrainingRun:
 
     # ------------------------------------------------- validation, saving
 
-    def validate(self, stop: "_StopRequest | None" = None) -> float:
+    def validate(self, stop: StopRequest | None = None) -> float:
         """Validation bits/char: every held-out character but the first, scored once, state carried."""
         cfg, dp = self.config, self.dp
         total, count, state = 0.0, 0.0, None
@@ -695,14 +743,14 @@ class TrainingRun:
         text = self._sampler.sample(self.config.sample_length, seed=[self.config.seed, self.step])
         self._say(f"--- sample at step {self.step} ---\n{text}\n---")
 
-    def _finish(self, stopped: str) -> RunSummary:
+    def _finish(self, stopped: str, signum: int | None) -> RunSummary:
         val = self.val_points[-1][1] if self.val_points and self.val_points[-1][0] == self.step else math.nan
         ema_loss = self._ema_loss
         summary = RunSummary(self.out, self.step, stopped, bits(ema_loss) if ema_loss is not None else math.nan,
-                             val, self.best["val_bpc"], self.best["step"])
+                             val, self.best["val_bpc"], self.best["step"], signum if stopped == "interrupted" else None)
         if stopped == "interrupted":
-            self._say(f"stopped by Ctrl-C at step {self.step}; saved {self.out / 'latest.npz'}; "
-                      f"continue with: unrolled train --resume {self.out}")
+            self._say(f"stopped by {NAMES.get(signum, 'a signal')} at step {self.step}; saved "
+                      f"{self.out / 'latest.npz'}; continue with: unrolled train --resume {self.out}")
         else:
             self._say(f"done: step {self.step}, validation {val:.3f} bits/char "
                       f"(best {self.best['val_bpc']:.3f} at step {self.best['step']}), "
@@ -719,6 +767,14 @@ class TrainingRun:
         if self.saved_step is None:
             return "no checkpoint had been saved yet"
         return f"the last good checkpoint is {self.out / 'latest.npz'} (step {self.saved_step})"
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step a checkpoint was saved at, or None when it cannot be read."""
+    try:
+        return int(load_checkpoint(path)[1]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def train(options: RunOptions, model_flags: dict | None = None, train_flags: dict | None = None) -> RunSummary:
@@ -769,33 +825,6 @@ class _NoLog:
 
     def close(self) -> None:
         pass
-
-
-class _StopRequest:
-    """While active, Ctrl-C asks the loop to stop after the current update; a second one stops at once."""
-
-    def __init__(self, say):
-        self.requested = False
-        self._say = say
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C keeps its usual meaning
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self._say("Ctrl-C: stopping after this update and saving (press Ctrl-C again to quit at once)")
 
 
 # ----------------------------------------------------------------- picture

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from .. import __version__, compiling
+from ..interrupts import quit_on_signal
 
 SUBCOMMANDS = {
     "train": "train a character-level language model on text files",
@@ -57,6 +58,30 @@ def _compiling_notice() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C or SIGTERM ends a command at once, never as an exception unwinding through native code
+    # (interrupts.py); a training loop takes them over to stop and save.
+    with quit_on_signal("unrolled"):
+        _matplotlib_config()
+        return _main(argv)
+
+
+def _matplotlib_config() -> None:
+    """Without a writable home, Matplotlib warns in three lines and makes a new temporary folder each run;
+    give it one beside our cache instead (the Numba cache's warning already says where that is)."""
+    import os
+
+    from ..jitcache import cache_root, writable
+
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    if os.environ.get("MPLCONFIGDIR") or writable(os.path.join(xdg, "matplotlib")):
+        return
+    try:
+        os.environ["MPLCONFIGDIR"] = str(cache_root() / "matplotlib")
+    except OSError:  # nowhere to write at all: Matplotlib's own fallback and warning
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

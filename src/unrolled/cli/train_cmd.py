@@ -47,7 +47,7 @@ from .. import cells, distributed
 from ..charmodel import ModelConfig, TrainConfig
 from ..data import MAX_TEXT_BYTES
 from ..engines import ENGINE_NAMES
-from ..lm_train import RunOptions, train
+from ..interrupts import exit_code
 from ..optim import OPTIMIZERS
 from . import UsageError
 
@@ -112,6 +112,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..lm_train import RunOptions, train  # here, not above: `--help` needs no Numba
+
     model_flags = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     if "minutes" in train_flags and "steps" not in train_flags and not args.resume:
@@ -121,4 +123,4 @@ def run(args) -> int:
                          skip_unknown=args.skip_unknown,
                          comm=distributed.from_environment())
     summary = train(options, model_flags, train_flags)
-    return 130 if summary.stopped == "interrupted" else 0
+    return exit_code(summary.signum) if summary.stopped == "interrupted" else 0
