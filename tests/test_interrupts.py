@@ -102,13 +102,13 @@ def one_case(folder: Path, rng: random.Random, command: str, run_for: Path | Non
     return case
 
 
-def battery(n: int, seed: int, folder: Path, report=None) -> dict:
-    """``n`` cases (one in five an evaluate of the last checkpoint saved); the tally of how they ended."""
+def battery(n: int, seed: int, folder: Path, report=None, evaluate_every: int = 5) -> dict:
+    """``n`` cases (every ``evaluate_every``-th an evaluate of the last checkpoint saved); how they ended."""
     rng = random.Random(seed)
     tally = {"cases": 0, "clean": 0, "saved": 0, "crash": 0, "traceback": 0, "unexpected exit": 0, "data lost": 0}
     last_saved = None
     for i in range(n):
-        command = "evaluate" if i % 5 == 4 and last_saved is not None else "train"
+        command = "evaluate" if i % evaluate_every == evaluate_every - 1 and last_saved is not None else "train"
         case = one_case(folder, rng, command, last_saved)
         tally["cases"] += 1
         tally[case["problem"] or "clean"] += 1
@@ -123,7 +123,7 @@ def battery(n: int, seed: int, folder: Path, report=None) -> dict:
 def test_signals_at_random_moments_end_cleanly(tmp_path):
     n = int(os.environ.get("UNROLLED_INTERRUPT_CASES", "3"))
     failures = []
-    tally = battery(n, seed=int(time.time()) % 1000, folder=tmp_path,
+    tally = battery(n, seed=int(time.time()) % 1000, folder=tmp_path, evaluate_every=3,
                     report=lambda i, c: c["problem"] and failures.append(c))
     assert tally["clean"] == n, (tally, [(c["problem"], c["signals"], c["rc"], c["stderr"][-800:]) for c in failures])
 

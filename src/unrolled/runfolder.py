@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - Windows: no lock, as before
 
 LOCK_NAME = ".unrolled.lock"
 # atomic_writer's temporary files: "." + the target's name + "." + mkstemp's 8 characters + ".tmp"
-_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 class FolderLock:

@@ -16,14 +16,17 @@ skip). Without a terminal it prints a plain progress line every few seconds.
 A loss that diverges (NaN, or far above its best) stops the run, naming the
 last good checkpoint.
 
-Ctrl-C stops after the update under way and saves; `--resume DIR` continues
+Ctrl-C (or SIGTERM) stops after the update under way and saves; a second
+Ctrl-C quits at once, without saving. `--resume DIR` continues
 exactly where the run stopped (same losses, bit for bit, as if it had never
 stopped). A resumed run keeps its model and training settings; only
---steps, --minutes and the reporting intervals may change. It reads the
+--steps, --minutes and the reporting intervals may change (a cosine
+schedule then stretches to the new --steps). It reads the
 text it was trained on, found relative to the run folder and recognized by
 its size and checksum; if the text moved, name it again. Naming another
 text continues training on it in a new --out folder (--skip-unknown leaves
-out characters the model's vocabulary lacks).
+out characters the model's vocabulary lacks). One run at a time writes in
+a folder: a second one started there is refused.
 
 Under `mpiexec -n N` (pip install "unrolled[dist]") it trains data-parallel:
 each of the N processes takes --batch/N of the streams, the gradients are
