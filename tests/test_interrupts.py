@@ -120,6 +120,59 @@ def battery(n: int, seed: int, folder: Path, report=None, evaluate_every: int = 
     return tally
 
 
+def test_a_second_signal_quits_at_once_without_unwinding():
+    code = ("import signal, time; from unrolled.interrupts import StopRequest\n"
+            "with StopRequest('bye') as stop:\n"
+            "    signal.raise_signal(signal.SIGTERM)\n"
+            "    print('requested', stop.requested, stop.name, flush=True)\n"
+            "    signal.raise_signal(signal.SIGINT)\n"
+            "    time.sleep(5)\n"
+            "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stdout == "requested True SIGTERM\n"
+    assert done.stderr == "Ctrl-C again: bye\n"
+
+
+def test_after_the_command_a_late_signal_is_ignored():
+    from unrolled.interrupts import quit_on_signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with quit_on_signal("unrolled"):
+            pass
+        assert all(signal.getsignal(s) is h for s, h in before.items())  # a library call puts them back
+        with quit_on_signal("unrolled", exiting=True):
+            pass
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in before)  # the process is ending
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_row_workers_are_joined_before_an_interrupt_unwinds(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from unrolled import rowsplit
+
+    real_wait, calls = rowsplit.wait, []
+
+    def interrupted_wait(futures):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the main thread waits on its workers
+        return real_wait(futures)
+
+    monkeypatch.setattr(rowsplit, "wait", interrupted_wait)
+    with ThreadPoolExecutor(1) as pool:
+        worker = pool.submit(time.sleep, 0.3)
+        try:
+            rowsplit._join([worker])
+        except KeyboardInterrupt:
+            assert worker.done()  # the worker had finished writing before the interrupt went on
+        else:
+            raise AssertionError("the interrupt was swallowed")
+
+
 def test_signals_at_random_moments_end_cleanly(tmp_path):
     n = int(os.environ.get("UNROLLED_INTERRUPT_CASES", "3"))
     failures = []

@@ -50,8 +50,9 @@ def quit_now(signum: int, message: str) -> None:
 
 
 @contextmanager
-def _handlers(handler):
-    """``handler`` for SIGINT and SIGTERM while the block runs (main thread only), the previous ones after."""
+def _handlers(handler, after=None):
+    """``handler`` for SIGINT and SIGTERM while the block runs (main thread only); then ``after``, or
+    the previous handlers when it is None."""
     previous = {}
     try:
         for s in SIGNALS:
@@ -62,16 +63,20 @@ def _handlers(handler):
         yield
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, h if after is None else after)
 
 
 @contextmanager
-def quit_on_signal(prefix: str):
-    """While the block runs, Ctrl-C or SIGTERM ends the process at once, saying ``prefix: interrupted``."""
+def quit_on_signal(prefix: str, *, exiting: bool = False):
+    """While the block runs, Ctrl-C or SIGTERM ends the process at once, saying ``prefix: interrupted``.
+
+    ``exiting``: the process ends after the block, so the signals stay ignored instead of getting their
+    previous handlers back: the interpreter's exit puts back the default one, under which a late second
+    Ctrl-C killed the process before it had flushed what it printed; an ignored signal stays ignored."""
     def handle(signum, frame):
         quit_now(signum, f"{prefix}: interrupted ({NAMES.get(signum, signum)})")
 
-    with _handlers(handle):
+    with _handlers(handle, signal.SIG_IGN if exiting else None):
         yield
 
 

@@ -60,7 +60,8 @@ def _compiling_notice() -> None:
 def main(argv: list[str] | None = None) -> int:
     # Ctrl-C or SIGTERM ends a command at once, never as an exception unwinding through native code
     # (interrupts.py); a training loop takes them over to stop and save.
-    with quit_on_signal("unrolled"):
+    # argv None: the process's own command line, which ends when the command does
+    with quit_on_signal("unrolled", exiting=argv is None):
         _matplotlib_config()
         return _main(argv)
 
