@@ -73,7 +73,7 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path, text_file, capsys)
     try:
         rc = main(["train", str(text_file), *TINY, "--steps", "3", "--out", str(out)])
         line = _one_line(capsys.readouterr().err)
-        assert rc == 1 and f"{out} is in use by another training run (process {os.getpid()})" in line
+        assert rc == 1 and f"{out} is in use by another training run" in line
         assert "--out" in line and not (out / "latest.npz").exists()
     finally:
         other.release()

@@ -2,8 +2,8 @@
 
 Two ``unrolled train --out DIR`` started together would both save into DIR,
 each overwriting the other's ``latest.npz``: the first run is lost without a
-word. :class:`FolderLock` takes an exclusive ``flock`` on a file in the
-folder for as long as the run lives; the kernel drops it when the process
+word. :class:`FolderLock` takes an exclusive ``flock`` on the folder for
+as long as the run lives; the kernel drops it when the process
 ends, however it ends (``kill -9`` included), so a lock is never left stale.
 
 A save is a temporary file renamed over the checkpoint (:mod:`unrolled.atomic`);
@@ -23,40 +23,34 @@ try:
 except ImportError:  # pragma: no cover - Windows: no lock, as before
     fcntl = None
 
-LOCK_NAME = ".unrolled.lock"
 # atomic_writer's temporary files: "." + the target's name + "." + mkstemp's 8 characters + ".tmp"
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 class FolderLock:
-    """An exclusive lock on a run folder, held until :meth:`release` or the end of the process."""
+    """An exclusive lock on a run folder, held until :meth:`release` or the end of the process.
+
+    The lock is on the folder itself (an open descriptor of it), so the run leaves no file behind."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self._file = None
+        self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
-        """Take the lock, or raise ``ValueError`` naming the run that holds it."""
-        if fcntl is None or self._file is not None:
+        """Take the lock, or raise ``ValueError`` saying the folder is in use."""
+        if fcntl is None or self._fd is not None:
             return self
-        f = open(self.folder / LOCK_NAME, "a+")
+        fd = os.open(self.folder, os.O_RDONLY)
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            f.close()
-            who = f" (process {holder})" if holder.isdigit() else ""
-            raise ValueError(f"{self.folder} is in use by another training run{who}; wait for it to end, "
+            os.close(fd)
+            raise ValueError(f"{self.folder} is in use by another training run; wait for it to end, "
                              f"or choose another folder with --out") from None
         except OSError:  # a file system without locks (some network mounts): run unlocked, as before
-            f.close()
+            os.close(fd)
             return self
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        self._file = f
+        self._fd = fd
         return self
 
     def __enter__(self) -> FolderLock:
@@ -66,10 +60,10 @@ class FolderLock:
         self.release()
 
     def release(self) -> None:
-        """Give the lock up (closing the file drops it); the lock file stays, empty of meaning."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Give the lock up (closing the descriptor drops it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def remove_stale_temporaries(folder: Path) -> tuple[int, int]:
