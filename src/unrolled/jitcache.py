@@ -5,10 +5,16 @@ engine's loops and fused kernels are generated text. Each text is written
 once (named by its hash) under ``$UNROLLED_CACHE``, else ``~/.cache/unrolled``,
 else the temporary folder, and imported from there.
 
-Numba's own cache of the package's kernels lives beside their source, else
-under ``~/.cache/numba``; where neither can be written (a read-only install
-run by an account without a home) :func:`prepare_numba_cache` points it at
-the folder above instead, with one warning.
+The kernel modules' own cached functions are keyed the same way: Numba
+checks a cached function against its own file only, so the machine code of a
+function that compiled in another kernel module's function (rowkernels'
+``tanh_row`` inlines jitkernels' ``_tanh1``) outlived a change to that
+function. :func:`prepare_numba_cache` puts their caches in a folder named by
+:func:`_kernels_fingerprint`, a hash of every kernel module, under
+``NUMBA_CACHE_DIR`` when that is set, else beside the generated code. Where
+Numba cannot cache beside a source nor under ``~/.cache/numba`` (a read-only
+install run by an account without a home) it also points ``NUMBA_CACHE_DIR``
+at the folder above, with one warning.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ def prepare_numba_cache() -> None:
 
     Numba refuses to define such a function when it can write neither beside the source nor under
     ``~/.cache/numba`` ("cannot cache function ...: no locator available"), and every command would die
-    on import. Then the cache goes to our own cache folder, and one line on stderr says so."""
+    on import. Then the cache goes to our own cache folder, and one line on stderr says so. First of all,
+    the kernel modules' caches are keyed by the fingerprint of every kernel module (:func:`_key_kernel_caches`)."""
+    _key_kernel_caches()
     if os.environ.get("NUMBA_CACHE_DIR"):  # the user's choice
         return
     from pathlib import Path
@@ -76,6 +84,9 @@ def _load_module(text: str, prefix: str) -> dict:
     return {k: v for k, v in vars(module).items() if not k.startswith("_")}
 
 
+KERNEL_FILES = ("jitkernels.py", "rowkernels.py", "blas.py", "onednn.py", "optim_kernels.py", "generate_kernels.py")
+
+
 @functools.cache
 def _kernels_fingerprint() -> str:
     """A hash of the kernel modules that generated code calls. Numba's disk cache checks only the
@@ -86,7 +97,7 @@ def _kernels_fingerprint() -> str:
 
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("jitkernels.py", "rowkernels.py", "blas.py", "onednn.py", "optim_kernels.py", "generate_kernels.py"):
+    for name in KERNEL_FILES:
         path = here / name
         h.update(path.read_bytes() if path.exists() else name.encode())
     return h.hexdigest()[:16]
@@ -116,19 +127,67 @@ def cache_root():
     return _cache_folder().parent
 
 
-def _cache_folder():
-    """Where generated JIT loops live: $UNROLLED_CACHE, else ~/.cache/unrolled, else a temporary folder."""
+def _cache_folder(name: str = "jit", *preferred: str):
+    """The first writable folder ``name`` in: ``preferred``, $UNROLLED_CACHE, ~/.cache/unrolled, a temporary folder.
+    (Generated JIT loops live in "jit".)"""
     import tempfile
     from pathlib import Path
 
-    for candidate in (os.environ.get("UNROLLED_CACHE"), os.path.join(os.path.expanduser("~"), ".cache", "unrolled"),
-                      os.path.join(tempfile.gettempdir(), "unrolled-cache")):
+    home = os.path.join(os.path.expanduser("~"), ".cache", "unrolled")
+    temporary = os.path.join(tempfile.gettempdir(), "unrolled-cache")
+    for candidate in (*preferred, os.environ.get("UNROLLED_CACHE"), home, temporary):
         if not candidate:
             continue
-        folder = Path(candidate) / "jit"
+        folder = Path(candidate) / name
         if writable(folder):
             return folder
     raise OSError("no writable folder for the JIT cache: set UNROLLED_CACHE to one, or use jit=False")
+
+
+def _key_kernel_caches() -> None:
+    """Make Numba cache the kernel modules' functions under the fingerprint of all of them.
+
+    Done before any cached function is defined (Numba picks a function's cache
+    folder then). Numba's own locators key a cache by the defining file alone,
+    so a changed callee in another kernel module (a new version of unrolled, an
+    edit) left the caller's old machine code running.
+    """
+    from numba.core import caching
+
+    locators = (getattr(caching, "CacheImpl", None) or caching._CacheImpl)._locator_classes  # _CacheImpl in older Numba
+    if _kernel_locator() not in locators:
+        locators.insert(0, _kernel_locator())  # before NUMBA_CACHE_DIR's, which would take every file
+
+
+@functools.cache
+def _kernel_locator():
+    """The Numba cache locator for :data:`KERNEL_FILES` (a class made on first use: this module imports no Numba)."""
+    from numba.core import caching, config
+
+    here = os.path.dirname(os.path.realpath(__file__))
+
+    class KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
+        """A kernel module's cache: ``kernels-<fingerprint>`` under NUMBA_CACHE_DIR/unrolled when that is
+        set, else beside the generated loops' folder; ``None`` (Numba's own locators) for any other file."""
+
+        def __init__(self, py_func, py_file, folder):
+            self._py_file, self._lineno, self._folder = py_file, py_func.__code__.co_firstlineno, folder
+
+        def get_cache_path(self):
+            return self._folder
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            real = os.path.realpath(py_file)
+            if os.path.dirname(real) != here or os.path.basename(real) not in KERNEL_FILES:
+                return None
+            preferred = [os.path.join(config.CACHE_DIR, "unrolled")] if config.CACHE_DIR else []
+            try:
+                return cls(py_func, py_file, str(_cache_folder(f"kernels-{_kernels_fingerprint()}", *preferred)))
+            except OSError:  # nowhere writable: Numba's own locators decide
+                return None
+
+    return KernelCacheLocator
 
 
 def numba_allowed(jit, unsupported: set[str], what: str, env_refuses: tuple[str, ...] = ("0",)) -> bool:
