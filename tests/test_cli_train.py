@@ -51,7 +51,8 @@ def one_line_error(capsys, rc, *needles):
 def test_train_end_to_end(tmp_path, text_file, capsys):
     out = tmp_path / "run"
     rc = main(["train", str(text_file), "--engine", "reference", "--hidden", "24", "--layers", "1", "--seq", "12",
-               "--batch", "6", "--lr", "0.01", "--steps", "40", "--eval-every", "20", "--sample-every", "20",
+               "--batch", "6", "--lr", "0.01", "--lr-schedule", "constant", "--steps", "40", "--eval-every", "20",
+               "--sample-every", "20",
                "--sample-length", "30", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
@@ -193,8 +194,8 @@ def test_bad_settings_are_one_line(tmp_path, text_file, capsys):
     one_line_error(capsys, rc, "k1")
     rc = main(["train", str(text_file), *TINY, "--dropout", "1.5", "--out", str(tmp_path / "r")])
     one_line_error(capsys, rc, "dropout")
-    rc = main(["train", str(text_file), *TINY, "--lr-schedule", "cosine", "--minutes", "1", "--out", str(tmp_path / "r")])
-    one_line_error(capsys, rc, "cosine", "--steps")
+    rc = main(["train", str(text_file), *TINY, "--lr-schedule", "cosine", "--steps", "0", "--out", str(tmp_path / "r")])
+    one_line_error(capsys, rc, "cosine", "--steps", "--minutes")
 
 
 def test_huge_learning_rate_stops_with_the_step(tmp_path, text_file, capsys):

@@ -87,7 +87,7 @@ class TrainConfig:
     seq: int = 50  # characters per chunk (T): the default of k1 and k2, and the validation chunk length
     batch: int = 50  # parallel streams per chunk (B)
     lr: float = 2e-3  # learning rate (the schedule's starting value)
-    lr_schedule: str = "constant"  # constant, or cosine (down to 0 at the last step; needs steps)
+    lr_schedule: str = "constant"  # constant, or cosine (down to 0 at the end of the steps or minutes)
     warmup: int = 0  # updates of linear learning-rate warm-up in front of the schedule
     optimizer: str = "adam"  # update rule, see optim.py
     clip: float = 5.0  # largest global gradient norm before an update; 0 = no clipping
@@ -119,8 +119,8 @@ class TrainConfig:
             raise ValueError(f"learning rate {self.lr}; it must be a positive number (--lr)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"learning-rate schedule '{self.lr_schedule}'; use one of {', '.join(LR_SCHEDULES)}")
-        if self.lr_schedule == "cosine" and not self.steps:
-            raise ValueError("the cosine schedule needs the run's length: give --steps")
+        if self.lr_schedule == "cosine" and not (self.steps or self.minutes):
+            raise ValueError("the cosine schedule needs the run's length: give --steps or --minutes")
         if self.warmup < 0:
             raise ValueError(f"warm-up of {self.warmup} steps; it cannot be negative (--warmup)")
         if self.bptt_k1 > self.bptt_k2:

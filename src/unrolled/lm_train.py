@@ -53,7 +53,7 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from . import compiling, data
+from . import compiling, data, recipe
 from .atomic import atomic_write_bytes
 from .charmodel import (
     INPUT_NAME, LOSS_NAME, TARGET_NAME, LoadedModel, ModelConfig, TrainConfig, bits, build_graph,
@@ -68,7 +68,7 @@ from .optim import make_optimizer
 from .runfolder import FolderLock, remove_stale_temporaries
 from .runlog import METRICS_NAME, MetricsLog
 from .sampling import Sampler
-from .schedules import make_schedule
+from .schedules import Cosine, make_schedule
 from .train import Trainer
 from .words import count
 
@@ -380,6 +380,10 @@ class TrainingRun:
         self.new_text = loaded is not None and bool(options.files) and _is_new_text(loaded.meta, self.batcher)
         if self.dp is not None:
             self.dp.rows(cfg.batch)  # refuses a batch that does not split over the ranks
+        self.recipe: list[recipe.Choice] = []
+        if not loaded:
+            self._apply_recipe(set(model_flags or {}) | set(train_flags or {}))
+            cfg = self.config
 
         # The model and its trainer.
         self.graph = build_graph(self.model, train=True)
@@ -396,7 +400,10 @@ class TrainingRun:
             params = {k: np.array(v, copy=True) for k, v in loaded.params.items()}
         else:
             params = init_params(self.model, cfg.seed)
-        schedule = make_schedule(cfg.lr_schedule, cfg.lr, total_steps=cfg.steps or None, warmup_steps=cfg.warmup)
+        # A cosine over a time budget follows the run's progress, which _set_lr feeds the optimizer each update.
+        self.timed_decay = cfg.lr_schedule == "cosine" and bool(cfg.minutes)
+        schedule = None if self.timed_decay else make_schedule(cfg.lr_schedule, cfg.lr, total_steps=cfg.steps or None,
+                                                                warmup_steps=cfg.warmup)
         self.trainer = Trainer(self.engine, params, make_optimizer(cfg.optimizer, cfg.lr), schedule=schedule,
                                clip_norm=cfg.clip or None, k1=cfg.bptt_k1, k2=cfg.bptt_k2, seed=cfg.seed,
                                comm=self.dp)
@@ -422,10 +429,14 @@ class TrainingRun:
         self.val_points: list[tuple[int, float]] = []  # (step, validation bits/char)
         self.best = {"val_bpc": math.inf, "step": 0}
         self.train_seconds = 0.0  # time spent in updates, over all invocations
+        self.budget_seconds = cfg.minutes * 60.0  # the run stops when train_seconds reaches it; 0 = no time limit
         self.saved_step: int | None = None  # the step of the last checkpoint written (the last good one)
         if loaded:
             self._restore(loaded)
+            self._resume_budget(loaded, train_flags or {})
             self._extend_schedule(schedule)
+            if self.timed_decay:  # the rate follows the budget's progress, not a saved schedule of steps
+                self.trainer.schedule = None
         if self.dp is not None:
             self.dp.context = self.last_good  # what a rank that gives up waiting for the others names
         self._sampler: Sampler | None = None
@@ -454,6 +465,53 @@ class TrainingRun:
     @property
     def step(self) -> int:
         return self.trainer.step_count
+
+    def _apply_recipe(self, given: set) -> None:
+        """A fresh run takes the recipe's choice (:mod:`unrolled.recipe`) for every setting not given."""
+        cfg = self.config
+        self.recipe = recipe.choose(len(self.train_ids), steps=cfg.steps, minutes=cfg.minutes, k1=cfg.bptt_k1,
+                                    batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, given=frozenset(given))
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        chosen = {c.field: c.value for c in self.recipe}
+        self.model = dataclasses.replace(self.model, **{k: v for k, v in chosen.items() if k in model_fields}).check()
+        self.config = dataclasses.replace(self.config, **{k: v for k, v in chosen.items()
+                                                          if k not in model_fields}).check()
+
+    def _resume_budget(self, loaded: LoadedModel, train_flags: dict) -> None:
+        """A resumed run's time limit: the rest of its budget; with --minutes M, M more minutes; with a new
+        --steps alone, none (the steps decide). A cosine over the budget stretches to the new end."""
+        saved = loaded.meta.get("budget_seconds")
+        if "minutes" in train_flags:
+            self.budget_seconds = self.train_seconds + self.config.minutes * 60.0 if self.config.minutes else 0.0
+        elif "steps" in train_flags:
+            self.budget_seconds = 0.0
+        elif saved is not None:
+            self.budget_seconds = float(saved)
+        else:  # written before runs kept their budget: --minutes counted per invocation
+            self.budget_seconds = self.train_seconds + self.config.minutes * 60.0 if self.config.minutes else 0.0
+        if self.timed_decay and not (self.budget_seconds or self.config.steps):
+            raise ValueError(f"{loaded.path} decays its learning rate over a time budget; give --minutes (or "
+                             f"--steps) to say how long the resumed run goes on")
+
+    def _progress_fraction(self) -> float:
+        """How far through its budget the run is (:func:`recipe.progress`)."""
+        return recipe.progress(self.step, self.config.steps, self.train_seconds, self.budget_seconds)
+
+    def _budget_spent(self) -> bool:
+        cfg = self.config
+        return bool(cfg.steps and self.step >= cfg.steps) or bool(
+            self.budget_seconds and self.train_seconds >= self.budget_seconds)
+
+    def _set_lr(self) -> None:
+        """Under a cosine over a time budget, the next update's rate from the run's progress (warm-up first)."""
+        cfg = self.config
+        if not self.timed_decay:
+            return
+        if self.step < cfg.warmup:
+            lr = cfg.lr * (self.step + 1) / (cfg.warmup + 1)
+        else:
+            lr = Cosine(cfg.lr, 1).at_fraction(self._progress_fraction())
+        self.trainer.optimizer.lr = lr
 
     def _restore(self, loaded: LoadedModel) -> None:
         meta, arrays = loaded.meta, loaded.arrays
@@ -504,6 +562,9 @@ class TrainingRun:
         if cfg.steps and self.step >= cfg.steps:
             raise ValueError(f"the run has already done {count(self.step, 'step')} (--steps {cfg.steps}); "
                              f"pass a larger --steps to continue it")
+        if self.budget_seconds and self.train_seconds >= self.budget_seconds:
+            raise ValueError(f"the run has already spent its {self.budget_seconds / 60:g} minutes of training; "
+                             f"pass --minutes M to train M minutes more")
         try:
             _on_root(self.dp, self._claim_folder)  # rank 0 alone writes, so it alone holds the lock
             return self._train()
@@ -553,11 +614,10 @@ class TrainingRun:
     def _loop(self, stop: StopRequest) -> str:
         """Updates until a limit ("done") or Ctrl-C ("interrupted"); validation, samples and saves on the way."""
         cfg = self.config
-        budget = cfg.minutes * 60.0
-        spent = 0.0  # seconds of updates in this invocation, compiling left out
         shown = _clock()  # when the last plain progress line was printed (no terminal)
-        while not (cfg.steps and self.step >= cfg.steps) and not (budget and spent >= budget):
-            spent += self._update()
+        while not self._budget_spent():  # train_seconds: updates only, compiling and validation left out
+            self._set_lr()
+            self._update()
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._evaluate_and_save(stop)
             elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not self.watch.over:
@@ -626,8 +686,9 @@ class TrainingRun:
         n_params = sum(p.size for p in self.params.values())
         verb = f"resuming at step {self.step}" if self.step else "training"
         limit = [f"until step {cfg.steps:,}"] if cfg.steps else []
-        if cfg.minutes:
-            limit.append(f"for {count(cfg.minutes, 'minute', spec='g')}")
+        if self.budget_seconds:
+            minutes = round((self.budget_seconds - self.train_seconds) / 60, 4)
+            limit.append(f"for {count(minutes, 'minute', spec='g')}" + (" more" if self.train_seconds else ""))
         self._say(
             f"{verb}: {m.cell} {m.layers}×{m.hidden} ({count(n_params, 'parameter', spec=',')}, "
             f"{count(len(self.vocabulary), 'character')}) on "
@@ -637,6 +698,8 @@ class TrainingRun:
             f"dropout {m.dropout:g}, engine {self.engine_name}{self._ranks()}; {' or '.join(limit) or 'until Ctrl-C'}\n"
             f"  writing to {self.out}/ (latest.npz, best.npz, {PLOT_NAME}, {METRICS_NAME}); Ctrl-C stops and saves"
         )
+        if self.recipe:
+            self._say("  chosen for this text and budget:\n" + "\n".join(f"    {c.line()}" for c in self.recipe))
 
     def _ranks(self) -> str:
         if self.dp is None:
@@ -708,6 +771,7 @@ class TrainingRun:
             self.model, self.config, self.vocabulary.to_list(), self.params,
             trainer=self.trainer.state_meta(), data=self.batcher.state(), text=self.text_meta,
             best=self.best, step=self.step, train_seconds=self.train_seconds, engine=self.engine_name,
+            budget_seconds=self.budget_seconds,
         )
         arrays.update(self.trainer.state_arrays())
         arrays["history/train_loss"] = np.array(self.train_losses, dtype=np.float64)

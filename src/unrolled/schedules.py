@@ -11,7 +11,8 @@ Steps count from 0 (the first update uses ``lr_at(0)``).
 - :class:`Cosine`: from ``lr`` down to ``min_lr`` along half a cosine over
   ``total_steps``, then held at ``min_lr`` (torch ``CosineAnnealingLR`` with
   ``T_max = total_steps``, ``eta_min = min_lr``, which instead climbs back up
-  after ``T_max``).
+  after ``T_max``). ``at_fraction(f)`` gives the same curve over a fraction of
+  a budget, for a run limited by time rather than steps.
 - :class:`Warmup`: a linear ramp over ``warmup_steps`` steps in front of any
   of them, ``lr_at(s) = base.lr_at(0) · (s + 1) / (warmup_steps + 1)`` for
   ``s < warmup_steps``; after it the base schedule starts from its own step 0,
@@ -135,8 +136,13 @@ class Cosine(Schedule):
             raise ValueError(f"cosine schedule: min_lr {self.min_lr} is above lr {self.lr}; the rate only goes down")
 
     def lr_at(self, step: int) -> float:
-        step = min(_check_step(step), self.total_steps)
-        return self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * step / self.total_steps)) / 2
+        return self.at_fraction(min(_check_step(step), self.total_steps) / self.total_steps)
+
+    def at_fraction(self, fraction: float) -> float:
+        """The rate a fraction of the way through the decay (0: lr, 1 and beyond: min_lr): the same curve
+        for a run whose budget is a time, not a number of steps (``train --minutes``)."""
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        return self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * fraction)) / 2
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
 """Train a character-level language model on text files.
 
 With no FILE it trains on a built-in corpus that needs no download (the
-running Python's own standard-library sources). The defaults are char-rnn's:
-an LSTM of 2 layers of 128, chunks of 50 characters × 50 streams, Adam at
-2e-3, gradients clipped to a global norm of 5, the last 10% held out.
+running Python's own standard-library sources). The fixed defaults are
+char-rnn's: an LSTM, chunks of 50 characters × 50 streams, Adam at 2e-3,
+gradients clipped to a global norm of 5, the last 10% held out. The rest is
+chosen from the text and the budget (--steps, --minutes) and printed at the
+start, each choice with the flag that overrides it: the learning rate decays
+along a cosine to 0 at the end of the budget (whichever of --steps and
+--minutes ends first); dropout unless the budget reads the text only a few
+times; the layers' size from the text's length (the rule:
+unrolled/recipe.py). The best model by validation is kept in best.npz.
 
 While it runs it shows a progress bar (step, smoothed bits/char, chars/s),
 prints a short sample and the validation bits/char now and then, and keeps
@@ -25,8 +31,10 @@ schedule then stretches to the new --steps). It reads the
 text it was trained on, found relative to the run folder and recognized by
 its size and checksum; if the text moved, name it again. Naming another
 text continues training on it in a new --out folder (--skip-unknown leaves
-out characters the model's vocabulary lacks). One run at a time writes in
-a folder: a second one started there is refused.
+out characters the model's vocabulary lacks). A resumed run trains for the
+rest of its --minutes (--minutes M: M minutes more; a new --steps alone: no
+time limit), and a decaying rate stretches to the new end. One run at a
+time writes in a folder: a second one started there is refused.
 
 Under `mpiexec -n N` (pip install "unrolled[dist]") it trains data-parallel:
 each of the N processes takes --batch/N of the streams, the gradients are
@@ -76,16 +84,17 @@ def add_arguments(p) -> None:
                                                              "none: the built-in corpus (on resume: the run's own text)")
     m = p.add_argument_group("model")
     m.add_argument("--cell", choices=cells.CELLS, help=f"recurrent cell (default {_M.cell})")
-    m.add_argument("--hidden", type=int, metavar="N", help=f"state size of each layer (default {_M.hidden})")
-    m.add_argument("--layers", type=int, metavar="N", help=f"stacked layers (default {_M.layers})")
-    m.add_argument("--dropout", type=float, metavar="P", help=f"dropout between layers and before the readout (default {_M.dropout:g})")
+    m.add_argument("--hidden", type=int, metavar="N", help="state size of each layer (default: chosen from the text's size, see above)")
+    m.add_argument("--layers", type=int, metavar="N", help="stacked layers (default: chosen, see above)")
+    m.add_argument("--dropout", type=float, metavar="P", help="dropout between layers and before the readout (default: chosen from the text and budget)")
     m.add_argument("--embedding", type=int, metavar="N", help="learn a character embedding of this size instead of one-hot input")
     t = p.add_argument_group("training")
     t.add_argument("--seq", type=int, metavar="T", help=f"characters per chunk, T (default {_T.seq})")
     t.add_argument("--batch", type=int, metavar="B", help=f"parallel streams, B (default {_T.batch})")
     t.add_argument("--lr", type=float, metavar="X", help=f"learning rate (default {_T.lr:g})")
     t.add_argument("--lr-schedule", choices=("constant", "cosine"),
-                   help="constant, or cosine decay to 0 at the last step (needs --steps) (default constant)")
+                   help="constant, or cosine decay to 0 at the end of --steps or --minutes "
+                        "(default: cosine when either is given)")
     t.add_argument("--warmup", type=int, metavar="N", help="updates of linear learning-rate warm-up (default 0)")
     t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"update rule (default {_T.optimizer})")
     t.add_argument("--clip", type=float, metavar="X", help=f"largest global gradient norm, 0 = no clipping (default {_T.clip:g})")
@@ -93,8 +102,8 @@ def add_arguments(p) -> None:
     t.add_argument("--k2", type=int, metavar="N", help="truncated BPTT: steps the gradient flows back, >= k1 (default --seq)")
     t.add_argument("--steps", type=int, metavar="N", help=f"stop after this many updates in all; 0 = no step limit (stop with --minutes "
                                                          f"or Ctrl-C) (default {_T.steps:,}; none with --minutes alone)")
-    t.add_argument("--minutes", type=float, metavar="M", help="stop after this many minutes of updates in this invocation "
-                                                 "(compiling, validation, samples and saving are not counted)")
+    t.add_argument("--minutes", type=float, metavar="M", help="stop after this many minutes of updates (compiling, validation, "
+                                                 "samples and saving are not counted); on --resume: M minutes more")
     t.add_argument("--val-fraction", type=float, metavar="F", help=f"the last part of the text held out (default {_T.val_fraction:g})")
     t.add_argument("--seed", type=int, metavar="S", help=f"initial weights and dropout (default {_T.seed})")
     r = p.add_argument_group("run")
