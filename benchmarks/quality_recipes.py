@@ -33,12 +33,15 @@ TABLE = HERE / "QUALITY.md"
 
 # name -> the flags of `unrolled train` that make it (model flags, training flags)
 RECIPES: dict[str, tuple[dict, dict]] = {
-    "classic": ({"dropout": 0.0}, {"lr_schedule": "constant"}),  # char-rnn's: constant 2e-3, no dropout
-    "cosine": ({"dropout": 0.0}, {"lr_schedule": "cosine"}),  # decay to the end of the budget, no dropout
-    "cos+d0.1": ({"dropout": 0.1}, {"lr_schedule": "cosine"}),
-    "cos+d0.2": ({"dropout": 0.2}, {"lr_schedule": "cosine"}),
-    "cos+d0.3": ({"dropout": 0.3}, {"lr_schedule": "cosine"}),
-    "cos+d0.2+h256": ({"dropout": 0.2, "hidden": 256}, {"lr_schedule": "cosine"}),
+    "classic": ({"dropout": 0.0}, {"lr_schedule": "constant", "decay": 1.0}),  # char-rnn's: constant 2e-3, no dropout
+    "cosine": ({"dropout": 0.0}, {"lr_schedule": "cosine", "decay": 1.0}),  # decay to the end of the budget, no dropout
+    "tail0.3": ({"dropout": 0.0}, {"lr_schedule": "cosine", "decay": 0.3}),  # held, then decay over the last 30%
+    "tail0.5": ({"dropout": 0.0}, {"lr_schedule": "cosine", "decay": 0.5}),
+    "cos+d0.1": ({"dropout": 0.1}, {"lr_schedule": "cosine", "decay": 1.0}),
+    "cos+d0.2": ({"dropout": 0.2}, {"lr_schedule": "cosine", "decay": 1.0}),
+    "cos+d0.3": ({"dropout": 0.3}, {"lr_schedule": "cosine", "decay": 1.0}),
+    "tail+d0.2": ({"dropout": 0.2}, {"lr_schedule": "cosine", "decay": 0.3}),
+    "cos+d0.2+h256": ({"dropout": 0.2, "hidden": 256}, {"lr_schedule": "cosine", "decay": 1.0}),
     "auto": ({}, {}),  # whatever `unrolled train TEXT --steps N` picks with no other flag
 }
 BASE_MODEL = {"hidden": 128, "layers": 2}  # the size every recipe but auto and those naming one uses

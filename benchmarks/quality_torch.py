@@ -9,8 +9,9 @@ before it chose from the budget: LSTM 2 x 128, no dropout, Adam 2e-3
 constant. ``--recipe new`` is what `unrolled train TEXT --minutes M` (or
 ``--steps N``) now picks, taken from the same rule (:mod:`unrolled.recipe`):
 the model's size and dropout (between the layers and before the readout, where
-unrolled puts it), and a learning rate decaying along a cosine to 0 at the end
-of the budget, driven by the fraction of update-seconds (or updates) spent.
+unrolled puts it), and a learning rate held, then decaying along a cosine to 0
+over the last part of the budget, driven by the fraction of update-seconds (or
+updates) spent.
 So classic-vs-new in PyTorch is the recipe's gain, and unrolled-vs-PyTorch
 with one recipe is the engine's.
 
@@ -39,7 +40,7 @@ T, B, LR, CLIP = 50, 50, 2e-3, 5.0
 def recipe_settings(name: str, train_chars: int, steps: int, minutes: float) -> dict:
     """hidden, layers, dropout and schedule of a recipe, the new one from unrolled's own rule."""
     if name == "classic":
-        return {"hidden": 128, "layers": 2, "dropout": 0.0, "lr_schedule": "constant"}
+        return {"hidden": 128, "layers": 2, "dropout": 0.0, "lr_schedule": "constant", "decay": 1.0}
     from unrolled import recipe
 
     chosen = recipe.choose(train_chars, steps=steps, minutes=minutes, k1=T, batch=B, lr=LR)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     import torch.nn as nn
     import torch.nn.functional as F
     from unrolled.data import iter_eval_chunks
-    from unrolled.recipe import progress
+    from unrolled.recipe import decayed, progress
     from unrolled.schedules import Cosine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,8 +92,9 @@ def main(argv=None) -> int:
     model = CharRNN()
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     cosine = Cosine(LR, 1) if r["lr_schedule"] == "cosine" else None
+    schedule = f"held, then a cosine to 0 over the last {r['decay']:.0%} of the budget" if cosine else "constant"
     print(f"torch, recipe {args.recipe}: LSTM {L}×{H}, dropout {p:g}, Adam {LR:g} "
-          f"{'cosine to 0 over the budget' if cosine else 'constant'}; "
+          f"{schedule}; "
           f"{len(train):,} training / {len(val):,} held-out characters", flush=True)
 
     def score() -> float:
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if cosine is not None:
             for group in opt.param_groups:
-                group["lr"] = cosine.at_fraction(progress(steps, args.steps, spent, budget))
+                group["lr"] = cosine.at_fraction(decayed(progress(steps, args.steps, spent, budget), r["decay"]))
         if pos + T + 1 > stream:
             pos, state = 0, None
         x, y = streams[pos:pos + T], streams[pos + 1:pos + T + 1]

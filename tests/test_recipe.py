@@ -25,20 +25,23 @@ def chosen(train_chars, **kw):
 
 def test_rule_numbers_in_settings_out():
     # 1,000 updates of 50 × 50 over a million characters: 2.5 passes, enough to overfit
-    assert chosen(1_000_000, steps=1000) == {"lr_schedule": "cosine", "dropout": recipe.DROPOUT,
-                                             "hidden": recipe.HIDDEN, "layers": 2}
+    assert chosen(1_000_000, steps=1000) == {"lr_schedule": "cosine", "decay": recipe.DECAY,
+                                             "dropout": recipe.DROPOUT, "hidden": recipe.HIDDEN, "layers": 2}
     # 100 updates read it 0.25 times: no dropout
     assert chosen(1_000_000, steps=100)["dropout"] == 0.0
     # a time budget counts as a long one; a small text gets a smaller model and more dropout
     assert chosen(1_000_000, minutes=10)["dropout"] == recipe.DROPOUT
-    assert chosen(50_000, minutes=1) == {"lr_schedule": "cosine", "dropout": recipe.SMALL_DROPOUT,
-                                         "hidden": recipe.SMALL_HIDDEN, "layers": 2}
+    assert chosen(50_000, minutes=1) == {"lr_schedule": "cosine", "decay": recipe.DECAY,
+                                         "dropout": recipe.SMALL_DROPOUT, "hidden": recipe.SMALL_HIDDEN, "layers": 2}
     # no budget: nothing to decay over; a warm-up as long as the run: nothing left to decay
     assert chosen(1_000_000)["lr_schedule"] == "constant"
     assert chosen(1_000_000, steps=10, warmup=10)["lr_schedule"] == "constant"
+    assert "decay" not in chosen(1_000_000, steps=10, warmup=10)
     # what the user gave is not chosen
-    assert chosen(1_000_000, steps=1000, given=frozenset({"dropout", "hidden"})) == {"lr_schedule": "cosine",
-                                                                                   "layers": 2}
+    assert chosen(1_000_000, steps=1000, given=frozenset({"dropout", "hidden", "decay"})) == {
+        "lr_schedule": "cosine", "layers": 2}
+    assert chosen(1_000_000, steps=1000, given=frozenset({"lr_schedule"}), lr_schedule="cosine")["decay"] == recipe.DECAY
+    assert "decay" not in chosen(1_000_000, steps=1000, given=frozenset({"lr_schedule"}), lr_schedule="constant")
 
 
 def test_every_choice_names_its_flag():
@@ -53,6 +56,12 @@ def test_progress_is_the_larger_fraction():
     assert recipe.progress(90, 100, 30.0, 60.0) == 0.9
     assert recipe.progress(0, 0, 90.0, 60.0) == 1.0
     assert recipe.progress(7, 0, 0.0, 0.0) == 0.0
+
+
+def test_the_decay_holds_then_takes_the_last_part():
+    assert [recipe.decayed(p, 0.3) for p in (0.0, 0.5, 0.7)] == [0.0, 0.0, 0.0]
+    assert [recipe.decayed(p, 0.3) for p in (0.85, 1.0)] == pytest.approx([0.5, 1.0])
+    assert [recipe.decayed(p, 1.0) for p in (0.0, 0.5, 1.0)] == [0.0, 0.5, 1.0]
 
 
 def test_cosine_over_a_fraction():
@@ -106,10 +115,10 @@ def test_time_budget_drives_the_cosine_and_validation_is_not_counted(tmp_path, t
     assert main(["train", str(text_file), *TINY, "--minutes", MINUTES, "--eval-every", "1", "--out", str(out)]) == 0
     rates = lrs(out)
     assert len(rates) == 12  # 6 s of updates; the 12 validations' 12,000 s do not count
-    # update k starts at k × 0.5 s of the 6 s: its rate is the cosine at k / 12
-    expected = [Cosine(2e-3, 1).at_fraction(k / 12) for k in range(12)]
+    # update k starts at k × 0.5 s of the 6 s: held at lr to 70%, then the cosine over the last 30%
+    expected = [Cosine(2e-3, 1).at_fraction(recipe.decayed(k / 12, recipe.DECAY)) for k in range(12)]
     assert rates == pytest.approx(expected, rel=1e-5)
-    assert rates[0] == pytest.approx(2e-3) and rates[6] == pytest.approx(1e-3)
+    assert rates[:9] == [2e-3] * 9 and rates[11] < rates[10] < rates[9] < 2e-3
     meta = load_checkpoint(out / "latest.npz")[1]
     assert meta["budget_seconds"] == 6.0 and meta["train_seconds"] == pytest.approx(6.0)
     assert meta["train"]["lr_schedule"] == "cosine"
@@ -133,7 +142,9 @@ def test_an_interrupted_time_budget_resumes_where_it_stopped(tmp_path, text_file
     # --minutes on resume: that many more, and the decay stretches to the new end
     assert main(["train", "--resume", str(split), "--minutes", "0.05"]) == 0
     more = lrs(split)
-    assert len(more) == 18 and more[12] == pytest.approx(Cosine(2e-3, 1).at_fraction(12 / 18), rel=1e-5)
+    assert len(more) == 18
+    assert more[16] == pytest.approx(Cosine(2e-3, 1).at_fraction(recipe.decayed(16 / 18, recipe.DECAY)), rel=1e-5)
+    assert more[12] == 2e-3 > more[11]  # back to the held rate: the decay is in the new budget's last 30%
     assert main(["train", "--resume", str(split)]) == 1  # its budget is spent: say so
 
 

@@ -89,6 +89,7 @@ class TrainConfig:
     lr: float = 2e-3  # learning rate (the schedule's starting value)
     lr_schedule: str = "constant"  # constant, or cosine (down to 0 at the end of the steps or minutes)
     warmup: int = 0  # updates of linear learning-rate warm-up in front of the schedule
+    decay: float = 1.0  # cosine: the last fraction of the budget the rate decays over (held at lr before it)
     optimizer: str = "adam"  # update rule, see optim.py
     clip: float = 5.0  # largest global gradient norm before an update; 0 = no clipping
     k1: int = 0  # truncated BPTT: characters between updates; 0 = seq
@@ -121,6 +122,9 @@ class TrainConfig:
             raise ValueError(f"learning-rate schedule '{self.lr_schedule}'; use one of {', '.join(LR_SCHEDULES)}")
         if self.lr_schedule == "cosine" and not (self.steps or self.minutes):
             raise ValueError("the cosine schedule needs the run's length: give --steps or --minutes")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay {self.decay}; it is the fraction of the budget the rate decays over, "
+                             f"above 0 and at most 1 (--decay)")
         if self.warmup < 0:
             raise ValueError(f"warm-up of {self.warmup} steps; it cannot be negative (--warmup)")
         if self.bptt_k1 > self.bptt_k2:

@@ -400,8 +400,9 @@ class TrainingRun:
             params = {k: np.array(v, copy=True) for k, v in loaded.params.items()}
         else:
             params = init_params(self.model, cfg.seed)
-        # A cosine over a time budget follows the run's progress, which _set_lr feeds the optimizer each update.
-        self.timed_decay = cfg.lr_schedule == "cosine" and bool(cfg.minutes)
+        # A cosine over a time budget, or over the budget's last part, follows the run's progress, which
+        # _set_lr feeds the optimizer each update; a plain cosine over --steps is a schedule of steps.
+        self.timed_decay = cfg.lr_schedule == "cosine" and (bool(cfg.minutes) or cfg.decay < 1.0)
         schedule = None if self.timed_decay else make_schedule(cfg.lr_schedule, cfg.lr, total_steps=cfg.steps or None,
                                                                 warmup_steps=cfg.warmup)
         self.trainer = Trainer(self.engine, params, make_optimizer(cfg.optimizer, cfg.lr), schedule=schedule,
@@ -470,7 +471,8 @@ class TrainingRun:
         """A fresh run takes the recipe's choice (:mod:`unrolled.recipe`) for every setting not given."""
         cfg = self.config
         self.recipe = recipe.choose(len(self.train_ids), steps=cfg.steps, minutes=cfg.minutes, k1=cfg.bptt_k1,
-                                    batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, given=frozenset(given))
+                                    batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, given=frozenset(given),
+                                    lr_schedule=cfg.lr_schedule)
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
         chosen = {c.field: c.value for c in self.recipe}
         self.model = dataclasses.replace(self.model, **{k: v for k, v in chosen.items() if k in model_fields}).check()
@@ -510,7 +512,7 @@ class TrainingRun:
         if self.step < cfg.warmup:
             lr = cfg.lr * (self.step + 1) / (cfg.warmup + 1)
         else:
-            lr = Cosine(cfg.lr, 1).at_fraction(self._progress_fraction())
+            lr = Cosine(cfg.lr, 1).at_fraction(recipe.decayed(self._progress_fraction(), cfg.decay))
         self.trainer.optimizer.lr = lr
 
     def _restore(self, loaded: LoadedModel) -> None:

@@ -6,10 +6,14 @@ held-out score it ends with is worse than the best it passed through. So a
 fresh run chooses, from numbers it knows before the first update:
 
 - **Schedule.** With a budget (``--steps``, ``--minutes`` or both) the
-  learning rate decays along half a cosine from ``--lr`` to 0 at the end of
-  the budget, so the last updates refine instead of wander; the run's
-  *progress* is the larger of ``step / steps`` and ``seconds / budget``
-  (:func:`progress`). With no budget (Ctrl-C ends the run) it stays constant.
+  learning rate holds at ``--lr``, then decays along half a cosine to 0 over
+  the budget's last :data:`DECAY` (:func:`decayed`), so the last updates
+  refine instead of wander. A decay over the whole budget starves a short
+  run, which is still far from fitting its text, of the rate it learns with;
+  the held rate keeps that, and the decay still ends the run on its best.
+  The run's *progress* is the larger of ``step / steps`` and ``seconds /
+  budget`` (:func:`progress`). With no budget (Ctrl-C ends the run) the rate
+  stays constant.
 - **Dropout**, from the passes the budget makes over the training text,
   ``passes = steps · k1 · B / training characters``: a run that reads its
   text fewer than :data:`FEW_PASSES` times has nothing to overfit and gets
@@ -35,6 +39,7 @@ from .words import count
 
 FEW_PASSES = 2.0  # below this many passes over the training text a run gets no dropout
 SMALL_TEXT = 100_000  # training characters below which a text is small: a smaller model, more dropout
+DECAY = 0.3  # the last fraction of the budget the rate decays over; it holds at --lr before
 DROPOUT = 0.2  # dropout of a run that reads its text many times
 SMALL_DROPOUT = 0.3  # the same, on a small text
 HIDDEN = 128  # state size of each of the 2 layers
@@ -61,8 +66,9 @@ def passes(train_chars: int, steps: int, k1: int, batch: int) -> float:
 
 
 def choose(train_chars: int, *, steps: int, minutes: float, k1: int, batch: int, lr: float, warmup: int = 0,
-           given: frozenset = frozenset()) -> list[Choice]:
-    """The recipe's choices for the fields not in ``given`` (the config fields the user set)."""
+           given: frozenset = frozenset(), lr_schedule: str = "") -> list[Choice]:
+    """The recipe's choices for the fields not in ``given`` (the config fields the user set; ``lr_schedule``
+    is the user's schedule when it is one of them)."""
     limited = bool(minutes or steps > warmup)  # a warm-up as long as the steps leaves nothing to decay
     n = passes(train_chars, 0 if minutes else steps, k1, batch)
     small = train_chars < SMALL_TEXT
@@ -74,6 +80,10 @@ def choose(train_chars: int, *, steps: int, minutes: float, k1: int, batch: int,
         else:
             why = "no --steps or --minutes to decay over" if not steps else f"the --warmup {warmup} fills the budget"
             out.append(Choice("lr_schedule", "constant", f"learning rate {lr:g}, constant: {why}", "--lr-schedule cosine"))
+    schedule = next((c.value for c in out if c.field == "lr_schedule"), lr_schedule)
+    if "decay" not in given and schedule == "cosine":
+        out.append(Choice("decay", DECAY, f"the rate holds at {lr:g} for the first {1 - DECAY:.0%} of the budget and "
+                          f"decays over the last {DECAY:.0%}", "--decay 1"))
     if "dropout" not in given:
         if n < FEW_PASSES:
             value, why = 0.0, f"no dropout: the budget reads the text {n:.2g} times, too few to overfit"
@@ -95,6 +105,12 @@ def choose(train_chars: int, *, steps: int, minutes: float, k1: int, batch: int,
 def _budget(steps: int, minutes: float) -> str:
     parts = ([count(steps, "update", spec=",")] if steps else []) + ([count(minutes, "minute", spec="g")] if minutes else [])
     return " or ".join(parts) + (" (whichever comes first)" if len(parts) > 1 else "")
+
+
+def decayed(progress: float, decay: float) -> float:
+    """How far through the decay a run ``progress`` through its budget is, when the rate decays over the
+    budget's last ``decay`` fraction and holds before it (0 until then, 1 at the end)."""
+    return max(0.0, 1.0 - (1.0 - progress) / decay)
 
 
 def progress(step: int, steps: int, seconds: float, budget_seconds: float) -> float:

@@ -5,10 +5,10 @@ running Python's own standard-library sources). The fixed defaults are
 char-rnn's: an LSTM, chunks of 50 characters × 50 streams, Adam at 2e-3,
 gradients clipped to a global norm of 5, the last 10% held out. The rest is
 chosen from the text and the budget (--steps, --minutes) and printed at the
-start, each choice with the flag that overrides it: the learning rate decays
-along a cosine to 0 at the end of the budget (whichever of --steps and
---minutes ends first); dropout unless the budget reads the text only a few
-times; the layers' size from the text's length (the rule:
+start, each choice with the flag that overrides it: the learning rate holds,
+then decays along a cosine to 0 over the last part of the budget (whichever
+of --steps and --minutes ends first); dropout unless the budget reads the
+text only a few times; the layers' size from the text's length (the rule:
 unrolled/recipe.py). The best model by validation is kept in best.npz.
 
 While it runs it shows a progress bar (step, smoothed bits/char, chars/s),
@@ -74,7 +74,7 @@ def max_text_bytes(mb: float) -> int:
 
 # the flags that set a field of ModelConfig / TrainConfig of the same name
 MODEL_FLAGS = ("cell", "hidden", "layers", "dropout", "embedding")
-TRAIN_FLAGS = ("seq", "batch", "lr", "lr_schedule", "warmup", "optimizer", "clip", "k1", "k2", "steps", "minutes",
+TRAIN_FLAGS = ("seq", "batch", "lr", "lr_schedule", "decay", "warmup", "optimizer", "clip", "k1", "k2", "steps", "minutes",
                "val_fraction", "seed", "sample_every", "sample_length", "eval_every", "checkpoint_every")
 
 
@@ -95,6 +95,8 @@ def add_arguments(p) -> None:
     t.add_argument("--lr-schedule", choices=("constant", "cosine"),
                    help="constant, or cosine decay to 0 at the end of --steps or --minutes "
                         "(default: cosine when either is given)")
+    t.add_argument("--decay", type=float, metavar="F", help="cosine: decay over the last F of the budget, the rate "
+                                                           "held before it (default: chosen, see above)")
     t.add_argument("--warmup", type=int, metavar="N", help="updates of linear learning-rate warm-up (default 0)")
     t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"update rule (default {_T.optimizer})")
     t.add_argument("--clip", type=float, metavar="X", help=f"largest global gradient norm, 0 = no clipping (default {_T.clip:g})")
