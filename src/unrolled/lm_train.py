@@ -402,9 +402,9 @@ class TrainingRun:
             params = init_params(self.model, cfg.seed)
         # A cosine over a time budget, or over the budget's last part, follows the run's progress, which
         # _set_lr feeds the optimizer each update; a plain cosine over --steps is a schedule of steps.
-        self.timed_decay = cfg.lr_schedule == "cosine" and (bool(cfg.minutes) or cfg.decay < 1.0)
-        schedule = None if self.timed_decay else make_schedule(cfg.lr_schedule, cfg.lr, total_steps=cfg.steps or None,
-                                                                warmup_steps=cfg.warmup)
+        self.lr_follows_progress = cfg.lr_schedule == "cosine" and (bool(cfg.minutes) or cfg.decay < 1.0)
+        schedule = None if self.lr_follows_progress else make_schedule(
+            cfg.lr_schedule, cfg.lr, total_steps=cfg.steps or None, warmup_steps=cfg.warmup)
         self.trainer = Trainer(self.engine, params, make_optimizer(cfg.optimizer, cfg.lr), schedule=schedule,
                                clip_norm=cfg.clip or None, k1=cfg.bptt_k1, k2=cfg.bptt_k2, seed=cfg.seed,
                                comm=self.dp)
@@ -436,7 +436,7 @@ class TrainingRun:
             self._restore(loaded)
             self._resume_budget(loaded, train_flags or {})
             self._extend_schedule(schedule)
-            if self.timed_decay:  # the rate follows the budget's progress, not a saved schedule of steps
+            if self.lr_follows_progress:  # the rate follows the budget's progress, not a saved schedule of steps
                 self.trainer.schedule = None
         if self.dp is not None:
             self.dp.context = self.last_good  # what a rank that gives up waiting for the others names
@@ -491,8 +491,8 @@ class TrainingRun:
             self.budget_seconds = float(saved)
         else:  # written before runs kept their budget: --minutes counted per invocation
             self.budget_seconds = self.train_seconds + self.config.minutes * 60.0 if self.config.minutes else 0.0
-        if self.timed_decay and not (self.budget_seconds or self.config.steps):
-            raise ValueError(f"{loaded.path} decays its learning rate over a time budget; give --minutes (or "
+        if self.lr_follows_progress and not (self.budget_seconds or self.config.steps):
+            raise ValueError(f"{loaded.path} decays its learning rate over its budget; give --minutes (or "
                              f"--steps) to say how long the resumed run goes on")
 
     def _progress_fraction(self) -> float:
@@ -505,9 +505,9 @@ class TrainingRun:
             self.budget_seconds and self.train_seconds >= self.budget_seconds)
 
     def _set_lr(self) -> None:
-        """Under a cosine over a time budget, the next update's rate from the run's progress (warm-up first)."""
+        """Under a cosine that follows the budget's progress, the next update's rate (warm-up first)."""
         cfg = self.config
-        if not self.timed_decay:
+        if not self.lr_follows_progress:
             return
         if self.step < cfg.warmup:
             lr = cfg.lr * (self.step + 1) / (cfg.warmup + 1)
