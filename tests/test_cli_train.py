@@ -51,8 +51,7 @@ def one_line_error(capsys, rc, *needles):
 def test_train_end_to_end(tmp_path, text_file, capsys):
     out = tmp_path / "run"
     rc = main(["train", str(text_file), "--engine", "reference", "--hidden", "24", "--layers", "1", "--seq", "12",
-               "--batch", "6", "--lr", "0.01", "--lr-schedule", "constant", "--steps", "40", "--eval-every", "20",
-               "--sample-every", "20",
+               "--batch", "6", "--lr", "0.01", "--steps", "40", "--eval-every", "20", "--sample-every", "20",
                "--sample-length", "30", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0

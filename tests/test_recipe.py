@@ -24,24 +24,29 @@ def chosen(train_chars, **kw):
 
 
 def test_rule_numbers_in_settings_out():
-    # 1,000 updates of 50 × 50 over a million characters: 2.5 passes, enough to overfit
-    assert chosen(1_000_000, steps=1000) == {"lr_schedule": "cosine", "decay": recipe.DECAY,
-                                             "dropout": recipe.DROPOUT, "hidden": recipe.HIDDEN, "layers": 2}
-    # 100 updates read it 0.25 times: no dropout
-    assert chosen(1_000_000, steps=100)["dropout"] == 0.0
-    # a time budget counts as a long one; a small text gets a smaller model and more dropout
-    assert chosen(1_000_000, minutes=10)["dropout"] == recipe.DROPOUT
-    assert chosen(50_000, minutes=1) == {"lr_schedule": "cosine", "decay": recipe.DECAY,
-                                         "dropout": recipe.SMALL_DROPOUT, "hidden": recipe.SMALL_HIDDEN, "layers": 2}
+    long = {"lr_schedule": "cosine", "decay": recipe.DECAY, "dropout": recipe.DROPOUT, "hidden": recipe.HIDDEN,
+            "layers": 2}
+    # 10,000 updates of 50 × 50 over a million characters (25 passes): a long budget
+    assert chosen(1_000_000, steps=10_000) == long
+    # a time budget counts as a long one
+    assert chosen(1_000_000, minutes=10) == long
+    # fewer updates than LONG_STEPS: char-rnn's constant rate, no dropout
+    assert chosen(1_000_000, steps=recipe.LONG_STEPS - 1) == {"lr_schedule": "constant", "dropout": 0.0,
+                                                              "hidden": recipe.HIDDEN, "layers": 2}
+    # long in updates, but reading the text fewer than FEW_PASSES times: no dropout
+    assert chosen(10_000_000, steps=5_000)["dropout"] == 0.0 and chosen(10_000_000, steps=5_000)["decay"] == 0.3
+    # a small text: a smaller model, and more dropout when the budget is long
+    assert chosen(50_000, minutes=1) == {**long, "dropout": recipe.SMALL_DROPOUT, "hidden": recipe.SMALL_HIDDEN}
+    assert chosen(50_000, steps=100)["hidden"] == recipe.SMALL_HIDDEN
     # no budget: nothing to decay over; a warm-up as long as the run: nothing left to decay
-    assert chosen(1_000_000)["lr_schedule"] == "constant"
-    assert chosen(1_000_000, steps=10, warmup=10)["lr_schedule"] == "constant"
-    assert "decay" not in chosen(1_000_000, steps=10, warmup=10)
-    # what the user gave is not chosen
-    assert chosen(1_000_000, steps=1000, given=frozenset({"dropout", "hidden", "decay"})) == {
+    assert chosen(1_000_000) == {"lr_schedule": "constant", "dropout": 0.0, "hidden": recipe.HIDDEN, "layers": 2}
+    assert chosen(1_000_000, steps=10_000, warmup=10_000)["lr_schedule"] == "constant"
+    assert "decay" not in chosen(1_000_000, steps=10_000, warmup=10_000)
+    # what the user gave is not chosen; a cosine the user asked for still gets the decay rule
+    assert chosen(1_000_000, steps=10_000, given=frozenset({"dropout", "hidden", "decay"})) == {
         "lr_schedule": "cosine", "layers": 2}
-    assert chosen(1_000_000, steps=1000, given=frozenset({"lr_schedule"}), lr_schedule="cosine")["decay"] == recipe.DECAY
-    assert "decay" not in chosen(1_000_000, steps=1000, given=frozenset({"lr_schedule"}), lr_schedule="constant")
+    assert chosen(1_000, steps=10, given=frozenset({"lr_schedule"}), lr_schedule="cosine")["decay"] == recipe.DECAY
+    assert "decay" not in chosen(1_000_000, steps=10_000, given=frozenset({"lr_schedule"}), lr_schedule="constant")
 
 
 def test_every_choice_names_its_flag():
@@ -153,8 +158,8 @@ def test_flags_override_the_recipe(tmp_path, text_file, capsys):
     assert main(["train", str(text_file), *TINY, "--steps", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     meta = load_checkpoint(out / "latest.npz")[1]
-    assert (meta["model"]["hidden"], meta["train"]["lr_schedule"]) == (recipe.SMALL_HIDDEN, "cosine")
-    for flag in ("--lr-schedule constant", "--dropout P", "--hidden N", "--layers N"):
+    assert (meta["model"]["hidden"], meta["train"]["lr_schedule"]) == (recipe.SMALL_HIDDEN, "constant")
+    for flag in ("--lr-schedule cosine", "--dropout P", "--hidden N", "--layers N"):
         assert f"(override: {flag})" in printed
 
     out = tmp_path / "given"
@@ -165,3 +170,8 @@ def test_flags_override_the_recipe(tmp_path, text_file, capsys):
     assert (meta["model"]["hidden"], meta["model"]["layers"], meta["model"]["dropout"]) == (16, 1, 0.1)
     assert meta["train"]["lr_schedule"] == "constant" and "(override:" not in printed
     assert lrs(out) == [2e-3] * 3
+
+    out = tmp_path / "cosine"  # a short run asked for a cosine over all of its updates
+    assert main(["train", str(text_file), *TINY, "--steps", "4", "--lr-schedule", "cosine", "--decay", "1",
+                 "--out", str(out)]) == 0
+    assert lrs(out) == pytest.approx([Cosine(2e-3, 4).lr_at(k) for k in range(4)], rel=1e-5)

@@ -5,29 +5,32 @@ engine: the more updates a budget allows, the sooner it overfits, and the
 held-out score it ends with is worse than the best it passed through. So a
 fresh run chooses, from numbers it knows before the first update:
 
-- **Schedule.** With a budget (``--steps``, ``--minutes`` or both) the
-  learning rate holds at ``--lr``, then decays along half a cosine to 0 over
-  the budget's last :data:`DECAY` (:func:`decayed`), so the last updates
-  refine instead of wander. A decay over the whole budget starves a short
-  run, which is still far from fitting its text, of the rate it learns with;
-  the held rate keeps that, and the decay still ends the run on its best.
+- **Long or short.** A budget of fewer than :data:`LONG_STEPS` updates is
+  *short*: the model is still far from fitting its text, and every update at
+  the full rate counts. Short runs measured on two texts ended best with
+  char-rnn's constant rate and no dropout, so a short run gets exactly that.
+  A ``--minutes`` budget counts as long (how many updates it makes is not
+  known before it starts; this engine makes many).
+- **Schedule** (long budgets). The learning rate holds at ``--lr``, then
+  decays along half a cosine to 0 over the budget's last :data:`DECAY`
+  (:func:`decayed`), so the run ends on its best instead of wandering past it.
   The run's *progress* is the larger of ``step / steps`` and ``seconds /
-  budget`` (:func:`progress`). With no budget (Ctrl-C ends the run) the rate
-  stays constant.
-- **Dropout**, from the passes the budget makes over the training text,
-  ``passes = steps · k1 · B / training characters``: a run that reads its
-  text fewer than :data:`FEW_PASSES` times has nothing to overfit and gets
-  none; a longer one gets :data:`DROPOUT`, and a text shorter than
-  :data:`SMALL_TEXT` (where even a few passes overfit) :data:`SMALL_DROPOUT`.
-  A ``--minutes`` budget counts as a long one: how many passes it makes is
-  not known before it starts.
+  budget`` (:func:`progress`). With no budget the rate stays constant.
+- **Dropout** (long budgets), from the passes the budget makes over the
+  training text, ``passes = steps · k1 · B / training characters``: fewer
+  than :data:`FEW_PASSES` get none; more get :data:`DROPOUT`, or
+  :data:`SMALL_DROPOUT` on a text shorter than :data:`SMALL_TEXT`. A
+  ``--minutes`` budget counts as many passes.
 - **Size**: 2 layers of :data:`HIDDEN`, or of :data:`SMALL_HIDDEN` for a text
   shorter than :data:`SMALL_TEXT`, whose parameters would otherwise
   outnumber its characters many times over.
 
-The thresholds come from the runs in ``benchmarks/QUALITY.md``
-(``benchmarks/quality_recipes.py``), on more than one text. Every choice is
-printed at the start of the run, each with the flag that overrides it.
+The short-run rule comes from the runs in ``benchmarks/QUALITY.md``
+(``benchmarks/quality_recipes.py``, two texts); :data:`LONG_STEPS` is half
+the update at which char-rnn's recipe passed its best held-out score on
+shakespeare.txt (issue 22), and the long-run settings are to be confirmed by
+the 10-minute runs listed there. Every choice is printed at the start of the
+run, each with the flag that overrides it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 
 from .words import count
 
+LONG_STEPS = 5_000  # a budget of fewer updates is short: a constant rate and no dropout (--minutes is long)
 FEW_PASSES = 2.0  # below this many passes over the training text a run gets no dropout
 SMALL_TEXT = 100_000  # training characters below which a text is small: a smaller model, more dropout
 DECAY = 0.3  # the last fraction of the budget the rate decays over; it holds at --lr before
@@ -69,27 +73,32 @@ def choose(train_chars: int, *, steps: int, minutes: float, k1: int, batch: int,
            given: frozenset = frozenset(), lr_schedule: str = "") -> list[Choice]:
     """The recipe's choices for the fields not in ``given`` (the config fields the user set; ``lr_schedule``
     is the user's schedule when it is one of them)."""
-    limited = bool(minutes or steps > warmup)  # a warm-up as long as the steps leaves nothing to decay
+    long = bool(minutes) or steps >= LONG_STEPS  # no budget at all: steps is 0, the rate stays constant
     n = passes(train_chars, 0 if minutes else steps, k1, batch)
     small = train_chars < SMALL_TEXT
+    budget = _budget(steps, minutes)
     out = []
     if "lr_schedule" not in given:
-        if limited:
-            out.append(Choice("lr_schedule", "cosine", f"learning rate {lr:g} decaying along a cosine to 0 at the "
-                              f"end of the {_budget(steps, minutes)}", "--lr-schedule constant"))
+        if long and (minutes or steps > warmup):
+            out.append(Choice("lr_schedule", "cosine", f"learning rate {lr:g}, decaying along a cosine to 0 by the "
+                              f"end of the {budget}", "--lr-schedule constant"))
         else:
-            why = "no --steps or --minutes to decay over" if not steps else f"the --warmup {warmup} fills the budget"
+            why = (f"the {budget} are too few to give up the rate for (a decay pays from {LONG_STEPS:,})" if steps
+                   else "no --steps or --minutes to decay over")
             out.append(Choice("lr_schedule", "constant", f"learning rate {lr:g}, constant: {why}", "--lr-schedule cosine"))
     schedule = next((c.value for c in out if c.field == "lr_schedule"), lr_schedule)
     if "decay" not in given and schedule == "cosine":
         out.append(Choice("decay", DECAY, f"the rate holds at {lr:g} for the first {1 - DECAY:.0%} of the budget and "
                           f"decays over the last {DECAY:.0%}", "--decay 1"))
     if "dropout" not in given:
-        if n < FEW_PASSES:
+        if not long:
+            value, why = 0.0, (f"no dropout: the {budget} are too few to overfit (dropout from {LONG_STEPS:,})"
+                               if steps else "no dropout: no --steps or --minutes to size it by")
+        elif n < FEW_PASSES:
             value, why = 0.0, f"no dropout: the budget reads the text {n:.2g} times, too few to overfit"
         else:
             value = SMALL_DROPOUT if small else DROPOUT
-            reads = "a time budget may read it many times" if minutes or not steps else f"the budget reads it {n:.3g} times"
+            reads = "a time budget may read it many times" if minutes else f"the budget reads it {n:.3g} times"
             why = f"dropout {value:g}: {train_chars:,} training characters, and {reads}"
         out.append(Choice("dropout", value, why, "--dropout P"))
     if "hidden" not in given:

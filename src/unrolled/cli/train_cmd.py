@@ -5,11 +5,13 @@ running Python's own standard-library sources). The fixed defaults are
 char-rnn's: an LSTM, chunks of 50 characters × 50 streams, Adam at 2e-3,
 gradients clipped to a global norm of 5, the last 10% held out. The rest is
 chosen from the text and the budget (--steps, --minutes) and printed at the
-start, each choice with the flag that overrides it: the learning rate holds,
-then decays along a cosine to 0 over the last part of the budget (whichever
-of --steps and --minutes ends first); dropout unless the budget reads the
-text only a few times; the layers' size from the text's length (the rule:
-unrolled/recipe.py). The best model by validation is kept in best.npz.
+start, each choice with the flag that overrides it: a short budget (a few
+thousand updates) keeps char-rnn's constant rate and no dropout; a long one
+(more updates, or --minutes) holds the rate, then decays it along a cosine
+to 0 over the budget's last part (whichever of --steps and --minutes ends
+first), with dropout unless it reads the text only a few times; the layers'
+size follows the text's length (the rule: unrolled/recipe.py). The best
+model by validation is kept in best.npz.
 
 While it runs it shows a progress bar (step, smoothed bits/char, chars/s),
 prints a short sample and the validation bits/char now and then, and keeps
