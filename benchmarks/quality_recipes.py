@@ -80,7 +80,14 @@ def run_one(text_file: Path, recipe: str, args, out: Path) -> dict:
     first = log.getvalue().splitlines()[:2]
     return {"steps": s.step, "best": s.best_val_bpc, "best_step": s.best_step, "end": s.val_bpc,
             "seconds": meta["train_seconds"], "model": f"{meta['model']['layers']}×{meta['model']['hidden']}",
-            "dropout": meta["model"]["dropout"], "schedule": meta["train"]["lr_schedule"], "announce": first}
+            "dropout": meta["model"]["dropout"], "schedule": _schedule(meta["train"]), "announce": first}
+
+
+def _schedule(train: dict) -> str:
+    if train["lr_schedule"] != "cosine":
+        return train["lr_schedule"]
+    decay = train.get("decay", 1.0)
+    return "cosine" if decay == 1.0 else f"held, cosine over last {decay:.0%}"
 
 
 def main(argv=None) -> int:
