@@ -41,7 +41,7 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "cos+d0.2": ({"dropout": 0.2}, {"lr_schedule": "cosine", "decay": 1.0}),
     "cos+d0.3": ({"dropout": 0.3}, {"lr_schedule": "cosine", "decay": 1.0}),
     "tail+d0.2": ({"dropout": 0.2}, {"lr_schedule": "cosine", "decay": 0.3}),
-    "cos+d0.2+h256": ({"dropout": 0.2, "hidden": 256}, {"lr_schedule": "cosine", "decay": 1.0}),
+    "tail+d0.2+h256": ({"dropout": 0.2, "hidden": 256}, {"lr_schedule": "cosine", "decay": 0.3}),
     "auto": ({}, {}),  # whatever `unrolled train TEXT --steps N` picks with no other flag
 }
 BASE_MODEL = {"hidden": 128, "layers": 2}  # the size every recipe but auto and those naming one uses
