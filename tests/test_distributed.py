@@ -22,6 +22,7 @@ import pytest
 import dist_worker
 import helpers
 from unrolled import distributed
+from unrolled.checkpoint import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -239,3 +240,15 @@ def test_launched_size_reads_the_launchers_environment(monkeypatch):
     assert distributed.from_environment() is None  # a plain process never touches MPI
     monkeypatch.setenv("PMI_SIZE", "3")
     assert distributed.launched_size() == 3
+
+
+@needs_mpi
+def test_a_time_budget_stops_every_rank_at_one_update_with_one_rate(tmp_path):
+    """Under --minutes the ranks agree on the seconds spent (rank 0's): one stop, one decaying rate."""
+    corpus, out = _corpus(tmp_path), tmp_path / "run"
+    p = mpiexec(2, "-m", "unrolled", "train", corpus, "--hidden", "8", "--layers", "1", "--seq", "8", "--batch", "4",
+                "--minutes", "0.02", "--eval-every", "0", "--sample-every", "0", "--out", str(out))
+    assert p.stdout.count("done: step") == 1  # ranks that stopped apart would wait on each other until the timeout
+    meta = load_checkpoint(out / "latest.npz")[1]
+    assert meta["train"]["lr_schedule"] == "cosine" and meta["budget_seconds"] == pytest.approx(1.2)
+    assert meta["train_seconds"] >= 1.2

@@ -617,7 +617,11 @@ class TrainingRun:
         """Updates until a limit ("done") or Ctrl-C ("interrupted"); validation, samples and saves on the way."""
         cfg = self.config
         shown = _clock()  # when the last plain progress line was printed (no terminal)
-        while not self._budget_spent():  # train_seconds: updates only, compiling and validation left out
+        while True:
+            if self.dp is not None and self.budget_seconds:  # every rank: rank 0's seconds, one stop, one rate
+                self.train_seconds = float(self.dp.bcast(self.train_seconds))
+            if self._budget_spent():  # train_seconds: updates only, compiling and validation left out
+                break
             self._set_lr()
             self._update()
             if cfg.eval_every and self.step % cfg.eval_every == 0:
