@@ -35,9 +35,8 @@ def test_rule_numbers_in_settings_out():
                                                               "hidden": recipe.HIDDEN, "layers": 2}
     # long in updates, but reading the text fewer than FEW_PASSES times: no dropout
     assert chosen(10_000_000, steps=5_000)["dropout"] == 0.0 and chosen(10_000_000, steps=5_000)["decay"] == 0.3
-    # a small text: a smaller model, and more dropout when the budget is long
-    assert chosen(50_000, minutes=1) == {**long, "dropout": recipe.SMALL_DROPOUT, "hidden": recipe.SMALL_HIDDEN}
-    assert chosen(50_000, steps=100)["hidden"] == recipe.SMALL_HIDDEN
+    # a small text: more dropout when the budget is long
+    assert chosen(50_000, minutes=1) == {**long, "dropout": recipe.SMALL_DROPOUT}
     # no budget: nothing to decay over; a warm-up as long as the run: nothing left to decay
     assert chosen(1_000_000) == {"lr_schedule": "constant", "dropout": 0.0, "hidden": recipe.HIDDEN, "layers": 2}
     assert chosen(1_000_000, steps=10_000, warmup=10_000)["lr_schedule"] == "constant"
@@ -158,7 +157,7 @@ def test_flags_override_the_recipe(tmp_path, text_file, capsys):
     assert main(["train", str(text_file), *TINY, "--steps", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     meta = load_checkpoint(out / "latest.npz")[1]
-    assert (meta["model"]["hidden"], meta["train"]["lr_schedule"]) == (recipe.SMALL_HIDDEN, "constant")
+    assert (meta["model"]["hidden"], meta["train"]["lr_schedule"]) == (recipe.HIDDEN, "constant")
     for flag in ("--lr-schedule cosine", "--dropout P", "--hidden N", "--layers N"):
         assert f"(override: {flag})" in printed
 

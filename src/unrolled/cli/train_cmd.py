@@ -9,9 +9,9 @@ start, each choice with the flag that overrides it: a short budget (a few
 thousand updates) keeps char-rnn's constant rate and no dropout; a long one
 (more updates, or --minutes) holds the rate, then decays it along a cosine
 to 0 over the budget's last part (whichever of --steps and --minutes ends
-first), with dropout unless it reads the text only a few times; the layers'
-size follows the text's length (the rule: unrolled/recipe.py). The best
-model by validation is kept in best.npz.
+first), with dropout unless it reads the text only a few times; 2 layers of
+128 (the rule: unrolled/recipe.py). The best model by validation is kept in
+best.npz.
 
 While it runs it shows a progress bar (step, smoothed bits/char, chars/s),
 prints a short sample and the validation bits/char now and then, and keeps
