@@ -125,7 +125,8 @@ def test_resume_from_best_does_not_overwrite_a_newer_latest(tmp_path, text_file,
 
 def test_a_longer_resume_extends_the_cosine_schedule(tmp_path, text_file, capsys):
     out = tmp_path / "run"
-    assert main(["train", str(text_file), *TINY, "--lr-schedule", "cosine", "--steps", "6", "--out", str(out)]) == 0
+    assert main(["train", str(text_file), *TINY, "--lr-schedule", "cosine", "--decay", "1", "--steps", "6",
+                 "--out", str(out)]) == 0  # --decay 1: a cosine over all the steps, a schedule of steps
     before = load_model(out).params
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--steps", "12"]) == 0
