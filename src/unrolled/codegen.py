@@ -37,6 +37,11 @@ class _Code:
 class _Writer:
     """Emits the forward and backward step loops for a plan."""
 
+    # Elementwise ops the loops spell as NumPy calls with ``out=`` (below); any other elementwise
+    # op runs as a fused kernel rendered from its formula (fuse.py), or, unfused, through the op
+    # table's NumPy rules (``F_``, ``J_``).
+    NATIVE = frozenset({"add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu", "identity"})
+
     def __init__(self, graph: Graph, p: Plan, jit: bool = False, fused: bool = False):
         self.g, self.p, self.jit = graph, p, jit
         self.fuse = fused

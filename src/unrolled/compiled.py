@@ -45,7 +45,7 @@ from .blas import aligned, aligned_empty, aligned_zeros, product
 from .codegen import _header, _with_arguments, _Writer
 from .graph import Graph, Param, Vertex
 from .jitcache import _load_jit_loops, _load_module, numba_allowed
-from .ops import unbroadcast, with_product
+from .ops import ELEMENTWISE, unbroadcast, with_product
 from .runio import Binding, Feeds, RunResult, as_state, check_combine, parameter_copies, prepare
 from .schedule import INLINE, Plan, _Split, plan
 
@@ -212,8 +212,8 @@ class CompiledEngine:
             "copyto", "concatenate", "greater")}
         ns["matmul"] = product  # the step products go where the whole-sequence ones go: one thread pool
         ns["matmul_add"] = lambda a, b, out: product(a, b, out=out, accumulate=True)
-        for v in self.plan.of("core"):
-            if v.kind == "op" and v.op not in INLINE:
+        for v in self.plan.of("core"):  # the ops whose NumPy rules the loops call (codegen's F_, J_)
+            if v.kind == "op" and (v.op not in INLINE or v.op in ELEMENTWISE and v.op not in _Writer.NATIVE):
                 spec, attrs = OPS[v.op], dict(v.attrs)
                 n = self._writer.names[v.name]
                 ns[f"F_{n}"] = lambda args, spec=spec, attrs=attrs: spec.forward(args, attrs)

@@ -21,8 +21,21 @@ tanh and sigmoid use the vectorizable approximation of ``jitkernels``.
 from __future__ import annotations
 
 from .graph import Param, Vertex
+from .ops import ELEMENTWISE, OPS, render
 
-FUSABLE = {"add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu", "identity"}
+# The compiled paths' implementation of each call a formula makes (ops.FUNCTIONS): in float32,
+# jitkernels' vectorizable tanh and sigmoid.
+SCALAR_FUNCTIONS = {"tanh": "_tanh1", "sigmoid": "_sigmoid1", "exp": "np.exp", "log1p": "np.log1p"}
+
+
+def scalar_code(v: Vertex, formula: str, names: dict[str, str], const) -> str:
+    """One entry of ``formula`` (one of ``v``'s op's formulas) as Numba code: ``names`` gives the
+    expressions of ``x0``, ``x1``, ``y``, ``g``; ``const(v)`` a constant in the run's precision."""
+    return render(formula, {**SCALAR_FUNCTIONS, "c": repr(v.attrs.get("c")), **names}, const)
+
+
+def operand_names(args: list[str]) -> dict[str, str]:
+    return {f"x{i}": a for i, a in enumerate(args)}
 
 
 def available() -> bool:
@@ -44,11 +57,12 @@ class Region:
 
 
 def regions(writer) -> list:
-    """The loop body in order: single vertices, and Regions of two or more fusable vertices."""
+    """The loop body in order: single vertices, and Regions of two or more elementwise vertices (or
+    of one, for an op the loop has no call of its own for: ``writer.NATIVE``)."""
     out, run = [], []
 
     def flush():
-        if len(run) >= 2:
+        if len(run) >= 2 or any(v.op not in writer.NATIVE for v in run):
             out.append(Region(len([r for r in out if isinstance(r, Region)]), list(run)))
         else:
             out.extend(run)
@@ -57,11 +71,11 @@ def regions(writer) -> list:
     for v in writer.core:
         if v.kind != "op" or writer.p.is_view(v) or v.name in writer.skip:
             continue
-        if v.op in FUSABLE and all(_ok_operand(a, v.size) for a in v.args) and (not run or run[0].size == v.size):
+        if v.op in ELEMENTWISE and all(_ok_operand(a, v.size) for a in v.args) and (not run or run[0].size == v.size):
             run.append(v)
         else:
             flush()
-            if v.op in FUSABLE and all(_ok_operand(a, v.size) for a in v.args):
+            if v.op in ELEMENTWISE and all(_ok_operand(a, v.size) for a in v.args):
                 run.append(v)
             else:
                 out.append(v)
@@ -155,24 +169,7 @@ def emit_forward(writer, region: Region, kernels: KernelText, c) -> None:
 
 
 def _forward_formula(v: Vertex, a: list[str], K: str) -> str:
-    op = v.op
-    if op == "add":
-        return f"{a[0]} + {a[1]}"
-    if op == "sub":
-        return f"{a[0]} - {a[1]}"
-    if op == "mul":
-        return f"{a[0]} * {a[1]}"
-    if op == "scale":
-        return f"{a[0]} * {K}({v.attrs['c']!r})"
-    if op == "one_minus":
-        return f"{K}(1.0) - {a[0]}"
-    if op == "tanh":
-        return f"_tanh1({a[0]})"
-    if op == "sigmoid":
-        return f"_sigmoid1({a[0]})"
-    if op == "relu":
-        return f"max({a[0]}, {K}(0.0))"
-    return a[0]  # identity
+    return scalar_code(v, OPS[v.op].formula.forward, operand_names(a), lambda c: f"{K}({c})")
 
 
 def _kind(writer) -> list[str]:
@@ -248,21 +245,5 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
 
 
 def _vjp_formula(v: Vertex, i: int, g: str, args: list[str], out: str, K: str) -> str:
-    op = v.op
-    if op == "add" or op == "identity":
-        return g
-    if op == "sub":
-        return g if i == 0 else f"-{g}"
-    if op == "mul":
-        return f"{g} * {args[1 - i]}"
-    if op == "scale":
-        return f"{g} * {K}({v.attrs['c']!r})"
-    if op == "one_minus":
-        return f"-{g}"
-    if op == "tanh":
-        return f"{g} * ({K}(1.0) - {out} * {out})"
-    if op == "sigmoid":
-        return f"{g} * {out} * ({K}(1.0) - {out})"
-    if op == "relu":
-        return f"({g} if {args[0]} > {K}(0.0) else {K}(0.0))"
-    raise AssertionError(op)
+    return scalar_code(v, OPS[v.op].formula.vjp[i], {**operand_names(args), "y": out, "g": g},
+                       lambda c: f"{K}({c})")

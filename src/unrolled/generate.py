@@ -24,18 +24,13 @@ import numpy as np
 
 from .blas import aligned, aligned_zeros, product
 from .graph import Graph, Param, Vertex
+from .fuse import operand_names, scalar_code
 from .jitcache import numba_allowed
+from .ops import ELEMENTWISE, OPS, runs_on
 from .runio import _as_history
 from .schedule import is_view
 
-_JIT_OPS = {"matmul", "linear", "add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu",
-            "identity", "slice", "concat", "one_hot", "embedding"}
-
-# On the Numba path, one entry of each elementwise op from its arguments' entries; constants
-# are cast to the arguments' type, so that float32 stays float32 (and vectorizes).
-_ELEMENTWISE = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "scale": "{0} * _cast({c!r}, {0})",
-                "one_minus": "_cast(1.0, {0}) - {0}", "tanh": "_tanh1({0})", "sigmoid": "_sigmoid1({0})",
-                "relu": "max({0}, _cast(0.0, {0}))", "identity": "{0}"}
+_JIT_OPS = runs_on("sampler")
 
 
 class Generator:
@@ -130,7 +125,7 @@ class Generator:
         return groups
 
     def _fusable(self, v: Vertex) -> bool:
-        return self.use_jit and v.op in _ELEMENTWISE and all(
+        return self.use_jit and v.op in ELEMENTWISE and all(
             isinstance(a, Vertex) or tuple(a.shape) == (v.size,) for a in v.args)
 
     def _emit_elementwise(self, group: list[Vertex]) -> list[str]:
@@ -142,7 +137,9 @@ class Generator:
         for v in group:
             args = [self._elem(a, "j", rows, local) for a in v.args]
             name = local[v.name] = f"e_{self.names[v.name]}"
-            body.append(f"{name} = " + _ELEMENTWISE[v.op].format(*args, **v.attrs))
+            # constants are cast to the arguments' type, so that float32 stays float32 (and vectorizes)
+            code = scalar_code(v, OPS[v.op].formula.forward, operand_names(args), lambda c: f"_cast({c}, {args[0]})")
+            body.append(f"{name} = {code}")
             if v.name in self.depth or v is self.logits or not self._users[v.name] <= members:
                 body.append(f"{self._elem(v, 'j', rows)} = {name}")
         return ([f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})" for v in group]
@@ -255,19 +252,18 @@ class Generator:
         if self.use_jit:
             from .jitcache import _load_module  # the same on-disk cache as the training loops
 
-            text = ("import numba\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n"
+            text = ("import numba\nimport numpy as np\nfrom unrolled.jitkernels import *  # noqa: F401,F403\n"
                     "from unrolled.jitkernels import _cast, _sigmoid1, _tanh1  # noqa: F401\n"
                     "from unrolled.generate_kernels import *  # noqa: F401,F403\n\n"
                     "@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + self.code)
             return _load_module(text, "generate")["generate"]
         from . import generate_kernels as k
-        from .ops import OPS
 
         ns = {"matmul": product, "add": np.add, "subtract": np.subtract, "multiply": np.multiply,
               "tanh": np.tanh, "maximum": np.maximum, "copyto": np.copyto, "sigmoid": k.sigmoid_numpy,
               "one_hot": k.one_hot_numpy, "gather_rows": k.gather_rows_numpy, "sample_rows": k.sample_rows_numpy}
-        for v in self.order:
-            if v.kind == "op" and v.op not in _JIT_OPS:
+        for v in self.order:  # the ops whose NumPy rule the code calls (FWD_)
+            if v.kind == "op" and f"FWD_{self.names[v.name]}(" in self.code:
                 spec, attrs = OPS[v.op], dict(v.attrs)
                 ns[f"FWD_{self.names[v.name]}"] = lambda args, spec=spec, attrs=attrs: spec.forward(args, attrs)
         filename = f"<unrolled generate {self.graph.name} {id(self):x}>"

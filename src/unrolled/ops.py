@@ -17,6 +17,8 @@ batch (see :func:`unbroadcast`). A VJP returns one gradient per argument, or
 
 from __future__ import annotations
 
+import ast
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +36,29 @@ class ArgSpec:
 
 
 @dataclass(frozen=True)
+class Formula:
+    """An elementwise op's rule as scalar formulas, the one text every path's code comes from.
+
+    A formula is a Python expression over one entry of each operand (``x0``, ``x1``), the
+    op's attribute ``c``, and, in a VJP, the output ``y`` and its gradient ``g``; ``K(1.0)``
+    marks a constant (each renderer casts it to the run's precision) and the calls are
+    those of :data:`FUNCTIONS`. The NumPy forward and VJP over ``[rows, F]`` are these
+    formulas evaluated on arrays (:func:`_numpy_rule`); the compiled paths render them
+    with :func:`render` into their own loops (fuse.py, wholestep.py, generate.py).
+    """
+
+    forward: str
+    vjp: tuple[str, ...]  # one formula per operand: its share of the gradient
+
+    @property
+    def needs(self) -> str:
+        """What the VJP reads besides ``g``: the operands ("args") and/or the output ("out")."""
+        names = set(re.findall(r"\b[a-z]\w*", " ".join(self.vjp)))
+        return " ".join(w for w, hit in (("args", any(re.fullmatch(r"x\d", n) for n in names)),
+                                          ("out", "y" in names)) if hit)
+
+
+@dataclass(frozen=True)
 class Op:
     name: str
     arity: int | None  # None: any number >= 1
@@ -48,6 +73,7 @@ class Op:
     # const(value, integer=False) -> name and float_type, the ONNX type of the run's floats (see
     # export/onnx.py). None: the op cannot be exported.
     onnx: Callable | None = None
+    formula: Formula | None = None  # an elementwise op's scalar rule; None: a structural op
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -159,6 +185,69 @@ def _xent_shape(args: list[ArgSpec], attrs: dict) -> int:
 def _mse_shape(args: list[ArgSpec], attrs: dict) -> int:
     _same_size(args, attrs)
     return 1
+
+
+# ------------------------------------------------------------ scalar formulas
+
+# The calls a formula may make. Each renderer names its implementation of each: NumPy's below
+# (evaluating a formula on whole arrays), the compiled paths' in fuse.SCALAR_FUNCTIONS.
+FUNCTIONS = ("tanh", "sigmoid", "exp", "log1p", "abs", "max")
+
+_TOKEN = re.compile(r"\bK\(([^()]*)\)|\b[A-Za-z_]\w*")
+
+
+def render(formula: str, names: dict[str, str], const: Callable[[str], str]) -> str:
+    """``formula`` with each name replaced by ``names[name]`` (others kept) and each constant
+    ``K(v)`` by ``const(v)``: the text of one path's code for one entry of an op."""
+    def one(m: re.Match) -> str:
+        if m.group(1) is not None:
+            return const(render(m.group(1), names, const))
+        return names.get(m.group(0), m.group(0))
+
+    return _TOKEN.sub(one, formula)
+
+
+def _exp(x):
+    with np.errstate(under="ignore"):  # e^x underflows to 0 for very negative x: the right answer
+        return np.exp(x)
+
+
+_NUMPY = {"tanh": np.tanh, "exp": _exp, "log1p": np.log1p, "abs": np.abs, "max": np.maximum,
+          "where": np.where, "K": lambda v: v}
+
+
+class _IfToWhere(ast.NodeTransformer):
+    """``a if cond else b`` (an entry's choice) becomes ``where(cond, a, b)`` (the arrays' choice)."""
+
+    def visit_IfExp(self, node):
+        self.generic_visit(node)
+        return ast.Call(ast.Name("where", ast.Load()), [node.test, node.body, node.orelse], [])
+
+
+def _numpy_rule(formula: str, params: str) -> Callable:
+    """A formula as a NumPy function of whole arrays, ``lambda params: formula``."""
+    tree = ast.fix_missing_locations(_IfToWhere().visit(ast.parse(f"lambda {params}: {formula}", mode="eval")))
+    return eval(compile(tree, f"<op formula {formula}>", "eval"), {**_NUMPY, "sigmoid": sigmoid})
+
+
+def _elementwise(name: str, arity: int, forward: str, vjp: tuple[str, ...], onnx: Callable) -> Op:
+    """An elementwise op from its scalar formulas; its NumPy rules are derived from them."""
+    calls = set(re.findall(r"\b([A-Za-z_]\w*)\(", " ".join((forward, *vjp)))) - {"K"}
+    assert calls <= set(FUNCTIONS), f"op {name} calls {sorted(calls - set(FUNCTIONS))}, which no renderer has"
+    xs = ", ".join(f"x{i}" for i in range(arity))
+    fwd = _numpy_rule(forward, f"{xs}, c=None")
+    grads = [_numpy_rule(f, f"g, y, {xs}, c=None") for f in vjp]
+
+    def numpy_forward(v, a):
+        out = fwd(*v, c=a.get("c"))
+        return out.copy() if any(out is x for x in v) else out  # a vertex's value is its own array
+
+    def numpy_vjp(g, v, out, a):
+        return [rule(g, out, *v, c=a.get("c")) for rule in grads]
+
+    shape, params = (_same_size, (0, 1)) if arity == 2 else (_unary, ())
+    return Op(name, arity, shape, numpy_forward, numpy_vjp, params_allowed=params, onnx=onnx,
+              formula=Formula(forward, vjp))
 
 
 # ------------------------------------------------------------ numerics helpers
@@ -309,30 +398,26 @@ def _product_ops(product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> lis
     ]
 
 
+# Each elementwise op: its forward formula, then one VJP formula per operand (see Formula).
+ELEMENTWISE_OPS = [
+    _elementwise("add", 2, "x0 + x1", ("g", "g"), _onnx_elementwise("Add")),
+    _elementwise("sub", 2, "x0 - x1", ("g", "-g"), _onnx_elementwise("Sub")),
+    _elementwise("mul", 2, "x0 * x1", ("g * x1", "g * x0"), _onnx_elementwise("Mul")),
+    _elementwise("scale", 1, "x0 * K(c)", ("g * K(c)",),
+                 lambda b, args, a: b.node("Mul", [args[0], b.const(a["c"])])),
+    _elementwise("one_minus", 1, "K(1.0) - x0", ("-g",),
+                 lambda b, args, a: b.node("Sub", [b.const(1.0), args[0]])),
+    _elementwise("tanh", 1, "tanh(x0)", ("g * (K(1.0) - y * y)",), _onnx_elementwise("Tanh")),
+    _elementwise("sigmoid", 1, "sigmoid(x0)", ("g * y * (K(1.0) - y)",), _onnx_elementwise("Sigmoid")),
+    _elementwise("relu", 1, "max(x0, K(0.0))", ("(g if x0 > K(0.0) else K(0.0))",), _onnx_elementwise("Relu")),
+    _elementwise("identity", 1, "x0", ("g",), _onnx_elementwise("Identity")),
+]
+
 OPS: dict[str, Op] = {
     op.name: op
     for op in [
         *_product_ops(np.matmul),
-        Op("add", 2, _same_size,
-           lambda v, a: v[0] + v[1],
-           lambda g, v, out, a: [g, g],
-           params_allowed=(0, 1), onnx=_onnx_elementwise("Add")),
-        Op("sub", 2, _same_size,
-           lambda v, a: v[0] - v[1],
-           lambda g, v, out, a: [g, -g],
-           params_allowed=(0, 1), onnx=_onnx_elementwise("Sub")),
-        Op("mul", 2, _same_size,
-           lambda v, a: v[0] * v[1],
-           lambda g, v, out, a: [g * v[1], g * v[0]],
-           params_allowed=(0, 1), onnx=_onnx_elementwise("Mul")),
-        Op("scale", 1, _unary,
-           lambda v, a: v[0] * a["c"],
-           lambda g, v, out, a: [g * a["c"]],
-           onnx=lambda b, args, a: b.node("Mul", [args[0], b.const(a["c"])])),
-        Op("one_minus", 1, _unary,
-           lambda v, a: 1 - v[0],
-           lambda g, v, out, a: [-g],
-           onnx=lambda b, args, a: b.node("Sub", [b.const(1.0), args[0]])),
+        *ELEMENTWISE_OPS,
         Op("concat", None, _concat_shape,
            lambda v, a: np.concatenate(v, axis=-1),
            _concat_vjp,
@@ -341,22 +426,6 @@ OPS: dict[str, Op] = {
            lambda v, a: v[0][:, a["start"] : a["stop"]],
            _slice_vjp,
            onnx=_onnx_slice),
-        Op("tanh", 1, _unary,
-           lambda v, a: np.tanh(v[0]),
-           lambda g, v, out, a: [g * (1 - out * out)],
-           onnx=_onnx_elementwise("Tanh")),
-        Op("sigmoid", 1, _unary,
-           lambda v, a: sigmoid(v[0]),
-           lambda g, v, out, a: [g * out * (1 - out)],
-           onnx=_onnx_elementwise("Sigmoid")),
-        Op("relu", 1, _unary,
-           lambda v, a: np.maximum(v[0], 0),
-           lambda g, v, out, a: [g * (v[0] > 0)],
-           onnx=_onnx_elementwise("Relu")),
-        Op("identity", 1, _unary,
-           lambda v, a: v[0].copy(),
-           lambda g, v, out, a: [g],
-           onnx=_onnx_elementwise("Identity")),
         Op("softmax", 1, _unary,
            lambda v, a: softmax(v[0]),
            _softmax_vjp,
@@ -390,3 +459,24 @@ def with_product(product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dic
     engine builds its own copy with the products on its BLAS bindings (blas.py),
     every other rule shared, so that binding them is the engine's affair."""
     return {**OPS, **{op.name: op for op in _product_ops(product)}}
+
+
+# ------------------------------------------------------- what each path runs
+
+ELEMENTWISE = frozenset(op.name for op in OPS.values() if op.formula is not None)
+
+# The structural ops (products, concatenation, slices, lookups, softmax, losses) have no scalar
+# formula: each compiled path keeps its own code for those it runs, listed here, in one place.
+# Deriving them from the table too is the next step of issue 18.
+STRUCTURAL = {
+    "loop": frozenset({"matmul", "linear", "slice", "concat"}),  # codegen.py: the step loops
+    "whole": frozenset({"matmul", "linear", "concat", "slice", "one_hot", "embedding",
+                        "cross_entropy", "mse"}),  # wholestep.py / rowkernels.py
+    "sampler": frozenset({"matmul", "linear", "slice", "concat", "one_hot", "embedding"}),  # generate.py
+}
+
+
+def runs_on(path: str) -> frozenset:
+    """The ops a compiled path runs natively: every elementwise op (its code rendered from its
+    formula) and the structural ops that path has code for (:data:`STRUCTURAL`)."""
+    return ELEMENTWISE | STRUCTURAL[path]

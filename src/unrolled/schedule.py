@@ -12,13 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .graph import Graph, Param, Vertex
+from .ops import OPS, runs_on
 
-INLINE = {"matmul", "linear", "add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu",
-           "identity", "slice", "concat"}
-# What each op's backward rule reads: its operands ("args") and/or its output ("out").
-NEEDS = {"matmul": "x", "linear": "x", "add": "", "sub": "", "mul": "args", "scale": "", "one_minus": "",
-          "tanh": "out", "sigmoid": "out", "relu": "args", "identity": "", "slice": "", "concat": "",
-          "softmax": "out", "log_softmax": "out"}
+INLINE = runs_on("loop")  # ops the step loops write out; the others call the op table's NumPy rules
+# What a structural op's backward rule reads: its operands ("args") and/or its output ("out"); a
+# product's operand is kept through its split (see _stored). An elementwise op says it itself
+# (ops.Formula.needs); any other op is taken to read both.
+_STRUCTURAL_NEEDS = {"matmul": "x", "linear": "x", "slice": "", "concat": "", "softmax": "out",
+                     "log_softmax": "out"}
+
+
+def needs(op: str) -> str:
+    """What ``op``'s backward rule reads: "args", "out", both or neither."""
+    formula = OPS[op].formula
+    return formula.needs if formula is not None else _STRUCTURAL_NEEDS.get(op, "args out")
 
 
 # ------------------------------------------------------------------ planning
@@ -278,13 +285,13 @@ def _stored(graph: Graph, p: Plan) -> set[str]:
             for part, _, _ in p.split[v.name].core:
                 mark(part)
             continue
-        needs = NEEDS.get(v.op, "args out")
+        reads = needs(v.op)
         has_param = any(isinstance(a, Param) for a in v.args)
-        if "args" in needs or has_param:
+        if "args" in reads or has_param:
             for a in v.args:
                 if isinstance(a, Vertex):
                     mark(a)
-        if "out" in needs or has_param:
+        if "out" in reads or has_param:
             mark(v)
     for v in p.order:
         if p.phase[v.name] == "post" and v.kind == "op":
