@@ -1,5 +1,9 @@
 """One vertex, one row, one step: the Numba kernels the whole-run function calls.
 
+These are the structural ops' kernels (products, copies, lookups, losses); the
+elementwise ops' kernels are rendered from their formulas in the op table
+(``wholestep.elementwise_kernels``).
+
 ``wholestep.py`` writes a small graph's whole run as one function; spelled
 out inline, every vertex's loops made that function slow for Numba to
 compile (twenty seconds for a two-layer LSTM). Written once here and called,
@@ -22,8 +26,7 @@ own bookkeeping, and LLVM loses the literal offset), so ``product_dx_row``
 and ``product_dw`` index ``W`` directly. Kernels whose speed alone
 matters keep their views (``add_dot_rows``, ``copy_row``, forward).
 
-The float32 tanh, σ and e^x are jitkernels' (``_tanh1``, ``_sigmoid1``,
-``_exp1``), inlined here. Numba's disk cache of these kernels is keyed by
+The float32 e^x is jitkernels' (``_exp1``), inlined here. Numba's disk cache of these kernels is keyed by
 this file alone: a change to those functions must come with a change to
 this file (or an emptied ``__pycache__``), or the old machine code runs.
 """
@@ -33,7 +36,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .jitkernels import _cast, _exp1, _sigmoid1, _tanh1
+from .jitkernels import _cast, _exp1
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 _dot = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})
@@ -88,57 +91,6 @@ def set_row(y, x):
 def zero_row(y):
     for j in range(y.shape[0]):
         y[j] = 0
-
-
-@_jit
-def add_row(y, a, b):
-    for j in range(y.shape[0]):
-        y[j] = a[j] + b[j]
-
-
-@_jit
-def sub_row(y, a, b):
-    for j in range(y.shape[0]):
-        y[j] = a[j] - b[j]
-
-
-@_jit
-def mul_row(y, a, b):
-    for j in range(y.shape[0]):
-        y[j] = a[j] * b[j]
-
-
-@_jit
-def scale_row(y, x, c):
-    c = _cast(c, y[0])
-    for j in range(y.shape[0]):
-        y[j] = x[j] * c
-
-
-@_jit
-def one_minus_row(y, x):
-    one = _cast(1.0, y[0])
-    for j in range(y.shape[0]):
-        y[j] = one - x[j]
-
-
-@_jit
-def tanh_row(y, x):
-    for j in range(y.shape[0]):
-        y[j] = _tanh1(x[j])
-
-
-@_jit
-def sigmoid_row(y, x):
-    for j in range(y.shape[0]):
-        y[j] = _sigmoid1(x[j])
-
-
-@_jit
-def relu_row(y, x):
-    zero = _cast(0.0, y[0])
-    for j in range(y.shape[0]):
-        y[j] = x[j] if x[j] > 0 else zero
 
 
 @_jit
@@ -270,46 +222,6 @@ def add_to_row(d, d_at, g, g_at, n):
     d, g = d[d_at:d_at + n], g[g_at:g_at + n]
     for j in range(n):
         d[j] += g[j]
-
-
-@_jit
-def sub_from_row(d, g):
-    for j in range(d.shape[0]):
-        d[j] -= g[j]
-
-
-@_jit
-def mul_back_row(d, g, other):
-    for j in range(d.shape[0]):
-        d[j] += g[j] * other[j]
-
-
-@_jit
-def scale_back_row(d, g, c):
-    c = _cast(c, g[0])
-    for j in range(d.shape[0]):
-        d[j] += g[j] * c
-
-
-@_jit
-def tanh_back_row(d, g, y):
-    one = _cast(1.0, g[0])
-    for j in range(d.shape[0]):
-        d[j] += g[j] * (one - y[j] * y[j])
-
-
-@_jit
-def sigmoid_back_row(d, g, y):
-    one = _cast(1.0, g[0])
-    for j in range(d.shape[0]):
-        d[j] += g[j] * y[j] * (one - y[j])
-
-
-@_jit
-def relu_back_row(d, g, x):
-    for j in range(d.shape[0]):
-        if x[j] > 0:
-            d[j] += g[j]
 
 
 @_jit

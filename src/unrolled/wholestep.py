@@ -34,13 +34,14 @@ import re
 import numpy as np
 
 from .blas import aligned_empty, aligned_zeros
+from .fuse import SCALAR_FUNCTIONS
 from .graph import Graph, Param, Vertex
+from .ops import ELEMENTWISE, OPS, render, runs_on
 from .runio import Feeds, RunResult, as_state, parameter_copies
 
 KEEP_WORKSPACES = 4  # runs of this many shapes (T, B, dtype) keep their arrays
 
-SUPPORTED = frozenset({"matmul", "linear", "add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu",
-                       "identity", "concat", "slice", "one_hot", "embedding", "cross_entropy", "mse"})
+SUPPORTED = runs_on("whole")
 
 
 def unsupported(graph: Graph) -> set[str]:
@@ -67,6 +68,7 @@ class WholeRun:
         self.pnames = {name: f"p{i}" for i, name in enumerate(graph.params)}
         self.feeds = _feeds(self)  # (argument, what of the Feeds it is, whose), after the parameters
         self.code = _Writer(self).source()
+        self.kernel_code = elementwise_kernels({v.op for v in self.order if v.kind == "op"} & ELEMENTWISE)
         self.arguments = _arguments(self.code)  # the workspace arrays, after the feeds
         self._fn = None
         self._workspaces: dict[tuple, _Workspace] = {}
@@ -92,7 +94,7 @@ class WholeRun:
             from .jitcache import _load_module
 
             self._fn = _load_module("import numba\nfrom unrolled.rowkernels import *  # noqa: F401,F403\n\n"
-                                    + self.code, "whole")["whole_run"]
+                                    + self.kernel_code + self.code, "whole")["whole_run"]
         ws = self._workspace(f)
         loss = self._fn(f.T, f.B, 1 if backward else 0, *[params[name] for name in self.pnames],
                         *ws.feed_args(f), *ws.args)
@@ -356,11 +358,11 @@ class _Writer:
                     self(f"add_column({y}, {W}, {at} + {self.row(part.args[0])})")
                 else:
                     self(f"add_dot_rows({y}, {W}, {at}, {self.row(part)})")
-        elif op in ("add", "sub", "mul", "tanh", "sigmoid", "relu", "one_minus", "one_hot"):
-            self(f"{op}_row({y}, {', '.join(a)})")
-        elif op == "scale":
-            self(f"scale_row({y}, {a[0]}, {v.attrs['c']!r})")
-        elif op in ("identity", "slice", "concat"):
+        elif op in ELEMENTWISE:
+            self(f"{op}_row({y}, {', '.join(a + ([repr(v.attrs['c'])] if _takes_c(op) else []))})")
+        elif op == "one_hot":
+            self(f"one_hot_row({y}, {a[0]})")
+        elif op in ("slice", "concat"):
             starts = [v.attrs["start"]] if op == "slice" else [0] * len(a)
             at = 0
             for x, e, start in zip(v.args, a, starts):
@@ -408,40 +410,63 @@ class _Writer:
             for d, sign in zip(da, ("", "-")):
                 if d is not None:
                     self(f"mse_back_row({d}, {sign}2.0 * {g}[0] / {F}, {a[0]}, {a[1]})")
-        elif op in ("identity", "slice", "concat", "add"):
+        elif op in ("slice", "concat"):
             starts = [v.attrs["start"]] if op == "slice" else [0] * len(a)
             at = 0
             for x, d, start in zip(v.args, da, starts):
-                n = v.size if op in ("slice", "add") else x.size
+                n = v.size if op == "slice" else x.size
                 if d is not None:
                     self(f"add_to_row({d}, {start}, {g}, {at}, {n})")
-                at += 0 if op == "add" else n
-        elif op == "sub":
-            if da[0] is not None:
-                self(f"add_to_row({da[0]}, 0, {g}, 0, {v.size})")
-            if da[1] is not None:
-                self(f"sub_from_row({da[1]}, {g})")
-        elif op == "mul":
-            for d, other in zip(da, reversed(a)):
+                at += n
+        elif op in ELEMENTWISE:
+            rows = {**{f"x{i}": e for i, e in enumerate(a)}, "y": self.row(v), "c": repr(v.attrs.get("c"))}
+            for i, d in enumerate(da):
                 if d is not None:
-                    self(f"mul_back_row({d}, {g}, {other})")
-        elif op == "scale":
-            if da[0] is not None:
-                self(f"scale_back_row({da[0]}, {g}, {v.attrs['c']!r})")
-        elif op in ("tanh", "sigmoid"):
-            if da[0] is not None:
-                self(f"{op}_back_row({da[0]}, {g}, {self.row(v)})")
-        elif op == "relu":
-            if da[0] is not None:
-                self(f"relu_back_row({da[0]}, {g}, {a[0]})")
-        elif op == "one_minus":
-            if da[0] is not None:
-                self(f"sub_from_row({da[0]}, {g})")
+                    reads = _reads(OPS[op].formula.vjp[i])
+                    self(f"{_back_kernel(op, i)}({', '.join([d, g] + [rows[n] for n in reads])})")
         elif op == "embedding":
             self(f"embedding_back_row({da[0]}, {a[1]}, {g})")
 
 
 _NAME = re.compile(r"\b(?:D_p\d+|(?:H|GH|V|G|PR)_v\d+|GRADS)\b")
+
+
+# ------------------------------------------------------------ elementwise kernels
+
+
+def _reads(formula: str) -> list[str]:
+    """What a formula reads besides ``g``, in kernel-argument order: operands, output, ``c``."""
+    names = set(re.findall(r"\b[a-z]\w*", formula))
+    return [n for n in ("x0", "x1", "y", "c") if n in names]
+
+
+def _takes_c(op: str) -> bool:
+    f = OPS[op].formula
+    return "c" in _reads(" ".join((f.forward, *f.vjp)))
+
+
+def _back_kernel(op: str, i: int) -> str:
+    return f"{op}_back_row" if OPS[op].arity == 1 else f"{op}_back{i}_row"
+
+
+def elementwise_kernels(ops: set[str]) -> str:
+    """The row kernels of elementwise ``ops``, rendered from their formulas: ``{op}_row(y, x0, ...)``
+    writes the output row; ``{op}_back_row(d, g, ...)`` (``_back{i}_`` for operand i of two) adds
+    an operand's share of the gradient into ``d``, reading what its formula reads (:func:`_reads`)."""
+    out = ["import numpy as np\nfrom unrolled.jitkernels import _cast, _sigmoid1, _tanh1  # noqa: F401\n",
+           "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\", fastmath={\"contract\"})\n"]
+    names = {**SCALAR_FUNCTIONS, "x0": "x0[j]", "x1": "x1[j]", "y": "y[j]", "g": "g[j]"}
+    for op in sorted(ops):
+        f = OPS[op].formula
+        xs = [f"x{i}" for i in range(OPS[op].arity)] + (["c"] if _takes_c(op) else [])
+        body = render(f.forward, names, lambda c: f"_cast({c}, y[0])")
+        out.append(f"@_jit\ndef {op}_row(y, {', '.join(xs)}):\n    for j in range(y.shape[0]):\n"
+                   f"        y[j] = {body}\n")
+        for i, formula in enumerate(f.vjp):
+            body = render(formula, names, lambda c: f"_cast({c}, g[0])")
+            out.append(f"@_jit\ndef {_back_kernel(op, i)}({', '.join(['d', 'g'] + _reads(formula))}):\n"
+                       f"    for j in range(d.shape[0]):\n        d[j] += {body}\n")
+    return "\n\n".join(out) + "\n\n"
 
 
 def _read_only_by_products(w: WholeRun) -> set[str]:
