@@ -95,3 +95,24 @@ def test_saturated_unit_passes_no_gradient(act, dtype):
     inputs = {"x": np.ones((2, 2, 1), dtype), "goal": np.zeros((2, 2, 1), dtype)}
     # 1e-5 of the largest gradient (dL/dV): the leak was 4.8e-4 of it
     run_every_path(g, params, inputs, tol=1e-5, require={"fused"})
+
+
+def _softplus_exp() -> Graph:
+    """softplus and exp before the loop (u), in the recurrent core (z, m: each the only elementwise
+    op between products, so a fused kernel of its own) and after it (y)."""
+    g = Graph("softplus_exp")
+    x, h = g.input("x", 2), g.state("h", 3)
+    u = g.softplus(g.matmul(g.param("U", (2, 2)), x), name="u")
+    z = g.exp(g.scale(h.prev, -0.5), name="z")
+    m = g.softplus(g.linear(g.param("W", (4, 5)), g.concat(u, z), g.param("b", (4,), init="normal:0.5")), name="m")
+    h = g.tanh(g.matmul(g.param("W2", (3, 4)), m), name="h")
+    y = g.output(g.exp(g.scale(g.matmul(g.param("V", (2, 3)), h), 0.5), name="y"))
+    g.loss("mse", y, g.input("target", 2))
+    return g
+
+
+def test_softplus_and_exp_run_on_every_path():
+    """Ops added by one table entry each (ops.py) run on every compiled path, held to the reference."""
+    g = _softplus_exp()
+    taken = run_every_path(g, g.init_params(3), _feeds(g, T=4, B=3), require=set(STRATEGIES) - {"stages"})
+    assert set(STRATEGIES) - {"stages"} <= taken

@@ -229,3 +229,14 @@ def test_bad_feeds_are_one_sentence():
         runner.run({"x": x}, {"nope": np.zeros((2, 4), dtype=np.float32)})
     with pytest.raises(ValueError, match="ONNX Runtime refused the feeds"):
         runner.run({"x": x}, {"h": np.zeros((2, 5), dtype=np.float32)})
+
+
+def test_softplus_and_exp_are_exported():
+    """Ops added by one table entry each (ops.py) export through their entries' ONNX rules."""
+    g = Graph("softplus_exp")
+    x, h = g.input("x", 3), g.state("h", 3)
+    a = g.linear(g.param("W", (3, 6)), g.concat(x, h.prev), g.param("b", (3,)))
+    g.tanh(g.sub(g.softplus(a), g.exp(g.scale(h.prev, -1.0))), name="h")
+    g.output(g.exp(g.scale(h, 0.5), name="y"))
+    params = make_params(g, np.random.default_rng(1), np.float32)
+    assert_same_as_engine(g, params, OnnxRunner(to_onnx(g, params)), 5, 3, seed=2, every_state=True)

@@ -148,3 +148,31 @@ def test_a_state_defined_by_a_slice_keeps_its_ring(jit):
     _, states = Generator(g, "tok", "y", jit=jit).run(params, length=0, prime=prime, rng=np.random.default_rng(0))
     want = reference_run(g, params, {"tok": prime}, backward=False).final_states["h"]
     np.testing.assert_allclose(states["h"], want, rtol=1e-12, atol=1e-12)
+
+
+def softplus_exp_model(V=5, H=4) -> Graph:
+    """A character model whose state update is softplus and exp: ops added by one table entry each."""
+    g = Graph("softplus_exp")
+    tok = g.index_input("tok", V)
+    h = g.state("h", H)
+    a = g.linear(g.param("W", (H, V + H)), g.concat(g.one_hot(tok, name="x"), h.prev), g.param("b", (H,)), name="a")
+    g.tanh(g.sub(g.softplus(a), g.exp(g.scale(h.prev, -1.0))), name="h")
+    y = g.output(g.linear(g.param("Wy", (V, H)), h, g.param("by", (V,), init="normal:0.5"), name="y"))
+    g.loss("cross_entropy", y, g.index_input("target", V))
+    return g
+
+
+def test_softplus_and_exp_generate_alike_on_numpy_numba_and_reference():
+    g = softplus_exp_model()
+    params = {k: v * 2 for k, v in g.init_params(5).items()}
+    tokens, finals = Generator(g, "tok", "y", jit=False).run(
+        params, length=12, prime=np.array([[1], [3]]), rng=np.random.default_rng(0), top_k=1)
+    expected, states = greedy_by_reference(g, params, [1, 3], 12)
+    np.testing.assert_array_equal(tokens[:, 0], expected)
+    np.testing.assert_allclose(finals["h"], states["h"], rtol=1e-12, atol=1e-14)
+    pytest.importorskip("numba")
+    prime = np.random.default_rng(1).integers(0, 5, size=(3, 2))
+    a, fa = Generator(g, "tok", "y", jit=False).run(params, length=30, prime=prime, rng=np.random.default_rng(2))
+    b, fb = Generator(g, "tok", "y", jit=True).run(params, length=30, prime=prime, rng=np.random.default_rng(2))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(fa["h"], fb["h"], rtol=1e-10, atol=1e-12)

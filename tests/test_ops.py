@@ -79,6 +79,8 @@ CASES = [
     ("sigmoid", [V(4)], {}),
     ("relu", [V(4)], {}),
     ("identity", [V(4)], {}),
+    ("softplus", [V(4)], {}),
+    ("exp", [V(4)], {}),
     ("softmax", [V(4)], {}),
     ("log_softmax", [V(4)], {}),
     ("embedding", [P(5, 3), I(5)], {}),

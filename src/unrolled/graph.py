@@ -261,6 +261,12 @@ class Graph:
     def identity(self, x, name=None) -> Vertex:
         return self.apply("identity", x, name=name)
 
+    def softplus(self, x, name=None) -> Vertex:
+        return self.apply("softplus", x, name=name)
+
+    def exp(self, x, name=None) -> Vertex:
+        return self.apply("exp", x, name=name)
+
     def softmax(self, x, name=None) -> Vertex:
         return self.apply("softmax", x, name=name)
 

@@ -411,6 +411,9 @@ ELEMENTWISE_OPS = [
     _elementwise("sigmoid", 1, "sigmoid(x0)", ("g * y * (K(1.0) - y)",), _onnx_elementwise("Sigmoid")),
     _elementwise("relu", 1, "max(x0, K(0.0))", ("(g if x0 > K(0.0) else K(0.0))",), _onnx_elementwise("Relu")),
     _elementwise("identity", 1, "x0", ("g",), _onnx_elementwise("Identity")),
+    _elementwise("softplus", 1, "max(x0, K(0.0)) + log1p(exp(-abs(x0)))", ("g * sigmoid(x0)",),
+                 _onnx_elementwise("Softplus")),
+    _elementwise("exp", 1, "exp(x0)", ("g * y",), _onnx_elementwise("Exp")),
 ]
 
 OPS: dict[str, Op] = {
