@@ -1,13 +1,14 @@
 """A kernel whose callee in another kernel module changed is compiled again, not loaded stale.
 
-Numba keys a cached function by its own file alone. rowkernels' ``tanh_row``
-inlines jitkernels' ``_tanh1``: after ``_tanh1`` changed, the cached
-``tanh_row`` kept the old tanh until the cache was cleared (a user upgrading
-unrolled, or anyone editing a kernel, ran old machine code). The kernel
+Numba keys a cached function by its own file alone. rowkernels' kernels
+inline jitkernels' functions (``cross_entropy_row`` its ``_exp1``): after
+such a callee changed, the cached caller kept the old code until the cache
+was cleared (a user upgrading unrolled, or anyone editing a kernel, ran old
+machine code). The kernel
 modules' caches now live in a folder named by the fingerprint of every kernel
 module (``jitcache.prepare_numba_cache``). Each case runs fresh processes on a
-copy of the package, edits the copy's float64 ``_tanh1`` to add 1, and reads
-``tanh_row`` of 0.5 again.
+copy of the package, edits the copy's float64 ``_exp1`` to add 1, and reads
+``cross_entropy_row`` of one logit, 0 (a loss of log 1 = 0; log 2 after the edit), again.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ if sys.argv[1] == "numba-own":  # the reproducer: Numba's own locators, which ke
     import unrolled.jitcache
     unrolled.jitcache._key_kernel_caches = lambda: None
 import numpy as np
-from unrolled.rowkernels import tanh_row
+from unrolled.rowkernels import cross_entropy_row
 y = np.empty(1)
-tanh_row(y, np.array([0.5]))
-print(repr(float(y[0])), sum(tanh_row.stats.cache_hits.values()))
+cross_entropy_row(y, np.array([0.0]), 0, np.empty(1))
+print(repr(float(y[0])), sum(cross_entropy_row.stats.cache_hits.values()))
 """
 
-OLD = math.tanh(0.5)
-NEW = OLD + 1.0
+OLD = 0.0  # -log softmax([0])[0]: e^0 / e^0
+NEW = math.log(2.0)  # with e^x + 1: log(e^0 + 1) - 0
 
 
 def _package_copy(tmp_path: Path, read_only: bool) -> Path:
@@ -49,15 +50,15 @@ def _package_copy(tmp_path: Path, read_only: bool) -> Path:
     return root
 
 
-def _change_tanh(root: Path) -> None:
+def _change_exp(root: Path) -> None:
     kernels = root / "unrolled" / "jitkernels.py"
     text = kernels.read_text()
-    assert text.count("    return lambda x: math.tanh(x)\n") == 1, "the float64 _tanh1 moved: update this test"
-    kernels.write_text(text.replace("    return lambda x: math.tanh(x)\n", "    return lambda x: math.tanh(x) + 1.0\n"))
+    assert text.count("    return lambda x: math.exp(x)\n") == 1, "the float64 _exp1 moved: update this test"
+    kernels.write_text(text.replace("    return lambda x: math.exp(x)\n", "    return lambda x: math.exp(x) + 1.0\n"))
 
 
-def _tanh_row(root: Path, env: dict, mode: str = "unrolled") -> tuple[float, int]:
-    """tanh_row of 0.5 in a fresh process, and how many of its signatures came from the cache."""
+def _kernel_row(root: Path, env: dict, mode: str = "unrolled") -> tuple[float, int]:
+    """cross_entropy_row of one logit in a fresh process, and how many of its signatures came from the cache."""
     env = {**env, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -77,17 +78,17 @@ def test_numba_alone_runs_a_changed_callee_stale(tmp_path):
     """The cause, reproduced: without the fingerprint, the edit is not seen (if this fails, Numba
     itself now keys callees, and this test may go)."""
     root, env = _package_copy(tmp_path, read_only=False), _env(tmp_path, numba_cache_dir=True)
-    assert _tanh_row(root, env, "numba-own") == (OLD, 0)
-    _change_tanh(root)
-    assert _tanh_row(root, env, "numba-own") == (OLD, 1)  # stale machine code from the cache
+    assert _kernel_row(root, env, "numba-own") == (OLD, 0)
+    _change_exp(root)
+    assert _kernel_row(root, env, "numba-own") == (OLD, 1)  # stale machine code from the cache
 
 
 @pytest.mark.parametrize("numba_cache_dir", [False, True], ids=["default", "NUMBA_CACHE_DIR"])
 def test_a_changed_callee_is_compiled_again(tmp_path, numba_cache_dir):
     root, env = _package_copy(tmp_path, read_only=True), _env(tmp_path, numba_cache_dir)
-    assert _tanh_row(root, env) == (OLD, 0)
-    assert _tanh_row(root, env) == (OLD, 1)  # the cache is in use
-    _change_tanh(root)
-    assert _tanh_row(root, env) == (NEW, 0)  # compiled again
+    assert _kernel_row(root, env) == (OLD, 0)
+    assert _kernel_row(root, env) == (OLD, 1)  # the cache is in use
+    _change_exp(root)
+    assert _kernel_row(root, env) == (NEW, 0)  # compiled again
     where = tmp_path / ("numba-cache/unrolled" if numba_cache_dir else "unrolled-cache")
-    assert len(list(where.glob("kernels-*/rowkernels.tanh_row-*.nbi"))) == 2  # one folder for each fingerprint
+    assert len(list(where.glob("kernels-*/rowkernels.cross_entropy_row-*.nbi"))) == 2  # one folder for each fingerprint
