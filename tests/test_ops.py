@@ -254,3 +254,22 @@ def test_cross_entropy_rows_match_the_cross_entropy_op():
         np.testing.assert_allclose(nll, OPS["cross_entropy"].forward([z, t], {}), rtol=rtol)
         np.testing.assert_allclose(probs, softmax(z), rtol=rtol, atol=1e-30)
         assert nll[0, 0] == pytest.approx(2000, rel=1e-6)
+
+
+def test_what_each_vjp_reads_comes_from_its_formula():
+    """The step loops keep for every step what a VJP reads (schedule._stored): operands, output."""
+    needs = {name: OPS[name].formula.needs for name in ops.ELEMENTWISE}
+    assert needs == {"add": "", "sub": "", "mul": "args", "scale": "", "one_minus": "", "tanh": "out",
+                     "sigmoid": "out", "relu": "args", "identity": "", "softplus": "args", "exp": "out"}
+
+
+def test_every_call_a_formula_makes_has_a_compiled_implementation():
+    from unrolled import fuse
+
+    assert set(ops.FUNCTIONS) - {"abs", "max"} <= set(fuse.SCALAR_FUNCTIONS)  # abs, max: Python's own
+    assert ops.ELEMENTWISE <= ops.runs_on("loop") & ops.runs_on("whole") & ops.runs_on("sampler")
+
+
+def test_render_replaces_names_and_casts_constants():
+    text = ops.render(OPS["tanh"].formula.vjp[0], {"g": "G[j]", "y": "Y[j]"}, lambda c: f"f32({c})")
+    assert text == "G[j] * (f32(1.0) - Y[j] * Y[j])"
