@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sysconfig
 import sys
 import time
 from pathlib import Path
@@ -29,14 +30,29 @@ SRC = HERE.parent / "src"
 TIMEOUT = 120
 
 
+def _find_mpiexec() -> str | None:
+    """The mpiexec installed beside this Python (the mpich wheel's), else the one on PATH: a venv
+    that is not activated, or a pyenv whose shims were not rehashed, must not skip these tests."""
+    beside = Path(sysconfig.get_path("scripts")) / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = _find_mpiexec()
+
+
 def _mpi_ready() -> str | None:
     try:
         import mpi4py  # noqa: F401
     except ImportError:
         return f'mpi4py is not installed ({distributed.INSTALL_HINT})'
-    if shutil.which("mpiexec") is None:
-        return "no mpiexec on PATH (the mpich wheel brings one)"
     return None
+
+
+def test_mpiexec_comes_with_mpi4py():
+    """The test extra installs mpi4py and the mpich wheel together: mpi4py without mpiexec would
+    silently skip every run below, so it fails here instead."""
+    if _mpi_ready() is None:
+        assert MPIEXEC is not None, "mpi4py is installed but no mpiexec was found: pip install mpich"
 
 
 needs_mpi = pytest.mark.skipif(_mpi_ready() is not None, reason=_mpi_ready() or "")
@@ -49,7 +65,7 @@ def _env(**extra) -> dict:
 
 def mpiexec(n: int, *args: str, check: bool = True, **env) -> subprocess.CompletedProcess:
     """``mpiexec -n n python ARGS`` with this checkout's sources first on the path (``env``: more variables)."""
-    cmd = ["mpiexec", "-n", str(n), sys.executable, *args]
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, *args]
     p = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT)
     if check and p.returncode:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
@@ -159,7 +175,7 @@ def test_a_failing_rank_stops_every_rank_and_the_last_checkpoint_stays(tmp_path,
 @needs_mpi
 def test_ctrl_c_on_mpiexec_stops_every_rank_at_one_update_and_saves_once(tmp_path):
     corpus, out = _corpus(tmp_path), tmp_path / "run"
-    cmd = ["mpiexec", "-n", "2", sys.executable, str(HERE / "dist_worker.py"), "lm", corpus, str(out), "100000"]
+    cmd = [MPIEXEC, "-n", "2", sys.executable, str(HERE / "dist_worker.py"), "lm", corpus, str(out), "100000"]
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + TIMEOUT
