@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import linecache
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,7 +45,7 @@ from . import fuse, rowsplit
 from .blas import aligned, aligned_empty, aligned_zeros, product
 from .codegen import _header, _with_arguments, _Writer
 from .graph import Graph, Param, Vertex
-from .jitcache import _load_jit_loops, _load_module, numba_allowed
+from .jitcache import _load_jit_loops, _load_module, numba_refusal
 from .ops import ELEMENTWISE, unbroadcast, with_product
 from .runio import Binding, Feeds, RunResult, as_state, check_combine, parameter_copies, prepare
 from .schedule import INLINE, Plan, _Split, plan
@@ -76,6 +77,8 @@ class CompiledEngine:
     products and each thread gets at least ``rowsplit.MIN_ROWS`` rows; 1: never).
     The engine runs the graph as it was when made: a graph changed since is
     refused (see :class:`unrolled.runio.Binding`); make a new engine.
+    ``engine.explain(T, B, dtype)`` says which strategy a run takes and why
+    (one decision, :meth:`route`, serves it and :meth:`run`).
     """
 
     name = "compiled"
@@ -90,7 +93,8 @@ class CompiledEngine:
         self.threads = threads  # a batch's rows split across threads (rowsplit.py): "auto", or at most this many
         from .stages import cut
 
-        self.whole = _whole_run(graph, jit, whole)  # the whole run as one Numba function, for small runs
+        # the whole run as one Numba function, for small runs; else None, and why not in words
+        self.whole, self._whole_why = _whole_run(graph, jit, whole)
         self._whole_forced = whole is True
         self._step_macs = _step_macs(graph)
 
@@ -108,9 +112,10 @@ class CompiledEngine:
             return
         self.plan = plan(graph)
         self.jit = jit  # True, False, or "auto": Numba for runs whose steps are small
-        self._jit_ok = _jit_available(jit, self.plan)
-        fused = jit is not False and os.environ.get("UNROLLED_JIT", "1") != "0" and fuse.available()
-        self._writer = _Writer(graph, self.plan, fused=fused)
+        self._jit_why = _jit_refusal(jit, self.plan)  # why the Numba loop may not run, or None
+        self._jit_ok = self._jit_why is None
+        self._fuse_why = _fuse_refusal(jit)  # why the NumPy loop calls no fused kernels, or None
+        self._writer = _Writer(graph, self.plan, fused=self._fuse_why is None)
         fwd, bwd = self._writer.sources()
         self.code = _header(self._writer) + fwd + "\n" + bwd
         self._namespace = self._compile(self.code)
@@ -124,31 +129,72 @@ class CompiledEngine:
 
     def uses_whole(self, B: int) -> bool:
         """Whether a run over batches of ``B`` rows is one compiled function (see wholestep.py)."""
+        return self._whole_choice(B)[0]
+
+    def _whole_choice(self, B: int) -> tuple[bool, str]:
+        """Whether a run of ``B`` rows takes the whole-run function, and why, in words."""
         if self.whole is None:
-            return False
-        return self._whole_forced or B * self._step_macs <= WHOLE_AUTO_MACS
+            return False, self._whole_why
+        if self._whole_forced:
+            return True, "whole=True"
+        macs = B * self._step_macs
+        if macs <= WHOLE_AUTO_MACS:
+            return True, (f"{B} rows x {self._step_macs} multiply-adds a step = {macs} "
+                          f"<= WHOLE_AUTO_MACS ({WHOLE_AUTO_MACS}): a step's products are tiny")
+        return False, (f"{B} rows x {self._step_macs} multiply-adds a step = {macs} "
+                       f"> WHOLE_AUTO_MACS ({WHOLE_AUTO_MACS}): BLAS's products win there")
 
     def uses_jit(self, B: int) -> bool:
         """Whether a run over batches of ``B`` rows takes the Numba loop."""
         if self.stages:
             return any(eng.uses_jit(B) for _, eng in self.stages)
+        return self._jit_choice(B)[0]
+
+    def _jit_choice(self, B: int) -> tuple[bool, str]:
+        """Whether this (one-stage) engine runs ``B`` rows on the Numba loop, and why, in words."""
         if not self._jit_ok:
-            return False
+            return False, self._jit_why
         if self.jit is True:
-            return True
+            return True, "jit=True"
         # Numba calling NumPy's own BLAS wins at every size (no interpreter between the steps, one
         # thread pool); through SciPy's BLAS, or without BLAS, only where calls cost more than products
+        if _views_to_blas():
+            return True, "its products call NumPy's own BLAS, which wins at every size"
         widest = max((v.size for v in self.plan.of("core")), default=0)
-        return B * widest <= JIT_AUTO_LIMIT or _views_to_blas()
+        n = B * widest
+        if n <= JIT_AUTO_LIMIT:
+            return True, f"{B} rows x the widest core vertex {widest} = {n} <= JIT_AUTO_LIMIT ({JIT_AUTO_LIMIT})"
+        return False, (f"{B} rows x the widest core vertex {widest} = {n} > JIT_AUTO_LIMIT ({JIT_AUTO_LIMIT}) "
+                       f"and the Numba loop's products do not reach NumPy's BLAS")
+
+    def route(self, B: int, dtype) -> Route:
+        """The one decision of how a run of ``B`` rows of ``dtype`` goes, with its reasons:
+        :meth:`run` follows it and :meth:`explain` prints it, so the two cannot differ."""
+        whole, why = self._whole_choice(B)
+        if whole:
+            return Route(True, None, [f"the whole-run function: {why}"])
+        ranges, split_why = self._split(B, dtype)
+        return Route(False, ranges, [f"not the whole-run function: {why}", split_why])
+
+    def _split(self, B: int, dtype) -> tuple[list[tuple[int, int]] | None, str]:
+        """The row ranges of :meth:`row_parts`, and why they are what they are, in words."""
+        ranges = rowsplit.parts(B, dtype, self.threads)
+        if ranges is None:
+            return None, f"rows not split: {rowsplit.unsplit_reason(B, dtype, self.threads)}"
+        # every stage: a stage on the NumPy loop would be shared by the parts
+        if not all(e.uses_jit(hi - lo) for e in self._loop_engines() for lo, hi in ranges):
+            return None, "rows not split: a part would run the NumPy loop, whose namespace the parts share"
+        return ranges, f"rows split across {len(ranges)} threads: {[hi - lo for lo, hi in ranges]} rows each"
 
     def strategies(self, T: int, B: int, dtype) -> set[str]:
         """Which of :data:`STRATEGIES` a run of ``T`` steps over ``B`` rows of ``dtype`` takes:
         the whole-run function alone, or the step loops (Numba's or plain NumPy's, with fused
         kernels or not), per stage, per part of the rows, in one chunk of steps or several."""
-        if self.uses_whole(B):
+        route = self.route(B, dtype)
+        if route.whole:
             return {"whole"}
         out = {"stages"} if self.stages else set()
-        ranges = self.row_parts(B, dtype)
+        ranges = route.ranges
         if ranges:
             out.add("row_split")
         for eng in self._loop_engines():
@@ -159,6 +205,61 @@ class CompiledEngine:
                     out.add("fused")
                 if eng.steps_per_chunk(T, rows, dtype) < T:
                     out.add("chunked")
+        return out
+
+    def explain(self, T: int, B: int, dtype=np.float32) -> str:
+        """Which strategy a run of ``T`` steps over ``B`` rows of ``dtype`` takes, and why, in words.
+
+        Read from :meth:`route` and the loops' own tests (``uses_jit``, ``steps_per_chunk``), the
+        same the run follows; where a faster strategy cannot run the graph, it says what stops it.
+        For the test suite's Elman network (``tests/helpers.py``), 10000 rows, oneDNN on two threads::
+
+            >>> print(make_engine(elman()).explain(20, 10000))
+            compiled engine, graph 'elman', 20 steps x 10000 rows of float32: numba_loop, row_split
+            - not the whole-run function: 10000 rows x 40 multiply-adds a step = 400000 > WHOLE_AUTO_MACS (262144): ...
+            - rows split across 2 threads: [5000, 5000] rows each
+            - Numba loop, 5000 rows: its products call NumPy's own BLAS, which wins at every size
+            - no fused kernels: no run of elementwise vertices to fuse
+            - all 20 steps in one chunk
+
+        With ``UNROLLED_JIT=0`` the same run says ``NumPy loop, 10000 rows: UNROLLED_JIT=0 turns Numba off``.
+        """
+        route = self.route(B, dtype)
+        names = sorted(self.strategies(T, B, dtype), key=STRATEGIES.index)
+        lines = [f"compiled engine, graph '{self.graph.name}', {T} steps x {B} rows of {np.dtype(dtype).name}: "
+                 + ", ".join(names)]
+        lines += [f"- {r}" for r in route.reasons]
+        if route.whole:
+            return "\n".join(lines)
+        if self.stages:
+            lines.append(f"- in {len(self.stages)} stages, one after another: the graph has {len(self.stages)} "
+                         "recurrent cores that do not feed each other both ways (stages.py)")
+        sizes = sorted({hi - lo for lo, hi in route.ranges}) if route.ranges else [B]
+        for i, eng in enumerate(self._loop_engines()):
+            stage = f"stage {i + 1}: " if self.stages else ""
+            for rows in sizes:
+                lines += [f"- {stage}{line}" for line in eng._loop_reasons(T, rows, dtype)]
+        return "\n".join(lines)
+
+    def _loop_reasons(self, T: int, B: int, dtype) -> list[str]:
+        """How this one-stage engine's loops run ``B`` rows: which loop, fused kernels, chunks; and why."""
+        jit, why = self._jit_choice(B)
+        out = [f"{'Numba' if jit else 'NumPy'} loop, {B} rows: {why}"]
+        kernels = self.jit_kernels() if jit else self._writer.kernels
+        if kernels.functions:
+            out.append(f"{len(kernels.functions)} fused kernel(s) for runs of elementwise vertices")
+        elif not jit and self._fuse_why is not None:
+            out.append(f"no fused kernels: {self._fuse_why}")
+        else:
+            out.append("no fused kernels: no run of elementwise vertices to fuse")
+        k = self.steps_per_chunk(T, B, dtype)
+        if k >= T:
+            out.append(f"all {T} steps in one chunk")
+        elif self.chunk_steps is not None:
+            out.append(f"chunks of {k} of {T} steps: chunk_steps={self.chunk_steps}")
+        else:
+            out.append(f"chunks of {k} of {T} steps: CHUNK_BYTES ({CHUNK_BYTES} bytes) holds {k} steps "
+                       "of the per-step buffers")
         return out
 
     def steps_per_chunk(self, T: int, B: int, dtype) -> int:
@@ -243,10 +344,11 @@ class CompiledEngine:
                         final_state_grads=final_state_grads, output_grads=output_grads,
                         check_finite=check_finite)
         params = feeds.params
-        if self.uses_whole(feeds.B):
+        route = self.route(feeds.B, feeds.dtype)
+        if route.whole:
             with np.errstate(under="ignore", over="ignore"):
                 return self.whole.run(params, feeds, combine, backward)
-        ranges = self.row_parts(feeds.B, feeds.dtype)
+        ranges = route.ranges
         if ranges:
             self._compiled_before_threads()
             return rowsplit.run(lambda part, i: self._run(params, part, combine, backward, i), feeds, ranges)
@@ -256,11 +358,7 @@ class CompiledEngine:
         """The row ranges a run of ``B`` rows splits into across threads (rowsplit.py), or None.
 
         Only where the Numba loops run: the plain-NumPy loops share one namespace."""
-        ranges = rowsplit.parts(B, dtype, self.threads)
-        # every stage: a stage on the NumPy loop would be shared by the parts
-        if ranges and all(e.uses_jit(hi - lo) for e in self._loop_engines() for lo, hi in ranges):
-            return ranges
-        return None
+        return self._split(B, dtype)[0]
 
     def _loop_engines(self) -> list[CompiledEngine]:
         """The engines whose loops a run runs: each stage's, or this one's."""
@@ -355,18 +453,22 @@ def _step_macs(graph: Graph) -> int:
 
 
 def _whole_run(graph: Graph, jit, whole):
-    """The graph's :class:`~unrolled.wholestep.WholeRun` when it may take one, else None.
+    """The graph's :class:`~unrolled.wholestep.WholeRun` when it may take one (else None), and
+    why not, in words (None when it may).
 
     ``whole="auto"`` takes it for small runs when the engine chooses its own loops (``jit="auto"``)
     and Numba may run; ``True`` insists (for tests and for measuring); ``False`` never."""
     from . import wholestep
 
-    if whole is False or (whole == "auto" and jit != "auto"):
-        return None
-    if not numba_allowed(True if whole is True else "auto", wholestep.unsupported(graph), "the whole-run function",
-                         env_refuses=("0", "fuse")):
-        return None
-    return wholestep.WholeRun(graph)
+    if whole is False:
+        return None, "whole=False"
+    if whole == "auto" and jit != "auto":
+        return None, f"jit={jit!r}: the whole-run function is chosen only with jit='auto'"
+    why = numba_refusal(True if whole is True else "auto", wholestep.unsupported(graph), "the whole-run function",
+                        env_refuses=("0", "fuse"))
+    if why is not None:
+        return None, why
+    return wholestep.WholeRun(graph), None
 
 
 @functools.cache  # asked on every run; the answer is fixed at import (and importing Numba is deferred)
@@ -377,10 +479,31 @@ def _views_to_blas() -> bool:
     return BLAS_NAME == "numpy"
 
 
-def _jit_available(jit, p: Plan) -> bool:
-    """Can this graph take the Numba loop? ("fuse" in UNROLLED_JIT allows fused kernels only.)"""
+def _jit_refusal(jit, p: Plan) -> str | None:
+    """Why this graph may not take the Numba loop, or None. ("fuse" in UNROLLED_JIT allows fused kernels only.)"""
     unsupported = {v.op for v in p.of("core") if v.kind == "op" and v.op not in INLINE}
-    return numba_allowed(jit, unsupported, "the JIT loop, inside the recurrent core,", env_refuses=("0", "fuse"))
+    return numba_refusal(jit, unsupported, "the JIT loop, inside the recurrent core,", env_refuses=("0", "fuse"))
+
+
+def _fuse_refusal(jit) -> str | None:
+    """Why the plain NumPy loop calls no fused kernels, or None when it may (fuse.py)."""
+    if jit is False:
+        return "jit=False"
+    if os.environ.get("UNROLLED_JIT", "1") == "0":
+        return "UNROLLED_JIT=0 turns Numba off"
+    if not fuse.available():
+        return "Numba is not installed (pip install numba)"
+    return None
+
+
+@dataclass
+class Route:
+    """How a run goes, as :meth:`CompiledEngine.route` decides: the whole-run function, or the
+    step loops over these row ranges (None: all rows in one run), and the reasons, in words."""
+
+    whole: bool
+    ranges: list[tuple[int, int]] | None
+    reasons: list[str] = field(default_factory=list)
 
 
 class _RunState:

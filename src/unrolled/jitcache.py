@@ -195,16 +195,25 @@ def numba_allowed(jit, unsupported: set[str], what: str, env_refuses: tuple[str,
 
     ``UNROLLED_JIT`` set to one of ``env_refuses`` keeps "auto" off Numba (the tests set "0").
     """
-    if jit is False or (jit is not True and os.environ.get("UNROLLED_JIT", "1") in env_refuses):
-        return False
+    return numba_refusal(jit, unsupported, what, env_refuses) is None
+
+
+def numba_refusal(jit, unsupported: set[str], what: str, env_refuses: tuple[str, ...] = ("0",)) -> str | None:
+    """Why ``what`` may not run under Numba, in words (None: it may); :func:`numba_allowed`'s one rule,
+    kept here so that ``CompiledEngine.explain`` reports the very condition that decided."""
+    env = os.environ.get("UNROLLED_JIT", "1")
+    if jit is False:
+        return "jit=False"
+    if jit is not True and env in env_refuses:
+        return f"UNROLLED_JIT={env} turns Numba off"
     if unsupported:
         if jit is True:
             raise ValueError(f"{what} cannot run {', '.join(sorted(unsupported))}; use jit=False or 'auto'")
-        return False
+        return f"{what} cannot run {', '.join(sorted(unsupported))}"
     try:
         import numba  # noqa: F401
     except ImportError:
         if jit is True:
             raise ValueError("jit=True needs Numba: pip install numba") from None
-        return False
-    return True
+        return "Numba is not installed (pip install numba)"
+    return None

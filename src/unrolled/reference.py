@@ -88,6 +88,11 @@ class ReferenceEngine:
         self._binding.check()
         return run(self.graph, params, inputs, **kw)
 
+    def explain(self, T: int, B: int, dtype=np.float64) -> str:
+        """One strategy, whatever the graph and batch: the compiled engine's ``explain`` has choices."""
+        return (f"reference engine, graph '{self.graph.name}', {T} steps x {B} rows of {np.dtype(dtype).name}: "
+                "unrolls the graph into a DAG of T copies and walks it vertex by vertex (the specification)")
+
 
 # ------------------------------------------------------------------ forward
 

@@ -39,14 +39,28 @@ def parts(B: int, dtype, threads: int | str = "auto") -> list[tuple[int, int]] |
 
     ``threads``: "auto" takes as many threads as oneDNN would use for one
     product (``OMP_NUM_THREADS``, else the cores); a number caps that; 1 never splits."""
-    if np.dtype(dtype) != np.float32 or onednn.SGEMM is None:
-        return None
+    return _split(B, dtype, threads)[0]
+
+
+def unsplit_reason(B: int, dtype, threads: int | str = "auto") -> str | None:
+    """Why :func:`parts` runs ``B`` rows whole, in words (None: it splits them)."""
+    return _split(B, dtype, threads)[1]
+
+
+def _split(B: int, dtype, threads) -> tuple[list[tuple[int, int]] | None, str | None]:
+    """:func:`parts` and :func:`unsplit_reason` in one rule: the row ranges, or None and why."""
+    if np.dtype(dtype) != np.float32:
+        return None, f"{np.dtype(dtype).name}: only float32 products run on oneDNN, one pool per thread"
+    if onednn.SGEMM is None:
+        return None, "oneDNN is not loaded (no per-thread products to split the rows across)"
     n = onednn.threads() if threads == "auto" else min(int(threads), onednn.threads())
+    if n < 2:
+        return None, f"threads={threads!r} with oneDNN on {onednn.threads()} thread(s): one thread"
     n = min(n, B // MIN_ROWS)
     if n < 2:
-        return None
+        return None, f"{B} rows: fewer than rowsplit.MIN_ROWS ({MIN_ROWS}) rows a thread for two threads"
     edges = [B * k // n for k in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(zip(edges[:-1], edges[1:])), None
 
 
 def rows(feeds: Feeds, lo: int, hi: int) -> Feeds:
