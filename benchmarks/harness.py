@@ -26,6 +26,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def child_env(threads: int) -> dict:
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    for var in THREAD_VARIABLES:
-        env.setdefault(var, str(threads))
+    for var in THREAD_VARIABLES:   # --threads decides, not what the calling shell had
+        env[var] = str(threads)
     # BENCHMARKS.md: NumPy's OpenBLAS misses AVX-512 on Zen 5 and falls back to
     # AVX2 kernels at half speed; this hint is only safe where AVX-512 exists.
     if "OPENBLAS_CORETYPE" not in env and _has_avx512():
@@ -110,6 +111,7 @@ def run_child(args: list[str], env: dict, timeout: float) -> dict:
     """
     cmd = [sys.executable, "-m", *args]
     busy0, own0, t0 = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
+    spawned = time.time()
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
                               text=True, timeout=timeout)
@@ -117,6 +119,8 @@ def run_child(args: list[str], env: dict, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     busy1, own1, wall = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter() - t0
     out = _parse(proc)
+    if "end_time" in out:   # W6: from the start of the fresh process to the end of its first update
+        out["wall_s"] = out.pop("end_time") - spawned
     if busy0 is not None and busy1 is not None and wall > 0:
         out["others_cpu"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
     return out
@@ -138,6 +142,13 @@ def _parse(proc: subprocess.CompletedProcess) -> dict:
 # collecting
 
 
+# Peers measured in more than one configuration; the harness reports the fastest
+# per workload (BENCHMARKS.md: the fastest configuration a competent user reaches for).
+VARIANTS = {"torch": ("eager", "compile")}
+VARIANT_KINDS = {"train", "sample"}    # W5 (memory) and W6 (start) take each variant as it is
+SCALED = ("W2", "W3")                   # reported at every --scaling thread count too
+
+
 def collect(ids, systems, a, log) -> dict:
     env = child_env(a.threads)
     log(f"measuring the fp32 matrix-product peak ({a.threads} threads) ...")
@@ -145,43 +156,167 @@ def collect(ids, systems, a, log) -> dict:
     peak_gflops = peak.get("peak_gflops")
     V = corpus_mod.load(a.corpus).V
     flag_at = LOSS_FRACTION * math.log(V)
+    run = _Runner(a, log, flag_at, peak_gflops)
 
     results = {}
-    timeout = a.timeout or 300 + 3 * a.reps * a.seconds
-    common = ["--seconds", str(a.seconds), "--reps", str(a.reps), "--warmup", str(a.warmup),
-              "--threads", str(a.threads)]
-    if a.corpus:
-        common += ["--corpus", str(a.corpus)]
     for wid in ids:
         w = workloads.get(wid)
-        results[wid] = {}
-        for system in systems:
-            if wid not in COVERS[system]:
-                results[wid][system] = {"error": f"n/a: the {system} peer does not cover {wid}"}
-                continue
-            log(f"{wid} {system} ...")
-            t0 = time.perf_counter()
-            out = run_child(["benchmarks.worker", wid, system, *common], env, timeout)
-            if "error" not in out:
-                out["busy"] = out.get("others_cpu", 0.0) > BUSY
-            if "chars_per_s" in out:
-                if peak_gflops:
-                    out["pct_peak"] = 100 * out["gflops"] / peak_gflops
-                if w.kind == "train":
-                    loss = out.get("final_loss")
-                    out["loss_ok"] = loss is not None and loss < flag_at
-            log(f"{wid} {system}: {_short(out)} ({time.perf_counter() - t0:.0f} s)")
-            results[wid][system] = out
+        if w.kind == "start":
+            results[wid] = {label: run.start(w, system, variant, extra_env)
+                            for label, system, variant, extra_env in start_rows(systems)}
+            _add_start_ratios(results[wid])
+            continue
+        results[wid] = {system: run.best(w, system, a.threads) for system in systems}
         _add_ratios(w, results[wid])
+    scaling = {wid: run.scaling(workloads.get(wid), results[wid], a.scaling)
+               for wid in SCALED if wid in results and a.scaling}
     return {
         "machine_peak_gflops": peak_gflops,
         "peak_detail": peak,
         "machine": {"cpu": cpu_name(), "python": platform.python_version(),
                     "openblas_coretype": env.get("OPENBLAS_CORETYPE")},
         "protocol": {"seconds": a.seconds, "reps": a.reps, "warmup": a.warmup, "threads": a.threads,
-                     "loss_flag_above": flag_at, "vocab": V},
+                     "scaling_threads": a.scaling, "loss_flag_above": flag_at, "vocab": V},
         "workloads": results,
+        "scaling": scaling,
     }
+
+
+def pick_fastest(runs: dict) -> tuple[str, dict] | None:
+    """The variant to report: the fastest that ran and learned (else the fastest that ran).
+
+    `runs` maps a variant's name to its worker result. A variant that failed
+    or whose loss did not fall is only chosen when no variant did better.
+    None when every variant failed.
+    """
+    ran = {name: out for name, out in runs.items() if "chars_per_s" in out}
+    if not ran:
+        return None
+    learned = {name: out for name, out in ran.items() if out.get("loss_ok", True)}
+    pool = learned or ran
+    name = max(pool, key=lambda n: pool[n]["chars_per_s"])
+    return name, pool[name]
+
+
+class _Runner:
+    """Runs workers one at a time and annotates their results (busy, % of peak, loss check)."""
+
+    def __init__(self, a, log, flag_at: float, peak_gflops):
+        self.a, self.log, self.flag_at, self.peak = a, log, flag_at, peak_gflops
+        self.timeout = a.timeout or 300 + 3 * a.reps * a.seconds
+
+    def one(self, w, system: str, threads: int, variant: str = "", extra_env=None) -> dict:
+        a = self.a
+        if w.id not in COVERS[system]:
+            return {"error": f"n/a: the {system} peer does not cover {w.id}"}
+        args = ["benchmarks.worker", w.id, system, "--seconds", str(a.seconds), "--reps", str(a.reps),
+                "--warmup", str(a.warmup), "--threads", str(threads)]
+        args += ["--variant", variant] if variant else []
+        args += ["--corpus", str(a.corpus)] if a.corpus else []
+        label = f"{w.id} {system}{' ' + variant if variant else ''} ({threads} thread{'s' * (threads > 1)})"
+        self.log(f"{label} ...")
+        t0 = time.perf_counter()
+        out = run_child(args, {**child_env(threads), **(extra_env or {})}, self.timeout)
+        if "error" not in out:
+            out["busy"] = out.get("others_cpu", 0.0) > BUSY
+        if "chars_per_s" in out:
+            if self.peak:
+                out["pct_peak"] = 100 * out["gflops"] / self.peak
+            if w.kind == "train":
+                loss = out.get("final_loss")
+                out["loss_ok"] = loss is not None and loss < self.flag_at
+        self.log(f"{label}: {_short(out)} ({time.perf_counter() - t0:.0f} s)")
+        return out
+
+    def best(self, w, system: str, threads: int) -> dict:
+        """One system's row: its only configuration, or the fastest of its variants."""
+        names = VARIANTS.get(system, ()) if w.kind in VARIANT_KINDS else ()
+        if not names:
+            return self.one(w, system, threads)
+        runs = {name: self.one(w, system, threads, name) for name in names}
+        chosen = pick_fastest(runs)
+        if chosen is None:
+            return runs[names[0]]
+        name, out = chosen
+        summary = {n: {k: r[k] for k in ("chars_per_s", "compile_s", "final_loss", "error") if k in r}
+                   for n, r in runs.items()}
+        return {**out, "variant": name, "variants": summary}
+
+    def scaling(self, w, row: dict, thread_counts: list[int]) -> dict:
+        """chars/s of every system at each thread count (the main run's count reused), and the ratio."""
+        out = {}
+        for system, main in row.items():
+            if "chars_per_s" not in main:
+                continue
+            by = {}
+            for n in thread_counts:
+                r = main if n == self.a.threads else self.one(w, system, n, main.get("variant", ""))
+                by[str(n)] = {k: r[k] for k in ("chars_per_s", "min", "max", "cores_used", "busy", "error")
+                              if k in r}
+            out[system] = {"variant": main.get("variant"), "threads": by, **_speedup(by)}
+        return out
+
+    def start(self, w, system: str, variant: str, extra_env: dict) -> dict:
+        """W6: a fresh process with empty compile caches, then one more with the caches it left."""
+        with tempfile.TemporaryDirectory(prefix="unrolled-bench-cache-") as tmp:
+            env = {**extra_env, **cache_env(Path(tmp))}
+            cold = self.one(w, system, self.a.threads, variant, env)
+            warm = self.one(w, system, self.a.threads, variant, env)
+        row = {"cold_s": cold.get("wall_s"), "warm_s": warm.get("wall_s"), "cold": cold, "warm": warm}
+        for key in ("engine", "version"):
+            if key in cold:
+                row[key] = cold[key]
+        if "error" in cold or "error" in warm:
+            row["error"] = cold.get("error") or warm.get("error")
+        row["busy"] = bool(cold.get("busy") or warm.get("busy"))
+        return row
+
+
+def start_rows(systems) -> list[tuple[str, str, str, dict]]:
+    """W6's rows: (label, system, variant, extra environment), in the order of `systems`.
+
+    unrolled also runs as the plain NumPy engine (`UNROLLED_JIT=0`: nothing
+    compiles), the figure its start must never exceed; PyTorch runs eager and
+    with `torch.compile`.
+    """
+    rows = {
+        "unrolled": [("unrolled", "unrolled", "", {}),
+                     ("unrolled-numpy", "unrolled", "", {"UNROLLED_JIT": "0"})],
+        "torch": [("torch", "torch", "eager", {}), ("torch-compile", "torch", "compile", {})],
+        "jax": [("jax", "jax", "", {})],
+    }
+    return [row for system in systems for row in rows.get(system, [])]
+
+
+def cache_env(folder: Path) -> dict:
+    """Point every system's compile cache into `folder` (empty at first: a cold start).
+
+    unrolled writes its generated loops under UNROLLED_CACHE; Numba caches
+    the machine code of those and of unrolled's kernel modules (which would
+    otherwise sit next to their source, in __pycache__) under
+    NUMBA_CACHE_DIR. TorchInductor and JAX have caches of their own; JAX's
+    persistent cache is off unless given a folder, and its thresholds are
+    lowered to zero so a warm start can use it (a JAX user's best case).
+    """
+    return {
+        "UNROLLED_CACHE": str(folder / "unrolled"),
+        "NUMBA_CACHE_DIR": str(folder / "numba"),
+        "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"),
+        "TRITON_CACHE_DIR": str(folder / "triton"),
+        "JAX_COMPILATION_CACHE_DIR": str(folder / "jax"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+def _speedup(by: dict) -> dict:
+    """Fastest thread count's chars/s over one thread's, when both ran."""
+    one = by.get("1", {}).get("chars_per_s")
+    counts = [int(n) for n, r in by.items() if r.get("chars_per_s")]
+    if not one or len(counts) < 2:
+        return {}
+    top = str(max(counts))
+    return {"speedup": by[top]["chars_per_s"] / one, "speedup_threads": int(top)}
 
 
 def _add_ratios(w, row: dict) -> None:
@@ -197,9 +332,20 @@ def _add_ratios(w, row: dict) -> None:
     subject["ratio_to"] = ratios
 
 
+def _add_start_ratios(row: dict) -> None:
+    """W6: unrolled's cold and warm start over each other row's (lower is better for unrolled)."""
+    subject = row.get(SUBJECT, {})
+    for key in ("cold_s", "warm_s"):
+        if subject.get(key):
+            subject[f"ratio_{key}"] = {label: subject[key] / out[key] for label, out in row.items()
+                                       if label != SUBJECT and out.get(key)}
+
+
 def _short(out: dict) -> str:
     if "error" in out:
         return out["error"]
+    if "wall_s" in out:
+        return f"{out['wall_s']:.2f} s to the end of the first update"
     if "peak_mib" in out:
         return f"{out['peak_mib']:.0f} MiB"
     return f"{out['chars_per_s']:,.0f} chars/s"
@@ -245,11 +391,15 @@ def render(report: dict) -> str:
                  f"{proto['reps']} reps >= {proto['seconds']:g} s; median [min - max]; "
                  f"loss per char flagged HIGH unless < {proto['loss_flag_above']:.2f} (0.9 ln {proto['vocab']})")
     lines.append(f"ratio = {SUBJECT} / system, same run (W1-W4 speed: higher is better for {SUBJECT}; "
-                 f"W5 memory: lower is better)")
+                 f"W5 memory and W6 seconds: lower is better)")
     busy = False
     for wid, row in report["workloads"].items():
         w = workloads.get(wid)
         lines.append("")
+        if w.kind == "start":
+            lines.extend(_render_start(w, row))
+            busy = busy or any(out.get("busy") for out in row.values())
+            continue
         flops = "" if w.kind == "memory" else f" - {w.flops_per_char / 1e3:,.0f} kFLOP/char"
         lines.append(f"{w.id} {w.name}: {w.describe()}{flops}")
         subject = row.get(SUBJECT, {})
@@ -263,6 +413,8 @@ def render(report: dict) -> str:
                 lines.append(f"  {system:<9} {out['error']}")
                 continue
             notes = []
+            if out.get("variant"):
+                notes.append(_variants_note(out))
             if out.get("compile_s") is not None:
                 notes.append(f"compile {out['compile_s']:.2f} s")
             if out.get("cores_used") is not None:
@@ -289,6 +441,7 @@ def render(report: dict) -> str:
             span = f"[{_k(out['min'])} - {_k(out['max'])}]"
             lines.append(f"  {system:<9} {_k(out['chars_per_s']):>9} {span:>21} {out['gflops']:>8.2f} "
                          f"{pct:>6} {loss_s:>10} {_ratio(subject, out, system):>7}  {', '.join(notes)}")
+    lines.extend(_render_scaling(report.get("scaling", {})))
     if busy:
         lines.append("")
         lines.append("warning: other processes competed for the CPUs during rows marked BUSY "
@@ -297,8 +450,66 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _variants_note(out: dict) -> str:
+    """'compile (eager 12.3 k)': the variant reported, and what the others reached."""
+    others = [f"{n} {_k(r['chars_per_s'])}" if "chars_per_s" in r else f"{n} failed"
+              for n, r in out.get("variants", {}).items() if n != out["variant"]]
+    return out["variant"] + (f" (fastest; {', '.join(others)})" if others else "")
+
+
+def _render_start(w, row: dict) -> list[str]:
+    lines = [f"{w.id} {w.name}: {w.describe()} (cold: empty compile caches; warm: the caches it left)",
+             f"  {'system':<15} {'cold s':>8} {'warm s':>8} {'ratio cold':>11} {'ratio warm':>11}  notes"]
+    subject = row.get(SUBJECT, {})
+    for label, out in row.items():
+        if out.get("error"):
+            lines.append(f"  {label:<15} {out['error']}")
+            continue
+        rc = subject.get("ratio_cold_s", {}).get(label)
+        rw = subject.get("ratio_warm_s", {}).get(label)
+        notes = [out[k] for k in ("engine",) if out.get(k)]
+        if out.get("busy"):
+            notes.append("BUSY")
+        lines.append(f"  {label:<15} {out['cold_s']:>8.2f} {out['warm_s']:>8.2f} "
+                     f"{f'{rc:.2f}x' if rc else '-':>11} {f'{rw:.2f}x' if rw else '-':>11}  {', '.join(notes)}")
+    return lines
+
+
+def _render_scaling(scaling: dict) -> list[str]:
+    lines = []
+    for wid, row in scaling.items():
+        if not row:
+            continue
+        counts = sorted({int(n) for r in row.values() for n in r["threads"]})
+        lines += ["", f"{wid} scaling with threads: chars/s (median), and the fastest over 1 thread",
+                  f"  {'system':<9} " + " ".join(f"{f'{n} thr':>9}" for n in counts) + f" {'speedup':>8}"]
+        for system, r in row.items():
+            cells = []
+            for n in counts:
+                one = r["threads"].get(str(n), {})
+                cell = _k(one["chars_per_s"]) if "chars_per_s" in one else "failed"
+                cells.append(f"{cell + ('?' if one.get('busy') else ''):>9}")
+            speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+            name = system + (f" ({r['variant']})" if r.get("variant") else "")
+            lines.append(f"  {name:<9} " + " ".join(cells) + f" {speed:>8}")
+    return lines
+
+
 # ---------------------------------------------------------------------------
 # command line
+
+
+def _counts(text: str) -> list[int]:
+    """'1,2' -> [1, 2]; 'none' or '' -> []."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        counts = sorted({int(n) for n in text.split(",") if n.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scaling takes thread counts like 1,2, not {text!r}") from None
+    if counts and counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"--scaling takes thread counts >= 1, not {text!r}")
+    return counts
 
 
 def parse_args(argv):
@@ -312,6 +523,9 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (default 5)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--threads", type=int, default=2, help="cores every system may use (default 2)")
+    p.add_argument("--scaling", default="1,2", type=_counts,
+                   help="thread counts at which W2 and W3 are also reported, to show scaling "
+                        "(default 1,2; 'none' for none)")
     p.add_argument("--corpus", default=None, help="corpus file (default ../shared/data/shakespeare.txt)")
     p.add_argument("--timeout", type=float, default=None, help="seconds before a worker is abandoned")
     return p.parse_args(argv)

@@ -1,11 +1,25 @@
-"""PyTorch peer, written the way a competent user writes it.
+"""PyTorch peer, written the way a competent user writes it, eager or compiled.
 
 `nn.RNN` / `nn.LSTM` + `nn.Linear` + `F.cross_entropy` + `torch.optim`, one-hot
 float inputs, state detached between chunks, `protocol.threads` threads
-(two, per BENCHMARKS.md). Sampling uses
-`nn.LSTMCell`s under `inference_mode`: on this CPU a one-step `nn.LSTM` call
-costs ~2x more per character than two `LSTMCell` calls (measured while writing
-this peer: ~2.2k vs ~5k chars/s).
+(two, per BENCHMARKS.md). Sampling uses `nn.LSTMCell`s under
+`inference_mode`: a one-step `nn.LSTM` call costs more per character than
+two `LSTMCell` calls.
+
+Two variants (`protocol.variant`), each run in its own process; the harness
+reports the faster per workload (BENCHMARKS.md: the fastest configuration a
+competent user reaches for):
+
+- "eager": the loop above, as written.
+- "compile": what the `torch.compile` tutorials tell a user to do. The
+  forward and loss are one compiled function; Dynamo cannot trace `nn.RNN`
+  and `nn.LSTM` (it breaks the graph there, and its experimental
+  `allow_rnn` fails on the CPU's oneDNN RNN op), so the recurrent layers
+  run eager inside it and the one-hot input, the readout and the loss are
+  compiled around them. Clipping and the optimizer step are one compiled
+  function (the "compiled optimizer" recipe), which fuses the per-parameter
+  updates. Sampling compiles the per-character cell step. The first steps,
+  which compile, are timed as `compile_s` and are not part of throughput.
 """
 
 from __future__ import annotations
@@ -16,15 +30,24 @@ from .corpus import Chunks, Corpus
 from .protocol import Protocol, peak_rss_during, time_steps
 from .workloads import Workload
 
+VARIANTS = ("eager", "compile")
+
 
 def run(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
     import torch
 
     torch.set_num_threads(protocol.threads)
     torch.manual_seed(protocol.seed)
+    variant = protocol.variant or "eager"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown torch variant {variant!r}: choose from {', '.join(VARIANTS)}")
     if workload.kind == "sample":
-        return _sample(workload, corpus, protocol)
-    return _train(workload, corpus, protocol)
+        out = _sample(workload, corpus, protocol, variant == "compile")
+    elif workload.kind == "start":
+        out = _first_update(workload, corpus, protocol, variant == "compile")
+    else:
+        out = _train(workload, corpus, protocol, variant == "compile")
+    return {**out, "variant": variant}
 
 
 def _model(workload: Workload, V: int):
@@ -53,11 +76,21 @@ def _detach(state):
     return state.detach()
 
 
-def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
+def _zero_state(workload: Workload, B: int):
+    """The carried state from the start, so a compiled forward sees one signature throughout."""
+    import torch
+
+    shape = (workload.layers, B, workload.hidden)
+    if workload.cell == "lstm":
+        return torch.zeros(shape), torch.zeros(shape)
+    return torch.zeros(shape)
+
+
+def _update_step(workload: Workload, corpus: Corpus, compile: bool):
+    """A zero-argument training step on consecutive chunks; returns the detached loss."""
     import torch
     import torch.nn.functional as F
 
-    t0 = time.perf_counter()
     V, T, B = corpus.V, workload.T, workload.B
     model = _model(workload, V)
     params = list(model.parameters())
@@ -66,35 +99,60 @@ def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
     else:
         opt = torch.optim.Adam(params, lr=workload.lr)
     chunks = Chunks(corpus, T, B)
-    state = None
+    state = _zero_state(workload, B)
 
-    def step():
-        nonlocal state
-        x, y = chunks.next()
-        logits, state = model(torch.from_numpy(x), state)
-        state = _detach(state)
-        loss = F.cross_entropy(logits.view(-1, V), torch.from_numpy(y).view(-1),
-                               reduction=workload.reduction)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    def forward_loss(x, y, state):
+        logits, state = model(x, state)
+        loss = F.cross_entropy(logits.view(-1, V), y.view(-1), reduction=workload.reduction)
+        return loss, state
+
+    def update():
         if workload.clip == "value":
             torch.nn.utils.clip_grad_value_(params, workload.clip_at)
         elif workload.clip == "norm":
             torch.nn.utils.clip_grad_norm_(params, workload.clip_at)
         opt.step()
+
+    if compile:
+        forward_loss, update = torch.compile(forward_loss), torch.compile(update)
+
+    def step():
+        nonlocal state
+        x, y = chunks.next()
+        loss, state = forward_loss(torch.from_numpy(x), torch.from_numpy(y), state)
+        state = _detach(state)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        update()
         return loss.detach()
 
+    return step
+
+
+def _train(workload: Workload, corpus: Corpus, protocol: Protocol, compile: bool) -> dict:
+    t0 = time.perf_counter()
+    step = _update_step(workload, corpus, compile)
     setup_s = time.perf_counter() - t0
+    extra = {"setup_s": setup_s}
+    if compile:   # the first two steps compile (the second sees gradients and optimizer state)
+        t0 = time.perf_counter()
+        step()
+        step()
+        extra["compile_s"] = time.perf_counter() - t0
     if workload.kind == "memory":
-        out = peak_rss_during(step)
-    else:
-        scale = 1.0 / (T * B) if workload.reduction == "sum" else 1.0
-        out = time_steps(step, protocol, T * B, loss_scale=scale)
-    out["setup_s"] = setup_s
-    return out
+        return {**peak_rss_during(step), **extra}
+    scale = 1.0 / (workload.T * workload.B) if workload.reduction == "sum" else 1.0
+    return {**time_steps(step, protocol, workload.T * workload.B, loss_scale=scale), **extra}
 
 
-def _sample(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
+def _first_update(workload: Workload, corpus: Corpus, protocol: Protocol, compile: bool) -> dict:
+    """W6: build the model and run one update; the harness times it from the process's start."""
+    step = _update_step(workload, corpus, compile)
+    loss = float(step())
+    return {"end_time": time.time(), "loss": loss}
+
+
+def _sample(workload: Workload, corpus: Corpus, protocol: Protocol, compile: bool) -> dict:
     import torch
     import torch.nn as nn
 
@@ -105,17 +163,31 @@ def _sample(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
     first = corpus.index(workload.seed_char)
     inv_temp = 1.0 / workload.temperature
 
+    def cell_step(x, states):
+        """One character through every layer: the next-character probabilities and the new states."""
+        new = []
+        for cell, s in zip(cells, states):
+            s = cell(x, s)
+            new.append(s)
+            x = s[0]
+        return torch.softmax(head(x) * inv_temp, dim=-1), new
+
+    if compile:
+        cell_step = torch.compile(cell_step)
+
     @torch.inference_mode()
     def generate():
-        ix, states, out = first, [None] * len(cells), []
+        states = [(torch.zeros(1, H), torch.zeros(1, H)) for _ in cells]
+        ix, out = first, []
         for _ in range(workload.T):
-            x = eye[ix].view(1, V)
-            for i, cell in enumerate(cells):
-                states[i] = cell(x, states[i])
-                x = states[i][0]
-            p = torch.softmax(head(x) * inv_temp, dim=-1)
+            p, states = cell_step(eye[ix].view(1, V), states)
             ix = torch.multinomial(p, 1).item()
             out.append(ix)
         return None   # sampling has no loss
 
-    return time_steps(generate, protocol, workload.T)
+    extra = {}
+    if compile:
+        t0 = time.perf_counter()
+        generate()
+        extra["compile_s"] = time.perf_counter() - t0
+    return {**time_steps(generate, protocol, workload.T), **extra}

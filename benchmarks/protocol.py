@@ -27,6 +27,7 @@ class Protocol:
     loss_steps: int = 20   # the final loss is the mean over this many last steps
     seed: int = 0          # seeds the weights and the sampling
     threads: int = 2       # compute threads every system may use (BENCHMARKS.md: 2)
+    variant: str = ""      # a peer's configuration, e.g. torch "eager" or "compile" ("" = its default)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -27,24 +27,32 @@ SYSTEMS = ("unrolled", "torch", "jax", "numpy")
 
 # Which workloads each peer covers (BENCHMARKS.md: the NumPy loop does W1, W4).
 COVERS = {
-    "unrolled": {"W1", "W2", "W3", "W4", "W5"},
-    "torch": {"W1", "W2", "W3", "W4", "W5"},
-    "jax": {"W1", "W2", "W3", "W4", "W5"},
+    "unrolled": {"W1", "W2", "W3", "W4", "W5", "W6"},
+    "torch": {"W1", "W2", "W3", "W4", "W5", "W6"},
+    "jax": {"W1", "W2", "W3", "W4", "W5", "W6"},
     "numpy": {"W1", "W4"},
 }
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+# XLA on the CPU runs one computation on one thread with these (its Eigen pool off).
+XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def limit_threads(n: int) -> None:
     """Let every library of this process use at most `n` cores, JAX on the CPU.
 
-    The environment variables cover OpenBLAS, MKL and OpenMP; pinning the
-    process to `n` CPUs covers the rest (XLA sizes its pool from the
-    affinity mask). On a machine with exactly `n` cores both are no-ops.
+    The environment variables cover OpenBLAS, MKL and OpenMP (and with it
+    unrolled's oneDNN threads); with `n` = 1, XLA's flags keep JAX on one
+    thread; pinning the process to `n` CPUs covers the rest (XLA sizes its
+    pool from the affinity mask). On a machine with exactly `n` cores the
+    pinning is a no-op.
     """
     for var in THREAD_VARIABLES:
         os.environ.setdefault(var, str(n))
+    if n == 1 and "intra_op_parallelism_threads" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")   # CPU benchmarks, even where JAX sees a GPU
     try:
         cpus = sorted(os.sched_getaffinity(0))
@@ -89,7 +97,7 @@ def run_one(workload_id: str, system: str, protocol, corpus_path=None) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker",
                                 description="Run one (workload, system) pair; print one JSON line.")
-    p.add_argument("workload", help="W1 .. W5")
+    p.add_argument("workload", help="W1 .. W6")
     p.add_argument("system", choices=SYSTEMS)
     p.add_argument("--seconds", type=float, default=2.0, help="minimum length of one repetition")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions")
@@ -98,12 +106,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="cores every library may use")
     p.add_argument("--corpus", default=None, help="corpus file (default ../shared/data/shakespeare.txt)")
+    p.add_argument("--variant", default="", help="a peer's configuration (torch: eager or compile)")
     a = p.parse_args(argv)
     limit_threads(a.threads)
 
     from .protocol import Protocol
 
-    protocol = Protocol(a.seconds, a.reps, a.warmup, a.loss_steps, a.seed, a.threads)
+    protocol = Protocol(a.seconds, a.reps, a.warmup, a.loss_steps, a.seed, a.threads, a.variant)
     try:
         out = run_one(a.workload, a.system, protocol, a.corpus)
     except (ValueError, FileNotFoundError) as e:

@@ -1,4 +1,4 @@
-"""The five benchmark workloads of BENCHMARKS.md, as plain data.
+"""The six benchmark workloads of BENCHMARKS.md, as plain data.
 
 A peer reads everything it needs from a `Workload`: the model, the chunk
 shape `[T, B]`, the optimizer and clipping, how the loss is reduced, and how
@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Workload:
-    id: str                 # "W1" .. "W5"
+    id: str                 # "W1" .. "W6"
     name: str               # short name from BENCHMARKS.md
-    kind: str               # "train" (chars/s), "sample" (chars/s) or "memory" (peak MiB)
+    kind: str               # "train" (chars/s), "sample" (chars/s), "memory" (peak MiB) or "start" (s)
     cell: str               # "elman" (tanh) or "lstm"
     hidden: int             # state size of every layer
     layers: int             # stacked recurrent layers
@@ -36,7 +36,8 @@ class Workload:
         opt = f"{self.optimizer.capitalize()} {self.lr:g}"
         clip = {"value": f"clip [-{self.clip_at:g}, {self.clip_at:g}]",
                 "norm": f"clip norm {self.clip_at:g}", "none": "no clip"}[self.clip]
-        what = "one full-BPTT step" if self.kind == "memory" else f"loss {self.reduction}"
+        what = {"memory": "one full-BPTT step", "start": "fresh process to the end of the first update"
+                }.get(self.kind, f"loss {self.reduction}")
         return f"{model}, T{self.T} B{self.B}, {opt}, {clip}, {what}"
 
     def as_dict(self) -> dict:
@@ -56,6 +57,9 @@ WORKLOADS: dict[str, Workload] = {
                  "none", 0.0, "none", 0.0, "mean", 0.489e6),
         Workload("W5", "memory", "memory", "lstm", 256, 1, 1000, 32,
                  "adam", 2e-3, "norm", 5.0, "mean", 2.149e6),
+        # the default character model (charmodel.ModelConfig / TrainConfig): W2's shape and optimizer
+        Workload("W6", "start", "start", "lstm", 128, 2, 50, 50,
+                 "adam", 2e-3, "norm", 5.0, "mean", 1.468e6),
     ]
 }
 
