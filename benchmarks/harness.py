@@ -1,7 +1,7 @@
 """Benchmark harness: every (workload, system) pair in a fresh process, one at a time.
 
     python -m benchmarks.harness [W1 W2 ...] [--json] [--systems unrolled,torch,jax,numpy]
-                                 [--seconds S] [--reps N] [--warmup K] [--threads 2]
+                                 [--seconds S] [--reps N] [--warmup K] [--threads 2] [--scaling 1,2]
 
 First the machine's fp32 matrix-product peak is measured (`benchmarks.peak`),
 then each workload is run by each system in turn (`benchmarks.worker`), never
@@ -10,7 +10,12 @@ with min-max, the ratio of `unrolled` to each peer (same run, same machine:
 the only figures that count), achieved GFLOP/s and % of the peak, and the
 final training loss per character (flagged when it is not below 0.9 ln V,
 i.e. the loop did not learn). W5 reports peak resident memory above the
-baseline instead. `--json` prints one JSON object instead of the table.
+baseline instead. W6 reports the seconds from a fresh process to the end of
+its first update, with empty and then warm compile caches. A peer with more
+than one configuration (PyTorch: eager and `torch.compile`) runs each in its
+own process and the fastest that learned is reported. W2 and W3 are also run
+at each `--scaling` thread count. `--json` prints one JSON object instead of
+the table.
 
 A system that is not installed, does not cover a workload, or fails is
 reported with its error and left out of the ratios; the run goes on.
@@ -468,6 +473,9 @@ def _render_start(w, row: dict) -> list[str]:
         rc = subject.get("ratio_cold_s", {}).get(label)
         rw = subject.get("ratio_warm_s", {}).get(label)
         notes = [out[k] for k in ("engine",) if out.get(k)]
+        compile_s = [out[k].get("compile_s") for k in ("cold", "warm")]
+        if None not in compile_s:
+            notes.append(f"compile {compile_s[0]:.2f} s cold, {compile_s[1]:.2f} s warm")
         if out.get("busy"):
             notes.append("BUSY")
         lines.append(f"  {label:<15} {out['cold_s']:>8.2f} {out['warm_s']:>8.2f} "

@@ -21,6 +21,13 @@ def test_bench_passes_corpus_to_the_harness(monkeypatch, tmp_path):
     assert seen == [["W1", "--reps", "2", "--corpus", str(corpus)]]
 
 
+def test_bench_passes_threads_and_scaling_to_the_harness(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_cmd, "_harness", lambda: types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
+    assert main(["bench", "W2", "--threads", "1", "--scaling", "none"]) == 0
+    assert seen == [["W2", "--threads", "1", "--scaling", "none"]]
+
+
 def test_bench_names_a_missing_corpus(tmp_path, capsys):
     rc = main(["bench", "W1", "--corpus", str(tmp_path / "none.txt")])
     out = capsys.readouterr()

@@ -1,0 +1,126 @@
+"""The benchmark harness's bookkeeping, checked without timing anything.
+
+The harness reports, per workload, the fastest configuration of a peer that
+learned; the JAX peer must not wait for an update before dispatching the
+next (issue 19); W6's cold start must find every compile cache empty; the
+scaling table's speedup is the fastest thread count over one thread.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.worker import XLA_ONE_THREAD, limit_threads  # noqa: E402
+
+
+def test_pick_fastest_takes_the_fastest_variant_that_learned():
+    runs = {"eager": {"chars_per_s": 100.0, "loss_ok": True},
+            "compile": {"chars_per_s": 150.0, "loss_ok": True}}
+    assert harness.pick_fastest(runs) == ("compile", runs["compile"])
+
+
+def test_pick_fastest_passes_over_a_faster_variant_that_did_not_learn():
+    runs = {"eager": {"chars_per_s": 100.0, "loss_ok": True},
+            "compile": {"chars_per_s": 150.0, "loss_ok": False}}
+    assert harness.pick_fastest(runs)[0] == "eager"
+
+
+def test_pick_fastest_skips_a_failed_variant_and_reports_none_when_all_failed():
+    runs = {"eager": {"chars_per_s": 100.0}, "compile": {"error": "TypeError: boom"}}
+    assert harness.pick_fastest(runs)[0] == "eager"
+    assert harness.pick_fastest({"compile": {"error": "x"}}) is None
+
+
+def test_sampling_rows_have_no_loss_and_still_compete():
+    runs = {"eager": {"chars_per_s": 5e3}, "compile": {"chars_per_s": 7e3}}
+    assert harness.pick_fastest(runs)[0] == "compile"
+
+
+def test_best_reports_the_chosen_variant_and_what_the_others_reached(monkeypatch):
+    from benchmarks import workloads
+
+    speeds = {"eager": 100.0, "compile": 80.0}
+
+    def fake_one(self, w, system, threads, variant="", extra_env=None):
+        return {"chars_per_s": speeds[variant], "loss_ok": True, "final_loss": 2.0}
+
+    monkeypatch.setattr(harness._Runner, "one", fake_one)
+    runner = harness._Runner(harness.parse_args([]), lambda msg: None, 3.9, None)
+    row = runner.best(workloads.get("W2"), "torch", 2)
+    assert row["variant"] == "eager" and row["chars_per_s"] == 100.0
+    assert row["variants"]["compile"]["chars_per_s"] == 80.0
+    # W5 (memory) runs the peer as it is: one run, no variants
+    calls = []
+    monkeypatch.setattr(harness._Runner, "one", lambda self, w, s, t, v="", e=None: calls.append(v) or {"peak_mib": 1})
+    runner.best(workloads.get("W5"), "torch", 2)
+    assert calls == [""]
+
+
+def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
+    return next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_jax_training_step_never_waits_for_the_update():
+    """Only `sync` (called once per timed repetition) may block; the per-step function must not."""
+    tree = ast.parse((ROOT / "benchmarks" / "peer_jax.py").read_text())
+    step = _function(_function(tree, "_train"), "step")
+    calls = {n.func.attr for n in ast.walk(step) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert not calls & {"block_until_ready", "item", "tolist"}
+    assert "block_until_ready" in ast.dump(_function(_function(tree, "_train"), "sync"))
+
+
+def test_jax_update_donates_parameters_optimizer_state_and_carried_state():
+    tree = ast.parse((ROOT / "benchmarks" / "peer_jax.py").read_text())
+    src = ast.unparse(_function(tree, "_compiled_update"))
+    assert "donate_argnums=(0, 1, 2)" in src
+
+
+def test_cold_start_points_every_cache_into_the_given_empty_folder(tmp_path):
+    env = harness.cache_env(tmp_path)
+    for var in ("UNROLLED_CACHE", "NUMBA_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR"):
+        assert Path(env[var]).parent == tmp_path
+    assert len({env[v] for v in ("UNROLLED_CACHE", "NUMBA_CACHE_DIR")}) == 2
+
+
+def test_start_rows_include_the_plain_numpy_engine_and_both_torch_variants():
+    rows = {label: (system, variant, env) for label, system, variant, env in
+            harness.start_rows(["unrolled", "torch", "jax", "numpy"])}
+    assert rows["unrolled-numpy"] == ("unrolled", "", {"UNROLLED_JIT": "0"})
+    assert rows["torch-compile"][:2] == ("torch", "compile")
+    assert set(rows) == {"unrolled", "unrolled-numpy", "torch", "torch-compile", "jax"}
+
+
+def test_speedup_is_the_most_threads_over_one_thread():
+    by = {"1": {"chars_per_s": 100.0}, "2": {"chars_per_s": 170.0}}
+    assert harness._speedup(by) == {"speedup": pytest.approx(1.7), "speedup_threads": 2}
+    assert harness._speedup({"2": {"chars_per_s": 170.0}}) == {}
+    assert harness._speedup({"1": {"chars_per_s": 100.0}, "2": {"error": "x"}}) == {}
+
+
+def test_scaling_counts_parse_and_refuse_nonsense():
+    assert harness.parse_args(["--scaling", "2,1"]).scaling == [1, 2]
+    assert harness.parse_args(["--scaling", "none"]).scaling == []
+    assert harness.parse_args([]).scaling == [1, 2]
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--scaling", "0"])
+
+
+def test_one_thread_sets_the_thread_variables_and_keeps_xla_on_one_thread(monkeypatch):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS"):
+        monkeypatch.setenv(var, "")   # so that monkeypatch restores what limit_threads sets
+        monkeypatch.delenv(var)
+    monkeypatch.setattr("os.sched_setaffinity", lambda pid, cpus: None, raising=False)
+    limit_threads(1)
+    import os
+
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert XLA_ONE_THREAD in os.environ["XLA_FLAGS"]
+    assert harness.child_env(1)["OMP_NUM_THREADS"] == "1"
