@@ -315,7 +315,7 @@ def cache_env(folder: Path) -> dict:
 
 
 def _speedup(by: dict) -> dict:
-    """Fastest thread count's chars/s over one thread's, when both ran."""
+    """The most threads' chars/s over one thread's, when both ran."""
     one = by.get("1", {}).get("chars_per_s")
     counts = [int(n) for n, r in by.items() if r.get("chars_per_s")]
     if not one or len(counts) < 2:
@@ -489,8 +489,8 @@ def _render_scaling(scaling: dict) -> list[str]:
         if not row:
             continue
         counts = sorted({int(n) for r in row.values() for n in r["threads"]})
-        lines += ["", f"{wid} scaling with threads: chars/s (median), and the fastest over 1 thread",
-                  f"  {'system':<9} " + " ".join(f"{f'{n} thr':>9}" for n in counts) + f" {'speedup':>8}"]
+        lines += ["", f"{wid} scaling with threads: chars/s (median); speedup = most threads / 1 thread",
+                  f"  {'system':<16} " + " ".join(f"{f'{n} thr':>9}" for n in counts) + f" {'speedup':>8}"]
         for system, r in row.items():
             cells = []
             for n in counts:
@@ -499,7 +499,7 @@ def _render_scaling(scaling: dict) -> list[str]:
                 cells.append(f"{cell + ('?' if one.get('busy') else ''):>9}")
             speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
             name = system + (f" ({r['variant']})" if r.get("variant") else "")
-            lines.append(f"  {name:<9} " + " ".join(cells) + f" {speed:>8}")
+            lines.append(f"  {name:<16} " + " ".join(cells) + f" {speed:>8}")
     return lines
 
 
