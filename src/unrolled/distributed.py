@@ -47,6 +47,7 @@ INSTALL_HINT = 'pip install "unrolled[dist]"'
 CHECK_EVERY = 100  # updates between parameter checksums
 TIMEOUT_VAR = "UNROLLED_MPI_TIMEOUT"  # seconds a rank waits for the others in an update; 0 = forever
 DEFAULT_TIMEOUT = 600.0  # far longer than any update or validation, short enough to give a stuck run back
+ABORT_GRACE_S = 1.0  # seconds between printing why a rank stops and stopping every rank (see abort)
 # The size of the job, as launchers tell each process they start: MPICH's mpiexec (Hydra) and other PMI
 # launchers set PMI_SIZE, Open MPI's mpirun sets OMPI_COMM_WORLD_SIZE.
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
@@ -209,6 +210,10 @@ class DataParallel:
         print(f"{prog} (rank {self.rank} of {self.size}): {what}{tail}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         code = 130 if isinstance(error, KeyboardInterrupt) else 1
+        # The launcher forwards this rank's output and handles the abort on separate channels, and
+        # once it has the abort it kills every rank and stops forwarding: give the line time to
+        # reach the user first, or the run ends saying nothing.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
         os._exit(code)  # MPI_Abort may return before the launcher's kill arrives: go no further
 
