@@ -49,7 +49,7 @@ def measure(n: int = 2048, tries: int = 10, threads: int = 2) -> dict:
         tout = torch.empty(n, n)
         result["torch_gflops"] = best_gflops(lambda: torch.mm(ta, tb, out=tout), n, tries)
     try:
-        from unrolled import onednn
+        from unrolled.engines.compiled.kernels import onednn
     except ImportError:
         onednn = None
     if onednn is not None and onednn.SGEMM is not None:

@@ -8,7 +8,6 @@ gives the NumPy loop only these two workloads.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from .corpus import Chunks, Corpus

@@ -29,8 +29,8 @@ from .workloads import Workload
 
 
 def _graph(workload: Workload, V: int):
-    from unrolled import cells
-    from unrolled.graph import Graph
+    from unrolled.graph.folded import Graph
+    from unrolled.models import cells
 
     g = Graph(workload.name)
     x = g.one_hot(g.index_input("x", V), name="x1h")
@@ -51,10 +51,10 @@ def run(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
 
 def _first_update(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
     """W6: the default character model's first update; the harness times it from the process's start."""
-    from unrolled import charmodel
-    from unrolled.clip import clip_by_global_norm
-    from unrolled.engines import make_engine
-    from unrolled.optim import make_optimizer
+    from unrolled.charlm import model as charmodel
+    from unrolled.engines.registry import make_engine
+    from unrolled.train.clip import clip_by_global_norm
+    from unrolled.train.optim import make_optimizer
 
     model, train = charmodel.ModelConfig(vocab_size=corpus.V), charmodel.TrainConfig()
     assert (model.cell, model.hidden, model.layers, train.seq, train.batch) == (
@@ -73,9 +73,9 @@ def _first_update(workload: Workload, corpus: Corpus, protocol: Protocol) -> dic
 
 
 def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
-    from unrolled.clip import clip_by_global_norm, clip_by_value
-    from unrolled.engines import make_engine
-    from unrolled.optim import make_optimizer
+    from unrolled.engines.registry import make_engine
+    from unrolled.train.clip import clip_by_global_norm, clip_by_value
+    from unrolled.train.optim import make_optimizer
 
     t0 = time.perf_counter()
     g = _graph(workload, corpus.V)
@@ -114,7 +114,7 @@ def _products(engine, B: int) -> str:
     """Where the float32 products go: oneDNN when the fast extra installed it (see unrolled/onednn.py),
     except in a small run's whole-run function, which does its own; and whether the batch's rows
     run split across threads (unrolled/rowsplit.py)."""
-    from unrolled import onednn
+    from unrolled.engines.compiled.kernels import onednn
 
     if getattr(engine, "uses_whole", lambda B: False)(B):
         return "whole-run kernels"
@@ -125,7 +125,7 @@ def _products(engine, B: int) -> str:
 
 
 def _sample(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
-    from unrolled.generate import Generator
+    from unrolled.engines.compiled.feedback import Generator
 
     t0 = time.perf_counter()
     g = _graph(workload, corpus.V)

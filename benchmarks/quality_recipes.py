@@ -58,7 +58,7 @@ def shakespeare() -> Path:
 
 
 def load_text(name: str, chars: int) -> str:
-    from unrolled import data
+    from unrolled.charlm import data
 
     text = data.builtin_corpus() if name == "builtin" else Path(shakespeare() if name == "shakespeare" else name).read_text()
     return text[:chars] if chars else text
@@ -66,8 +66,8 @@ def load_text(name: str, chars: int) -> str:
 
 def run_one(text_file: Path, recipe: str, args, out: Path) -> dict:
     """Train one recipe on one text; its best and final held-out bits/char and its seconds of updates."""
-    from unrolled.checkpoint import load_checkpoint
-    from unrolled.lm_train import RunOptions, train
+    from unrolled.charlm.run import RunOptions, train
+    from unrolled.train.checkpoint import load_checkpoint
 
     model_flags, train_flags = (dict(d) for d in RECIPES[recipe])
     if recipe != "auto":

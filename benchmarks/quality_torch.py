@@ -7,7 +7,7 @@ for the same budget on the same split, scored the same way.
 ``--recipe classic`` (the default) is char-rnn's, `unrolled train`'s defaults
 before it chose from the budget: LSTM 2 x 128, no dropout, Adam 2e-3
 constant. ``--recipe new`` is what `unrolled train TEXT --minutes M` (or
-``--steps N``) now picks, taken from the same rule (:mod:`unrolled.recipe`):
+``--steps N``) now picks, taken from the same rule (:mod:`unrolled.charlm.recipe`):
 the model's size and dropout (between the layers and before the readout, where
 unrolled puts it), and a learning rate held, then decaying along a cosine to 0
 over the last part of the budget, driven by the fraction of update-seconds (or
@@ -41,7 +41,7 @@ def recipe_settings(name: str, train_chars: int, steps: int, minutes: float) -> 
     """hidden, layers, dropout and schedule of a recipe, the new one from unrolled's own rule."""
     if name == "classic":
         return {"hidden": 128, "layers": 2, "dropout": 0.0, "lr_schedule": "constant", "decay": 1.0}
-    from unrolled import recipe
+    from unrolled.charlm import recipe
 
     chosen = recipe.choose(train_chars, steps=steps, minutes=minutes, k1=T, batch=B, lr=LR)
     return {c.field: c.value for c in chosen}
@@ -51,9 +51,10 @@ def main(argv=None) -> int:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    from unrolled.data import iter_eval_chunks
-    from unrolled.recipe import decayed, progress
-    from unrolled.schedules import Cosine
+
+    from unrolled.charlm.data import iter_eval_chunks
+    from unrolled.charlm.recipe import decayed, progress
+    from unrolled.train.lr_schedules import Cosine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file")

@@ -60,10 +60,10 @@ def worker(workload_id: str, updates: int, warmup: int = 2) -> dict:
     """Train ``updates`` timed updates of the workload (after ``warmup``), on as many ranks as launched."""
     import numpy as np
 
-    from unrolled import distributed
-    from unrolled.engines import make_engine
-    from unrolled.optim import make_optimizer
-    from unrolled.train import Trainer
+    from unrolled.engines.registry import make_engine
+    from unrolled.train import distributed
+    from unrolled.train.optim import make_optimizer
+    from unrolled.train.trainer import Trainer
 
     from .peer_unrolled import _graph
     from .workloads import get

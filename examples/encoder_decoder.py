@@ -12,10 +12,10 @@ forcing, optionally with scheduled sampling::
 import sys
 
 import numpy as np
-
 from _common import parse
-from unrolled.flavors import Seq2SeqConfig, run_seq2seq, seq2seq_model
-from unrolled.train import keep_feed, pad
+
+from unrolled.models.flavors import Seq2SeqConfig, run_seq2seq, seq2seq_model
+from unrolled.train.trainer import keep_feed, pad
 
 
 def main(argv=None) -> int:

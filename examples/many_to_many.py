@@ -10,7 +10,8 @@ the state carried (without gradient) from chunk to chunk::
 import sys
 
 from _common import parse
-from unrolled.flavors import EchoConfig, run_many_to_many
+
+from unrolled.models.flavors import EchoConfig, run_many_to_many
 
 
 def main(argv=None) -> int:

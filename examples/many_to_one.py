@@ -10,10 +10,10 @@ loss taken) at each row's own last step::
 import sys
 
 import numpy as np
-
 from _common import parse
-from unrolled.engines import make_engine
-from unrolled.flavors import ManyToOneConfig, adding_problem, many_to_one_graph, run_many_to_one
+
+from unrolled.engines.registry import make_engine
+from unrolled.models.flavors import ManyToOneConfig, adding_problem, many_to_one_graph, run_many_to_one
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,8 @@ generation feeds each predicted letter back as the next input::
 import sys
 
 from _common import parse
-from unrolled.flavors import OneToManyConfig, run_one_to_many, spell
+
+from unrolled.models.flavors import OneToManyConfig, run_one_to_many, spell
 
 
 def main(argv=None) -> int:

@@ -25,12 +25,14 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helpers  # noqa: E402
-from unrolled import distributed, lm_train  # noqa: E402
-from unrolled.charmodel import INPUT_NAME, TARGET_NAME, ModelConfig, build_graph, init_params  # noqa: E402
-from unrolled.engines import make_engine  # noqa: E402
-from unrolled.optim import make_optimizer  # noqa: E402
-from unrolled.lm_train import RunOptions  # noqa: E402
-from unrolled.train import Trainer, freeze_after_end, keep_feed, length_mask  # noqa: E402
+
+from unrolled.charlm import run as lm_train  # noqa: E402
+from unrolled.charlm.model import INPUT_NAME, TARGET_NAME, ModelConfig, build_graph, init_params  # noqa: E402
+from unrolled.charlm.run import RunOptions  # noqa: E402
+from unrolled.engines.registry import make_engine  # noqa: E402
+from unrolled.train import distributed
+from unrolled.train.optim import make_optimizer  # noqa: E402
+from unrolled.train.trainer import Trainer, freeze_after_end, keep_feed, length_mask  # noqa: E402
 
 UPDATES = 4
 B = 4  # global rows, split over the ranks

@@ -3,7 +3,7 @@
 Every graph here is tiny (a few features, a handful of steps) so that
 central finite differences over all of its parameters take milliseconds.
 The builders are keyed by name in :data:`GRAPHS`; each returns a fresh,
-checked :class:`~unrolled.graph.Graph` whose losses are named ``xent`` (and
+checked :class:`~unrolled.graph.folded.Graph` whose losses are named ``xent`` (and
 ``mse`` where there is one), so that masks can be given by name.
 """
 
@@ -15,12 +15,13 @@ from unittest import mock
 
 import numpy as np
 
-from unrolled import cells, rowsplit, wholestep
-from unrolled.compiled import STRATEGIES, CompiledEngine
-from unrolled.gradcheck import numeric_gradient
-from unrolled.graph import Graph
-from unrolled.reference import run as reference_run
-from unrolled.stages import cut
+from unrolled.engines.compiled import rowsplit, wholestep
+from unrolled.engines.compiled.engine import STRATEGIES, CompiledEngine
+from unrolled.engines.compiled.stages import cut
+from unrolled.engines.gradcheck import numeric_gradient
+from unrolled.engines.reference import run as reference_run
+from unrolled.graph.folded import Graph
+from unrolled.models import cells
 
 N_IN, HIDDEN, N_OUT = 3, 4, 3
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers import numeric_grad, relative_error
-from unrolled import cells
-from unrolled.engines import available_engines, make_engine
-from unrolled.graph import Graph
-from unrolled.ops import sigmoid
-from unrolled.seq2seq import BidirectionalEncoder, reverse_time
-from unrolled.train import freeze_after_end, keep_feed
+
+from unrolled.engines.registry import available_engines, make_engine
+from unrolled.graph.folded import Graph
+from unrolled.graph.ops import sigmoid
+from unrolled.models import cells
+from unrolled.models.seq2seq import BidirectionalEncoder, reverse_time
+from unrolled.train.trainer import freeze_after_end, keep_feed
 
 ENGINES = available_engines()
 T, B, X, H = 4, 3, 3, 5

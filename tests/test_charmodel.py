@@ -8,14 +8,22 @@ import math
 import numpy as np
 import pytest
 
-from unrolled import cells
-from unrolled.charmodel import (
-    MODEL_FORMAT, ModelConfig, Score, TrainConfig, build_graph, checkpoint_contents, graph_from_checkpoint,
-    init_params, load_model, score_text,
+from unrolled.charlm.model import (
+    MODEL_FORMAT,
+    ModelConfig,
+    Score,
+    TrainConfig,
+    build_graph,
+    checkpoint_contents,
+    graph_from_checkpoint,
+    init_params,
+    load_model,
+    score_text,
 )
-from unrolled.checkpoint import save_checkpoint
-from unrolled.engines import make_engine
-from unrolled.sampling import Sampler
+from unrolled.charlm.sampling import Sampler
+from unrolled.engines.registry import make_engine
+from unrolled.models import cells
+from unrolled.train.checkpoint import save_checkpoint
 
 VOCAB = list("\n abcdefgh")
 
@@ -227,16 +235,16 @@ def test_temperature_and_top_k(tmp_path):
 
 
 def test_generator_and_engine_give_the_same_text(tmp_path, monkeypatch):
-    import unrolled.sampling
+    import unrolled.charlm.sampling
 
     monkeypatch.setenv("UNROLLED_JIT", "0")  # the generator's NumPy form: no compilation in the tests
-    monkeypatch.setattr(unrolled.sampling, "BLOCK", 7)  # several blocks, joined exactly
+    monkeypatch.setattr(unrolled.charlm.sampling, "BLOCK", 7)  # several blocks, joined exactly
     m = load_model(saved_model(tmp_path, config=tiny(dtype="float64")))
     fast, literal = Sampler.from_model(m), Sampler.from_model(m, engine="reference")
     assert fast.generator is not None and literal.engine is not None
     for kw in (dict(prime="ab c", seed=5), dict(seed=6, temperature=0.7, top_k=4), dict(seed=7, temperature=0.0)):
         assert fast.sample(40, **kw) == literal.sample(40, **kw)
-    monkeypatch.setattr(unrolled.sampling, "BLOCK", 1000)
+    monkeypatch.setattr(unrolled.charlm.sampling, "BLOCK", 1000)
     assert fast.sample(40, seed=5, prime="ab c") == literal.sample(40, seed=5, prime="ab c")  # blocks do not change it
 
 

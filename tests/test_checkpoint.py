@@ -11,9 +11,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from unrolled import checkpoint
-from unrolled.atomic import atomic_write_text, atomic_writer
-from unrolled.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from unrolled.train import checkpoint
+from unrolled.train.atomic import atomic_write_text, atomic_writer
+from unrolled.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
 def _arrays(rng):

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from unrolled.checkpoint import load_checkpoint
 from unrolled.cli import main
+from unrolled.train.checkpoint import load_checkpoint
 
 WORDS = "the cat sat on a mat and the dog ran to the red barn while small birds sang".split()
 
@@ -110,8 +110,8 @@ def test_bad_input(run, tmp_path, capsys):
 def test_another_text_is_scored_by_hand(run, tmp_path, capsys):
     """A text the model was not trained on (another word order, not the held-out part): evaluate's
     bits/char is the mean cross-entropy of its next-character predictions, worked out from the logits."""
-    from unrolled.charmodel import INPUT_NAME, LOGITS_NAME, TARGET_NAME, load_model
-    from unrolled.engines import make_engine
+    from unrolled.charlm.model import INPUT_NAME, LOGITS_NAME, TARGET_NAME, load_model
+    from unrolled.engines.registry import make_engine
 
     other = corpus(4, seed=11)
     (tmp_path / "other.txt").write_text(other)

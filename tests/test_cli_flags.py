@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from unrolled import memory
-from unrolled.charmodel import load_model, score_text
-from unrolled.cli import build_parser, main
-from unrolled.data import iter_eval_chunks
-from unrolled.words import count
-
 from test_cli_train import TINY, corpus, one_line_error
+
+from unrolled.charlm import memory
+from unrolled.charlm.data import iter_eval_chunks
+from unrolled.charlm.model import load_model, score_text
+from unrolled.cli import build_parser, main
+from unrolled.words import count
 
 
 @pytest.fixture
@@ -43,7 +42,7 @@ def test_memory_refusal_gives_the_figure_and_what_is_available(tmp_path, text_fi
         graph_bytes["n"] = real(*a, **kw)
         return graph_bytes["n"]
 
-    monkeypatch.setattr("unrolled.lm_train.training_bytes", spy)
+    monkeypatch.setattr("unrolled.charlm.run.training_bytes", spy)
     monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
     rc = main(["train", str(text_file), *TINY, "--steps", "2", "--out", str(tmp_path / "run")])
     line = one_line_error(capsys, rc, "1.0 KB is available", "--seq 8 × --batch 4")
@@ -52,7 +51,7 @@ def test_memory_refusal_gives_the_figure_and_what_is_available(tmp_path, text_fi
 
 
 def test_memory_estimate_counts_parameters_moments_and_chunk_values():
-    from unrolled.charmodel import ModelConfig, build_graph
+    from unrolled.charlm.model import ModelConfig, build_graph
 
     g = build_graph(ModelConfig(cell="elman", hidden=10, layers=1, vocab_size=5))
     P = 10 * 15 + 10 + 5 * 10 + 5  # W [10, 5 + 10], b, out.W, out.b

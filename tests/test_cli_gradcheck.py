@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from unrolled import cells
 from unrolled.cli import main
+from unrolled.models import cells
 
 SUMMARY = re.compile(r"^(\w+): largest relative error (\S+) \((.+)\) (<=|>) (\S+): (ok|FAILED)$", re.M)
 

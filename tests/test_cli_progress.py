@@ -11,15 +11,15 @@ import types
 
 import numpy as np
 import pytest
-
-from unrolled import compiling, lm_train
-from unrolled.checkpoint import load_checkpoint
-from unrolled.cli import main
-from unrolled.divergence import PATIENCE, DivergenceWatch
-from unrolled.runlog import COLUMNS
-from unrolled.train import Trainer
-
 from test_cli_train import TINY, corpus, one_line_error
+
+from unrolled.charlm import run as lm_train
+from unrolled.cli import main
+from unrolled.engines.compiled import compiling
+from unrolled.train.checkpoint import load_checkpoint
+from unrolled.train.divergence import PATIENCE, DivergenceWatch
+from unrolled.train.runlog import COLUMNS
+from unrolled.train.trainer import Trainer
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unrolled import checkpoint
-from unrolled.charmodel import MODEL_FORMAT, ModelConfig, TrainConfig, checkpoint_contents, init_params
-from unrolled.checkpoint import load_checkpoint, save_checkpoint
+from unrolled.charlm.model import MODEL_FORMAT, ModelConfig, TrainConfig, checkpoint_contents, init_params
 from unrolled.cli import build_parser, main
+from unrolled.train import checkpoint
+from unrolled.train.checkpoint import load_checkpoint, save_checkpoint
 
 VOCAB = list("\n .,abcdefghijklmnopqrstuvwxyz")
 

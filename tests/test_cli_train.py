@@ -11,11 +11,11 @@ import math
 import numpy as np
 import pytest
 
-from unrolled import lm_train
-from unrolled.charmodel import load_model
-from unrolled.checkpoint import load_checkpoint
+from unrolled.charlm import run as lm_train
+from unrolled.charlm.model import load_model
 from unrolled.cli import main
-from unrolled.train import Trainer
+from unrolled.train.checkpoint import load_checkpoint
+from unrolled.train.trainer import Trainer
 
 WORDS = "the cat sat on a mat and the dog ran to the red barn while small birds sang".split()
 

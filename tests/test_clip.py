@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unrolled.clip import clip_by_global_norm, clip_by_value, global_norm
+from unrolled.train.clip import clip_by_global_norm, clip_by_value, global_norm
 
 
 def _grads(rng, scale=1.0, dtype=np.float64):
@@ -93,7 +93,8 @@ def test_bad_limits(bad):
 def test_numba_sum_of_squares_matches_numpy_norm(rng, monkeypatch):
     """float32 gradients take Numba's one pass when it may run: the same norm, non-finite ones still caught."""
     pytest.importorskip("numba")
-    from unrolled import optim, optim_kernels
+    from unrolled.engines.compiled.kernels import optimizers as optim_kernels
+    from unrolled.train import optim
 
     grads = {"W": rng.normal(size=(40, 30)).astype(np.float32) * 1e18, "b": rng.normal(size=7).astype(np.float32)}
     monkeypatch.setattr(optim, "_KERNELS", False)
@@ -107,7 +108,8 @@ def test_numba_sum_of_squares_matches_numpy_norm(rng, monkeypatch):
 def test_numba_clip_by_value_matches_numpy(rng, monkeypatch):
     """The one-pass clamp gives np.clip's result bit for bit: NaN kept, infinities clamped, both precisions."""
     pytest.importorskip("numba")
-    from unrolled import optim, optim_kernels
+    from unrolled.engines.compiled.kernels import optimizers as optim_kernels
+    from unrolled.train import optim
 
     def grads():
         out = {}

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unrolled import diagnose, reference
 from unrolled.cli import main
 from unrolled.cli.draw_cmd import build_network
-from unrolled.engines import available_engines
-from unrolled.graph import Graph
-from unrolled.runio import prepare
+from unrolled.engines import reference
+from unrolled.engines.registry import available_engines
+from unrolled.engines.runio import prepare
+from unrolled.graph.folded import Graph
+from unrolled.viz import diagnose
 
 
 def _history(a):
@@ -267,8 +268,8 @@ def test_cli_mistakes_are_one_line_and_nonzero(tmp_path, capsys, monkeypatch, ar
 
 
 def test_cli_diagnoses_a_checkpoint_on_text(tmp_path, capsys):
-    charmodel = pytest.importorskip("unrolled.charmodel")
-    from unrolled.checkpoint import save_checkpoint
+    charmodel = pytest.importorskip("unrolled.charlm.model")
+    from unrolled.train.checkpoint import save_checkpoint
 
     config = charmodel.ModelConfig(cell="lstm", hidden=4, layers=1, vocab_size=5, dtype="float64")
     arrays, meta = charmodel.checkpoint_contents(config, charmodel.TrainConfig(seq=6, batch=2), list("abcd "),

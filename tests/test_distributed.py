@@ -12,18 +12,18 @@ import re
 import shutil
 import signal
 import subprocess
-import sysconfig
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
+import dist_worker
+import helpers
 import numpy as np
 import pytest
 
-import dist_worker
-import helpers
-from unrolled import distributed
-from unrolled.checkpoint import load_checkpoint
+from unrolled.train import distributed
+from unrolled.train.checkpoint import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -225,9 +225,9 @@ def test_a_batch_splits_into_equal_shares_of_rows_or_is_refused():
 def test_losses_whose_counts_cannot_be_made_global_are_refused(mix, rng):
     from mpi4py import MPI
 
-    from unrolled.engines import make_engine
-    from unrolled.optim import make_optimizer
-    from unrolled.train import Trainer
+    from unrolled.engines.registry import make_engine
+    from unrolled.train.optim import make_optimizer
+    from unrolled.train.trainer import Trainer
 
     g = helpers.GRAPHS["two_losses"]()
     names = [loss.name for loss in g.losses]

@@ -14,11 +14,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from unrolled import cells, draw
 from unrolled.cli import main
 from unrolled.cli.draw_cmd import build_network
-from unrolled.gradcheck import small_network
-from unrolled.graph import Graph
+from unrolled.engines.gradcheck import small_network
+from unrolled.graph.folded import Graph
+from unrolled.models import cells
+from unrolled.viz import draw
 
 NODE_LINE = re.compile(r'^\s*"((?:[^"\\]|\\.)*)" \[(.*)\];$')
 EDGE_LINE = re.compile(r'^\s*"((?:[^"\\]|\\.)*)" -> "((?:[^"\\]|\\.)*)" \[(.*)\];$')
@@ -297,7 +298,7 @@ def test_cli_missing_graphviz_is_one_line_naming_the_install(tmp_path, capsys, n
 
 def test_cli_draws_module_function(tmp_path, capsys, monkeypatch):
     (tmp_path / "draw_test_nets.py").write_text(
-        "from unrolled.gradcheck import small_network\n"
+        "from unrolled.engines.gradcheck import small_network\n"
         "def net():\n    return small_network('gru')\n"
         "def unrolled():\n    return small_network('elman').unroll(2)\n"
         "def broken():\n    return 42\n"
@@ -318,8 +319,8 @@ def test_cli_draws_module_function(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_draws_a_checkpoint(tmp_path, capsys):
-    charmodel = pytest.importorskip("unrolled.charmodel")
-    from unrolled.checkpoint import save_checkpoint
+    charmodel = pytest.importorskip("unrolled.charlm.model")
+    from unrolled.train.checkpoint import save_checkpoint
 
     config = charmodel.ModelConfig(cell="gru", hidden=4, layers=2, vocab_size=5, dtype="float64")
     arrays, meta = charmodel.checkpoint_contents(config, charmodel.TrainConfig(seq=6, batch=2), list("abcde"),

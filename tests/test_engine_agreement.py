@@ -23,13 +23,14 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from helpers import _GRADIENTS, _largest, assert_agree, make_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import _GRADIENTS, _largest, assert_agree, make_inputs
-from unrolled.compiled import CompiledEngine
-from unrolled.graph import Graph
-from unrolled.reference import run as reference_run
+from unrolled.engines.compiled.engine import CompiledEngine
+from unrolled.engines.reference import run as reference_run
+from unrolled.graph.folded import Graph
+
 
 def _examples(default: int, name: str = "UNROLLED_EXAMPLES") -> int:
     return int(os.environ.get(name, default))
@@ -260,7 +261,7 @@ def test_engine_reuses_buffers_across_runs():
 
 
 def test_code_is_readable_and_per_copy_is_refused():
-    from unrolled.gradcheck import small_network
+    from unrolled.engines.gradcheck import small_network
 
     eng = CompiledEngine(small_network("lstm"))
     assert "def forward_loop" in eng.code and "def backward_loop" in eng.code

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import run_every_path
-from unrolled.compiled import STRATEGIES
-from unrolled.graph import Graph
+
+from unrolled.engines.compiled.engine import STRATEGIES
+from unrolled.graph.folded import Graph
 
 
 def _slice_state(two_layers: bool = False) -> Graph:

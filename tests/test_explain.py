@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import elman, make_inputs, make_params
-from unrolled import compiled, make_engine, rowsplit
-from unrolled.compiled import CompiledEngine
 
+from unrolled import make_engine
+from unrolled.engines.compiled import engine as compiled
+from unrolled.engines.compiled import rowsplit
+from unrolled.engines.compiled.engine import CompiledEngine
 
 BIG = 10_000  # rows enough to take Elman's small steps past WHOLE_AUTO_MACS
 

@@ -25,13 +25,14 @@ pytest.importorskip("onnxruntime")
 
 from helpers import GRAPHS, make_init_states, make_inputs, make_params  # noqa: E402
 from test_engine_agreement import cyclic_graphs  # noqa: E402
+
 import unrolled  # noqa: E402
-from unrolled import ops  # noqa: E402
-from unrolled.charmodel import load_model  # noqa: E402
+from unrolled.charlm.model import load_model  # noqa: E402
 from unrolled.cli import main  # noqa: E402
+from unrolled.engines.reference import run as reference_run  # noqa: E402
 from unrolled.export.onnx import FINAL_PREFIX, INIT_PREFIX, OnnxRunner, export_onnx, to_onnx  # noqa: E402
-from unrolled.graph import Graph  # noqa: E402
-from unrolled.reference import run as reference_run  # noqa: E402
+from unrolled.graph import ops  # noqa: E402
+from unrolled.graph.folded import Graph  # noqa: E402
 
 TOL = 1e-5
 SRC = str(Path(unrolled.__file__).parents[1])  # the tree under test, for a subprocess
@@ -217,7 +218,7 @@ def test_without_the_extra_the_command_names_it(trained, capsys, monkeypatch, tm
 def test_the_core_imports_without_the_extra():
     code = ("import sys\n"
             "for m in ('onnx', 'onnxruntime', 'safetensors'): sys.modules[m] = None\n"
-            "import unrolled, unrolled.charmodel, unrolled.cli, unrolled.export.onnx, unrolled.export.charmodel\n"
+            "import unrolled, unrolled.charlm.model, unrolled.cli, unrolled.export.onnx, unrolled.export.charmodel\n"
             "from unrolled.cli import build_parser; build_parser()\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": SRC})
 

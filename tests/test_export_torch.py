@@ -19,9 +19,9 @@ pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from unrolled.charmodel import INPUT_NAME, LOGITS_NAME, TARGET_NAME, load_model  # noqa: E402
+from unrolled.charlm.model import INPUT_NAME, LOGITS_NAME, TARGET_NAME, load_model  # noqa: E402
 from unrolled.cli import main  # noqa: E402
-from unrolled.reference import run as reference_run  # noqa: E402
+from unrolled.engines.reference import run as reference_run  # noqa: E402
 
 TOL = 1e-5
 TEXT = "the cat sat on a mat and the dog ran to the red barn\n" * 6

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unrolled import cells
-from unrolled.generate import Generator
-from unrolled.graph import Graph
-from unrolled.reference import run as reference_run
+from unrolled.engines.compiled.feedback import Generator
+from unrolled.engines.reference import run as reference_run
+from unrolled.graph.folded import Graph
+from unrolled.models import cells
 
 
 def char_model(V=7, H=6, cell="lstm", layers=2) -> Graph:

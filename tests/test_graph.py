@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from helpers import GRAPHS
 
-from unrolled import cells
-from unrolled.graph import Graph, Vertex
-from unrolled.unroll import unroll
+from unrolled.graph.folded import Graph, Vertex
+from unrolled.graph.unroll import unroll
+from unrolled.models import cells
 
 
 def elman_100() -> Graph:

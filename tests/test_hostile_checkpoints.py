@@ -9,9 +9,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from unrolled.charmodel import ModelConfig, TrainConfig, checkpoint_contents, init_params, load_model
-from unrolled.checkpoint import load_checkpoint, save_checkpoint
+from unrolled.charlm.model import ModelConfig, TrainConfig, checkpoint_contents, init_params, load_model
 from unrolled.cli import main
+from unrolled.train.checkpoint import load_checkpoint, save_checkpoint
 
 VOCAB = list("\n abcdefgh")
 CONFIG = ModelConfig(cell="lstm", hidden=8, layers=1, vocab_size=len(VOCAB))
@@ -91,7 +91,7 @@ def test_a_deflated_bomb_posing_as_parameters_is_refused_unread(tmp_path):
     import math
     import tracemalloc
 
-    from unrolled.charmodel import build_graph
+    from unrolled.charlm.model import build_graph
 
     big = ModelConfig(cell="elman", hidden=5000, layers=1, vocab_size=len(VOCAB))
     _, meta = checkpoint_contents(big, TrainConfig(seq=6, batch=3), VOCAB, {})

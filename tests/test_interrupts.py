@@ -51,7 +51,7 @@ def _text(folder: Path) -> Path:
 
 def _checkpoint_step(path: Path) -> int:
     """Load the checkpoint as `unrolled sample` would (in a process of its own) and return its step."""
-    code = ("import sys; from unrolled.charmodel import load_model; "
+    code = ("import sys; from unrolled.charlm.model import load_model; "
             "print(load_model(sys.argv[1]).meta['step'])")
     done = subprocess.run([sys.executable, "-c", code, str(path)], env=_env(), capture_output=True, text=True,
                           timeout=300)
@@ -121,7 +121,7 @@ def battery(n: int, seed: int, folder: Path, report=None, evaluate_every: int = 
 
 
 def test_a_second_signal_quits_at_once_without_unwinding():
-    code = ("import signal, time; from unrolled.interrupts import StopRequest\n"
+    code = ("import signal, time; from unrolled.train.interrupts import StopRequest\n"
             "with StopRequest('bye') as stop:\n"
             "    signal.raise_signal(signal.SIGTERM)\n"
             "    print('requested', stop.requested, stop.name, flush=True)\n"
@@ -134,7 +134,7 @@ def test_a_second_signal_quits_at_once_without_unwinding():
 
 
 def test_after_the_command_a_late_signal_is_ignored():
-    from unrolled.interrupts import quit_on_signal
+    from unrolled.train.interrupts import quit_on_signal
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -152,7 +152,7 @@ def test_after_the_command_a_late_signal_is_ignored():
 def test_row_workers_are_joined_before_an_interrupt_unwinds(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from unrolled import rowsplit
+    from unrolled.engines.compiled import rowsplit
 
     real_wait, calls = rowsplit.wait, []
 

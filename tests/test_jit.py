@@ -15,18 +15,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from unrolled import blas
-from unrolled.compiled import CompiledEngine
-from unrolled.gradcheck import small_network
-from unrolled.graph import Graph
-from unrolled.reference import run as reference_run
+from unrolled.engines.compiled.engine import CompiledEngine
+from unrolled.engines.compiled.kernels import blas
+from unrolled.engines.gradcheck import small_network
+from unrolled.engines.reference import run as reference_run
+from unrolled.graph.folded import Graph
 
 numba = pytest.importorskip("numba")
 
-from unrolled.jitkernels import BLAS_NAME, _exp1, matmul, matmul_add  # noqa: E402
-
 from helpers import embedded, make_inputs, perturbed_params  # noqa: E402
 from test_engine_agreement import _data, assert_agree, cyclic_graphs  # noqa: E402
+
+from unrolled.engines.compiled.kernels.arrays import BLAS_NAME, _exp1, matmul, matmul_add  # noqa: E402
 
 
 def coupled_relu() -> Graph:
@@ -86,7 +86,7 @@ def test_the_numba_loop_fuses_elementwise_runs():
 
 
 def test_a_stack_shows_each_layers_numba_loops():
-    from unrolled import cells
+    from unrolled.models import cells
 
     g = Graph("stack")
     h = cells.stack(g, "lstm", g.input("x", 3), 4, 2)
@@ -96,7 +96,7 @@ def test_a_stack_shows_each_layers_numba_loops():
     assert eng.jit_code.count("def forward_loop(") == 2 and eng.jit_code.count("def backward_loop(") == 2
 
 
-@numba.njit  # not cached: its machine code calls whichever BLAS this process has (see jitkernels.matmul)
+@numba.njit  # not cached: its machine code calls whichever BLAS this process has (see kernels.arrays.matmul)
 def _product(a, b, out):
     matmul(a, b, out)
 
@@ -150,7 +150,7 @@ def test_products_in_numba_without_numpys_blas():
 
     code = (
         "import numba, numpy as np\n"
-        "import unrolled.jitkernels as j\n"
+        "import unrolled.engines.compiled.kernels.arrays as j\n"
         "assert j.BLAS_NAME in ('scipy', 'loops'), j.BLAS_NAME\n"
         "f = numba.njit(lambda a, b, o: j.matmul(a, b, o))\n"
         "g = numba.njit(lambda a, b, o: j.matmul_add(a, b, o))\n"
@@ -220,7 +220,7 @@ def test_one_hot_rows_are_picked_and_scattered(jit, chunk, monkeypatch):
 def test_add_transposed_fills_a_column_block_exactly(dtype):
     """The scattered one-hot gradient ``[V, out]`` added into its columns of ``[out, in]``: sizes
     off the kernel's blocks of sixteen, into a column slice whose rows are strided."""
-    from unrolled.jitkernels import add_transposed
+    from unrolled.engines.compiled.kernels.arrays import add_transposed
 
     rng = np.random.default_rng(0)
     for rows, cols, lo in ((37, 5, 3), (16, 16, 0), (512, 75, 0)):
@@ -315,8 +315,8 @@ def test_float32_fast_functions_are_accurate_and_saturate(name):
     """The float32 tanh and σ the Numba kernels use: within the bound their docstrings state,
     exactly at their limits where float32 rounds to them (so that 1 - y^2 and y (1 - y), the
     derivatives computed from the kept value, are 0 there), at +-inf, and NaN for NaN."""
-    from unrolled import jitkernels
-    from unrolled.ops import sigmoid
+    from unrolled.engines.compiled.kernels import arrays as jitkernels
+    from unrolled.graph.ops import sigmoid
 
     pos = _float32s(1e-30, 60.0, 997)
     x = np.concatenate([pos, -pos, np.float32([0.0, 100.0, -100.0, 3e38, -3e38])])

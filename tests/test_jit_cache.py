@@ -23,9 +23,9 @@ SCRIPT = """
 import sys
 import numpy as np
 from unrolled import cells
-from unrolled.compiled import CompiledEngine
-from unrolled.graph import Graph
-from unrolled.reference import run as reference_run
+from unrolled.engines.compiled.engine import CompiledEngine
+from unrolled.graph.folded import Graph
+from unrolled.engines.reference import run as reference_run
 
 
 def readout(g, h):

@@ -1,7 +1,7 @@
 """A kernel whose callee in another kernel module changed is compiled again, not loaded stale.
 
-Numba keys a cached function by its own file alone. rowkernels' kernels
-inline jitkernels' functions (``cross_entropy_row`` its ``_exp1``): after
+Numba keys a cached function by its own file alone. The row kernels
+inline the array kernels' functions (``cross_entropy_row`` its ``_exp1``): after
 such a callee changed, the cached caller kept the old code until the cache
 was cleared (a user upgrading unrolled, or anyone editing a kernel, ran old
 machine code). The kernel
@@ -27,10 +27,10 @@ pytest.importorskip("numba")
 SCRIPT = """
 import sys
 if sys.argv[1] == "numba-own":  # the reproducer: Numba's own locators, which key each file alone
-    import unrolled.jitcache
-    unrolled.jitcache._key_kernel_caches = lambda: None
+    import unrolled.engines.compiled.kernels.jitcache
+    unrolled.engines.compiled.kernels.jitcache._key_kernel_caches = lambda: None
 import numpy as np
-from unrolled.rowkernels import cross_entropy_row
+from unrolled.engines.compiled.kernels.rows import cross_entropy_row
 y = np.empty(1)
 cross_entropy_row(y, np.array([0.0]), 0, np.empty(1))
 print(repr(float(y[0])), sum(cross_entropy_row.stats.cache_hits.values()))
@@ -51,7 +51,7 @@ def _package_copy(tmp_path: Path, read_only: bool) -> Path:
 
 
 def _change_exp(root: Path) -> None:
-    kernels = root / "unrolled" / "jitkernels.py"
+    kernels = root / "unrolled" / "engines" / "compiled" / "kernels" / "arrays.py"
     text = kernels.read_text()
     assert text.count("    return lambda x: math.exp(x)\n") == 1, "the float64 _exp1 moved: update this test"
     kernels.write_text(text.replace("    return lambda x: math.exp(x)\n", "    return lambda x: math.exp(x) + 1.0\n"))
@@ -91,4 +91,4 @@ def test_a_changed_callee_is_compiled_again(tmp_path, numba_cache_dir):
     _change_exp(root)
     assert _kernel_row(root, env) == (NEW, 0)  # compiled again
     where = tmp_path / ("numba-cache/unrolled" if numba_cache_dir else "unrolled-cache")
-    assert len(list(where.glob("kernels-*/rowkernels.cross_entropy_row-*.nbi"))) == 2  # one folder for each fingerprint
+    assert len(list(where.glob("kernels-*/rows.cross_entropy_row-*.nbi"))) == 2  # one folder for each fingerprint

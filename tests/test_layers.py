@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-NATIVE = ("unrolled.blas", "unrolled.onednn", "unrolled.compiled", "numba", "llvmlite", "scipy", "torch")
+NATIVE = ("unrolled.engines.compiled.kernels.blas", "unrolled.engines.compiled.kernels.onednn", "unrolled.engines.compiled.engine", "numba", "llvmlite", "scipy", "torch")
 
 PROBE = """
 import ctypes, json, sys
@@ -26,8 +26,8 @@ class Recording(ctypes.CDLL):
         super().__init__(name, *args, **kw)
 ctypes.CDLL = Recording
 import numpy as np
-import unrolled, unrolled.graph, unrolled.ops, unrolled.unroll, unrolled.reference, unrolled.cells
-from unrolled.gradcheck import small_network
+import unrolled, unrolled.graph.folded, unrolled.graph.ops, unrolled.graph.unroll, unrolled.engines.reference, unrolled.models.cells
+from unrolled.engines.gradcheck import small_network
 g = small_network("elman")
 rng = np.random.default_rng(0)
 T, B = 4, 3
@@ -62,7 +62,7 @@ def test_the_graph_and_the_reference_engine_load_no_native_library():
 
 def test_the_compiled_engine_loads_its_bindings_when_imported():
     """The other side of the rule: the bindings still load, only later."""
-    code = "import sys, unrolled.compiled; print('unrolled.blas' in sys.modules, 'unrolled.onednn' in sys.modules)"
+    code = "import sys, unrolled.engines.compiled.engine; print('unrolled.engines.compiled.kernels.blas' in sys.modules, 'unrolled.engines.compiled.kernels.onednn' in sys.modules)"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -74,7 +74,8 @@ def test_the_compiled_engine_products_agree_with_the_specification(dtype):
     """The compiled engine's op table differs from the specification's in its products alone."""
     import numpy as np
 
-    from unrolled import compiled, ops
+    from unrolled.engines.compiled import engine as compiled
+    from unrolled.graph import ops
 
     rng = np.random.default_rng(1)
     W, x, b = (rng.normal(size=s).astype(dtype) for s in ((600, 500), (700, 500), (600,)))

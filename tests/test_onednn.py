@@ -10,16 +10,15 @@ import sys
 
 import numpy as np
 import pytest
-
-from unrolled import blas, onednn
-from unrolled.compiled import CompiledEngine
-from unrolled.gradcheck import small_network
-from unrolled.reference import run as reference_run
-
 from helpers import perturbed_params
 
+from unrolled.engines.compiled.engine import CompiledEngine
+from unrolled.engines.compiled.kernels import blas, onednn
+from unrolled.engines.gradcheck import small_network
+from unrolled.engines.reference import run as reference_run
+
 try:  # Numba takes oneDNN's address at import: before a test swaps in a counting function
-    import unrolled.jitkernels  # noqa: F401
+    import unrolled.engines.compiled.kernels.arrays  # noqa: F401
 except ImportError:  # no Numba
     pass
 
@@ -119,8 +118,8 @@ def test_the_installed_onednn_is_found():
 
 
 def test_unrolled_onednn_0_turns_it_off():
-    code = ("from unrolled import onednn, blas\n"
-            "import unrolled.jitkernels as j\n"
+    code = ("from unrolled.engines.compiled.kernels import blas, onednn\n"
+            "import unrolled.engines.compiled.kernels.arrays as j\n"
             "print(onednn.SGEMM is None, onednn.version(), 'oneDNN' in j.PRODUCTS)")
     env = dict(os.environ, UNROLLED_ONEDNN="0")
     pytest.importorskip("numba")
@@ -155,7 +154,7 @@ def test_a_forked_child_runs_products_after_its_parent_did():
     """OpenMP's thread pool does not survive fork; without onednn's fork hook the child hangs."""
     code = (
         "import multiprocessing as mp, numpy as np\n"
-        "from unrolled import blas\n"
+        "from unrolled.engines.compiled.kernels import blas\n"
         "a = np.ones((400, 400), np.float32)\n"
         "blas.product(a, a)\n"
         "def child(_):\n"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from helpers import numeric_grad, relative_error
 
-from unrolled import ops
-from unrolled.ops import OPS, ArgSpec, unbroadcast
+from unrolled.graph import ops
+from unrolled.graph.ops import OPS, ArgSpec, unbroadcast
 
 B = 3
 
@@ -241,8 +241,8 @@ def test_cross_entropy_rows_match_the_cross_entropy_op():
     """The compiled engine's cross-entropy (value and kept softmax, one Numba pass a row) equals
     the op's, extreme logits too."""
     pytest.importorskip("numba")
-    from unrolled.ops import softmax
-    from unrolled.rowkernels import cross_entropy_rows
+    from unrolled.engines.compiled.kernels.rows import cross_entropy_rows
+    from unrolled.graph.ops import softmax
 
     rng = np.random.default_rng(0)
     for dtype, rtol in ((np.float64, 1e-12), (np.float32, 1e-6)):
@@ -264,7 +264,7 @@ def test_what_each_vjp_reads_comes_from_its_formula():
 
 
 def test_every_call_a_formula_makes_has_a_compiled_implementation():
-    from unrolled import fuse
+    from unrolled.engines.compiled import fuse
 
     assert set(ops.FUNCTIONS) - {"abs", "max"} <= set(fuse.SCALAR_FUNCTIONS)  # abs, max: Python's own
     assert ops.ELEMENTWISE <= ops.runs_on("loop") & ops.runs_on("whole") & ops.runs_on("sampler")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unrolled.optim import OPTIMIZERS, Adam, make_optimizer, optimizer_from_state
+from unrolled.train.optim import OPTIMIZERS, Adam, make_optimizer, optimizer_from_state
 
 SHAPES = {"W": (4, 3), "b": (3,), "h0/x": (2, 2, 2)}
 TORCH = {
@@ -196,7 +196,8 @@ def test_loading_state_of_another_optimizer_or_model_fails(rng):
 def test_numba_kernels_are_bit_identical_to_numpy(name, lr, kw, dtype, rng, monkeypatch):
     """The one-pass Numba updates (taken when Numba may run) give exactly the NumPy rule's bits."""
     pytest.importorskip("numba")
-    from unrolled import optim, optim_kernels
+    from unrolled.engines.compiled.kernels import optimizers as optim_kernels
+    from unrolled.train import optim
 
     params, grads = _problem(rng, 6, dtype)
     runs = {}

@@ -7,13 +7,13 @@ import math
 
 import numpy as np
 import pytest
-
-from unrolled import lm_train, recipe
-from unrolled.checkpoint import load_checkpoint
-from unrolled.cli import main
-from unrolled.schedules import Cosine
-
 from test_cli_train import corpus
+
+from unrolled.charlm import recipe
+from unrolled.charlm import run as lm_train
+from unrolled.cli import main
+from unrolled.train.checkpoint import load_checkpoint
+from unrolled.train.lr_schedules import Cosine
 
 TINY = ["--engine", "reference", "--seq", "8", "--batch", "4", "--sample-every", "0"]
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import (GRAPHS, history_depths, make_init_states, make_inputs, make_params, numeric_grad,
-                     relative_error)
+from helpers import GRAPHS, history_depths, make_init_states, make_inputs, make_params, numeric_grad, relative_error
 
-from unrolled import cells
-from unrolled.engines import available_engines, make_engine
-from unrolled.gradcheck import check_gradients
-from unrolled.graph import Graph
+from unrolled.engines.gradcheck import check_gradients
+from unrolled.engines.registry import available_engines, make_engine
+from unrolled.graph.folded import Graph
+from unrolled.models import cells
 
 ENGINES = available_engines()
 T, B = 4, 2

@@ -14,10 +14,10 @@ import signal
 import numpy as np
 import pytest
 
-from unrolled.charmodel import load_model
-from unrolled.checkpoint import load_checkpoint
+from unrolled.charlm.model import load_model
 from unrolled.cli import main
-from unrolled.train import Trainer
+from unrolled.train.checkpoint import load_checkpoint
+from unrolled.train.trainer import Trainer
 
 WORDS = "the cat sat on a mat and the dog ran to the red barn while small birds sang".split()
 
@@ -47,7 +47,7 @@ def history(folder):
 
 
 def test_epoch_wraps_within_the_run(text_file):
-    from unrolled import data
+    from unrolled.charlm import data
 
     n = len(text_file.read_text())
     train = n - round(n * 0.1)
@@ -164,7 +164,7 @@ def test_text_is_found_relative_to_the_run_folder(tmp_path, capsys):
 
 def _retext(run, tmp_path, **changes):
     """A copy of the run's checkpoint whose text record is changed (with a valid checksum: anyone can make one)."""
-    from unrolled.checkpoint import save_checkpoint
+    from unrolled.train.checkpoint import save_checkpoint
 
     arrays, meta = load_checkpoint(run / "latest.npz")
     meta["text"] = {**meta["text"], **changes}
@@ -200,7 +200,7 @@ def test_checkpoint_named_files_are_read_only_if_they_are_the_text(tmp_path, tex
     meta = load_checkpoint(out / "latest.npz")[1]
     arrays = load_checkpoint(out / "latest.npz")[0]
     meta["text"] = old
-    from unrolled.checkpoint import save_checkpoint
+    from unrolled.train.checkpoint import save_checkpoint
     save_checkpoint(out / "latest.npz", arrays, meta)
     rc = main(["train", "--resume", str(out), "--steps", "4"])
     assert rc == 1 and "does not record its text's size and checksum" in capsys.readouterr().err
@@ -208,8 +208,8 @@ def test_checkpoint_named_files_are_read_only_if_they_are_the_text(tmp_path, tex
 
 
 def test_resume_from_a_model_only_checkpoint_is_refused(tmp_path, text_file, capsys):
-    from unrolled.charmodel import checkpoint_contents
-    from unrolled.checkpoint import save_checkpoint
+    from unrolled.charlm.model import checkpoint_contents
+    from unrolled.train.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
     assert main(["train", str(text_file), *SETTINGS, "--steps", "1", "--out", str(out)]) == 0

@@ -17,14 +17,15 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import lstm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import lstm
 from test_engine_agreement import _data, assert_agree, cyclic_graphs
-from unrolled import onednn, rowsplit
-from unrolled.compiled import CompiledEngine
-from unrolled.reference import run as reference_run
+
+from unrolled.engines.compiled import rowsplit
+from unrolled.engines.compiled.engine import CompiledEngine
+from unrolled.engines.compiled.kernels import onednn
+from unrolled.engines.reference import run as reference_run
 
 try:
     import numba  # noqa: F401
@@ -130,8 +131,8 @@ def test_split_rows_of_a_layer_stack_agree_with_the_reference(two_cores, threads
 @splits
 def test_rows_stay_in_one_run_when_a_stage_takes_the_numpy_loop(two_cores, numba_loops, threads_seen):
     """The plain-NumPy loop of a stage keeps its buffers in one namespace: two parts cannot share it."""
-    from unrolled import cells
-    from unrolled.graph import Graph
+    from unrolled.graph.folded import Graph
+    from unrolled.models import cells
 
     g = Graph("numpy-stage")
     h1 = cells.elman(g, g.input("x", 3), 4)
@@ -155,7 +156,7 @@ def test_a_forked_child_runs_whole_batches_after_its_parent_split_them():
         "import multiprocessing as mp, numpy as np, sys\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from helpers import lstm\n"
-        "from unrolled.compiled import CompiledEngine\n"
+        "from unrolled.engines.compiled.engine import CompiledEngine\n"
         "g = lstm(layers=2)\n"
         "eng = CompiledEngine(g, jit=True, whole=False)\n"
         "params = g.init_params(0, np.float32)\n"

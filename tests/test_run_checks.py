@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from helpers import GRAPHS, make_init_states, make_inputs, make_params
 
-from unrolled.compiled import CompiledEngine
-from unrolled.engines import available_engines, make_engine
-from unrolled.graph import Graph
-from unrolled.reference import run as reference_run
+from unrolled.engines.compiled.engine import CompiledEngine
+from unrolled.engines.reference import run as reference_run
+from unrolled.engines.registry import available_engines, make_engine
+from unrolled.graph.folded import Graph
 
 ENGINES = available_engines()
 T, B = 4, 2
@@ -288,8 +288,8 @@ def test_seq2seq_parameters_get_the_same_sentences(rng):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_generation_scans_the_parameters_once(engine, monkeypatch):
     """A NaN parameter is refused at the first generated step; the later steps are not scanned again."""
-    from unrolled import runio
-    from unrolled.seq2seq import generate
+    from unrolled.engines import runio
+    from unrolled.models.seq2seq import generate
 
     g = Graph("counter")
     h = g.state("h", 4)
@@ -310,8 +310,8 @@ def test_generation_scans_the_parameters_once(engine, monkeypatch):
 
 
 def _trainer(engine: str, rng, **kw):
-    from unrolled.optim import make_optimizer
-    from unrolled.train import Trainer
+    from unrolled.train.optim import make_optimizer
+    from unrolled.train.trainer import Trainer
 
     g = GRAPHS["elman"]()
     params, run_kw = _run_kw(g, rng)
@@ -321,8 +321,8 @@ def _trainer(engine: str, rng, **kw):
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("tbptt", [False, True], ids=["batch", "tbptt"])
 def test_the_trainer_refuses_what_its_caller_gives_it(engine, tbptt, rng):
-    from unrolled.optim import make_optimizer
-    from unrolled.train import Trainer
+    from unrolled.train.optim import make_optimizer
+    from unrolled.train.trainer import Trainer
 
     kw = {"k1": 2, "k2": 3} if tbptt else {}
     trainer, inputs = _trainer(engine, rng, **kw)

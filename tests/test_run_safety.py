@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unrolled.charmodel import load_model
-from unrolled.checkpoint import load_checkpoint
+from unrolled.charlm.model import load_model
 from unrolled.cli import main
-from unrolled.runfolder import FolderLock
+from unrolled.train.checkpoint import load_checkpoint
+from unrolled.train.runfolder import FolderLock
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORDS = "the cat sat on a mat and the dog ran to the red barn while small birds sang".split()

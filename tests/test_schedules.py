@@ -8,8 +8,15 @@ import math
 import pytest
 import torch
 
-from unrolled.schedules import (Constant, Cosine, Exponential, StepDecay, Warmup, make_schedule,
-                                schedule_from_dict)
+from unrolled.train.lr_schedules import (
+    Constant,
+    Cosine,
+    Exponential,
+    StepDecay,
+    Warmup,
+    make_schedule,
+    schedule_from_dict,
+)
 
 
 def _torch_lrs(make, lr, steps):

@@ -14,12 +14,12 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from helpers import numeric_grad, relative_error
-from unrolled import cells
-from unrolled.engines import available_engines, make_engine
-from unrolled.graph import Graph
-from unrolled.train import TruncatedBPTT, split_stream
+
+from unrolled.engines.registry import available_engines, make_engine
+from unrolled.graph.folded import Graph
+from unrolled.models import cells
+from unrolled.train.trainer import TruncatedBPTT, split_stream
 
 ENGINES = available_engines()
 N_IN, H, N_OUT = 3, 4, 3

@@ -25,10 +25,10 @@ import pytest
 import torch
 from helpers import relative_error
 
-from unrolled import cells
-from unrolled.engines import available_engines, make_engine
+from unrolled.engines.registry import available_engines, make_engine
 from unrolled.export.torch_weights import cell_from_torch
-from unrolled.graph import Graph
+from unrolled.graph.folded import Graph
+from unrolled.models import cells
 
 T, B, N_IN, H, C = 5, 3, 4, 3, 4
 TOL = 1e-9

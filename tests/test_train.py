@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import math
 
+import helpers
 import numpy as np
 import pytest
 
-import helpers
-from unrolled import cells
-from unrolled.clip import global_norm
-from unrolled.engines import make_engine
-from unrolled.graph import Graph
-from unrolled.optim import make_optimizer
-from unrolled.schedules import Cosine, StepDecay, make_schedule
-from unrolled.train import Batch, Trainer, TruncatedBPTT, fit, split_stream
+from unrolled.engines.registry import make_engine
+from unrolled.graph.folded import Graph
+from unrolled.models import cells
+from unrolled.train.clip import global_norm
+from unrolled.train.lr_schedules import Cosine, StepDecay, make_schedule
+from unrolled.train.optim import make_optimizer
+from unrolled.train.trainer import Batch, Trainer, TruncatedBPTT, fit, split_stream
 
 
 def setup(rng, graph=None, T=5, B=3):

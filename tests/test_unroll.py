@@ -27,10 +27,10 @@ from helpers import GRAPHS, HIDDEN, history_depths, make_init_states, make_input
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from unrolled import reference
-from unrolled.graph import Graph, Param, Vertex
-from unrolled.ops import OPS
-from unrolled.unroll import Node, unroll
+from unrolled.engines import reference
+from unrolled.graph.folded import Graph, Param, Vertex
+from unrolled.graph.ops import OPS
+from unrolled.graph.unroll import Node, unroll
 
 UNROLL_GRAPHS = ["classic", "elman", "jordan", "coupled", "delay2", "delay3_and_1", "lstm_stack2", "gru",
                  "learned_init", "learned_init_delay2", "lstm_learned_init", "embedding", "input_delay",

@@ -7,13 +7,20 @@ final states, as an encoder receives them from its decoder).
 
 from __future__ import annotations
 
+import helpers
 import numpy as np
 import pytest
 
-import helpers
-from unrolled.engines import available_engines, make_engine
-from unrolled.train import (TruncatedBPTT, freeze_after_end, keep_feed, last_step_mask, length_mask, pad,
-                            split_stream)
+from unrolled.engines.registry import available_engines, make_engine
+from unrolled.train.trainer import (
+    TruncatedBPTT,
+    freeze_after_end,
+    keep_feed,
+    last_step_mask,
+    length_mask,
+    pad,
+    split_stream,
+)
 
 ENGINES = available_engines()
 CASES = ["elman", "jordan", "coupled", "lstm", "lstm_stack2", "gru", "learned_init", "embedding", "two_losses"]

@@ -20,10 +20,10 @@ pytest.importorskip("numba")
 from helpers import GRAPHS, make_init_states, make_inputs, perturbed_params  # noqa: E402
 from test_engine_agreement import _data, assert_agree, cyclic_graphs  # noqa: E402
 
-from unrolled import wholestep  # noqa: E402
-from unrolled.compiled import CompiledEngine  # noqa: E402
-from unrolled.graph import Graph  # noqa: E402
-from unrolled.reference import run as reference_run  # noqa: E402
+from unrolled.engines.compiled import wholestep  # noqa: E402
+from unrolled.engines.compiled.engine import CompiledEngine  # noqa: E402
+from unrolled.engines.reference import run as reference_run  # noqa: E402
+from unrolled.graph.folded import Graph  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(GRAPHS))
@@ -132,7 +132,7 @@ def test_default_engine_takes_it_for_small_runs_only(monkeypatch):
 
 
 def _char_model(cell: str, hidden: int, layers: int) -> Graph:
-    from unrolled.charmodel import ModelConfig, build_graph
+    from unrolled.charlm.model import ModelConfig, build_graph
 
     return build_graph(ModelConfig(cell=cell, hidden=hidden, layers=layers, vocab_size=75))
 

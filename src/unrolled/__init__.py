@@ -1,16 +1,17 @@
 """unrolled: recurrent networks as the textbook draws them.
 
 A recurrent network is a directed graph of vector vertices whose cycles pass
-through delay edges (:mod:`unrolled.graph`); unrolling it over T steps gives
-an acyclic graph sharing its weights (:mod:`unrolled.unroll`); back-
+through delay edges (:mod:`unrolled.graph.folded`); unrolling it over T steps gives
+an acyclic graph sharing its weights (:mod:`unrolled.graph.unroll`); back-
 propagation through time trains it, literally on the unrolled graph
-(:mod:`unrolled.reference`) or fast from the folded one
-(:mod:`unrolled.compiled`). See README.md.
+(:mod:`unrolled.engines.reference`) or fast from the folded one
+(:mod:`unrolled.engines.compiled.engine`). See README.md.
 """
 
-from .engines import make_engine
-from .graph import Graph, Param, Vertex
-from .unroll import unroll
+from unrolled.engines.registry import make_engine
+from unrolled.graph.folded import Graph, Param, Vertex
+from unrolled.graph.unroll import unroll
+from unrolled.models import cells
 
 __version__ = "0.1.0"
-__all__ = ["Graph", "Param", "Vertex", "make_engine", "unroll", "__version__"]
+__all__ = ["Graph", "Param", "Vertex", "cells", "make_engine", "unroll", "__version__"]

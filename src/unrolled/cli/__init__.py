@@ -11,8 +11,9 @@ import argparse
 import importlib
 import sys
 
-from .. import __version__, compiling
-from ..interrupts import quit_on_signal
+from unrolled import __version__
+from unrolled.engines.compiled import compiling
+from unrolled.train.interrupts import quit_on_signal
 
 SUBCOMMANDS = {
     "train": "train a character-level language model on text files",
@@ -71,7 +72,7 @@ def _matplotlib_config() -> None:
     give it one beside our cache instead (the Numba cache's warning already says where that is)."""
     import os
 
-    from ..jitcache import cache_root, writable
+    from unrolled.engines.compiled.kernels.jitcache import cache_root, writable
 
     xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     if os.environ.get("MPLCONFIGDIR") or writable(os.path.join(xdg, "matplotlib")):

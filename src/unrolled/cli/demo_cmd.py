@@ -13,15 +13,16 @@ import time
 
 import numpy as np
 
-from .. import cells, compiling
-from ..clip import clip_by_value
-from ..data import FALLBACK_CORPUS, StreamBatcher, Vocabulary
-from ..engines import make_engine
-from ..graph import Graph
-from ..optim import make_optimizer
-from ..words import count
-from . import UsageError
+from unrolled.charlm.data import FALLBACK_CORPUS, StreamBatcher, Vocabulary
+from unrolled.engines.compiled import compiling
+from unrolled.engines.registry import make_engine
+from unrolled.graph.folded import Graph
+from unrolled.models import cells
+from unrolled.train.clip import clip_by_value
+from unrolled.train.optim import make_optimizer
+from unrolled.words import count
 
+from . import UsageError
 
 _clock = time.perf_counter  # a module attribute, so that tests can set it
 

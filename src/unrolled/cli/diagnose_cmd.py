@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .. import diagnose
-from ..diagnose import PLOT_FORMATS
-from ..words import count
+from unrolled.viz import diagnose
+from unrolled.viz.diagnose import PLOT_FORMATS
+from unrolled.words import count
+
 from . import UsageError
 from .draw_cmd import add_network_arguments, check_extension, load_model
 
@@ -161,8 +162,8 @@ def _measure(graph, params, inputs, label: str, **kw) -> diagnose.Diagnosis:
 
 def _text_inputs(model, text_path, T: int, B: int, rng) -> dict:
     """``B`` stretches of ``T + 1`` characters of a text, as a language model's inputs and next-character targets."""
-    from ..charmodel import INPUT_NAME, TARGET_NAME
-    from ..data import builtin_corpus, read_text
+    from unrolled.charlm.data import builtin_corpus, read_text
+    from unrolled.charlm.model import INPUT_NAME, TARGET_NAME
 
     vocabulary = model.meta.get("vocabulary") or []
     index = {c: i for i, c in enumerate(vocabulary)}

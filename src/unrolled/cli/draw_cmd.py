@@ -25,14 +25,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import cells
-from .. import draw as drawing
-from ..draw import FORMATS, RENDERERS
-from ..graph import Graph
-from ..unroll import UnrolledGraph
-from ..words import count as _count
-from . import UsageError
+from unrolled.graph.folded import Graph
+from unrolled.graph.unroll import UnrolledGraph
+from unrolled.models import cells
+from unrolled.viz import draw as drawing
+from unrolled.viz.draw import FORMATS, RENDERERS
+from unrolled.words import count as _count
 
+from . import UsageError
 
 MAX_DRAWN_NODES = 2_000  # an unrolled picture larger than this is unreadable at any size
 
@@ -157,11 +157,11 @@ def build_network(cell: str, *, inputs: int = 3, hidden: int = 4, outputs: int =
 
 def _from_checkpoint(path: Path) -> Model:
     try:
-        from ..charmodel import graph_from_checkpoint
+        from unrolled.charlm.model import graph_from_checkpoint
     except ImportError as e:
         raise RuntimeError(
             f"cannot read checkpoint '{path}': this installation has no language-model support "
-            f"(unrolled.charmodel.graph_from_checkpoint: {e})"
+            f"(unrolled.charlm.model.graph_from_checkpoint: {e})"
         ) from None
     graph, params, meta = graph_from_checkpoint(path)
     return Model(graph, params, meta, kind="checkpoint")

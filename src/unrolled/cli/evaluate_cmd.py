@@ -21,10 +21,11 @@ examples:
 
 from __future__ import annotations
 
-from ..charmodel import load_model, score_text
-from ..data import read_text
-from ..engines import ENGINE_NAMES
-from ..words import count
+from unrolled.charlm.data import read_text
+from unrolled.charlm.model import load_model, score_text
+from unrolled.engines.registry import ENGINE_NAMES
+from unrolled.words import count
+
 from . import UsageError
 from .train_cmd import MAX_TEXT_MB, max_text_bytes
 
@@ -54,7 +55,7 @@ def run(args) -> int:
     model = load_model(args.checkpoint) if args.checkpoint else None
     text = read_text(args.file, args.encoding, max_bytes=max_text_bytes(args.max_text_mb))
     if model is None:
-        from ..export.charmodel import score_text_onnx
+        from unrolled.export.charmodel import score_text_onnx
 
         s = score_text_onnx(args.onnx, text, seq=args.seq, batch=args.batch)
     else:

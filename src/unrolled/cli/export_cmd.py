@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cells import CELLS
+from unrolled.models.cells import CELLS
+
 from . import UsageError
 
 FORMATS = {".onnx": "onnx", ".safetensors": "torch", ".npz": "checkpoint"}
@@ -51,7 +52,7 @@ def run(args) -> int:
                          f"or an OUT ending in {', '.join(FORMATS)}")
     if fmt != "checkpoint" and (args.vocabulary or args.cell):
         raise UsageError("--vocabulary and --cell are for --format checkpoint (reading a PyTorch state dict)")
-    from ..export import charmodel as ex
+    from unrolled.export import charmodel as ex
 
     if fmt == "checkpoint":
         vocabulary = ex.read_vocabulary(args.vocabulary) if args.vocabulary else None
@@ -59,7 +60,7 @@ def run(args) -> int:
         print(f"wrote {args.out}: a {m.model.layers}-layer {m.model.cell} of hidden size {m.model.hidden} over "
               f"{m.model.vocab_size} characters, from {args.source}")
         return 0
-    from ..charmodel import load_model
+    from unrolled.charlm.model import load_model
 
     m = load_model(args.source)
     if fmt == "onnx":

@@ -8,8 +8,9 @@ finite differences in float64, prints the largest relative error and exits
 
 from __future__ import annotations
 
-from .. import cells
-from ..gradcheck import check_network
+from unrolled.engines.gradcheck import check_network
+from unrolled.models import cells
+
 from . import UsageError
 
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import sys
 
-from ..charmodel import load_model
-from ..engines import ENGINE_NAMES
+from unrolled.charlm.model import load_model
+from unrolled.engines.registry import ENGINE_NAMES
+
 from . import UsageError
 
 
@@ -48,7 +49,7 @@ def run(args) -> int:
         raise UsageError(f"--temperature {args.temperature}: give 0 or a positive finite number")
     if args.top_k < 0:
         raise UsageError(f"--top-k {args.top_k}: give a number of characters, or 0 for all")
-    from ..sampling import Sampler  # here, not above: `--help` needs no Numba
+    from unrolled.charlm.sampling import Sampler  # here, not above: `--help` needs no Numba
 
     model = load_model(args.checkpoint)
     sampler = Sampler.from_model(model, engine=args.engine)

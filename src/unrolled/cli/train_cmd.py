@@ -56,12 +56,14 @@ examples:
 
 from __future__ import annotations
 
-from .. import cells, distributed
-from ..charmodel import ModelConfig, TrainConfig
-from ..data import MAX_TEXT_BYTES
-from ..engines import ENGINE_NAMES
-from ..interrupts import exit_code
-from ..optim import OPTIMIZERS
+from unrolled.charlm.data import MAX_TEXT_BYTES
+from unrolled.charlm.model import ModelConfig, TrainConfig
+from unrolled.engines.registry import ENGINE_NAMES
+from unrolled.models import cells
+from unrolled.train import distributed
+from unrolled.train.interrupts import exit_code
+from unrolled.train.optim import OPTIMIZERS
+
 from . import UsageError
 
 _M, _T = ModelConfig(), TrainConfig()
@@ -128,7 +130,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..lm_train import RunOptions, train  # here, not above: `--help` needs no Numba
+    from unrolled.charlm.run import RunOptions, train  # here, not above: `--help` needs no Numba
 
     model_flags = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}

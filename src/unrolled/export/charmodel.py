@@ -22,11 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import charmodel as cm
-from ..checkpoint import save_checkpoint
-from ..ops import log_softmax
-from .torch_weights import (GATES_BY_COUNT, TORCH_MODULES, cell_from_torch, cell_to_torch, check_tensors,
-                            expected_cell_shapes, json_metadata, load_safetensors, save_safetensors)
+from unrolled.charlm import model as cm
+from unrolled.graph.ops import log_softmax
+from unrolled.train.checkpoint import save_checkpoint
+
+from .torch_weights import (
+    GATES_BY_COUNT,
+    TORCH_MODULES,
+    cell_from_torch,
+    cell_to_torch,
+    check_tensors,
+    expected_cell_shapes,
+    json_metadata,
+    load_safetensors,
+    save_safetensors,
+)
 
 META_MODEL, META_TRAIN, META_VOCAB, META_KIND = "unrolled.model", "unrolled.train", "unrolled.vocabulary", "unrolled.kind"
 RNN, EMBED, HEAD_W, HEAD_B = "rnn.", "embedding.weight", "head.weight", "head.bias"

@@ -32,9 +32,10 @@ import json
 
 import numpy as np
 
-from ..graph import Graph, Param, Vertex
-from ..ops import OPS
-from ..runio import as_state, check_params
+from unrolled.engines.runio import as_state, check_params
+from unrolled.graph.folded import Graph, Param, Vertex
+from unrolled.graph.ops import OPS
+
 from . import need
 
 OPSET = 17
@@ -203,7 +204,7 @@ def to_onnx(graph: Graph, params: dict[str, np.ndarray], *, metadata: dict[str, 
 
 def export_onnx(graph: Graph, params: dict[str, np.ndarray], path, *, metadata: dict[str, str] | None = None):
     """Write ``graph`` with ``params`` to the ONNX file ``path`` (atomically); returns the model."""
-    from ..atomic import atomic_write_bytes
+    from unrolled.train.atomic import atomic_write_bytes
 
     model = to_onnx(graph, params, metadata=metadata)
     atomic_write_bytes(path, model.SerializeToString())

@@ -21,7 +21,8 @@ import json
 
 import numpy as np
 
-from ..atomic import atomic_write_bytes
+from unrolled.train.atomic import atomic_write_bytes
+
 from . import need
 
 TORCH_MODULES = {"elman": "nn.RNN", "lstm": "nn.LSTM", "gru": "nn.GRU"}

@@ -1,0 +1,379 @@
+"""Generation with feedback: run a graph one step at a time, sampling each step's
+output and feeding it back as the next step's input (a character model writing
+text, a one-to-many decoder spelling a word).
+
+A training engine is the wrong tool here: it is built for ``T`` steps at
+once, and one step of it pays that bookkeeping every time. A
+:class:`Generator` instead emits the forward pass of *one* step as straight
+code over preallocated ``[B, F]`` buffers, with each delayed vertex kept in a
+small ring of its last ``D + 1`` values, and wraps the sampling loop around
+it. With Numba installed the whole loop (steps and sampling) is compiled,
+each run of elementwise ops of one size written as one loop over its entries
+(an LSTM cell's gates and state update: one pass, nothing stored that only
+the loop reads) and each product of a few rows as a plain loop; without Numba
+every op is one NumPy call. Either way the random numbers
+come from the caller's NumPy generator, drawn up front, so a seed gives the
+same text.
+"""
+
+from __future__ import annotations
+
+import linecache
+
+import numpy as np
+
+from unrolled.engines.compiled.kernels.blas import aligned, aligned_zeros, product
+from unrolled.engines.compiled.kernels.jitcache import numba_allowed
+from unrolled.engines.runio import _as_history
+from unrolled.graph.folded import Graph, Param, Vertex
+from unrolled.graph.ops import ELEMENTWISE, OPS, runs_on
+
+from .fuse import operand_names, scalar_code
+from .plan import is_view
+
+_JIT_OPS = runs_on("sampler")
+
+
+class Generator:
+    """Samples ``feed`` from ``logits`` step after step; see the module docstring.
+
+    ``graph``: the model; ``feed``: the index input that receives each sampled
+    token; ``logits``: the vertex whose softmax is sampled. Other inputs are
+    not allowed (a generator has nothing to feed them).
+    """
+
+    def __init__(self, graph: Graph, feed: str, logits: str, *, jit: bool | str = "auto"):
+        graph.check()
+        self.graph = graph
+        if feed not in graph.vertices or graph.vertices[feed].kind != "index":
+            raise ValueError(f"'{feed}' is not an index input of graph '{graph.name}'")
+        if logits not in graph.vertices:
+            raise ValueError(f"no vertex named '{logits}' in graph '{graph.name}'")
+        self.feed, self.logits = graph.vertices[feed], graph.vertices[logits]
+        if self.logits.size != self.feed.size:
+            raise ValueError(f"'{logits}' has {self.logits.size} classes but '{feed}' takes {self.feed.size}")
+        self.order = _needed(graph, self.logits)
+        others = [v.name for v in self.order if v.kind in ("input", "index") and v is not self.feed]
+        if others:
+            raise ValueError(f"cannot generate: input(s) {', '.join(others)} would have nothing to read")
+        self.depth = {name: D for name, D in graph.delayed().items() if name in {v.name for v in self.order}}
+        self.names = {v.name: f"v{i}" for i, v in enumerate(self.order)}
+        self.pnames = {name: f"p{i}" for i, name in enumerate(graph.params)}
+        self.use_jit = _jit_wanted(jit, self.order)
+        self.code = self._write()
+        self._fn = self._compile()
+
+    # ------------------------------------------------------------ code
+
+    def _val(self, v, t="t") -> str:
+        if isinstance(v, Param):
+            return f"P_{self.pnames[v.name]}"
+        if v.kind == "delay":
+            D = self.depth[v.source.name]
+            return f"R_{self.names[v.source.name]}[({t} - {v.depth}) % {D + 1}]"
+        if is_view(v, self.depth):
+            return f"{self._val(v.args[0], t)}[:, {v.attrs['start']}:{v.attrs['stop']}]"
+        if v.name in self.depth:
+            return f"R_{self.names[v.name]}[{t} % {self.depth[v.name] + 1}]"
+        if v is self.feed:
+            return "TOK"
+        return f"S_{self.names[v.name]}"
+
+    def _write(self) -> str:
+        lines = ["def generate(N, n_prime, PRIME, U, TEMP, TOPK, OUT, PROBS, TOK" + "{args}):",
+                 "    B = TOK.shape[0]",
+                 "    for t in range(N):",
+                 "        if t < n_prime:",
+                 "            for b in range(B):",
+                 "                TOK[b] = PRIME[t, b]"]
+        body = []
+        for group in self._groups():
+            if self._fusable(group[0]):
+                body.extend(self._emit_elementwise(group))
+                continue
+            v = group[0]
+            body.append(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
+            body.extend(self._emit_loops(v) if self.use_jit else self._emit(v))
+        lines += ["        " + line for line in body]
+        lines += ["        if t >= n_prime - 1 and t < N - 1:",
+                  f"            sample_rows({self._val(self.logits)}, TEMP, TOPK, U[t], PROBS, TOK)",
+                  "            if t + 1 >= n_prime:",
+                  "                for b in range(B):",
+                  "                    OUT[t + 1 - n_prime, b] = TOK[b]"]
+        text = "\n".join(lines) + "\n"
+        args = sorted({tok for tok in _identifiers(text) if tok[:2] in ("S_", "R_", "P_", "W_", "E_")})
+        self.arg_names = args
+        return text.replace("{args}", "".join(", " + a for a in args))
+
+    # ------------------------------------------- code, Numba path only
+
+    def _groups(self) -> list[list[Vertex]]:
+        """The step's ops in order, runs of elementwise ops of one size gathered into one group.
+
+        On the Numba path a group becomes one loop over its ``[B, F]``
+        entries (an LSTM cell's gates and state update: one loop, not nine
+        calls that each pass over memory); on the NumPy path every op stays
+        a call of its own.
+        """
+        groups: list[list[Vertex]] = []
+        for v in self.order:
+            if v.kind != "op" or is_view(v, self.depth):
+                continue
+            if self._fusable(v) and groups and self._fusable(groups[-1][-1]) and groups[-1][-1].size == v.size:
+                groups[-1].append(v)
+            else:
+                groups.append([v])
+        return groups
+
+    def _fusable(self, v: Vertex) -> bool:
+        return self.use_jit and v.op in ELEMENTWISE and all(
+            isinstance(a, Vertex) or tuple(a.shape) == (v.size,) for a in v.args)
+
+    def _emit_elementwise(self, group: list[Vertex]) -> list[str]:
+        """One loop over the group's entries; a value is stored only where something outside reads it."""
+        members = {v.name for v in group}
+        local: dict[str, str] = {}
+        rows: dict[str, str] = {}
+        body = []
+        for v in group:
+            args = [self._elem(a, "j", rows, local) for a in v.args]
+            name = local[v.name] = f"e_{self.names[v.name]}"
+            # constants are cast to the arguments' type, so that float32 stays float32 (and vectorizes)
+            code = scalar_code(v, OPS[v.op].formula.forward, operand_names(args), lambda c: f"_cast({c}, {args[0]})")
+            body.append(f"{name} = {code}")
+            if v.name in self.depth or v is self.logits or not self._users[v.name] <= members:
+                body.append(f"{self._elem(v, 'j', rows)} = {name}")
+        return ([f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})" for v in group]
+                + self._row_loops(group[0].size, rows, body))
+
+    def _emit_loops(self, v: Vertex) -> list[str]:
+        """The Numba path's line(s) for an op outside the elementwise groups."""
+        dst, a = self._val(v), [self._val(x) for x in v.args]
+        n = self.names[v.name]
+        if v.op in ("matmul", "linear"):
+            # a few rows: the kernels' loops; more: the training loops' products (oneDNN when it runs
+            # them, whose pool OpenBLAS's must not wake: see onednn.py)
+            few = (f"matmul_rows({a[1]}, W_{n}, {dst})" if v.op == "matmul"
+                   else f"linear_rows({a[1]}, W_{n}, {a[2]}, {dst})")
+            many = [f"    matmul({a[1]}, W_{n}, {dst})"] + ([f"    add({dst}, {a[2]}, {dst})"] if v.op == "linear" else [])
+            return [f"if {a[1]}.shape[0] <= LOOP_ROWS:", f"    {few}", "else:"] + many
+        if v.op == "concat":
+            out, off = [], 0
+            for x in v.args:
+                rows: dict[str, str] = {}
+                line = f"{self._elem(v, f'{off} + j' if off else 'j', rows)} = {self._elem(x, 'j', rows)}"
+                out += self._row_loops(x.size, rows, [line])
+                off += x.size
+            return out
+        return self._emit(v)
+
+    @staticmethod
+    def _row_loops(size: int, rows: dict[str, str], body: list[str]) -> list[str]:
+        """``for b: for j in range(size): body``, each array row the body reads or writes named
+        once per ``b``: the loop then indexes plain vectors (and in float64, where the C library's
+        tanh is a call, the row's address is not recomputed after every call)."""
+        return (["for b in range(B):"] + [f"    {name} = {expr}" for expr, name in rows.items()]
+                + [f"    for j in range({size}):"] + ["        " + line for line in body])
+
+    def _elem(self, v, j: str, rows: dict[str, str], local: dict[str, str] | None = None) -> str:
+        """The expression for entry ``[b, j]`` of ``v`` at step ``t``: a loop's local if it has one,
+        else an entry of a row named in ``rows`` (row expression -> name)."""
+        if isinstance(v, Param):
+            return f"P_{self.pnames[v.name]}[{j}]"
+        if local and v.name in local:
+            return local[v.name]
+        if is_view(v, self.depth):
+            start = v.attrs["start"]
+            return self._elem(v.args[0], f"{start} + {j}" if start else j, rows, local)
+        if v.kind == "delay":
+            D, n = self.depth[v.source.name], self.names[v.source.name]
+            expr, name = f"R_{n}[(t - {v.depth}) % {D + 1}, b]", f"r_{n}_{v.depth}"
+        elif v.name in self.depth:
+            n = self.names[v.name]
+            expr, name = f"R_{n}[t % {self.depth[v.name] + 1}, b]", f"r_{n}"
+        else:
+            n = self.names[v.name]
+            expr, name = f"S_{n}[b]", f"s_{n}"
+        return f"{rows.setdefault(expr, name)}[{j}]"
+
+    @property
+    def _users(self) -> dict[str, set[str]]:
+        """Each vertex's readers in one step: ops through their arguments, delays through their source."""
+        if not hasattr(self, "_users_cache"):
+            users: dict[str, set[str]] = {v.name: set() for v in self.order}
+            for v in self.graph.vertices.values():
+                sources = [v.source] if v.kind == "delay" else v.args if v.kind == "op" else []
+                for a in sources:
+                    if isinstance(a, Vertex) and a.name in users:
+                        users[a.name].add(v.name)
+            self._users_cache = users
+        return self._users_cache
+
+    # ------------------------------------------- code, both paths
+
+    def _emit(self, v: Vertex) -> list[str]:
+        dst, a = self._val(v), [self._val(x) for x in v.args]
+        n = self.names[v.name]
+        op = v.op
+        if op in ("matmul", "linear"):
+            out = [f"matmul({a[1]}, W_{n}, out={dst})"]
+            if op == "linear":
+                out.append(f"add({dst}, {a[2]}, out={dst})")
+            return out
+        if op in ("add", "sub", "mul"):
+            fn = {"add": "add", "sub": "subtract", "mul": "multiply"}[op]
+            return [f"{fn}({a[0]}, {a[1]}, out={dst})"]
+        if op == "scale":
+            return [f"multiply({a[0]}, {v.attrs['c']!r}, out={dst})"]
+        if op == "one_minus":
+            return [f"subtract(1, {a[0]}, out={dst})"]
+        if op == "tanh":
+            return [f"tanh({a[0]}, out={dst})"]
+        if op == "sigmoid":
+            return [f"sigmoid({a[0]}, out={dst})"]
+        if op == "relu":
+            return [f"maximum({a[0]}, 0, out={dst})"]
+        if op == "identity":
+            return [f"copyto({dst}, {a[0]})"]
+        if op == "slice":  # delayed, so not a view: its ring gets a copy of its columns
+            return [f"copyto({dst}, {a[0]}[:, {v.attrs['start']}:{v.attrs['stop']}])"]
+        if op == "concat":
+            out, off = [], 0
+            for x, src in zip(v.args, a):
+                out.append(f"copyto({dst}[:, {off}:{off + x.size}], {src})")
+                off += x.size
+            return out
+        if op == "one_hot":
+            return [f"one_hot({a[0]}, {dst})"]
+        if op == "embedding":
+            return [f"gather_rows({a[0]}, {a[1]}, {dst})"]
+        return [f"{dst}[...] = FWD_{n}([{', '.join(a)}])"]
+
+    def _compile(self):
+        if self.use_jit:
+            from unrolled.engines.compiled.kernels.jitcache import (
+                _load_module,  # the same on-disk cache as the training loops
+            )
+
+            text = ("import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import *  # noqa: F401,F403\n"
+                    "from unrolled.engines.compiled.kernels.arrays import _cast, _sigmoid1, _tanh1  # noqa: F401\n"
+                    "from unrolled.engines.compiled.kernels.sampling import *  # noqa: F401,F403\n\n"
+                    "@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + self.code)
+            return _load_module(text, "generate")["generate"]
+        from .kernels import sampling as k
+
+        ns = {"matmul": product, "add": np.add, "subtract": np.subtract, "multiply": np.multiply,
+              "tanh": np.tanh, "maximum": np.maximum, "copyto": np.copyto, "sigmoid": k.sigmoid_numpy,
+              "one_hot": k.one_hot_numpy, "gather_rows": k.gather_rows_numpy, "sample_rows": k.sample_rows_numpy}
+        for v in self.order:  # the ops whose NumPy rule the code calls (FWD_)
+            if v.kind == "op" and f"FWD_{self.names[v.name]}(" in self.code:
+                spec, attrs = OPS[v.op], dict(v.attrs)
+                ns[f"FWD_{self.names[v.name]}"] = lambda args, spec=spec, attrs=attrs: spec.forward(args, attrs)
+        filename = f"<unrolled generate {self.graph.name} {id(self):x}>"
+        linecache.cache[filename] = (len(self.code), None, self.code.splitlines(True), filename)
+        exec(compile(self.code, filename, "exec"), ns)
+        return ns["generate"]
+
+    # ------------------------------------------------------------- run
+
+    def run(self, params: dict[str, np.ndarray], *, length: int, prime: np.ndarray,
+            rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None,
+            init_states: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Feed ``prime`` (``[P, B]`` tokens, P >= 1), then sample ``length`` tokens.
+
+        Returns the sampled tokens ``[length, B]`` and each state after the
+        last token was read, ready to continue from.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature {temperature} must be positive; low values (0.5) are safer, "
+                             f"high ones (1.5) more surprising")
+        if top_k is not None and not 1 <= top_k <= self.logits.size:
+            raise ValueError(f"top-k {top_k} must be between 1 and the {self.logits.size} classes")
+        prime = np.asarray(prime, dtype=np.int64)
+        if prime.ndim != 2 or prime.shape[0] < 1:
+            raise ValueError("prime must be [P, B] tokens with P >= 1")
+        P, B = prime.shape
+        if prime.min() < 0 or prime.max() >= self.feed.size:
+            raise ValueError(f"prime holds a token outside 0..{self.feed.size - 1}")
+        dtype = _dtype(params)
+        N = P + length
+        U = rng.random((max(N, 1), B))
+        out = np.zeros((max(length, 0), B), dtype=np.int64)
+        bind = self._buffers(params, B, dtype, init_states or {})
+        tok = np.zeros(B, dtype=np.int64)
+        probs = np.empty((B, self.logits.size), dtype=np.float64)
+        # the loop reads the token of step t before step t; it runs P + length - 1 steps of the model
+        steps = P + length if length > 0 else P
+        with np.errstate(under="ignore", over="ignore"):
+            self._fn(steps, P, prime, U, float(temperature), int(top_k or 0), out, probs, tok,
+                     *[bind[n] for n in self.arg_names])
+        finals = {}
+        for name, D in self.depth.items():
+            ring = bind[f"R_{self.names[name]}"]
+            last = steps - 1
+            hist = np.stack([ring[(last - k) % (D + 1)] for k in range(D - 1, -1, -1)])
+            finals[name] = hist[0] if D == 1 else hist
+        return out, finals
+
+    def _buffers(self, params, B, dtype, init_states) -> dict:
+        bind = {}
+        for name, key in self.pnames.items():
+            bind[f"P_{key}"] = aligned(np.asarray(params[name]), dtype)
+        for v in self.order:
+            n = self.names[v.name]
+            if v.kind != "op" or is_view(v, self.depth):
+                continue
+            if v.name in self.depth:
+                D = self.depth[v.name]
+                ring = aligned_zeros((D + 1, B, v.size), dtype)
+                init = self._initial(v, D, B, dtype, params, init_states)
+                for k in range(1, D + 1):  # slot of step -k
+                    ring[(-k) % (D + 1)] = init[D - k]
+                bind[f"R_{n}"] = ring
+            else:
+                bind[f"S_{n}"] = aligned_zeros((B, v.size), dtype)
+            if v.op in ("matmul", "linear"):
+                # on a cache line: the step's products read it from L2 every character
+                bind[f"W_{n}"] = aligned(np.asarray(params[v.args[0].name]).T, dtype)
+        return bind
+
+    def _initial(self, v: Vertex, D: int, B: int, dtype, params, given) -> np.ndarray:
+        if v.name in given:
+            return _as_history(self.graph, v.name, given[v.name], B, dtype, "init_states")
+        if v.init == "learned":
+            return np.broadcast_to(params[self.graph.init_param_name(v.name)], (D, B, v.size)).astype(dtype)
+        if v.init == "given":
+            raise ValueError(f"state '{v.name}' has init=given: pass init_states={{'{v.name}': ...}}")
+        return np.zeros((D, B, v.size), dtype=dtype)
+
+
+def _needed(graph: Graph, target: Vertex) -> list[Vertex]:
+    """The vertices one step of ``target`` needs, through delays too, in step order."""
+    need: set[str] = set()
+    stack = [target]
+    while stack:
+        v = stack.pop()
+        if v.name in need:
+            continue
+        need.add(v.name)
+        if v.kind == "delay":
+            stack.append(v.source)
+        elif v.kind == "op":
+            stack.extend(a for a in v.args if isinstance(a, Vertex))
+    return [v for v in graph.step_order() if v.name in need]
+
+
+def _jit_wanted(jit, order) -> bool:
+    unsupported = {v.op for v in order if v.kind == "op"} - _JIT_OPS
+    return numba_allowed(jit, unsupported, "the JIT generator")
+
+
+def _dtype(params) -> np.dtype:
+    dtypes = {np.asarray(a).dtype for a in params.values()}
+    return dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float64)
+
+
+def _identifiers(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\b[A-Z]_[a-z]\d+\b", text))

@@ -1,0 +1,130 @@
+"""NumPy's own BLAS, reachable from Numba-compiled loops.
+
+Numba's ``np.dot`` reaches BLAS through SciPy, which bundles an OpenBLAS of
+its own. Two OpenBLAS libraries in one process mean two pools of threads,
+and each pool's threads spin for a while after every product: a step loop
+whose per-step products go to SciPy's pool while the weight products go to
+NumPy's spends its time with the two pools fighting over the cores, several
+times slower than with one pool. Calling the very
+``cblas_?gemm`` that ``numpy.matmul`` calls keeps one pool.
+
+NumPy's wheels bundle OpenBLAS with its symbols renamed
+(``scipy_cblas_sgemm64_``: 64-bit integers); other builds export the plain
+``cblas_sgemm``. When neither is found (an MKL or Accelerate NumPy, a
+platform without ``/proc``), :data:`GEMM` is ``None`` and the loops keep
+their other paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+
+from unrolled.graph.buffers import ALIGN, aligned, aligned_empty, aligned_zeros  # noqa: F401 (the fast path's buffers, re-exported)
+
+from . import onednn
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enum values (the Numba loops pass them too)
+
+
+def _candidates() -> list[str]:
+    """Shared libraries that may hold NumPy's BLAS: its bundled ones, then those already loaded."""
+    here = os.path.dirname(np.__file__)
+    found = sorted(glob.glob(os.path.join(here, os.pardir, "numpy.libs", "*blas*")))
+    found += sorted(glob.glob(os.path.join(here, ".dylibs", "*blas*")))
+    try:
+        with open("/proc/self/maps") as maps:
+            found += sorted({line.split()[-1] for line in maps if "blas" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        pass
+    return found
+
+
+def _find(kind: str):
+    """``cblas_{kind}gemm`` of NumPy's BLAS as a ctypes function (its integer width in its
+    ``argtypes``), or ``None``."""
+    for path in _candidates():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol, integer in ((f"scipy_cblas_{kind}gemm64_", ctypes.c_int64), (f"cblas_{kind}gemm64_", ctypes.c_int64),
+                                (f"cblas_{kind}gemm", ctypes.c_int)):
+            fn = getattr(lib, symbol, None)
+            if fn is None:
+                continue
+            real = ctypes.c_float if kind == "s" else ctypes.c_double
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, real,
+                           ctypes.c_void_p, integer, ctypes.c_void_p, integer, real, ctypes.c_void_p, integer]
+            return fn
+    return None
+
+
+def _checked(fn, dtype):
+    """``fn`` if it computes a small product right (a wrong symbol guess must not go unnoticed), else None."""
+    if fn is None:
+        return None
+    a = np.arange(6, dtype=dtype).reshape(2, 3)
+    b = np.arange(12, dtype=dtype).reshape(3, 4)
+    out = np.zeros((2, 4), dtype=dtype)
+    try:
+        fn(ROW_MAJOR, NO_TRANS, NO_TRANS, 2, 4, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 4, 0.0, out.ctypes.data, 4)
+    except Exception:  # pragma: no cover - a foreign library
+        return None
+    return fn if np.array_equal(out, a @ b) else None
+
+
+SGEMM = _checked(_find("s"), np.float32) if os.environ.get("UNROLLED_NUMPY_BLAS", "1") != "0" else None
+DGEMM = _checked(_find("d"), np.float64) if SGEMM is not None else None
+GEMM = (SGEMM, DGEMM) if SGEMM is not None and DGEMM is not None else None
+
+
+def product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+    """``a @ b`` (into ``out``, or added to it with ``accumulate``): the whole-sequence products.
+
+    Large float32 products of 2-D operands go to oneDNN when it is installed
+    (see onednn.py), transposed and row-strided views passed as they are, so
+    that the per-step products and the weight products share one thread pool
+    and one kind of kernel; everything else goes to NumPy."""
+    sgemm = onednn.SGEMM
+    if (sgemm is not None and a.dtype == b.dtype == np.float32 and a.ndim == b.ndim == 2
+            and a.shape[1] == b.shape[0] and a.shape[0] * a.shape[1] * b.shape[1] >= onednn.SMALL
+            and (out is None or (out.dtype == np.float32 and out.shape == (a.shape[0], b.shape[1])))):
+        ta, lda = _lead(a)
+        tb, ldb = _lead(b)
+        if out is None:
+            out, accumulate = aligned_empty((a.shape[0], b.shape[1]), np.float32), False
+        to, ldo = _lead(out)
+        if ta and tb and to == NO_TRANS:
+            M, K = a.shape
+            sgemm(_FLAG[ta], _FLAG[tb], M, b.shape[1], K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
+                  1.0 if accumulate else 0.0, out.ctypes.data, ldo)
+            return out
+    if out is None:
+        return a @ b
+    if accumulate:
+        out += a @ b
+    else:
+        np.matmul(a, b, out=out)
+    return out
+
+
+_FLAG = {NO_TRANS: b"N", TRANS: b"T"}
+
+
+def _lead(x: np.ndarray) -> tuple[int, int]:
+    """(CBLAS transpose flag, leading dimension) of a 2-D view for a row-major call, or (0, 0).
+
+    A view whose rows (or, transposed, columns) are unit-stride runs spaced at least their length
+    apart is a BLAS operand as it is. The Numba loops compile this very function (``arrays._lead``)."""
+    rows, cols = x.shape
+    s0, s1 = x.strides[0] // x.itemsize, x.strides[1] // x.itemsize
+    if (s1 == 1 or cols == 1) and (rows == 1 or s0 >= cols):
+        return NO_TRANS, max(s0 if rows > 1 else cols, 1)
+    if (s0 == 1 or rows == 1) and (cols == 1 or s1 >= rows):
+        return TRANS, max(s1 if cols > 1 else rows, 1)
+    return 0, 0

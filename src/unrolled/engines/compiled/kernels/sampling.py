@@ -1,0 +1,148 @@
+"""The few kernels generation needs beyond the step loops': token lookups, sampling,
+and the matrix products of a batch of one or a few rows.
+
+The lookups and sampling exist twice, for Numba and for plain NumPy, doing the
+same arithmetic in the same order (float64 probabilities, a sequential running
+sum, the first class whose running sum passes ``u * total``), so that both
+paths draw the same token from the same uniform number.
+
+The products (``matmul_rows``, ``linear_rows``) are Numba only: the NumPy
+path calls ``blas.product``, and above ``LOOP_ROWS`` rows the generated code
+calls the training loops' ``matmul`` instead (see feedback.py). At one row a
+step a product is a matrix-vector product, bound by reading the weights, and BLAS's call costs as much as a
+plain loop's arithmetic; the loop can also skip the rows of the weights that
+meet a zero input, so a one-hot input reads one row instead of all of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unrolled.graph.ops import sigmoid as sigmoid_exact
+
+
+def sigmoid_numpy(a, out):
+    np.copyto(out, sigmoid_exact(a))
+
+
+def one_hot_numpy(idx, out):
+    out[...] = 0
+    out[np.arange(idx.shape[0]), idx] = 1
+
+
+def gather_rows_numpy(E, idx, out):
+    np.take(E, idx, axis=0, out=out)
+
+
+def sample_rows_numpy(logits, temperature, top_k, u, probs, tok):
+    """Draw one class per row from softmax(logits / temperature), keeping only the top k if k > 0."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=probs)
+    if top_k > 0:
+        threshold = np.sort(z, axis=1)[:, z.shape[1] - top_k][:, None]
+        probs[z < threshold] = 0.0
+    cum = np.cumsum(probs, axis=1)
+    for b in range(z.shape[0]):
+        j = int(np.searchsorted(cum[b], u[b] * cum[b, -1], side="right"))
+        tok[b] = min(j, z.shape[1] - 1)
+
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - the NumPy versions above serve
+    numba = None
+
+if numba is not None:
+    from .arrays import _at
+
+    _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+    @_jit
+    def one_hot(idx, out):
+        for b in range(out.shape[0]):
+            for j in range(out.shape[1]):
+                out[b, j] = 0.0
+            out[b, idx[b]] = 1.0
+
+    @_jit
+    def gather_rows(E, idx, out):
+        for b in range(out.shape[0]):
+            for j in range(out.shape[1]):
+                out[b, j] = E[idx[b], j]
+
+    @_jit
+    def sample_rows(logits, temperature, top_k, u, probs, tok):
+        """As ``sample_rows_numpy``, in the same order; ``probs`` holds ``z`` until it is exponentiated,
+        so that a draw allocates nothing."""
+        rows, classes = logits.shape
+        for b in range(rows):
+            z = probs[b]
+            m = -np.inf
+            for j in range(classes):
+                z[j] = np.float64(logits[b, j]) / temperature
+                m = max(m, z[j])
+            for j in range(classes):
+                z[j] -= m
+            threshold = np.sort(z)[classes - top_k] if top_k > 0 else 0.0
+            total = 0.0
+            for j in range(classes):
+                p = np.exp(z[j])
+                if top_k > 0 and z[j] < threshold:
+                    p = 0.0
+                probs[b, j] = p
+                total += p
+            target = u[b] * total
+            running = 0.0
+            choice = classes - 1
+            for j in range(classes):
+                running += probs[b, j]
+                if running > target:
+                    choice = j
+                    break
+            tok[b] = choice
+
+    # Above this many rows a product is BLAS's (the generated code chooses): a matrix-matrix
+    # product, where its blocking pays.
+    LOOP_ROWS = 8
+    _jit_contract = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+
+    @_jit_contract
+    def _accumulate_product(x, W, out):
+        """``out += x @ W`` for ``x`` [B, K], ``W`` [K, N], small B.
+
+        ``W`` streams through once, four of its rows at a time (each pass
+        over ``out`` then carries four rows' worth of work), and a group of
+        four zero inputs skips its rows of ``W`` altogether.
+        """
+        rows, inner = x.shape
+        cols = W.shape[1]
+        k = 0
+        while k + 4 <= inner:
+            for i in range(rows):
+                a0, a1, a2, a3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
+                if a0 != 0 or a1 != 0 or a2 != 0 or a3 != 0:
+                    for n in range(cols):
+                        out[i, n] += a0 * W[k, n] + a1 * W[k + 1, n] + a2 * W[k + 2, n] + a3 * W[k + 3, n]
+            k += 4
+        for k in range(k, inner):
+            for i in range(rows):
+                a = x[i, k]
+                if a != 0:
+                    for n in range(cols):
+                        out[i, n] += a * W[k, n]
+
+    @_jit
+    def matmul_rows(x, W, out):
+        """``out = x @ W`` for at most ``LOOP_ROWS`` rows."""
+        out[...] = 0
+        _accumulate_product(x, W, out)
+
+    @_jit
+    def linear_rows(x, W, bias, out):
+        """``out = x @ W + bias`` for at most ``LOOP_ROWS`` rows, the bias written first so that the
+        product adds onto it."""
+        for i in range(out.shape[0]):
+            for n in range(out.shape[1]):
+                out[i, n] = _at(bias, i, n)
+        _accumulate_product(x, W, out)

@@ -1,0 +1,157 @@
+"""A batch's rows in parallel: one thread per slice of rows, one-thread products in each.
+
+Every op of the table works row by row, so the rows of a batch are
+independent runs that share only the weights: their losses and weight
+gradients add up, everything else (outputs, states, input gradients) is
+theirs alone. The compiled engine uses that on machines where oneDNN runs
+the products. Left as one run, a step spends part of its time on work only
+one core does (the fused gate kernels, the loop's own calls) while oneDNN's
+other threads wait, and every product pays OpenMP's fork and join. Split,
+each core runs its rows start to finish with one-thread products, and
+nothing waits. (benchmarks/RESULTS.md has what it measured.)
+
+The loss of a part is divided by the whole batch's divisor (``Feeds.norms``),
+so the parts' losses and gradients are summed, not averaged, and the result
+is the one a single run computes, up to the order of the sums.
+
+Only oneDNN's threads can be told apart per calling thread (OpenMP's thread
+count is a per-thread setting); OpenBLAS's pool is shared by the whole
+process, so without oneDNN the rows stay in one run.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import numpy as np
+
+from unrolled.engines.runio import Feeds, RunResult
+
+from .kernels import onednn
+
+MIN_ROWS = 16  # fewer rows a part and a one-thread product no longer pays for its thread's start and merge
+
+
+def parts(B: int, dtype, threads: int | str = "auto") -> list[tuple[int, int]] | None:
+    """The row ranges a run of ``B`` rows splits into, or None to run it whole.
+
+    ``threads``: "auto" takes as many threads as oneDNN would use for one
+    product (``OMP_NUM_THREADS``, else the cores); a number caps that; 1 never splits."""
+    return _split(B, dtype, threads)[0]
+
+
+def unsplit_reason(B: int, dtype, threads: int | str = "auto") -> str | None:
+    """Why :func:`parts` runs ``B`` rows whole, in words (None: it splits them)."""
+    return _split(B, dtype, threads)[1]
+
+
+def _split(B: int, dtype, threads) -> tuple[list[tuple[int, int]] | None, str | None]:
+    """:func:`parts` and :func:`unsplit_reason` in one rule: the row ranges, or None and why."""
+    if np.dtype(dtype) != np.float32:
+        return None, f"{np.dtype(dtype).name}: only float32 products run on oneDNN, one pool per thread"
+    if onednn.SGEMM is None:
+        return None, "oneDNN is not loaded (no per-thread products to split the rows across)"
+    n = onednn.threads() if threads == "auto" else min(int(threads), onednn.threads())
+    if n < 2:
+        return None, f"threads={threads!r} with oneDNN on {onednn.threads()} thread(s): one thread"
+    n = min(n, B // MIN_ROWS)
+    if n < 2:
+        return None, f"{B} rows: fewer than rowsplit.MIN_ROWS ({MIN_ROWS}) rows a thread for two threads"
+    edges = [B * k // n for k in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:])), None
+
+
+def rows(feeds: Feeds, lo: int, hi: int) -> Feeds:
+    """The run's arrays for rows ``lo:hi`` only; each loss keeps the whole batch's divisor."""
+    def cut(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a[:, lo:hi])
+
+    return Feeds(
+        T=feeds.T, B=hi - lo, dtype=feeds.dtype,
+        inputs={k: cut(a) for k, a in feeds.inputs.items()},
+        init={k: cut(a) for k, a in feeds.init.items()},
+        masks={k: cut(a) for k, a in feeds.masks.items()},
+        norms=dict(feeds.norms),
+        final_state_grads={k: cut(a) for k, a in feeds.final_state_grads.items()},
+        output_grads={k: cut(a) for k, a in feeds.output_grads.items()},
+        given_init=feeds.given_init,
+        params=feeds.params,
+    )
+
+
+def run(run_part, feeds: Feeds, ranges: list[tuple[int, int]]) -> RunResult:
+    """``run_part(part_feeds, index)`` for each range of rows, merged: the first part on the calling
+    thread, each other part on a worker thread of its own, products on one thread in each."""
+    workers = _workers(len(ranges) - 1)
+    # each part in a copy of the caller's context: NumPy's error settings (np.errstate) are in it
+    futures = [workers[i - 1].submit(contextvars.copy_context().run, run_part, rows(feeds, lo, hi), i)
+               for i, (lo, hi) in enumerate(ranges) if i > 0]
+    try:
+        with onednn.products_on_one_thread():
+            first = run_part(rows(feeds, *ranges[0]), 0)
+    finally:
+        _join(futures)  # a worker's buffers are not free until its part is done, even when ours failed
+    return merge([first] + [f.result() for f in futures])
+
+
+def _join(futures) -> None:
+    """Wait for every worker, even through a KeyboardInterrupt, then raise it: the caller may reuse or
+    free the buffers a worker writes as soon as this returns, and it must not return before the worker."""
+    interrupted = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except BaseException as e:  # noqa: BLE001 - re-raised once the workers are done
+            interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
+
+
+def merge(results: list[RunResult]) -> RunResult:
+    """One run's result from its parts' (in row order): sums of what the rows share, the rest side by side."""
+    first = results[0]
+    grads = first.grads  # each part's gradients are its own new arrays: the first part's take the sum
+    for r in results[1:]:
+        for k, g in r.grads.items():
+            grads[k] += g
+
+    def side_by_side(field: str, axis: int) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([getattr(r, field)[k] for r in results], axis=axis) for k in getattr(first, field)}
+
+    return RunResult(
+        loss=sum(r.loss for r in results),
+        grads=grads,
+        input_grads=side_by_side("input_grads", 1),  # [T, B, F]
+        init_grads=side_by_side("init_grads", -2),  # [B, F], or [D, B, F]
+        final_states=side_by_side("final_states", -2),
+        outputs=side_by_side("outputs", 1),
+        step_losses=side_by_side("step_losses", 1),  # [T, B]
+    )
+
+
+_lock = threading.Lock()
+_pool: list[ThreadPoolExecutor] = []
+
+
+def _workers(n: int) -> list[ThreadPoolExecutor]:
+    """``n`` threads, one executor each, so that part ``i`` always runs on thread ``i`` (a pool
+    shared by the parts would let one thread take both parts of a run while the other sleeps).
+    Their products run on one thread; they are kept for the next run."""
+    with _lock:
+        while len(_pool) < n:
+            _pool.append(ThreadPoolExecutor(1, f"unrolled-rows-{len(_pool)}", initializer=onednn.one_thread))
+        return _pool[:n]
+
+
+def _forget_pool() -> None:
+    """A forked child has none of its parent's threads: its first split starts threads of its own."""
+    global _lock
+    _pool.clear()
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)

@@ -1,0 +1,127 @@
+"""Cutting a folded graph into stages, one recurrent core each.
+
+A stack of recurrent layers has one cycle per layer, and layer 2 reads layer
+1 only forwards in time. Running both in one step loop keeps all of layer
+2's input product (``W[:, x] · h1``) inside the loop. Run layer by layer
+instead (the cuDNN order) and that half becomes one big product over all
+``T·B`` rows between the two loops, in the forward pass and in the
+backward pass alike.
+
+:func:`assign` orders the graph's cycles (its strongly connected components
+through delay edges) so that each depends only on earlier ones, and puts
+every vertex in the stage of the last cycle it depends on. :func:`cut`
+builds each stage as a graph of its own: the same vertex and parameter
+names, whatever it reads from earlier stages as inputs, and whatever later
+stages read from it as outputs. The compiled engine runs the stages forward
+in order and back-propagates through them in reverse, handing the input
+gradients of one stage to the outputs of the one before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from unrolled.graph.folded import Graph, Param, Vertex
+
+from .plan import _reach, cyclic_components, edges_of
+
+
+@dataclass
+class Stage:
+    graph: Graph
+    imports: list[str] = field(default_factory=list)  # vertices read from earlier stages (or graph inputs)
+    exports: list[str] = field(default_factory=list)  # vertices later stages read
+    outputs: list[str] = field(default_factory=list)  # the original graph's outputs computed here
+
+    @property
+    def delayed(self) -> dict[str, int]:
+        """The states this stage keeps (and so the initial states it takes)."""
+        return self.graph.delayed()
+
+
+def _reverse(edges):
+    rev: dict[str, list[str]] = {v: [] for v in edges}
+    for src, dsts in edges.items():
+        for d in dsts:
+            rev[d].append(src)
+    return rev
+
+
+def assign(graph: Graph) -> tuple[dict[str, int], int]:
+    """Each vertex's stage (1-based) and the number of stages (the number of cycles, at least 1)."""
+    edges = edges_of(list(graph.vertices.values()))
+    comps = cyclic_components(edges)
+    rev = _reverse(edges)
+    ancestors = [_reach(c, rev) for c in comps]
+    # order the cycles so that each comes after every cycle it depends on
+    order: list[int] = []
+    remaining = list(range(len(comps)))
+    while remaining:
+        ready = next(i for i in remaining
+                     if not any(comps[j] & ancestors[i] for j in remaining if j != i))
+        order.append(ready)
+        remaining.remove(ready)
+    stage = {v: 1 for v in graph.vertices}
+    for k, i in enumerate(order, start=1):
+        for v in _reach(comps[i], edges):  # everything that depends on cycle i comes no earlier than stage k
+            stage[v] = max(stage[v], k)
+    return stage, max(len(comps), 1)
+
+
+def cut(graph: Graph) -> list[Stage]:
+    """The stages of ``graph``, each a graph of its own (see the module docstring)."""
+    stage_of, count = assign(graph)
+    order = graph.delays + graph.step_order()
+    losses = {l.name: l for l in graph.losses}
+    outputs = {v.name for v in graph.outputs}
+    stages = [Stage(Graph(f"{graph.name}/stage{k}")) for k in range(1, count + 1)]
+    later_readers: dict[str, int] = {}
+    for v in order:
+        if v.kind == "op":
+            for a in v.args:
+                if isinstance(a, Vertex) and stage_of[a.name] < stage_of[v.name]:
+                    later_readers[a.name] = max(later_readers.get(a.name, 0), stage_of[v.name])
+    for k, st in enumerate(stages, start=1):
+        g = st.graph
+        mine = [v for v in order if stage_of[v.name] == k]
+        # vertices read from earlier stages, and the graph inputs this stage reads, become inputs
+        needed = {a.name: a for v in mine if v.kind == "op" for a in v.args
+                  if isinstance(a, Vertex) and stage_of[a.name] != k}
+        needed.update({v.name: v for v in mine if v.kind in ("input", "index")})
+        for name, a in needed.items():
+            if a.kind == "index":
+                g.index_input(name, a.size)
+            else:
+                g.input(name, a.size)
+            if stage_of[name] != k or a.kind in ("input", "index"):
+                st.imports.append(name)
+        for name, a in needed.items():
+            if a.init != "zeros":
+                g.set_init(g.vertices[name], a.init)
+        for v in mine:  # declare this stage's delayed vertices, so their delays can be read before they are defined
+            if v.kind == "op" and any(d.source is v for d in graph.delays):
+                g.state(v.name, v.size, init=v.init)
+        for v in mine:
+            if v.kind == "delay":
+                g.delay(g.vertices[v.source.name], v.depth, name=v.name)
+            elif v.kind == "op":
+                args = [_param(g, a) if isinstance(a, Param) else g.vertices[a.name] for a in v.args]
+                if v.name in losses:
+                    g.loss(v.op, args[0], args[1], name=v.name, reduce=losses[v.name].reduce)
+                else:
+                    g.apply(v.op, *args, name=v.name, **v.attrs)
+        for v in mine:
+            if v.name in outputs:
+                g.output(g.vertices[v.name])
+                st.outputs.append(v.name)
+            if later_readers.get(v.name, 0) > k and v.kind not in ("input", "index"):  # inputs reach every stage
+                g.output(g.vertices[v.name])
+                st.exports.append(v.name)
+        for name, p in graph.params.items():  # learned initial states keep their parameters' initializers
+            if name in g.params:
+                g.params[name].init = p.init
+    return stages
+
+
+def _param(g: Graph, p: Param) -> Param:
+    return g.params[p.name] if p.name in g.params else g.param(p.name, p.shape, init=p.init)

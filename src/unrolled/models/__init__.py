@@ -1,0 +1,1 @@
+"""Ready networks: the cells, the four flavors, encoder-decoders."""

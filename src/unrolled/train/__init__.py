@@ -1,0 +1,1 @@
+"""Training: truncated BPTT, optimizers, clipping, learning-rate schedules, and a run's files."""

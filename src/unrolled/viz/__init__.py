@@ -1,0 +1,1 @@
+"""Pictures: the folded and unrolled graphs, gradients through time."""
