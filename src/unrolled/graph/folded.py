@@ -16,90 +16,25 @@ Build one with the methods of :class:`Graph`::
     y = g.output(g.matmul(V, h, name="y"))
     g.loss("cross_entropy", y, g.index_input("target", 75))
 
-``print(g)`` shows one line per vertex; :meth:`Graph.check` rejects what
-cannot be unrolled, with the offending vertices named.
+``print(g)`` shows one line per vertex (text.py); :meth:`Graph.check` rejects
+what cannot be unrolled, with the offending vertices named (checks.py). The
+vertices, parameters and losses themselves are plain data (nodes.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from . import initializers
+from . import checks, initializers
 from .buffers import aligned
+from .nodes import Loss, Param, Vertex
 from .ops import LOSS_KINDS, OPS, ArgSpec
+from .text import graph_text
+
+__all__ = ["Graph", "Loss", "Param", "Vertex"]
 
 INIT_MODES = ("zeros", "learned", "given")
 REDUCTIONS = ("mean", "sum")
-
-
-@dataclass(eq=False)
-class Param:
-    """A weight shared by every time step: one array, many copies in the unrolled graph."""
-
-    name: str
-    shape: tuple[int, ...]
-    init: str  # an initializer spec, see initializers.py
-
-    def __repr__(self) -> str:
-        return f"Param({self.name!r}, {list(self.shape)})"
-
-
-@dataclass(eq=False)
-class Vertex:
-    """A vector of ``size`` features at every time step.
-
-    ``kind`` is one of: ``input`` (dense per-step data), ``index`` (integer
-    per-step data, ``size`` = number of classes), ``op`` (computed by
-    ``op`` from ``args``), ``delay`` (``args[0]``'s value ``attrs['depth']``
-    steps ago) or ``pending`` (a declared state not yet defined).
-    """
-
-    graph: "Graph" = field(repr=False)
-    name: str
-    size: int
-    kind: str
-    op: str | None = None
-    args: tuple = ()
-    attrs: dict = field(default_factory=dict)
-    is_state: bool = False  # declared with g.state()
-    init: str = "zeros"  # how a delay reads this vertex before step 0
-
-    @property
-    def prev(self) -> "Vertex":
-        """This vertex's value one step earlier (a delay edge of depth 1)."""
-        return self.graph.delay(self, 1)
-
-    def delay(self, depth: int) -> "Vertex":
-        """This vertex's value ``depth`` steps earlier."""
-        return self.graph.delay(self, depth)
-
-    @property
-    def source(self) -> "Vertex":
-        """For a delay vertex, the vertex it reads."""
-        assert self.kind == "delay"
-        return self.args[0]
-
-    @property
-    def depth(self) -> int:
-        return self.attrs["depth"]
-
-    def __repr__(self) -> str:
-        return f"Vertex({self.name!r}, [{self.size}], {self.kind})"
-
-
-@dataclass(eq=False)
-class Loss:
-    """A per-step loss: ``kind(prediction, target)`` at every step, masked and reduced."""
-
-    name: str
-    vertex: Vertex  # the op vertex computing the per-row loss [B, 1]
-    reduce: str  # "mean": divided by the number of unmasked (step, row) pairs; "sum": not
-
-    @property
-    def prediction(self) -> Vertex:
-        return self.vertex.args[0]
 
 
 class Graph:
@@ -340,7 +275,7 @@ class Graph:
         """The non-delay vertices in an order that computes one time step (inputs first)."""
         self.check()
         if "step_order" not in self._cache:
-            self._cache["step_order"] = self._topological()
+            self._cache["step_order"] = checks.topological(self)
         return list(self._cache["step_order"])
 
     def unroll(self, T: int):
@@ -358,132 +293,20 @@ class Graph:
     # -------------------------------------------------------- validation
 
     def check(self) -> "Graph":
-        """Reject a graph that cannot be unrolled, naming the vertices at fault; return the graph."""
+        """Reject a graph that cannot be unrolled, naming the vertices at fault; return the graph.
+
+        The rules and their messages are in checks.py; the verdict is cached until the graph changes.
+        """
         if self._cache.get("checked"):
             return self
-        for v in self.vertices.values():
-            if v.kind == "pending":
-                raise ValueError(
-                    f"state '{v.name}' is declared but its value is never defined: "
-                    f"give it one, e.g. g.tanh(a, name='{v.name}')"
-                )
-        cycle = self._find_cycle()
-        if cycle:
-            self._raise_cycle(cycle)
-        self._check_given_read()
-        varying = self._time_varying()
-        for v in self.outputs:
-            if v.name not in varying:
-                raise ValueError(
-                    f"output '{v.name}' depends on no input and no state: it is the same at every step; "
-                    f"connect it to an input or a state"
-                )
-        for loss in self.losses:
-            if loss.prediction.name not in varying:
-                raise ValueError(
-                    f"loss '{loss.name}' depends on no input and no state: its prediction "
-                    f"'{loss.prediction.name}' is the same at every step; connect it to an input or a state"
-                )
+        checks.check(self)
         self._cache["checked"] = True
         return self
-
-    def _check_given_read(self) -> None:
-        """An initial value given by the caller is read only by delays: a state no delay reads has no use for one."""
-        delayed = self.delayed()
-        for v in self.vertices.values():
-            if v.init == "given" and v.name not in delayed:
-                raise ValueError(
-                    f"state '{v.name}' has init='given' but no delay reads it, so a given initial value would "
-                    f"never be used: read it through a delay ({v.name}.prev) or drop init='given'"
-                )
-
-    def _find_cycle(self) -> list[Vertex] | None:
-        """A cycle along same-step edges (delay edges cut), as a list of vertices, or None."""
-        color: dict[str, int] = {}
-        stack: list[Vertex] = []
-
-        def visit(v: Vertex):
-            color[v.name] = 1
-            stack.append(v)
-            for a in _vertex_args(v):
-                if color.get(a.name) == 1:
-                    return stack[stack.index(a):]
-                if a.name not in color:
-                    found = visit(a)
-                    if found:
-                        return found
-            color[v.name] = 2
-            stack.pop()
-            return None
-
-        for v in self.vertices.values():
-            if v.name not in color:
-                found = visit(v)
-                if found:
-                    return found
-        return None
-
-    def _raise_cycle(self, cycle: list[Vertex]) -> None:
-        # The DFS walks from a vertex to its arguments; show data flow instead.
-        flow = list(reversed(cycle))
-        path = " → ".join(v.name for v in flow + [flow[0]])
-        hint = ""
-        for reader in flow:
-            for a in _vertex_args(reader):
-                if a in cycle and (a.is_state or a.kind == "pending"):
-                    hint = f"; did you mean `{a.name}.prev` instead of `{a.name}` in vertex '{reader.name}'?"
-                    break
-            if hint:
-                break
-        raise ValueError(f"cycle {path} has no delay edge: every cycle must pass through a delay{hint}")
-
-    def _time_varying(self) -> set[str]:
-        varying: set[str] = {d.name for d in self.delays}
-        for v in self._topological():
-            if v.kind in ("input", "index") or any(a.name in varying or a.kind == "delay" for a in _vertex_args(v)):
-                varying.add(v.name)
-        return varying
-
-    def _topological(self) -> list[Vertex]:
-        order: list[Vertex] = []
-        seen: set[str] = set()
-
-        def visit(v: Vertex):
-            seen.add(v.name)
-            for a in _vertex_args(v):
-                if a.name not in seen:
-                    visit(a)
-            order.append(v)
-
-        for v in self.vertices.values():
-            if v.name not in seen and v.kind != "delay":
-                visit(v)
-        return [v for v in order if v.kind != "delay"]
 
     # ------------------------------------------------------------- text
 
     def __str__(self) -> str:
-        lines = [f"graph {self.name}"]
-        for p in self.params.values():
-            lines.append(f"  {p.name} : param {list(p.shape)} init={p.init}")
-        try:
-            order = self.delays + self._topological()
-        except RecursionError:  # pragma: no cover - absurdly deep graphs
-            order = list(self.vertices.values())
-        if any(v.kind == "pending" for v in self.vertices.values()) or self._find_cycle():
-            order = list(self.vertices.values())  # printing must work on a broken graph too
-        outputs = {v.name for v in self.outputs}
-        losses = {l.name: l for l in self.losses}
-        for v in order:
-            line = f"  {v.name} : [{v.size}] = {_expression(v)}"
-            if v.is_state:
-                line += "  # state"
-            if v.name in outputs:
-                line += "  -> output"
-            if v.name in losses:
-                line += f"  -> loss ({losses[v.name].reduce})"
-            lines.append(line)
-        return "\n".join(lines)
+        return graph_text(self)
 
     __repr__ = __str__
 
@@ -566,31 +389,10 @@ class Graph:
         return v
 
 
-def _vertex_args(v: Vertex) -> list[Vertex]:
-    """The same-step vertex arguments of ``v`` (a delay has none: it reads the past)."""
-    if v.kind != "op":
-        return []
-    return [a for a in v.args if isinstance(a, Vertex)]
-
-
 def _arg_spec(a) -> ArgSpec:
     if isinstance(a, Param):
         return ArgSpec(a.name, a.shape, is_param=True)
     return ArgSpec(a.name, (a.size,), is_index=a.kind == "index")
-
-
-def _expression(v: Vertex) -> str:
-    if v.kind == "input":
-        return "input"
-    if v.kind == "index":
-        return "index_input"
-    if v.kind == "pending":
-        return "<state, not yet defined>"
-    if v.kind == "delay":
-        return f"delay({v.source.name}, {v.depth}, init={v.source.init})"
-    parts = [a.name for a in v.args]
-    parts += [f"{k}={val}" for k, val in v.attrs.items() if k != "n"]
-    return f"{v.op}({', '.join(parts)})"
 
 
 def _positive(size, name: str) -> int:
