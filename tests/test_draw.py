@@ -224,7 +224,7 @@ def test_graphviz_asked_for_but_missing_says_how_to_install_and_leaves_the_dot_t
 
 
 def test_matplotlib_renderer_never_calls_graphviz(tmp_path, monkeypatch):
-    monkeypatch.setattr(draw, "_render_graphviz", lambda *a, **k: pytest.fail("Graphviz was called"))
+    monkeypatch.setattr(draw, "render_graphviz", lambda *a, **k: pytest.fail("Graphviz was called"))
     monkeypatch.setattr(draw, "dot_program", lambda: "/usr/bin/dot")
     _not_blank_png(draw.draw(small_network("elman"), tmp_path / "e.png", renderer="matplotlib"))
 
