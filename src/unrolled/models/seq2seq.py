@@ -91,47 +91,26 @@ def generate(engine, params, inputs: dict[str, np.ndarray] | None = None, *, fee
     engine = _engine(engine)
     graph = engine.graph
     inputs = dict(inputs or {})
-    outputs = {v.name for v in graph.outputs}
-    for i, o in feedback.items():
-        if i not in graph.vertices or graph.vertices[i].kind != "index":
-            raise ValueError(f"generate: feedback names '{i}', which is not an index input of graph '{graph.name}'")
-        if o not in outputs:
-            raise ValueError(f"generate: feedback reads '{o}', which is not an output of graph '{graph.name}'; mark it with g.output()")
-        if i in inputs:
-            raise ValueError(f"generate: '{i}' is fed back, so do not pass it in inputs; give its first value in start")
-        if i not in start:
-            raise ValueError(f"generate: no start value for fed-back input '{i}'")
-    B = batch
-    if B is None:
-        rows = [np.shape(a)[1] for a in inputs.values()] + [np.size(s) for s in start.values() if np.ndim(s) == 1]
-        B = rows[0] if rows else 1
+    _check_feedback(graph, inputs, feedback, start)
+    B = batch if batch is not None else _batch_rows(inputs, start)
     dtype = next(iter(params.values())).dtype if params else np.float64
     inputs = _fill(graph, inputs, steps, B, dtype)
-    tokens = {i: np.zeros((steps, B), dtype=np.int64) for i in feedback}
-    for i in feedback:
-        tokens[i][0] = np.broadcast_to(np.asarray(start[i], dtype=np.int64), (B,))
+    tokens = _start_tokens(feedback, start, steps, B)
     preds = {o: np.zeros((steps, B), dtype=np.int64) for o in set(feedback.values())}
-    outs = {o: [] for o in outputs}
+    outs = {o: [] for o in {v.name for v in graph.outputs}}
     state = init_states
     ended = np.zeros(B, dtype=bool)
     lengths = np.full(B, steps, dtype=np.int64)
     done = steps
     for t in range(steps):
-        feed = {k: a[t : t + 1] for k, a in inputs.items()}
-        feed.update({i: tokens[i][t : t + 1] for i in feedback})
-        # one scan of the parameters and the caller's state, at the first step: the later steps read what it made
-        r = engine.run(params, feed, backward=False, check_finite=t == 0,
-                       **({"init_states": state} if state is not None else {}))
+        r = _run_step(engine, params, inputs, tokens, t, state)
         state = r.final_states
         for o in outs:
             outs[o].append(r.outputs[o][0])
         for o in preds:
             preds[o][t] = r.outputs[o][0].argmax(axis=-1)
         if end is not None:
-            first = next(iter(preds.values()))[t]
-            newly = (first == end) & ~ended
-            lengths[newly] = t + 1
-            ended |= newly
+            _mark_ended(next(iter(preds.values()))[t] == end, t, ended, lengths)
         if t + 1 < steps:
             for i, o in feedback.items():
                 tokens[i][t + 1] = preds[o][t]
@@ -145,6 +124,50 @@ def generate(engine, params, inputs: dict[str, np.ndarray] | None = None, *, fee
         final_states=state or {},
         lengths=lengths if end is not None else None,
     )
+
+
+def _check_feedback(graph: Graph, inputs: dict, feedback: dict[str, str], start: dict) -> None:
+    """Each fed-back input is an index input with a start value, read from an output, and not passed in inputs."""
+    outputs = {v.name for v in graph.outputs}
+    for i, o in feedback.items():
+        if i not in graph.vertices or graph.vertices[i].kind != "index":
+            raise ValueError(f"generate: feedback names '{i}', which is not an index input of graph '{graph.name}'")
+        if o not in outputs:
+            raise ValueError(f"generate: feedback reads '{o}', which is not an output of graph '{graph.name}'; mark it with g.output()")
+        if i in inputs:
+            raise ValueError(f"generate: '{i}' is fed back, so do not pass it in inputs; give its first value in start")
+        if i not in start:
+            raise ValueError(f"generate: no start value for fed-back input '{i}'")
+
+
+def _batch_rows(inputs: dict, start: dict) -> int:
+    """The batch size the caller implied: the rows of the first input, else of a ``[B]`` start value, else 1."""
+    rows = [np.shape(a)[1] for a in inputs.values()] + [np.size(s) for s in start.values() if np.ndim(s) == 1]
+    return rows[0] if rows else 1
+
+
+def _start_tokens(feedback: dict[str, str], start: dict, steps: int, B: int) -> dict[str, np.ndarray]:
+    """Per fed-back input, ``[steps, B]`` tokens: step 0 from ``start``, the later steps filled as they are made."""
+    tokens = {i: np.zeros((steps, B), dtype=np.int64) for i in feedback}
+    for i in feedback:
+        tokens[i][0] = np.broadcast_to(np.asarray(start[i], dtype=np.int64), (B,))
+    return tokens
+
+
+def _run_step(engine, params, inputs: dict, tokens: dict, t: int, state) -> RunResult:
+    """Step ``t`` alone: its slice of the inputs and tokens, from the state the previous step left."""
+    feed = {k: a[t : t + 1] for k, a in inputs.items()}
+    feed.update({i: a[t : t + 1] for i, a in tokens.items()})
+    # one scan of the parameters and the caller's state, at the first step: the later steps read what it made
+    return engine.run(params, feed, backward=False, check_finite=t == 0,
+                      **({"init_states": state} if state is not None else {}))
+
+
+def _mark_ended(hit_end: np.ndarray, t: int, ended: np.ndarray, lengths: np.ndarray) -> None:
+    """Rows that produce the end token for the first time at step ``t`` end there: their length is ``t + 1``."""
+    newly = hit_end & ~ended
+    lengths[newly] = t + 1
+    ended |= newly
 
 
 def scheduled_inputs(engine, params, inputs: dict[str, np.ndarray], *, feedback: dict[str, str], ratio: float,
