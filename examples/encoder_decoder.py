@@ -15,7 +15,7 @@ import numpy as np
 from _common import parse
 
 from unrolled.models.flavors import Seq2SeqConfig, run_seq2seq, seq2seq_model
-from unrolled.train.trainer import keep_feed, pad
+from unrolled.train.variable_length import keep_feed, pad
 
 
 def main(argv=None) -> int:

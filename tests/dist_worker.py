@@ -32,7 +32,8 @@ from unrolled.charlm.run import RunOptions  # noqa: E402
 from unrolled.engines.registry import make_engine  # noqa: E402
 from unrolled.train import distributed
 from unrolled.train.optim import make_optimizer  # noqa: E402
-from unrolled.train.trainer import Trainer, freeze_after_end, keep_feed, length_mask  # noqa: E402
+from unrolled.train.trainer import Trainer  # noqa: E402
+from unrolled.train.variable_length import freeze_after_end, keep_feed, length_mask  # noqa: E402
 
 UPDATES = 4
 B = 4  # global rows, split over the ranks

@@ -17,7 +17,7 @@ from unrolled.graph.folded import Graph
 from unrolled.graph.ops import sigmoid
 from unrolled.models import cells
 from unrolled.models.seq2seq import BidirectionalEncoder, reverse_time
-from unrolled.train.trainer import freeze_after_end, keep_feed
+from unrolled.train.variable_length import freeze_after_end, keep_feed
 
 ENGINES = available_engines()
 T, B, X, H = 4, 3, 3, 5

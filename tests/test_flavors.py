@@ -18,7 +18,7 @@ from unrolled.engines.registry import make_engine
 from unrolled.graph.folded import Graph
 from unrolled.models import cells, flavors
 from unrolled.models.seq2seq import BidirectionalEncoder, Seq2Seq, generate, scheduled_inputs
-from unrolled.train.trainer import freeze_after_end, keep_feed, length_mask, pad
+from unrolled.train.variable_length import freeze_after_end, keep_feed, length_mask, pad
 
 SECONDS = 60  # the bar for each flavor on a 2-core machine
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

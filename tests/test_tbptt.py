@@ -19,7 +19,7 @@ from helpers import numeric_grad, relative_error
 from unrolled.engines.registry import available_engines, make_engine
 from unrolled.graph.folded import Graph
 from unrolled.models import cells
-from unrolled.train.trainer import TruncatedBPTT, split_stream
+from unrolled.train.tbptt import TruncatedBPTT, split_stream
 
 ENGINES = available_engines()
 N_IN, H, N_OUT = 3, 4, 3

@@ -15,7 +15,8 @@ from unrolled.models import cells
 from unrolled.train.clip import global_norm
 from unrolled.train.lr_schedules import Cosine, StepDecay, make_schedule
 from unrolled.train.optim import make_optimizer
-from unrolled.train.trainer import Batch, Trainer, TruncatedBPTT, fit, split_stream
+from unrolled.train.tbptt import TruncatedBPTT, split_stream
+from unrolled.train.trainer import Batch, Trainer, fit
 
 
 def setup(rng, graph=None, T=5, B=3):

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from unrolled.engines.registry import available_engines, make_engine
-from unrolled.train.trainer import (
-    TruncatedBPTT,
+from unrolled.train.tbptt import TruncatedBPTT, split_stream
+from unrolled.train.variable_length import (
     freeze_after_end,
     keep_feed,
     last_step_mask,
     length_mask,
     pad,
-    split_stream,
 )
 
 ENGINES = available_engines()

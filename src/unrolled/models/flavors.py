@@ -36,7 +36,8 @@ import numpy as np
 from unrolled.engines.registry import make_engine
 from unrolled.graph.folded import Graph
 from unrolled.train.optim import make_optimizer
-from unrolled.train.trainer import Trainer, freeze_after_end, keep_feed, last_step_mask, length_mask, pad
+from unrolled.train.trainer import Trainer
+from unrolled.train.variable_length import freeze_after_end, keep_feed, last_step_mask, length_mask, pad
 from unrolled.words import count
 
 from . import cells

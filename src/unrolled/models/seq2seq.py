@@ -25,7 +25,7 @@ import numpy as np
 from unrolled.engines.registry import make_engine
 from unrolled.engines.runio import RunResult
 from unrolled.graph.folded import Graph, Vertex
-from unrolled.train.trainer import KEEP_INPUT
+from unrolled.train.variable_length import KEEP_INPUT
 
 from . import cells
 
