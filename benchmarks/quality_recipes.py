@@ -58,9 +58,9 @@ def shakespeare() -> Path:
 
 
 def load_text(name: str, chars: int) -> str:
-    from unrolled.charlm import data
+    from unrolled.charlm.corpus import builtin_corpus
 
-    text = data.builtin_corpus() if name == "builtin" else Path(shakespeare() if name == "shakespeare" else name).read_text()
+    text = builtin_corpus() if name == "builtin" else Path(shakespeare() if name == "shakespeare" else name).read_text()
     return text[:chars] if chars else text
 
 

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from unrolled.charlm.data import iter_eval_chunks
+    from unrolled.charlm.batching import iter_eval_chunks
     from unrolled.charlm.recipe import decayed, progress
     from unrolled.train.lr_schedules import Cosine
 

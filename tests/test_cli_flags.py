@@ -7,7 +7,7 @@ import pytest
 from test_cli_train import TINY, corpus, one_line_error
 
 from unrolled.charlm import memory
-from unrolled.charlm.data import iter_eval_chunks
+from unrolled.charlm.batching import iter_eval_chunks
 from unrolled.charlm.model import load_model, score_text
 from unrolled.cli import build_parser, main
 from unrolled.words import count

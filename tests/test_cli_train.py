@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from unrolled.charlm import corpus as lm_corpus
 from unrolled.charlm import run as lm_train
 from unrolled.charlm.model import load_model
 from unrolled.cli import main
@@ -103,12 +104,12 @@ def test_minutes_limit_stops_the_run(tmp_path, text_file, capsys):
 
 
 def test_builtin_corpus_without_files(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lm_train.data, "builtin_corpus", lambda: corpus(60, seed=1))
+    monkeypatch.setattr(lm_corpus, "builtin_corpus", lambda: corpus(60, seed=1))
     out = tmp_path / "run"
     rc = main(["train", *TINY, "--steps", "2", "--out", str(out)])
     assert rc == 0
     _, meta = load_checkpoint(out / "latest.npz")
-    assert meta["text"]["files"] == [] and meta["text"]["source"] == lm_train.data.BUILTIN_NAME
+    assert meta["text"]["files"] == [] and meta["text"]["source"] == lm_corpus.BUILTIN_NAME
     assert "Python standard library" in capsys.readouterr().out
 
 

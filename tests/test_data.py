@@ -7,16 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from unrolled.charlm.data import (
-    FALLBACK_CORPUS,
+from unrolled.charlm.batching import (
     StreamBatcher,
-    Vocabulary,
-    builtin_corpus,
     eval_chunk_count,
     iter_eval_chunks,
-    read_text,
     split_train_val,
 )
+from unrolled.charlm.corpus import FALLBACK_CORPUS, builtin_corpus
+from unrolled.charlm.text_files import read_text
+from unrolled.charlm.vocabulary import Vocabulary
 
 # -- read_text ---------------------------------------------------------------
 
@@ -113,7 +112,7 @@ def test_read_text_dash_is_standard_input(monkeypatch):
 
 
 def test_corpus_files_sorted_recursive_without_hidden_or_binary(tmp_path):
-    from unrolled.charlm.data import corpus_files
+    from unrolled.charlm.text_files import corpus_files
     (tmp_path / "b.txt").write_text("b")
     (tmp_path / "a.md").write_text("a")
     (tmp_path / "sub").mkdir()

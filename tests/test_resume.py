@@ -47,11 +47,11 @@ def history(folder):
 
 
 def test_epoch_wraps_within_the_run(text_file):
-    from unrolled.charlm import data
+    from unrolled.charlm.batching import StreamBatcher
 
     n = len(text_file.read_text())
     train = n - round(n * 0.1)
-    assert data.StreamBatcher(np.zeros(train, dtype=np.int64), 4, 4).chunks_per_epoch < STEPS
+    assert StreamBatcher(np.zeros(train, dtype=np.int64), 4, 4).chunks_per_epoch < STEPS
 
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path, text_file, capsys):

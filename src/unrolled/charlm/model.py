@@ -37,8 +37,9 @@ from unrolled.graph.folded import Graph
 from unrolled.models import cells
 from unrolled.train.checkpoint import load_checkpoint, resolve_checkpoint
 
-from .data import Vocabulary, iter_eval_chunks
+from .batching import iter_eval_chunks
 from .memory import check_fits, evaluation_bytes
+from .vocabulary import Vocabulary
 
 # Bump when the graph's layout (vertex or parameter names, meta fields) changes
 # in a way an older reader cannot follow; a checkpoint with another number is

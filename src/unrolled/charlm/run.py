@@ -2,7 +2,7 @@
 
 One run reads the text, builds the vocabulary and the model
 (:mod:`unrolled.charlm.model`), holds out the last part for validation, and
-loops: the next ``[k1, B]`` chunk of the streams (:class:`data.StreamBatcher`)
+loops: the next ``[k1, B]`` chunk of the streams (:class:`batching.StreamBatcher`)
 -> one truncated-BPTT update (:class:`train.Trainer`: engine, global-norm
 clipping, schedule, optimizer). Along the way it shows a progress bar, prints
 a short sample now and then, measures validation bits per character, keeps
@@ -46,10 +46,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -70,7 +68,9 @@ from unrolled.train.runlog import METRICS_NAME, MetricsLog
 from unrolled.train.trainer import Trainer
 from unrolled.words import count
 
-from . import data, recipe
+from . import recipe
+from .batching import StreamBatcher, iter_eval_chunks, split_train_val
+from .corpus import read_corpus, read_recorded_corpus, text_record
 from .memory import check_fits, training_bytes
 from .model import (
     INPUT_NAME,
@@ -86,6 +86,8 @@ from .model import (
     load_model,
 )
 from .sampling import Sampler
+from .text_files import MAX_TEXT_BYTES, STDIN
+from .vocabulary import Vocabulary, describe_at
 
 # Settings a resumed run may change: they decide how long it goes on and what
 # it reports, never which numbers it computes.
@@ -101,13 +103,13 @@ _clock = time.perf_counter  # the clock of --minutes and speeds (a module attrib
 class RunOptions:
     """Choices for one invocation that are not part of the run itself (not saved)."""
 
-    files: list[str] = field(default_factory=list)  # text files, concatenated; none = data.builtin_corpus()
+    files: list[str] = field(default_factory=list)  # text files, concatenated; none = corpus.builtin_corpus()
     encoding: str = "utf-8"  # encoding of the files
     out: str | None = None  # output folder; None = runs/<date-time>, or the folder being resumed
     resume: str | None = None  # a run folder or checkpoint file to continue
     engine: str | None = None  # engine name; None = the library's default
     stream: TextIO | None = None  # where messages and samples go (default: stdout)
-    max_text_bytes: int = data.MAX_TEXT_BYTES  # the most bytes of text read (the text is held whole)
+    max_text_bytes: int = MAX_TEXT_BYTES  # the most bytes of text read (the text is held whole)
     skip_unknown: bool = False  # on resume, leave out characters outside the model's vocabulary (else refuse)
     comm: object | None = None  # a distributed.DataParallel under mpiexec -n N; None = one process
 
@@ -127,136 +129,6 @@ class RunSummary:
 
 
 # ------------------------------------------------------------------ setup
-
-
-@dataclass
-class Corpus:
-    """A training text and what a checkpoint records of it to find and recognize it again."""
-
-    text: str
-    name: str  # for messages: a file, "N files (first, …)", standard input, or the built-in corpus
-    files: list[str] = field(default_factory=list)  # the files read, in order, folders expanded ("-": stdin)
-    sizes: list[int] = field(default_factory=list)  # bytes of each file
-    crc32: int = 0  # CRC-32 of the files' bytes, one after another
-    encoding: str = "utf-8"
-    notes: list[str] = field(default_factory=list)  # what to tell the user (a folder's file count)
-
-
-def read_corpus(files: list[str], encoding: str, max_bytes: int = data.MAX_TEXT_BYTES) -> Corpus:
-    """The files concatenated (a folder: its text files, sorted; ``-``: standard input), or the built-in
-    corpus when there are none; at most ``max_bytes`` bytes in all."""
-    if not files:
-        return Corpus(data.builtin_corpus(), data.BUILTIN_NAME, encoding=encoding)
-    codec = data.text_codec(encoding)
-    paths, notes = _expand_folders(files, encoding)
-    texts, sizes, crc = [], [], 0
-    for p in paths:
-        name = "standard input" if p == data.STDIN else p
-        raw = data.read_bytes(p, max_bytes)
-        sizes.append(len(raw))
-        if sum(sizes) > max_bytes:
-            raise ValueError(f"the {len(paths)} files of the corpus hold more than {max_bytes / 1e6:g} MB, the limit on "
-                             f"a text read whole; raise it with --max-text-mb if the machine has the memory")
-        crc = zlib.crc32(raw, crc)
-        texts.append(data.decode_text(raw, codec, name))
-    first = "standard input" if paths[0] == data.STDIN else paths[0]
-    name = first if len(paths) == 1 else f"{len(paths)} files ({first}, …)"
-    return Corpus("".join(texts), name, paths, sizes, crc, encoding, notes)
-
-
-def _expand_folders(files: list[str], encoding: str) -> tuple[list[str], list[str]]:
-    paths, notes = [], []
-    for f in map(str, files):
-        if f == data.STDIN or not Path(f).is_dir():
-            paths.append(f)
-            continue
-        texts, skipped = data.corpus_files(f, encoding)
-        if not texts:
-            raise ValueError(f"{f} is a folder without text files; pass a folder of text files, or the files themselves")
-        skip = (f"; {len(skipped)} binary {_plural(len(skipped), 'file')} left out ({', '.join(p.name for p in skipped[:3])}"
-                f"{', …' if len(skipped) > 3 else ''})") if skipped else ""
-        notes.append(f"{f}: {len(texts)} text {_plural(len(texts), 'file')}, read in sorted order{skip}")
-        paths += [str(p) for p in texts]
-    return paths, notes
-
-
-def _plural(n: int, word: str) -> str:
-    return word if n == 1 else word + "s"
-
-
-def text_record(corpus: Corpus, out: Path) -> dict:
-    """The checkpoint's record of its text: paths relative to the run folder where there is one,
-    so that a project moved as a whole still finds its text; sizes and CRC to recognize it."""
-    def rel(f: str) -> str:
-        if f == data.STDIN:
-            return f
-        try:
-            return os.path.relpath(Path(f).resolve(), out.resolve())
-        except ValueError:  # another drive (Windows): no relative path
-            return str(Path(f).resolve())
-    return {"source": corpus.name, "files": [rel(f) for f in corpus.files], "bytes": corpus.sizes,
-            "crc32": corpus.crc32, "encoding": corpus.encoding, "chars": len(corpus.text)}
-
-
-def _check_text_record(record: dict, checkpoint: Path) -> None:
-    def bad(field: str, want: str):
-        raise ValueError(f"{checkpoint}: its field 'text.{field}' is {record[field]!r:.60}, not {want}; "
-                         f"the file is damaged or foreign (name the text on the command line to resume)")
-
-    if not (isinstance(record.get("files", []), list) and all(isinstance(f, str) and f for f in record.get("files", []))):
-        bad("files", "a list of paths")
-    if "bytes" in record and not (isinstance(record["bytes"], list) and len(record["bytes"]) == len(record["files"])
-                                  and all(type(b) is int and b >= 0 for b in record["bytes"])):
-        bad("bytes", "a list of one file size per file")
-    if "crc32" in record and not (type(record["crc32"]) is int and 0 <= record["crc32"] < 2 ** 32):
-        bad("crc32", "a CRC-32")
-    if not isinstance(record.get("encoding", "utf-8"), str):
-        bad("encoding", "an encoding's name")
-
-
-def read_recorded_corpus(record: dict, checkpoint: Path, max_bytes: int = data.MAX_TEXT_BYTES) -> Corpus:
-    """The text a checkpoint records, found relative to its folder, read only if it is the same text.
-
-    A checkpoint may come from anyone, so the paths it names are not trusted: a
-    file is read only if it is a regular file of the recorded size, and used only
-    if its bytes have the recorded CRC; otherwise the error says so without
-    quoting the file, and tells the user to name the text on the command line.
-    """
-    _check_text_record(record, checkpoint)
-    files = record.get("files") or []
-    resume = f"unrolled train FILE --resume {checkpoint.parent}"
-    if not files:
-        return read_corpus([], record.get("encoding", "utf-8"))
-    if data.STDIN in files:
-        raise ValueError(f"{checkpoint} was trained on standard input; pipe the same text again: "
-                         f"... | unrolled train - --resume {checkpoint.parent}")
-    if "bytes" not in record or "crc32" not in record:
-        raise ValueError(f"{checkpoint} does not record its text's size and checksum (an older checkpoint), "
-                         f"so the files it names are not opened; name the text: {resume}")
-    paths, raws, crc = [], [], 0
-    for f, size in zip(files, record["bytes"]):
-        p = Path(f) if Path(f).is_absolute() else checkpoint.parent / f
-        if not p.exists():
-            raise ValueError(f"the training text {p} (recorded in {checkpoint}) is not there; if it moved, "
-                             f"name it: unrolled train NEWPATH --resume {checkpoint.parent}")
-        if not p.is_file():
-            raise ValueError(f"{p} (named by {checkpoint}) is not a regular file, so it is not read; name the "
-                             f"training text: {resume}")
-        if p.stat().st_size != size or size > max_bytes:
-            raise ValueError(f"{p} (named by {checkpoint}) is not the text the run was trained on "
-                             f"(its size differs); name the training text: {resume}")
-        raw = data.read_bytes(p, max_bytes)
-        crc = zlib.crc32(raw, crc)
-        paths.append(str(p))
-        raws.append(raw)
-    if crc != record["crc32"]:
-        raise ValueError(f"the files {checkpoint} names ({paths[0]}{', …' if len(paths) > 1 else ''}) are not "
-                         f"the text the run was trained on (their checksum differs); name the training text: {resume}")
-    encoding = record.get("encoding", "utf-8")
-    codec = data.text_codec(encoding)
-    text = "".join(data.decode_text(raw, codec, p) for raw, p in zip(raws, paths))
-    name = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, …)"
-    return Corpus(text, name, paths, [len(r) for r in raws], crc, encoding)
 
 
 def default_out_dir() -> Path:
@@ -351,7 +223,7 @@ def check_run_meta(meta: dict, path: Path) -> None:
     need(isinstance(meta.get("engine", ""), str), "engine", meta.get("engine"), "an engine's name")
 
 
-def _is_new_text(meta: dict, batcher: data.StreamBatcher) -> bool:
+def _is_new_text(meta: dict, batcher: StreamBatcher) -> bool:
     """Whether the resumed run was trained on another text than this batcher's (by length and CRC)."""
     saved, mine = meta.get("data"), batcher.state()
     if not isinstance(saved, dict):
@@ -370,7 +242,7 @@ class TrainingRun:
         self.stream = options.stream or sys.stdout
         self.dp = options.comm
         self.is_root = self.dp is None or self.dp.is_root  # the one that prints and writes
-        if self.dp is not None and data.STDIN in map(str, options.files):
+        if self.dp is not None and STDIN in map(str, options.files):
             raise ValueError("under mpiexec only rank 0 gets standard input, and every rank reads the text: "
                              "save it to a file and name the file")
         loaded = load_model(options.resume) if options.resume else None
@@ -390,8 +262,8 @@ class TrainingRun:
         self.model.check()
         _check_length(len(ids), self.config, self.source)
         cfg = self.config
-        self.train_ids, self.val_ids = data.split_train_val(ids, cfg.val_fraction, min_train=cfg.bptt_k1 * cfg.batch + 1)
-        self.batcher = data.StreamBatcher(self.train_ids, cfg.bptt_k1, cfg.batch)
+        self.train_ids, self.val_ids = split_train_val(ids, cfg.val_fraction, min_train=cfg.bptt_k1 * cfg.batch + 1)
+        self.batcher = StreamBatcher(self.train_ids, cfg.bptt_k1, cfg.batch)
         self.new_text = loaded is not None and bool(options.files) and _is_new_text(loaded.meta, self.batcher)
         if self.dp is not None:
             self.dp.rows(cfg.batch)  # refuses a batch that does not split over the ranks
@@ -464,14 +336,14 @@ class TrainingRun:
     def _encode(self, loaded: LoadedModel | None) -> np.ndarray:
         """The text as ids: a fresh run's vocabulary is the text's; a resumed run keeps its own."""
         if not loaded:
-            self.vocabulary = data.Vocabulary.from_text(self.text)
+            self.vocabulary = Vocabulary.from_text(self.text)
             self.model = dataclasses.replace(self.model, vocab_size=len(self.vocabulary))
             return self.vocabulary.encode(self.text)
-        self.vocabulary = data.Vocabulary.from_list(loaded.vocabulary)
+        self.vocabulary = Vocabulary.from_list(loaded.vocabulary)
         ids, unknown = self.vocabulary.encode(self.text, unknown="skip")
         if unknown and not self.options.skip_unknown:
             first = next(i for i, ch in enumerate(self.text) if ch not in self.vocabulary)
-            raise ValueError(f"{self.source}: {data.describe_at(self.text, first)} is not in the resumed model's "
+            raise ValueError(f"{self.source}: {describe_at(self.text, first)} is not in the resumed model's "
                              f"vocabulary of {len(self.vocabulary)} characters ({unknown:,} such in all); "
                              f"pass --skip-unknown to leave them out")
         if unknown:
@@ -750,7 +622,7 @@ class TrainingRun:
         """Validation bits/char: every held-out character but the first, scored once, state carried."""
         cfg, dp = self.config, self.dp
         total, count, state = 0.0, 0.0, None
-        for x, y, mask in data.iter_eval_chunks(self.val_ids, cfg.seq, cfg.batch):
+        for x, y, mask in iter_eval_chunks(self.val_ids, cfg.seq, cfg.batch):
             if stop is not None and stop.requested and dp is None:  # ranks finish together: no stop mid-way
                 return math.nan
             if dp is not None:  # this rank's streams of the held-out text

@@ -13,7 +13,9 @@ import time
 
 import numpy as np
 
-from unrolled.charlm.data import FALLBACK_CORPUS, StreamBatcher, Vocabulary
+from unrolled.charlm.batching import StreamBatcher
+from unrolled.charlm.corpus import FALLBACK_CORPUS
+from unrolled.charlm.vocabulary import Vocabulary
 from unrolled.engines.compiled import compiling
 from unrolled.engines.registry import make_engine
 from unrolled.graph.folded import Graph

@@ -162,8 +162,9 @@ def _measure(graph, params, inputs, label: str, **kw) -> diagnose.Diagnosis:
 
 def _text_inputs(model, text_path, T: int, B: int, rng) -> dict:
     """``B`` stretches of ``T + 1`` characters of a text, as a language model's inputs and next-character targets."""
-    from unrolled.charlm.data import builtin_corpus, read_text
+    from unrolled.charlm.corpus import builtin_corpus
     from unrolled.charlm.model import INPUT_NAME, TARGET_NAME
+    from unrolled.charlm.text_files import read_text
 
     vocabulary = model.meta.get("vocabulary") or []
     index = {c: i for i, c in enumerate(vocabulary)}

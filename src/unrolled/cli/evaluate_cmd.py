@@ -21,8 +21,8 @@ examples:
 
 from __future__ import annotations
 
-from unrolled.charlm.data import read_text
 from unrolled.charlm.model import load_model, score_text
+from unrolled.charlm.text_files import read_text
 from unrolled.engines.registry import ENGINE_NAMES
 from unrolled.words import count
 

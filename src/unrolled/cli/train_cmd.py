@@ -56,8 +56,8 @@ examples:
 
 from __future__ import annotations
 
-from unrolled.charlm.data import MAX_TEXT_BYTES
 from unrolled.charlm.model import ModelConfig, TrainConfig
+from unrolled.charlm.text_files import MAX_TEXT_BYTES
 from unrolled.engines.registry import ENGINE_NAMES
 from unrolled.models import cells
 from unrolled.train import distributed
