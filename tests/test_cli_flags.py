@@ -42,7 +42,7 @@ def test_memory_refusal_gives_the_figure_and_what_is_available(tmp_path, text_fi
         graph_bytes["n"] = real(*a, **kw)
         return graph_bytes["n"]
 
-    monkeypatch.setattr("unrolled.charlm.run.training_bytes", spy)
+    monkeypatch.setattr("unrolled.charlm.training_run.training_bytes", spy)
     monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
     rc = main(["train", str(text_file), *TINY, "--steps", "2", "--out", str(tmp_path / "run")])
     line = one_line_error(capsys, rc, "1.0 KB is available", "--seq 8 × --batch 4")

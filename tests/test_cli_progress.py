@@ -14,6 +14,7 @@ import pytest
 from test_cli_train import TINY, corpus, one_line_error
 
 from unrolled.charlm import run as lm_train
+from unrolled.charlm import run_budget, run_report
 from unrolled.cli import main
 from unrolled.engines.compiled import compiling
 from unrolled.train.checkpoint import load_checkpoint
@@ -118,7 +119,7 @@ def fake_compile(clock, seconds):
 def test_compiling_is_announced_once_and_kept_out_of_the_minutes(tmp_path, text_file, capsys, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(compiling, "clock", clock)
-    monkeypatch.setattr(lm_train, "_clock", clock)
+    monkeypatch.setattr(run_budget, "clock", clock)
     original = Trainer.train_step
 
     def step(self, inputs, *a, **kw):
@@ -172,7 +173,7 @@ def test_demo_seconds_leave_compiling_out(monkeypatch, capsys):
 
 
 def test_without_a_terminal_plain_progress_lines_in_bits_per_char(tmp_path, text_file, monkeypatch):
-    monkeypatch.setattr(lm_train, "PROGRESS_SECONDS", 0.0)  # a line after every update
+    monkeypatch.setattr(run_report, "PROGRESS_SECONDS", 0.0)  # a line after every update
     stream = io.StringIO()  # not a terminal; nor is pytest's stderr, so the bar is off
     assert not sys.stderr.isatty()
     options = lm_train.RunOptions(files=[str(text_file)], out=str(tmp_path / "run"), engine="reference", stream=stream)

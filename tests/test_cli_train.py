@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from unrolled.charlm import corpus as lm_corpus
-from unrolled.charlm import run as lm_train
+from unrolled.charlm.loss_plot import plot_losses
 from unrolled.charlm.model import load_model
 from unrolled.cli import main
 from unrolled.train.checkpoint import load_checkpoint
@@ -88,9 +88,9 @@ def test_train_end_to_end(tmp_path, text_file, capsys):
 
 
 def test_loss_curve_png_is_drawn_with_few_points():
-    png = lm_train.plot_losses([3.0, 2.9], [(2, 4.0)], "t")
+    png = plot_losses([3.0, 2.9], [(2, 4.0)], "t")
     assert png.startswith(b"\x89PNG")
-    assert lm_train.plot_losses([], [], "empty").startswith(b"\x89PNG")
+    assert plot_losses([], [], "empty").startswith(b"\x89PNG")
 
 
 def test_minutes_limit_stops_the_run(tmp_path, text_file, capsys):

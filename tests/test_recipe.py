@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from test_cli_train import corpus
 
-from unrolled.charlm import recipe
-from unrolled.charlm import run as lm_train
+from unrolled.charlm import recipe, run_budget, run_report
+from unrolled.charlm.training_run import TrainingRun
 from unrolled.cli import main
 from unrolled.train.checkpoint import load_checkpoint
 from unrolled.train.lr_schedules import Cosine
@@ -97,8 +97,8 @@ def fake_clock(monkeypatch):
         now[0] += SECONDS_PER_UPDATE
         return now[0]
 
-    monkeypatch.setattr(lm_train, "_clock", clock)
-    monkeypatch.setattr(lm_train, "PROGRESS_SECONDS", math.inf)  # no progress lines: their reads are outside updates
+    monkeypatch.setattr(run_budget, "clock", clock)
+    monkeypatch.setattr(run_report, "PROGRESS_SECONDS", math.inf)  # no progress lines: their reads are outside updates
     return now
 
 
@@ -108,13 +108,13 @@ def lrs(folder):
 
 
 def test_time_budget_drives_the_cosine_and_validation_is_not_counted(tmp_path, text_file, fake_clock, monkeypatch):
-    validate = lm_train.TrainingRun.validate
+    validate = TrainingRun.validate
 
     def slow_validate(self, stop=None):
         fake_clock[0] += 1000.0  # far longer than the whole budget
         return validate(self, stop)
 
-    monkeypatch.setattr(lm_train.TrainingRun, "validate", slow_validate)
+    monkeypatch.setattr(TrainingRun, "validate", slow_validate)
     out = tmp_path / "run"
     assert main(["train", str(text_file), *TINY, "--minutes", MINUTES, "--eval-every", "1", "--out", str(out)]) == 0
     rates = lrs(out)
@@ -132,11 +132,11 @@ def test_an_interrupted_time_budget_resumes_where_it_stopped(tmp_path, text_file
     whole, split = tmp_path / "whole", tmp_path / "split"
     flags = [*TINY, "--minutes", MINUTES, "--eval-every", "4"]
     assert main(["train", str(text_file), *flags, "--out", str(whole)]) == 0
-    spent = lm_train.TrainingRun._budget_spent
-    monkeypatch.setattr(lm_train.TrainingRun, "_budget_spent", lambda self: self.step >= 5 or spent(self))
+    spent = run_budget.Budget.spent
+    monkeypatch.setattr(run_budget.Budget, "spent", lambda self, step: step >= 5 or spent(self, step))
     assert main(["train", str(text_file), *flags, "--out", str(split)]) == 0  # stops after 5 updates
     assert load_checkpoint(split / "latest.npz")[1]["step"] == 5
-    monkeypatch.setattr(lm_train.TrainingRun, "_budget_spent", spent)
+    monkeypatch.setattr(run_budget.Budget, "spent", spent)
     assert main(["train", "--resume", str(split)]) == 0  # the rest of the 6 s
     a, meta_a = load_checkpoint(whole / "latest.npz")
     b, meta_b = load_checkpoint(split / "latest.npz")
