@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from unrolled.engines.runio import RunResult, check_combine, scan_arrays
-from unrolled.models import cells
+from unrolled.graph.dropout import dropout_rates
 
 from .clip import clip_by_global_norm, clip_by_value, global_norm
 from .lr_schedules import Schedule, schedule_from_dict
@@ -103,8 +103,8 @@ class Trainer:
         self.rng = np.random.default_rng(self.seed)
         self.step_count = 0
         graphs = getattr(engine, "graphs", None) or [engine.graph]
-        self._dropout = {name: rate for g in graphs for name, rate in cells.dropout_rates(g).items()}
-        self._dropout_sizes = {name: g.vertices[name].size for g in graphs for name in cells.dropout_rates(g)}
+        self._dropout = {name: rate for g in graphs for name, rate in dropout_rates(g).items()}
+        self._dropout_sizes = {name: g.vertices[name].size for g in graphs for name in dropout_rates(g)}
         self._losses = [loss for g in graphs for loss in g.losses]
         self.dist = None
         if comm is not None:
