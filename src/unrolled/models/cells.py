@@ -15,7 +15,6 @@ time-reversed sequence (:func:`bidirectional`).
 
 from __future__ import annotations
 
-
 from unrolled.graph.dropout import DROPOUT_ATTR, dropout, dropout_masks, dropout_rates  # noqa: F401 (the cells' API)
 from unrolled.graph.folded import Graph, Vertex
 
