@@ -16,7 +16,7 @@ import pytest
 
 from unrolled.cli import main
 from unrolled.cli.draw_cmd import build_network
-from unrolled.engines.gradcheck import small_network
+from unrolled.models.small_networks import small_network
 from unrolled.graph.folded import Graph
 from unrolled.models import cells
 from unrolled.viz import draw
@@ -298,7 +298,7 @@ def test_cli_missing_graphviz_is_one_line_naming_the_install(tmp_path, capsys, n
 
 def test_cli_draws_module_function(tmp_path, capsys, monkeypatch):
     (tmp_path / "draw_test_nets.py").write_text(
-        "from unrolled.engines.gradcheck import small_network\n"
+        "from unrolled.models.small_networks import small_network\n"
         "def net():\n    return small_network('gru')\n"
         "def unrolled():\n    return small_network('elman').unroll(2)\n"
         "def broken():\n    return 42\n"

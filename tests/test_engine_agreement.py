@@ -261,7 +261,7 @@ def test_engine_reuses_buffers_across_runs():
 
 
 def test_code_is_readable_and_per_copy_is_refused():
-    from unrolled.engines.gradcheck import small_network
+    from unrolled.models.small_networks import small_network
 
     eng = CompiledEngine(small_network("lstm"))
     assert "def forward_loop" in eng.code and "def backward_loop" in eng.code

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from unrolled.engines.compiled.engine import CompiledEngine
 from unrolled.engines.compiled.kernels import blas
-from unrolled.engines.gradcheck import small_network
+from unrolled.models.small_networks import small_network
 from unrolled.engines.reference import run as reference_run
 from unrolled.graph.folded import Graph
 

@@ -27,7 +27,7 @@ class Recording(ctypes.CDLL):
 ctypes.CDLL = Recording
 import numpy as np
 import unrolled, unrolled.graph.folded, unrolled.graph.ops, unrolled.graph.unroll, unrolled.engines.reference, unrolled.models.cells
-from unrolled.engines.gradcheck import small_network
+from unrolled.models.small_networks import small_network
 g = small_network("elman")
 rng = np.random.default_rng(0)
 T, B = 4, 3
