@@ -26,7 +26,8 @@ numba = pytest.importorskip("numba")
 from helpers import embedded, make_inputs, perturbed_params  # noqa: E402
 from test_engine_agreement import _data, assert_agree, cyclic_graphs  # noqa: E402
 
-from unrolled.engines.compiled.kernels.arrays import BLAS_NAME, _exp1, matmul, matmul_add  # noqa: E402
+from unrolled.engines.compiled.kernels.arrays import BLAS_NAME, matmul, matmul_add  # noqa: E402
+from unrolled.engines.compiled.kernels.scalars import exp1  # noqa: E402
 
 
 def coupled_relu() -> Graph:
@@ -266,7 +267,7 @@ def test_a_runs_buffers_and_weight_copies_are_aligned():
 @numba.njit(cache=True)
 def _exp_each(x, out):
     for i in range(x.shape[0]):
-        out[i] = _exp1(x[i])
+        out[i] = exp1(x[i])
 
 
 def test_float32_exp_is_within_two_ulp_and_float64_is_the_c_librarys():

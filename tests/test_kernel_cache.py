@@ -1,13 +1,13 @@
 """A kernel whose callee in another kernel module changed is compiled again, not loaded stale.
 
 Numba keys a cached function by its own file alone. The row kernels
-inline the array kernels' functions (``cross_entropy_row`` its ``_exp1``): after
+inline scalars.py's functions (``cross_entropy_row`` its ``exp1``): after
 such a callee changed, the cached caller kept the old code until the cache
 was cleared (a user upgrading unrolled, or anyone editing a kernel, ran old
 machine code). The kernel
 modules' caches now live in a folder named by the fingerprint of every kernel
 module (``jitcache.prepare_numba_cache``). Each case runs fresh processes on a
-copy of the package, edits the copy's float64 ``_exp1`` to add 1, and reads
+copy of the package, edits the copy's float64 ``exp1`` to add 1, and reads
 ``cross_entropy_row`` of one logit, 0 (a loss of log 1 = 0; log 2 after the edit), again.
 """
 
@@ -51,9 +51,9 @@ def _package_copy(tmp_path: Path, read_only: bool) -> Path:
 
 
 def _change_exp(root: Path) -> None:
-    kernels = root / "unrolled" / "engines" / "compiled" / "kernels" / "arrays.py"
+    kernels = root / "unrolled" / "engines" / "compiled" / "kernels" / "scalars.py"
     text = kernels.read_text()
-    assert text.count("    return lambda x: math.exp(x)\n") == 1, "the float64 _exp1 moved: update this test"
+    assert text.count("    return lambda x: math.exp(x)\n") == 1, "the float64 exp1 moved: update this test"
     kernels.write_text(text.replace("    return lambda x: math.exp(x)\n", "    return lambda x: math.exp(x) + 1.0\n"))
 
 

@@ -139,7 +139,7 @@ class Generator:
             args = [self._elem(a, "j", rows, local) for a in v.args]
             name = local[v.name] = f"e_{self.names[v.name]}"
             # constants are cast to the arguments' type, so that float32 stays float32 (and vectorizes)
-            code = scalar_code(v, OPS[v.op].formula.forward, operand_names(args), lambda c: f"_cast({c}, {args[0]})")
+            code = scalar_code(v, OPS[v.op].formula.forward, operand_names(args), lambda c: f"cast({c}, {args[0]})")
             body.append(f"{name} = {code}")
             if v.name in self.depth or v is self.logits or not self._users[v.name] <= members:
                 body.append(f"{self._elem(v, 'j', rows)} = {name}")
@@ -256,7 +256,7 @@ class Generator:
             )
 
             text = ("import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import *  # noqa: F401,F403\n"
-                    "from unrolled.engines.compiled.kernels.arrays import _cast, _sigmoid1, _tanh1  # noqa: F401\n"
+                    "from unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1  # noqa: F401\n"
                     "from unrolled.engines.compiled.kernels.sampling import *  # noqa: F401,F403\n\n"
                     "@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + self.code)
             return _load_module(text, "generate")["generate"]

@@ -25,7 +25,7 @@ from unrolled.graph.ops import ELEMENTWISE, OPS, render
 
 # The compiled paths' implementation of each call a formula makes (ops.FUNCTIONS): in float32,
 # the array kernels' vectorizable tanh and sigmoid.
-SCALAR_FUNCTIONS = {"tanh": "_tanh1", "sigmoid": "_sigmoid1", "exp": "np.exp", "log1p": "np.log1p"}
+SCALAR_FUNCTIONS = {"tanh": "tanh1", "sigmoid": "sigmoid1", "exp": "np.exp", "log1p": "np.log1p"}
 
 
 def scalar_code(v: Vertex, formula: str, names: dict[str, str], const) -> str:
@@ -110,7 +110,7 @@ class KernelText:
     def module(self) -> str:
         """Each kernel twice, for float32 and float64 (``name_f32``, ``name_f64``): constants are
         written in the run's precision, so float32 arithmetic stays float32 and vectorizes."""
-        head = ("import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import _sigmoid1, _tanh1\n\n"
+        head = ("import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.scalars import sigmoid1, tanh1\n\n"
                 "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\", fastmath={\"contract\"})\n\n")
         out = []
         for f in self.functions:
@@ -121,7 +121,7 @@ class KernelText:
 
     def generic(self) -> str:
         """The kernels for a Numba loop, which passes the precision as their first argument, ``KIND``."""
-        head = "from unrolled.engines.compiled.kernels.arrays import _sigmoid1, _tanh1, _jit as _kernel\n\n"
+        head = "from unrolled.engines.compiled.kernels.arrays import _jit as _kernel\nfrom unrolled.engines.compiled.kernels.scalars import sigmoid1, tanh1\n\n"
         return head + "\n\n".join("@_kernel\n" + f.replace("(", "(KIND, ", 1) for f in self.functions) + "\n"
 
     def names(self) -> list[str]:

@@ -454,17 +454,17 @@ def elementwise_kernels(ops: set[str]) -> str:
     """The row kernels of elementwise ``ops``, rendered from their formulas: ``{op}_row(y, x0, ...)``
     writes the output row; ``{op}_back_row(d, g, ...)`` (``_back{i}_`` for operand i of two) adds
     an operand's share of the gradient into ``d``, reading what its formula reads (:func:`_reads`)."""
-    out = ["import numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import _cast, _sigmoid1, _tanh1  # noqa: F401\n",
+    out = ["import numpy as np\nfrom unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1  # noqa: F401\n",
            "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\", fastmath={\"contract\"})\n"]
     names = {**SCALAR_FUNCTIONS, "x0": "x0[j]", "x1": "x1[j]", "y": "y[j]", "g": "g[j]"}
     for op in sorted(ops):
         f = OPS[op].formula
         xs = [f"x{i}" for i in range(OPS[op].arity)] + (["c"] if _takes_c(op) else [])
-        body = render(f.forward, names, lambda c: f"_cast({c}, y[0])")
+        body = render(f.forward, names, lambda c: f"cast({c}, y[0])")
         out.append(f"@_jit\ndef {op}_row(y, {', '.join(xs)}):\n    for j in range(y.shape[0]):\n"
                    f"        y[j] = {body}\n")
         for i, formula in enumerate(f.vjp):
-            body = render(formula, names, lambda c: f"_cast({c}, g[0])")
+            body = render(formula, names, lambda c: f"cast({c}, g[0])")
             out.append(f"@_jit\ndef {_back_kernel(op, i)}({', '.join(['d', 'g'] + _reads(formula))}):\n"
                        f"    for j in range(d.shape[0]):\n        d[j] += {body}\n")
     return "\n\n".join(out) + "\n\n"

@@ -8,7 +8,7 @@ else the temporary folder, and imported from there.
 The kernel modules' own cached functions are keyed the same way: Numba
 checks a cached function against its own file only, so the machine code of a
 function that compiled in another kernel module's function (the row kernels'
-``tanh_row`` inlines the array kernels' ``_tanh1``) outlived a change to that
+``tanh_row`` inlines scalars.py's ``tanh1``) outlived a change to that
 function. :func:`prepare_numba_cache` puts their caches in a folder named by
 :func:`_kernels_fingerprint`, a hash of every kernel module, under
 ``NUMBA_CACHE_DIR`` when that is set, else beside the generated code. Where

@@ -26,7 +26,7 @@ own bookkeeping, and LLVM loses the literal offset), so ``product_dx_row``
 and ``product_dw`` index ``W`` directly. Kernels whose speed alone
 matters keep their views (``add_dot_rows``, ``copy_row``, forward).
 
-The float32 e^x is the array kernels' (``_exp1``), inlined here. Numba's disk cache of these kernels is keyed by
+The float32 e^x is scalars.py's (``exp1``), inlined here. Numba's disk cache of these kernels is keyed by
 this file alone: a change to those functions must come with a change to
 this file (or an emptied ``__pycache__``), or the old machine code runs.
 """
@@ -36,7 +36,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .arrays import _cast, _exp1
+from .scalars import cast, exp1
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 _dot = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})
@@ -53,7 +53,7 @@ def add_dot_rows(y, W, at, x):
     j = 0
     while j + 4 <= m:
         w0, w1, w2, w3 = W[j, at:at + n], W[j + 1, at:at + n], W[j + 2, at:at + n], W[j + 3, at:at + n]
-        s0 = s1 = s2 = s3 = _cast(0.0, y[0])
+        s0 = s1 = s2 = s3 = cast(0.0, y[0])
         for k in range(n):
             xk = x[k]
             s0 += w0[k] * xk
@@ -67,7 +67,7 @@ def add_dot_rows(y, W, at, x):
         j += 4
     while j < m:
         w = W[j, at:at + n]  # a view: W[j, at + k] is checked for wrap-around each time (no vectors)
-        s = _cast(0.0, y[0])
+        s = cast(0.0, y[0])
         for k in range(n):
             s += w[k] * x[k]
         y[j] += s
@@ -120,11 +120,11 @@ def cross_entropy_row(loss, z, k, probs):
     for j in range(1, z.shape[0]):
         m = max(m, z[j])
     for j in range(z.shape[0]):
-        probs[j] = _exp1(z[j] - m)  # float32: vectorized (a third of this row's time with the C library's)
-    s = _cast(0.0, z[0])
+        probs[j] = exp1(z[j] - m)  # float32: vectorized (a third of this row's time with the C library's)
+    s = cast(0.0, z[0])
     for j in range(z.shape[0]):
         s += probs[j]
-    r = _cast(1.0, s) / s
+    r = cast(1.0, s) / s
     for j in range(z.shape[0]):
         probs[j] = probs[j] * r
     loss[0] = np.log(s) + m - z[k]
@@ -279,7 +279,7 @@ def masked_sum(L, M):
 @_jit
 def seed_loss(G, M, N):
     """``G[t, b, 0] = M[t, b] / N``: d total / d loss at each step, where backward starts."""
-    n = _cast(N, G[0, 0, 0])
+    n = cast(N, G[0, 0, 0])
     for t in range(G.shape[0]):
         for b in range(G.shape[1]):
             G[t, b, 0] = M[t, b] / n
