@@ -267,7 +267,53 @@ def test_every_call_a_formula_makes_has_a_compiled_implementation():
     from unrolled.engines.compiled import fuse
 
     assert set(ops.FUNCTIONS) - {"abs", "max"} <= set(fuse.SCALAR_FUNCTIONS)  # abs, max: Python's own
-    assert ops.ELEMENTWISE <= ops.runs_on("loop") & ops.runs_on("whole") & ops.runs_on("sampler")
+
+
+def test_each_path_differentiates_every_structural_op_it_runs():
+    """A path's structural rules are one dict per direction, keyed by ops of the table; what it
+    runs is derived from the keys, so an op it can run forward it can also differentiate."""
+    from unrolled.engines.compiled import codegen, feedback, wholestep
+
+    for forward, backward in ((codegen.FORWARD, codegen.BACKWARD), (wholestep.FORWARD, wholestep.BACKWARD)):
+        assert set(forward) == set(backward) and set(forward) <= set(OPS) - ops.ELEMENTWISE
+    assert set(feedback.LOOP_RULES) <= set(feedback.NUMPY_RULES) <= set(OPS) - ops.ELEMENTWISE
+    for supported, rules in ((codegen.INLINE, codegen.FORWARD), (wholestep.SUPPORTED, wholestep.FORWARD),
+                             (feedback.JIT_OPS, feedback.NUMPY_RULES)):
+        assert supported == ops.ELEMENTWISE | set(rules)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["numpy", "numba-spelling"])
+def test_ufunc_spellings_compute_the_formulas(jit):
+    """The step loops' ufunc calls, derived from each op's formulas (ufunc_calls.py), compute what
+    the op table's NumPy rules compute, run here on NumPy (``sigmoid``: the kernels' name for σ)."""
+    from unrolled.engines.compiled import codegen
+    from unrolled.engines.compiled.ufunc_calls import spell
+
+    rng = np.random.default_rng(0)
+    ns = {name: getattr(np, name) for name in ("add", "subtract", "multiply", "negative", "exp", "reciprocal",
+                                               "tanh", "maximum", "copyto", "greater")}
+    ns["sigmoid"] = lambda x, out: np.copyto(out, ops.sigmoid(x))
+    calls = codegen.loop_calls(jit)
+    assert {"add", "mul", "tanh", "sigmoid", "relu", "exp"} <= codegen.Writer.NATIVE
+    for name in codegen.Writer.NATIVE:
+        op, attrs = OPS[name], {"c": 0.7}
+        xs = [rng.normal(size=(3, 4)) for _ in range(op.arity)]
+        g, y = rng.normal(size=(3, 4)), op.forward(xs, attrs)
+        env = {**ns, **{f"x{i}": x for i, x in enumerate(xs)}, "g": g, "y": y, "d": np.empty((3, 4)),
+               "m": np.empty((3, 4), dtype=bool)}
+        names = {n: n for n in ("x0", "x1", "g", "y")} | {"c": "0.7"}
+        for formula, want in [(op.formula.forward, y), *zip(op.formula.vjp, op.vjp(g, xs, y, attrs))]:
+            exec("; ".join(spell(formula, names, "d", calls, mask="m")), env)
+            np.testing.assert_allclose(env["d"], want, rtol=1e-14, err_msg=f"{name}: {formula}")
+
+
+def test_tanh_vjp_is_spelled_in_one_buffer():
+    from unrolled.engines.compiled.ufunc_calls import spell
+
+    lines = spell(OPS["tanh"].formula.vjp[0], {"g": "G", "y": "Y"}, "D", {})
+    assert lines == ["multiply(Y, Y, out=D)", "subtract(1.0, D, out=D)", "multiply(D, G, out=D)"]
+    assert spell(OPS["softplus"].formula.forward, {"x0": "X"}, "D", {"max": "", "log1p": "", "exp": "",
+                                                                     "abs": ""}) is None  # needs two buffers
 
 
 def test_render_replaces_names_and_casts_constants():

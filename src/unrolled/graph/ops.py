@@ -44,7 +44,8 @@ class Formula:
     marks a constant (each renderer casts it to the run's precision) and the calls are
     those of :data:`FUNCTIONS`. The NumPy forward and VJP over ``[rows, F]`` are these
     formulas evaluated on arrays (:func:`_numpy_rule`); the compiled paths render them
-    with :func:`render` into their own loops (fuse.py, wholestep.py, feedback.py).
+    with :func:`render` into their own loops (fuse.py, wholestep.py, feedback.py) or spell
+    them as NumPy calls with ``out=`` (engines/compiled/ufunc_calls.py).
     """
 
     forward: str
@@ -466,20 +467,8 @@ def with_product(product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dic
 
 # ------------------------------------------------------- what each path runs
 
+# Every compiled path renders each elementwise op from its formula. The structural ops (products,
+# concatenation, slices, lookups, softmax, losses) have no formula: each path keeps its rules for
+# them in one dict by op name beside its code (codegen.FORWARD / BACKWARD, wholestep.FORWARD /
+# BACKWARD, feedback.NUMPY_RULES / LOOP_RULES), and what it runs is those keys and these.
 ELEMENTWISE = frozenset(op.name for op in OPS.values() if op.formula is not None)
-
-# The structural ops (products, concatenation, slices, lookups, softmax, losses) have no scalar
-# formula: each compiled path keeps its own code for those it runs, listed here, in one place.
-# Deriving them from the table too is the next step of issue 18.
-STRUCTURAL = {
-    "loop": frozenset({"matmul", "linear", "slice", "concat"}),  # codegen.py: the step loops
-    "whole": frozenset({"matmul", "linear", "concat", "slice", "one_hot", "embedding",
-                        "cross_entropy", "mse"}),  # wholestep.py / kernels/rows.py
-    "sampler": frozenset({"matmul", "linear", "slice", "concat", "one_hot", "embedding"}),  # feedback.py
-}
-
-
-def runs_on(path: str) -> frozenset:
-    """The ops a compiled path runs natively: every elementwise op (its code rendered from its
-    formula) and the structural ops that path has code for (:data:`STRUCTURAL`)."""
-    return ELEMENTWISE | STRUCTURAL[path]

@@ -13,9 +13,23 @@ from __future__ import annotations
 import re
 
 from unrolled.graph.folded import Graph, Param, Vertex
+from unrolled.graph.ops import ELEMENTWISE, OPS
 
 from . import fuse
 from .plan import Plan
+from .ufunc_calls import spell, spells
+
+# How the loops spell the calls of op formulas (ufunc_calls.py): NumPy's ufuncs, or the array
+# kernels of the same names under Numba, which also have a sigmoid of their own.
+_CALLS = {"tanh": "tanh({0}, out={dst})", "exp": "exp({0}, out={dst})", "max": "maximum({0}, {1}, out={dst})"}
+_SIGMOID = {True: "sigmoid({0}, out={dst})",
+            False: "negative({0}, out={dst}); exp({dst}, out={dst}); add({dst}, 1, out={dst}); reciprocal({dst}, out={dst})"}
+
+
+def loop_calls(jit: bool) -> dict[str, str]:
+    """The loops' spellings of the formulas' calls, under Numba (``jit``) or NumPy."""
+    return {**_CALLS, "sigmoid": _SIGMOID[jit]}
+
 
 _NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+|KIND)\b")
 
@@ -35,17 +49,18 @@ class _Code:
         return "\n".join(self.lines) + "\n"
 
 
-class _Writer:
+class Writer:
     """Emits the forward and backward step loops for a plan."""
 
-    # Elementwise ops the loops spell as NumPy calls with ``out=`` (below); any other elementwise
-    # op runs as a fused kernel rendered from its formula (fuse.py), or, unfused, through the op
-    # table's NumPy rules (``F_``, ``J_``).
-    NATIVE = frozenset({"add", "sub", "mul", "scale", "one_minus", "tanh", "sigmoid", "relu", "identity"})
+    # Elementwise ops the loops spell as NumPy calls with ``out=``, derived from their formulas
+    # (ufunc_calls.py); any other elementwise op runs as a fused kernel rendered from its formula
+    # (fuse.py), or, unfused, through the op table's NumPy rules (``F_``, ``J_``).
+    NATIVE = frozenset(op for op in ELEMENTWISE if spells(OPS[op].formula, loop_calls(True)))
 
     def __init__(self, graph: Graph, p: Plan, jit: bool = False, fused: bool = False):
         self.g, self.p, self.jit = graph, p, jit
         self.fuse = fused
+        self.calls = loop_calls(jit)
         self.kernels = fuse.KernelText()
         self.core = p.of("core")
         self.names: dict[str, str] = {}
@@ -108,53 +123,47 @@ class _Writer:
         return c.text()
 
     def _emit_forward(self, c: _Code, v: Vertex) -> None:
+        rule = FORWARD.get(v.op)
+        if rule is not None:
+            rule(self, c, v)
+            return
         dst, a = self.val(v), [self.arg(x) for x in v.args]
-        op = v.op
-        if op in ("matmul", "linear"):
-            s = self.p.split[v.name]
-            n = self.names[v.name]
-            xs = [self.val(part) for part, _, _ in s.core]
-            x = xs[0] if len(xs) == 1 else f"C_{n}"
-            if len(xs) > 1:
-                self._concat(c, xs, [part.size for part, _, _ in s.core], x)
-            if s.pre and s.tokens is None and dst == f"S_{n}":
-                # nothing keeps this step's value but the step: the product adds itself onto its
-                # loop-free half where that lies (Y[t]), which then holds the value
-                c(f"{dst} = Y_{n}[t - t0]  # Y holds this chunk's steps only")
-                c(f"matmul_add({x}, WT_{n}, {dst})")
-                return
-            c(f"matmul({x}, WT_{n}, out={dst})")
-            if s.tokens is not None:
-                # W · one_hot(k) + b is row k of WX = (W[:, pre] + b) transposed: picked in the loop
-                c(f"add_rows({dst}, WX_{n}, TOK_{n}[t])")
-            elif s.pre:
-                c(f"add({dst}, Y_{n}[t - t0], out={dst})")  # Y holds this chunk's steps only
-            elif s.bias:
-                c(f"add({dst}, P_{self.pnames[s.bias]}, out={dst})")
-        elif op in ("add", "sub", "mul"):
-            fn = {"add": "add", "sub": "subtract", "mul": "multiply"}[op]
-            c(f"{fn}({a[0]}, {a[1]}, out={dst})")
-        elif op == "scale":
-            c(f"multiply({a[0]}, {v.attrs['c']!r}, out={dst})")
-        elif op == "one_minus":
-            c(f"subtract(1, {a[0]}, out={dst})")
-        elif op == "tanh":
-            c(f"tanh({a[0]}, out={dst})")
-        elif op == "sigmoid" and self.jit:
-            c(f"sigmoid({a[0]}, out={dst})")
-        elif op == "sigmoid":
-            c(f"negative({a[0]}, out={dst}); exp({dst}, out={dst}); add({dst}, 1, out={dst}); "
-              f"reciprocal({dst}, out={dst})")
-        elif op == "relu":
-            c(f"maximum({a[0]}, 0, out={dst})")
-        elif op == "identity":
-            c(f"copyto({dst}, {a[0]})")
-        elif op == "slice":  # delayed, so not a view (Plan.is_view): its history gets a copy of its columns
-            c(f"copyto({dst}, {a[0]}[:, {v.attrs['start']}:{v.attrs['stop']}])")
-        elif op == "concat":
-            self._concat(c, a, [x.size for x in v.args], dst)
+        if v.op in self.NATIVE:
+            c("; ".join(spell(OPS[v.op].formula.forward, self.operands(v), dst, self.calls)))
         else:
             c(f"{dst}[...] = F_{self.names[v.name]}([{', '.join(a)}])")
+
+    def operands(self, v: Vertex) -> dict[str, str]:
+        """What an elementwise formula's names stand for in the loop: operands and the attribute c."""
+        return {**{f"x{i}": self.arg(x) for i, x in enumerate(v.args)}, "c": repr(v.attrs.get("c"))}
+
+    def _forward_product(self, c: _Code, v: Vertex) -> None:
+        dst, s, n = self.val(v), self.p.split[v.name], self.names[v.name]
+        xs = [self.val(part) for part, _, _ in s.core]
+        x = xs[0] if len(xs) == 1 else f"C_{n}"
+        if len(xs) > 1:
+            self._concat(c, xs, [part.size for part, _, _ in s.core], x)
+        if s.pre and s.tokens is None and dst == f"S_{n}":
+            # nothing keeps this step's value but the step: the product adds itself onto its
+            # loop-free half where that lies (Y[t]), which then holds the value
+            c(f"{dst} = Y_{n}[t - t0]  # Y holds this chunk's steps only")
+            c(f"matmul_add({x}, WT_{n}, {dst})")
+            return
+        c(f"matmul({x}, WT_{n}, out={dst})")
+        if s.tokens is not None:
+            # W · one_hot(k) + b is row k of WX = (W[:, pre] + b) transposed: picked in the loop
+            c(f"add_rows({dst}, WX_{n}, TOK_{n}[t])")
+        elif s.pre:
+            c(f"add({dst}, Y_{n}[t - t0], out={dst})")  # Y holds this chunk's steps only
+        elif s.bias:
+            c(f"add({dst}, P_{self.pnames[s.bias]}, out={dst})")
+
+    def _forward_slice(self, c: _Code, v: Vertex) -> None:
+        """Delayed, so not a view (Plan.is_view): its history gets a copy of its columns."""
+        c(f"copyto({self.val(v)}, {self.arg(v.args[0])}[:, {v.attrs['start']}:{v.attrs['stop']}])")
+
+    def _forward_concat(self, c: _Code, v: Vertex) -> None:
+        self._concat(c, [self.arg(x) for x in v.args], [x.size for x in v.args], self.val(v))
 
     # ---- backward
 
@@ -164,11 +173,11 @@ class _Writer:
         c.indent = 1
         c("for t in range(t1 - 1, t0 - 1, -1):")
         c.indent = 2
-        self._assigned: dict[str, list[tuple[int, int]]] = {}
-        self._zero_fill = self._zero_fill_targets()
+        self.assigned: dict[str, list[tuple[int, int]]] = {}
+        self.zero_fill = self._zero_fill_targets()
         body_start = len(c.lines)
-        for key in sorted(self._zero_fill):
-            c(f"{self._zero_fill[key]}.fill(0)")
+        for key in sorted(self.zero_fill):
+            c(f"{self.zero_fill[key]}.fill(0)")
         for item in reversed(self._body()):
             if isinstance(item, fuse.Region):
                 fuse.emit_backward(self, item, self.kernels, c)
@@ -198,7 +207,7 @@ class _Writer:
         if v.name in self.p.depth:
             key = f"GH_{n}"
             return f"{key}[{self._gh_index(v, f'{t}+{self.p.depth[v.name]}')}]", key, True
-        if self._has_full_grad(v):
+        if self.has_full_grad(v):
             key = f"GF_{n}"  # holds this chunk's steps only
             return f"{key}[{t} - t0]", key, self._post_grad(v)
         return f"G_{n}", f"G_{n}", False
@@ -210,9 +219,9 @@ class _Writer:
     def in_ring(self, src: Vertex) -> bool:
         """Whether the loop may keep only the last D + 1 gradients of delayed ``src``:
         no outside gradient arrives over all steps, and no weight needs them after the loop."""
-        return not (self._post_grad(src) or self._has_full_grad(src))
+        return not (self._post_grad(src) or self.has_full_grad(src))
 
-    def _has_full_grad(self, v: Vertex) -> bool:
+    def has_full_grad(self, v: Vertex) -> bool:
         """Does the loop keep ``v``'s gradient for every step of a chunk (``GF``)? Asked ~90 times a
         run (and twice that with the rows split), so remembered like :meth:`_post_grad`."""
         memo = self.p.memo.setdefault("full_grad", {})
@@ -323,10 +332,10 @@ class _Writer:
         base, key, add_only = self.grad(target)
         lo, hi = rng or (0, target.size)
         where = base if rng is None else f"{base}[:, {lo}:{hi}]"
-        fresh = not add_only and key not in self._zero_fill and not any(
-            s[0] < hi and lo < s[1] for s in self._assigned.get(key, []))
+        fresh = not add_only and key not in self.zero_fill and not any(
+            s[0] < hi and lo < s[1] for s in self.assigned.get(key, []))
         if fresh:
-            self._assigned.setdefault(key, []).append((lo, hi))
+            self.assigned.setdefault(key, []).append((lo, hi))
             expr_into(c, where)
         elif expr_onto is not None:
             expr_onto(c, where)
@@ -337,78 +346,74 @@ class _Writer:
             c(f"add({where}, {tmp}, out={where})")
 
     def _emit_backward(self, c: _Code, v: Vertex) -> None:
-        g, _, _ = self.grad(v)
         if self.p.is_view(v) or v.name not in self.p.wants_grad:
             return
-        op, n = v.op, self.names[v.name]
-        if op == "slice":  # delayed, so not a view: its gradient is copied back into its columns
-            base, rng = self._slice_target(v)
-            self._add_to(c, base, rng, lambda cc, dst: cc(f"copyto({dst}, {g})"))
-            return
-        out = self.val(v)
-        targets = []
+        rule = BACKWARD.get(v.op)
+        if rule is not None:
+            rule(self, c, v)
+        elif v.op in self.NATIVE:
+            self._backward_spelled(c, v)
+        else:
+            g, _, _ = self.grad(v)
+            a = [self.arg(x) for x in v.args]
+            c(f"_gs = J_{self.names[v.name]}({g}, [{', '.join(a)}], {self.val(v)})")
+            self._each_operand(c, v, lambda cc, dst, i: cc(f"copyto({dst}, _gs[{i}])"))
+
+    def _each_operand(self, c: _Code, v: Vertex, write) -> None:
+        """``write(c, dst, i)`` for each operand i that wants a gradient, into where it accumulates."""
         for i, a in enumerate(v.args):
             if isinstance(a, Param) or a.name not in self.p.wants_grad:
                 continue
             base, rng = self.p.viewed(a)
-            targets.append((i, base if rng else a, rng))
+            self._add_to(c, base if rng else a, rng, lambda cc, dst, i=i: write(cc, dst, i))
 
-        def each(fn):
-            for i, tgt, rng in targets:
-                self._add_to(c, tgt, rng, lambda cc, dst, i=i: fn(cc, dst, i))
+    def _backward_spelled(self, c: _Code, v: Vertex) -> None:
+        """An elementwise op's VJPs as ufunc calls, spelled from its formulas (ufunc_calls.py)."""
+        g, _, _ = self.grad(v)
+        names, mask = {**self.operands(v), "g": g, "y": self.val(v)}, f"M_{v.size}"
 
-        if op in ("matmul", "linear"):
-            s = self.p.split[v.name]
-            wanted = [(part, a0, b0) for part, a0, b0 in s.core if part.name in self.p.wants_grad]
-            if len(s.core) == 1 and wanted:
-                part = wanted[0][0]
-                base, rng = self.p.viewed(part)
-                self._add_to(c, base if rng else part, rng,
-                             lambda cc, dst: cc(f"matmul({g}, W_{n}, out={dst})"),
-                             lambda cc, dst: cc(f"matmul_add({g}, W_{n}, {dst})"))
-            elif wanted:
-                c(f"matmul({g}, W_{n}, out=CG_{n})")
-                off = 0
-                for part, a0, b0 in s.core:
-                    w = b0 - a0
-                    if part.name in self.p.wants_grad:
-                        base, rng = self.p.viewed(part)
-                        self._add_to(c, base if rng else part, rng,
-                                     lambda cc, dst, o=off, w=w: cc(f"copyto({dst}, CG_{n}[:, {o}:{o + w}])"))
-                    off += w
-        elif op == "add":
-            each(lambda cc, dst, i: cc(f"copyto({dst}, {g})"))
-        elif op == "sub":
-            each(lambda cc, dst, i: cc(f"copyto({dst}, {g})") if i == 0 else cc(f"negative({g}, out={dst})"))
-        elif op == "mul":
-            a = [self.arg(x) for x in v.args]
-            each(lambda cc, dst, i: cc(f"multiply({g}, {a[1 - i]}, out={dst})"))
-        elif op == "scale":
-            each(lambda cc, dst, i: cc(f"multiply({g}, {v.attrs['c']!r}, out={dst})"))
-        elif op == "one_minus":
-            each(lambda cc, dst, i: cc(f"negative({g}, out={dst})"))
-        elif op == "tanh":
-            each(lambda cc, dst, i: cc(f"multiply({out}, {out}, out={dst}); subtract(1, {dst}, out={dst}); "
-                                       f"multiply({dst}, {g}, out={dst})"))
-        elif op == "sigmoid":
-            each(lambda cc, dst, i: cc(f"subtract(1, {out}, out={dst}); multiply({dst}, {out}, out={dst}); "
-                                       f"multiply({dst}, {g}, out={dst})"))
-        elif op == "relu":
-            x = self.arg(v.args[0])
-            each(lambda cc, dst, i: cc(f"greater({x}, 0, out=M_{v.size}); multiply({g}, M_{v.size}, out={dst})"))
-            self.mask_widths.add(v.size)
-        elif op == "identity":
-            each(lambda cc, dst, i: cc(f"copyto({dst}, {g})"))
-        elif op == "concat":
-            offs, o = [], 0
-            for a in v.args:
-                offs.append(o)
-                o += a.size
-            each(lambda cc, dst, i: cc(f"copyto({dst}, {g}[:, {offs[i]}:{offs[i] + v.args[i].size}])"))
-        else:
-            a = [self.arg(x) for x in v.args]
-            c(f"_gs = J_{n}({g}, [{', '.join(a)}], {out})")
-            each(lambda cc, dst, i: cc(f"copyto({dst}, _gs[{i}])"))
+        def write(cc, dst, i):
+            lines = spell(OPS[v.op].formula.vjp[i], names, dst, self.calls, mask)
+            if any(mask in line for line in lines):
+                self.mask_widths.add(v.size)
+            cc("; ".join(lines))
+
+        self._each_operand(c, v, write)
+
+    def _backward_slice(self, c: _Code, v: Vertex) -> None:
+        """Delayed, so not a view: its gradient is copied back into its columns."""
+        g, _, _ = self.grad(v)
+        base, rng = self._slice_target(v)
+        self._add_to(c, base, rng, lambda cc, dst: cc(f"copyto({dst}, {g})"))
+
+    def _backward_concat(self, c: _Code, v: Vertex) -> None:
+        g, _, _ = self.grad(v)
+        offs, o = [], 0
+        for a in v.args:
+            offs.append(o)
+            o += a.size
+        self._each_operand(c, v, lambda cc, dst, i: cc(f"copyto({dst}, {g}[:, {offs[i]}:{offs[i] + v.args[i].size}])"))
+
+    def _backward_product(self, c: _Code, v: Vertex) -> None:
+        """The input's gradient ``g · W``, sent to the product's loop parts (W's own: after the loop)."""
+        g, _, _ = self.grad(v)
+        s, n = self.p.split[v.name], self.names[v.name]
+        wanted = [part for part, _, _ in s.core if part.name in self.p.wants_grad]
+        if len(s.core) == 1 and wanted:
+            base, rng = self.p.viewed(wanted[0])
+            self._add_to(c, base if rng else wanted[0], rng,
+                         lambda cc, dst: cc(f"matmul({g}, W_{n}, out={dst})"),
+                         lambda cc, dst: cc(f"matmul_add({g}, W_{n}, {dst})"))
+        elif wanted:
+            c(f"matmul({g}, W_{n}, out=CG_{n})")
+            off = 0
+            for part, a0, b0 in s.core:
+                w = b0 - a0
+                if part.name in self.p.wants_grad:
+                    base, rng = self.p.viewed(part)
+                    self._add_to(c, base if rng else part, rng,
+                                 lambda cc, dst, o=off, w=w: cc(f"copyto({dst}, CG_{n}[:, {o}:{o + w}])"))
+                off += w
 
     # ---- shared
 
@@ -435,6 +440,17 @@ class _Writer:
         return fwd, bwd
 
 
+# The structural ops the step loops write, each by its rule above, looked up by op name. Every
+# elementwise op runs too: spelled as ufunc calls from its formula where it fits one buffer
+# (Writer.NATIVE), else a fused kernel or the op table's NumPy rule. Any other op runs through
+# the table's NumPy rule outside the loop only (Plan's pre and post phases).
+FORWARD = {"matmul": Writer._forward_product, "linear": Writer._forward_product,
+           "slice": Writer._forward_slice, "concat": Writer._forward_concat}
+BACKWARD = {"matmul": Writer._backward_product, "linear": Writer._backward_product,
+            "slice": Writer._backward_slice, "concat": Writer._backward_concat}
+INLINE = ELEMENTWISE | frozenset(FORWARD)  # the ops a step loop runs
+
+
 def _coverage(spans) -> int:
     total, end = 0, -1
     for lo, hi in sorted(spans):
@@ -445,7 +461,7 @@ def _coverage(spans) -> int:
     return total
 
 
-def _with_arguments(source: str) -> str:
+def with_arguments(source: str) -> str:
     """Numba freezes globals at compile time, so every buffer becomes an argument instead."""
     names = sorted(set(_NAME.findall(source)), key=lambda n: (n.split("_")[0], n))
     head, _, body = source.partition("\n")
@@ -453,7 +469,7 @@ def _with_arguments(source: str) -> str:
     return f"@numba.njit(cache=True, nogil=True, error_model=\"numpy\", fastmath={{\"contract\"}})\n{fn}(t0, t1, {', '.join(names)}):\n{body}"
 
 
-def _header(w: _Writer) -> str:
+def header(w: Writer) -> str:
     lines = [f"# generated by unrolled.engines.compiled.engine for graph '{w.g.name}'",
              "# core (step by step): " + ", ".join(v.name for v in w.p.of("core")),
              "# pre (all steps at once, before the loop): " + ", ".join(v.name for v in w.p.of("pre")),

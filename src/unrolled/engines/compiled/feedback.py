@@ -26,12 +26,16 @@ from unrolled.engines.compiled.kernels.blas import aligned, aligned_zeros, produ
 from unrolled.engines.compiled.kernels.jitcache import numba_allowed
 from unrolled.engines.runio import _as_history
 from unrolled.graph.folded import Graph, Param, Vertex
-from unrolled.graph.ops import ELEMENTWISE, OPS, runs_on
+from unrolled.graph.ops import ELEMENTWISE, OPS
 
 from .fuse import operand_names, scalar_code
 from .plan import is_view
+from .ufunc_calls import spell
 
-_JIT_OPS = runs_on("sampler")
+# How the step's NumPy calls spell the calls of op formulas (ufunc_calls.py); under Numba the
+# array kernels of the same names stand in.
+_CALLS = {"tanh": "tanh({0}, out={dst})", "exp": "exp({0}, out={dst})", "max": "maximum({0}, {1}, out={dst})",
+          "sigmoid": "sigmoid({0}, out={dst})"}
 
 
 class Generator:
@@ -148,24 +152,27 @@ class Generator:
 
     def _emit_loops(self, v: Vertex) -> list[str]:
         """The Numba path's line(s) for an op outside the elementwise groups."""
+        rule = LOOP_RULES.get(v.op)
+        return rule(self, v) if rule is not None else self._emit(v)
+
+    def _loops_product(self, v: Vertex) -> list[str]:
         dst, a = self._val(v), [self._val(x) for x in v.args]
         n = self.names[v.name]
-        if v.op in ("matmul", "linear"):
-            # a few rows: the kernels' loops; more: the training loops' products (oneDNN when it runs
-            # them, whose pool OpenBLAS's must not wake: see onednn.py)
-            few = (f"matmul_rows({a[1]}, W_{n}, {dst})" if v.op == "matmul"
-                   else f"linear_rows({a[1]}, W_{n}, {a[2]}, {dst})")
-            many = [f"    matmul({a[1]}, W_{n}, {dst})"] + ([f"    add({dst}, {a[2]}, {dst})"] if v.op == "linear" else [])
-            return [f"if {a[1]}.shape[0] <= LOOP_ROWS:", f"    {few}", "else:"] + many
-        if v.op == "concat":
-            out, off = [], 0
-            for x in v.args:
-                rows: dict[str, str] = {}
-                line = f"{self._elem(v, f'{off} + j' if off else 'j', rows)} = {self._elem(x, 'j', rows)}"
-                out += self._row_loops(x.size, rows, [line])
-                off += x.size
-            return out
-        return self._emit(v)
+        # a few rows: the kernels' loops; more: the training loops' products (oneDNN when it runs
+        # them, whose pool OpenBLAS's must not wake: see onednn.py)
+        few = (f"matmul_rows({a[1]}, W_{n}, {dst})" if v.op == "matmul"
+               else f"linear_rows({a[1]}, W_{n}, {a[2]}, {dst})")
+        many = [f"    matmul({a[1]}, W_{n}, {dst})"] + ([f"    add({dst}, {a[2]}, {dst})"] if v.op == "linear" else [])
+        return [f"if {a[1]}.shape[0] <= LOOP_ROWS:", f"    {few}", "else:"] + many
+
+    def _loops_concat(self, v: Vertex) -> list[str]:
+        out, off = [], 0
+        for x in v.args:
+            rows: dict[str, str] = {}
+            line = f"{self._elem(v, f'{off} + j' if off else 'j', rows)} = {self._elem(x, 'j', rows)}"
+            out += self._row_loops(x.size, rows, [line])
+            off += x.size
+        return out
 
     @staticmethod
     def _row_loops(size: int, rows: dict[str, str], body: list[str]) -> list[str]:
@@ -212,58 +219,50 @@ class Generator:
     # ------------------------------------------- code, both paths
 
     def _emit(self, v: Vertex) -> list[str]:
-        dst, a = self._val(v), [self._val(x) for x in v.args]
-        n = self.names[v.name]
-        op = v.op
-        if op in ("matmul", "linear"):
-            out = [f"matmul({a[1]}, W_{n}, out={dst})"]
-            if op == "linear":
-                out.append(f"add({dst}, {a[2]}, out={dst})")
-            return out
-        if op in ("add", "sub", "mul"):
-            fn = {"add": "add", "sub": "subtract", "mul": "multiply"}[op]
-            return [f"{fn}({a[0]}, {a[1]}, out={dst})"]
-        if op == "scale":
-            return [f"multiply({a[0]}, {v.attrs['c']!r}, out={dst})"]
-        if op == "one_minus":
-            return [f"subtract(1, {a[0]}, out={dst})"]
-        if op == "tanh":
-            return [f"tanh({a[0]}, out={dst})"]
-        if op == "sigmoid":
-            return [f"sigmoid({a[0]}, out={dst})"]
-        if op == "relu":
-            return [f"maximum({a[0]}, 0, out={dst})"]
-        if op == "identity":
-            return [f"copyto({dst}, {a[0]})"]
-        if op == "slice":  # delayed, so not a view: its ring gets a copy of its columns
-            return [f"copyto({dst}, {a[0]}[:, {v.attrs['start']}:{v.attrs['stop']}])"]
-        if op == "concat":
-            out, off = [], 0
-            for x, src in zip(v.args, a):
-                out.append(f"copyto({dst}[:, {off}:{off + x.size}], {src})")
-                off += x.size
-            return out
-        if op == "one_hot":
-            return [f"one_hot({a[0]}, {dst})"]
-        if op == "embedding":
-            return [f"gather_rows({a[0]}, {a[1]}, {dst})"]
-        return [f"{dst}[...] = FWD_{n}([{', '.join(a)}])"]
+        """The NumPy call(s) for op ``v``: its rule, spelled from its formula, or the op table's."""
+        rule, dst, a = NUMPY_RULES.get(v.op), self._val(v), [self._val(x) for x in v.args]
+        if rule is not None:
+            return rule(self, v, dst, a)
+        if v.op in ELEMENTWISE:
+            names = {**{f"x{i}": e for i, e in enumerate(a)}, "c": repr(v.attrs.get("c"))}
+            lines = spell(OPS[v.op].formula.forward, names, dst, _CALLS)
+            if lines is not None:
+                return ["; ".join(lines)]
+        return [f"{dst}[...] = FWD_{self.names[v.name]}([{', '.join(a)}])"]
+
+    def _numpy_product(self, v: Vertex, dst: str, a: list[str]) -> list[str]:
+        out = [f"matmul({a[1]}, W_{self.names[v.name]}, out={dst})"]
+        if v.op == "linear":
+            out.append(f"add({dst}, {a[2]}, out={dst})")
+        return out
+
+    def _numpy_slice(self, v: Vertex, dst: str, a: list[str]) -> list[str]:
+        """Delayed, so not a view: its ring gets a copy of its columns."""
+        return [f"copyto({dst}, {a[0]}[:, {v.attrs['start']}:{v.attrs['stop']}])"]
+
+    def _numpy_concat(self, v: Vertex, dst: str, a: list[str]) -> list[str]:
+        out, off = [], 0
+        for x, src in zip(v.args, a):
+            out.append(f"copyto({dst}[:, {off}:{off + x.size}], {src})")
+            off += x.size
+        return out
 
     def _compile(self):
         if self.use_jit:
             from unrolled.engines.compiled.kernels.jitcache import (
-                _load_module,  # the same on-disk cache as the training loops
+                load_module,  # the same on-disk cache as the training loops
             )
 
             text = ("import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import *  # noqa: F401,F403\n"
                     "from unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1  # noqa: F401\n"
                     "from unrolled.engines.compiled.kernels.sampling import *  # noqa: F401,F403\n\n"
                     "@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + self.code)
-            return _load_module(text, "generate")["generate"]
+            return load_module(text, "generate")["generate"]
         from .kernels import sampling as k
 
         ns = {"matmul": product, "add": np.add, "subtract": np.subtract, "multiply": np.multiply,
-              "tanh": np.tanh, "maximum": np.maximum, "copyto": np.copyto, "sigmoid": k.sigmoid_numpy,
+              "negative": np.negative, "exp": np.exp, "tanh": np.tanh, "maximum": np.maximum,
+              "copyto": np.copyto, "sigmoid": k.sigmoid_numpy,
               "one_hot": k.one_hot_numpy, "gather_rows": k.gather_rows_numpy, "sample_rows": k.sample_rows_numpy}
         for v in self.order:  # the ops whose NumPy rule the code calls (FWD_)
             if v.kind == "op" and f"FWD_{self.names[v.name]}(" in self.code:
@@ -347,6 +346,19 @@ class Generator:
         return np.zeros((D, B, v.size), dtype=dtype)
 
 
+# The structural ops the sampler writes, each by its rule above, looked up by op name: as NumPy
+# calls (NUMPY_RULES; under Numba the array kernels stand in), and, on the Numba path, as loops
+# where those are faster (LOOP_RULES). Every elementwise op runs too, from its formula. Any other
+# op calls the op table's NumPy rule, which Numba cannot: it keeps the generator on NumPy.
+NUMPY_RULES = {"matmul": Generator._numpy_product, "linear": Generator._numpy_product,
+               "slice": Generator._numpy_slice, "concat": Generator._numpy_concat,
+               "one_hot": lambda self, v, dst, a: [f"one_hot({a[0]}, {dst})"],
+               "embedding": lambda self, v, dst, a: [f"gather_rows({a[0]}, {a[1]}, {dst})"]}
+LOOP_RULES = {"matmul": Generator._loops_product, "linear": Generator._loops_product,
+              "concat": Generator._loops_concat}
+JIT_OPS = ELEMENTWISE | frozenset(NUMPY_RULES)  # the ops the Numba generator runs
+
+
 def _needed(graph: Graph, target: Vertex) -> list[Vertex]:
     """The vertices one step of ``target`` needs, through delays too, in step order."""
     need: set[str] = set()
@@ -364,7 +376,7 @@ def _needed(graph: Graph, target: Vertex) -> list[Vertex]:
 
 
 def _jit_wanted(jit, order) -> bool:
-    unsupported = {v.op for v in order if v.kind == "op"} - _JIT_OPS
+    unsupported = {v.op for v in order if v.kind == "op"} - JIT_OPS
     return numba_allowed(jit, unsupported, "the JIT generator")
 
 

@@ -11,20 +11,23 @@ registers and writing each vertex to the buffer the rest of the engine
 expects. The backward kernel does the same for the region's
 vector-Jacobian products, in reverse order, summing gradients inside the
 region in registers and adding or assigning those that leave it exactly as
-the unfused loop would.
+the unfused loop would. The whole-run function's per-row kernels of
+elementwise ops (wholestep.py) are rendered here too, from the same formulas.
 
 Reading operands through ``base[b, offset + j]`` rather than through NumPy
 views keeps every array C-contiguous, so Numba vectorizes the loops; float32
-tanh and sigmoid use the vectorizable approximation of ``kernels.arrays``.
+tanh and sigmoid use the vectorizable approximation of ``kernels.scalars``.
 """
 
 from __future__ import annotations
+
+import re
 
 from unrolled.graph.folded import Param, Vertex
 from unrolled.graph.ops import ELEMENTWISE, OPS, render
 
 # The compiled paths' implementation of each call a formula makes (ops.FUNCTIONS): in float32,
-# the array kernels' vectorizable tanh and sigmoid.
+# the vectorizable tanh and sigmoid of kernels/scalars.py.
 SCALAR_FUNCTIONS = {"tanh": "tanh1", "sigmoid": "sigmoid1", "exp": "np.exp", "log1p": "np.log1p"}
 
 
@@ -121,7 +124,7 @@ class KernelText:
 
     def generic(self) -> str:
         """The kernels for a Numba loop, which passes the precision as their first argument, ``KIND``."""
-        head = "from unrolled.engines.compiled.kernels.arrays import _jit as _kernel\nfrom unrolled.engines.compiled.kernels.scalars import sigmoid1, tanh1\n\n"
+        head = "from unrolled.engines.compiled.kernels.arrays import jit as _kernel\nfrom unrolled.engines.compiled.kernels.scalars import sigmoid1, tanh1\n\n"
         return head + "\n\n".join("@_kernel\n" + f.replace("(", "(KIND, ", 1) for f in self.functions) + "\n"
 
     def names(self) -> list[str]:
@@ -201,8 +204,8 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
         if v.name not in writer.p.wants_grad:
             continue
         base, key, add_only = writer.grad(v)
-        readable = add_only or key in writer._zero_fill or any(
-            s[0] < v.size and 0 < s[1] for s in writer._assigned.get(key, []))
+        readable = add_only or key in writer.zero_fill or any(
+            s[0] < v.size and 0 < s[1] for s in writer.assigned.get(key, []))
         g = f"g{len(value)}"
         value[v.name] = g
         rows = rows or ops.name(base)
@@ -212,11 +215,11 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
         if v.name in acc:
             parts.append(acc[v.name])
         body.append(f"{g} = {' + '.join(parts) if parts else K + '(0.0)'}")
-        if writer._has_full_grad(v) and not add_only:
+        if writer.has_full_grad(v) and not add_only:
             # a weight reads this gradient after the loop: store it whole
-            writer._assigned.setdefault(key, []).append((0, v.size))
+            writer.assigned.setdefault(key, []).append((0, v.size))
             body.append(f"{ops.name(base)}[b, j] = {g}")
-        elif writer._has_full_grad(v):
+        elif writer.has_full_grad(v):
             body.append(f"{ops.name(base)}[b, j] = {g}")
         for i, a in enumerate(v.args):
             if isinstance(a, Param) or a.name not in writer.p.wants_grad:
@@ -228,11 +231,11 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
             target, rng = writer.p.viewed(a)
             tbase, tkey, t_add = writer.grad(target)
             lo, hi = rng or (0, target.size)
-            fresh = not t_add and tkey not in writer._zero_fill and not any(
-                s[0] < hi and lo < s[1] for s in writer._assigned.get(tkey, []))
+            fresh = not t_add and tkey not in writer.zero_fill and not any(
+                s[0] < hi and lo < s[1] for s in writer.assigned.get(tkey, []))
             where = f"{ops.name(tbase)}[b, {lo} + j]"
             if fresh:
-                writer._assigned.setdefault(tkey, []).append((lo, hi))
+                writer.assigned.setdefault(tkey, []).append((lo, hi))
                 body.append(f"{where} = {contribution}")
             else:
                 body.append(f"{where} += {contribution}")
@@ -247,3 +250,41 @@ def emit_backward(writer, region: Region, kernels: KernelText, c) -> None:
 def _vjp_formula(v: Vertex, i: int, g: str, args: list[str], out: str, K: str) -> str:
     return scalar_code(v, OPS[v.op].formula.vjp[i], {**operand_names(args), "y": out, "g": g},
                        lambda c: f"{K}({c})")
+
+
+# ------------------------------------------- row kernels (the whole-run function's)
+
+
+def reads(formula: str) -> list[str]:
+    """What a formula reads besides ``g``, in kernel-argument order: operands, output, ``c``."""
+    names = set(re.findall(r"\b[a-z]\w*", formula))
+    return [n for n in ("x0", "x1", "y", "c") if n in names]
+
+
+def takes_c(op: str) -> bool:
+    f = OPS[op].formula
+    return "c" in reads(" ".join((f.forward, *f.vjp)))
+
+
+def back_kernel(op: str, i: int) -> str:
+    return f"{op}_back_row" if OPS[op].arity == 1 else f"{op}_back{i}_row"
+
+
+def row_kernels(ops: set[str]) -> str:
+    """The row kernels of elementwise ``ops``, rendered from their formulas: ``{op}_row(y, x0, ...)``
+    writes the output row; ``{op}_back_row(d, g, ...)`` (``_back{i}_`` for operand i of two) adds
+    an operand's share of the gradient into ``d``, reading what its formula reads (:func:`reads`)."""
+    out = ["import numpy as np\nfrom unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1  # noqa: F401\n",
+           "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\", fastmath={\"contract\"})\n"]
+    names = {**SCALAR_FUNCTIONS, "x0": "x0[j]", "x1": "x1[j]", "y": "y[j]", "g": "g[j]"}
+    for op in sorted(ops):
+        f = OPS[op].formula
+        xs = [f"x{i}" for i in range(OPS[op].arity)] + (["c"] if takes_c(op) else [])
+        body = render(f.forward, names, lambda c: f"cast({c}, y[0])")
+        out.append(f"@_jit\ndef {op}_row(y, {', '.join(xs)}):\n    for j in range(y.shape[0]):\n"
+                   f"        y[j] = {body}\n")
+        for i, formula in enumerate(f.vjp):
+            body = render(formula, names, lambda c: f"cast({c}, g[0])")
+            out.append(f"@_jit\ndef {back_kernel(op, i)}({', '.join(['d', 'g'] + reads(formula))}):\n"
+                       f"    for j in range(d.shape[0]):\n        d[j] += {body}\n")
+    return "\n\n".join(out) + "\n\n"

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from unrolled.graph.folded import Graph, Param, Vertex
-from unrolled.graph.ops import OPS, runs_on
+from unrolled.graph.ops import OPS
 
-INLINE = runs_on("loop")  # ops the step loops write out; the others call the op table's NumPy rules
 # What a structural op's backward rule reads: its operands ("args") and/or its output ("out"); a
 # product's operand is kept through its split (see _stored). An elementwise op says it itself
 # (ops.Formula.needs); any other op is taken to read both.
@@ -41,7 +40,7 @@ def is_view(v, depth) -> bool:
 
 
 @dataclass
-class _Split:
+class Split:
     """A core product ``W · concat(parts)`` cut into its pre-loop and in-loop halves."""
 
     W: str
@@ -74,7 +73,7 @@ class Plan:
     order: list[Vertex]  # every vertex (delays included) in a same-step topological order
     phase: dict[str, str]  # 'pre', 'core' or 'post'
     depth: dict[str, int]  # delayed vertex -> its deepest delay D
-    split: dict[str, _Split] = field(default_factory=dict)
+    split: dict[str, Split] = field(default_factory=dict)
     stored: set[str] = field(default_factory=set)  # core vertices kept for all steps
     wants_grad: set[str] = field(default_factory=set)
     memo: dict = field(default_factory=dict)
@@ -255,7 +254,7 @@ def _wants_grad(order: list[Vertex]) -> set[str]:
     return wants
 
 
-def _split_product(v: Vertex, phase) -> _Split:
+def _split_product(v: Vertex, phase) -> Split:
     W, x = v.args[0], v.args[1]
     bias = v.args[2].name if v.op == "linear" else None
     parts = x.args if (x.kind == "op" and x.op == "concat") else (x,)
@@ -263,7 +262,7 @@ def _split_product(v: Vertex, phase) -> _Split:
     for part in parts:
         (core if phase[part.name] == "core" else pre).append((part, col, col + part.size))
         col += part.size
-    return _Split(W.name, bias, pre, core)
+    return Split(W.name, bias, pre, core)
 
 
 def _stored(graph: Graph, p: Plan) -> set[str]:

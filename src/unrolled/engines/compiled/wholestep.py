@@ -36,14 +36,11 @@ import numpy as np
 from unrolled.engines.compiled.kernels.blas import aligned_empty, aligned_zeros
 from unrolled.engines.runio import Feeds, RunResult, as_state, parameter_copies
 from unrolled.graph.folded import Graph, Param, Vertex
-from unrolled.graph.ops import ELEMENTWISE, OPS, render, runs_on
+from unrolled.graph.ops import ELEMENTWISE, OPS
 
-from .fuse import SCALAR_FUNCTIONS
+from .fuse import back_kernel, reads, row_kernels, takes_c
 
 KEEP_WORKSPACES = 4  # runs of this many shapes (T, B, dtype) keep their arrays
-
-SUPPORTED = runs_on("whole")
-
 
 def unsupported(graph: Graph) -> set[str]:
     """What in this graph :class:`WholeRun` cannot run (empty: it runs all of it). A delayed index
@@ -68,8 +65,8 @@ class WholeRun:
         self.names = {v.name: f"v{i}" for i, v in enumerate(self.order)}
         self.pnames = {name: f"p{i}" for i, name in enumerate(graph.params)}
         self.feeds = _feeds(self)  # (argument, what of the Feeds it is, whose), after the parameters
-        self.code = _Writer(self).source()
-        self.kernel_code = elementwise_kernels({v.op for v in self.order if v.kind == "op"} & ELEMENTWISE)
+        self.code = Writer(self).source()
+        self.kernel_code = row_kernels({v.op for v in self.order if v.kind == "op"} & ELEMENTWISE)
         self.arguments = _arguments(self.code)  # the workspace arrays, after the feeds
         self._fn = None
         self._workspaces: dict[tuple, _Workspace] = {}
@@ -92,9 +89,9 @@ class WholeRun:
 
     def run(self, params, f: Feeds, combine: str, backward: bool) -> RunResult:
         if self._fn is None:
-            from unrolled.engines.compiled.kernels.jitcache import _load_module
+            from unrolled.engines.compiled.kernels.jitcache import load_module
 
-            self._fn = _load_module("import numba\nfrom unrolled.engines.compiled.kernels.rows import *  # noqa: F401,F403\n\n"
+            self._fn = load_module("import numba\nfrom unrolled.engines.compiled.kernels.rows import *  # noqa: F401,F403\n\n"
                                     + self.kernel_code + self.code, "whole")["whole_run"]
         ws = self._workspace(f)
         loss = self._fn(f.T, f.B, 1 if backward else 0, *[params[name] for name in self.pnames],
@@ -238,7 +235,7 @@ class _Workspace:
 # ------------------------------------------------------------ code writing
 
 
-class _Writer:
+class Writer:
     """Writes ``whole_run(T, B, backward, arrays...)`` for a :class:`WholeRun`."""
 
     def __init__(self, w: WholeRun):
@@ -290,7 +287,7 @@ class _Writer:
         self.indent = 3
         body = len(self.lines)
         for v in reversed(w.order):
-            if v.kind == "op" and v.op != "one_hot" and v.name not in self.skipped:
+            if v.kind == "op" and BACKWARD.get(v.op, True) is not None and v.name not in self.skipped:
                 self(f"# d {v.name}")
                 self._backward(v)
         if len(self.lines) == body:
@@ -349,125 +346,125 @@ class _Writer:
     # ---- forward
 
     def _forward(self, v: Vertex) -> None:
+        if v.op in ELEMENTWISE:
+            a = [self.row(x) for x in v.args]
+            self(f"{v.op}_row({self.row(v)}, {', '.join(a + ([repr(v.attrs['c'])] if takes_c(v.op) else []))})")
+        else:
+            FORWARD[v.op](self, v)
+
+    def _forward_product(self, v: Vertex) -> None:
+        y = self.row(v)
+        self(f"set_row({y}, {self.row(v.args[2])})" if v.op == "linear" else f"zero_row({y})")
+        W = f"P_{self.w.pnames[v.args[0].name]}"
+        for part, at in self.parts(v.args[1]):
+            if self.picks(part):  # a one-hot vector picks one column
+                self(f"add_column({y}, {W}, {at} + {self.row(part.args[0])})")
+            else:
+                self(f"add_dot_rows({y}, {W}, {at}, {self.row(part)})")
+
+    def _forward_copies(self, v: Vertex) -> None:
+        """slice and concat: copies of columns."""
         y, op = self.row(v), v.op
+        starts = [v.attrs["start"]] if op == "slice" else [0] * len(v.args)
+        at = 0
+        for x, start in zip(v.args, starts):
+            n = v.size if op == "slice" else x.size
+            self(f"copy_row({y}, {at}, {self.row(x)}, {start}, {n})")
+            at += n
+
+    def _forward_kernel(self, v: Vertex) -> None:
+        """one_hot, embedding, mse: one row kernel, ``{op}_row(y, operands...)``."""
+        self(f"{ROW_KERNELS[v.op]}({', '.join([self.row(v)] + [self.row(x) for x in v.args])})")
+
+    def _forward_cross_entropy(self, v: Vertex) -> None:
         a = [self.row(x) for x in v.args]
-        if op in ("matmul", "linear"):
-            self(f"set_row({y}, {a[2]})" if op == "linear" else f"zero_row({y})")
-            W = f"P_{self.w.pnames[v.args[0].name]}"
-            for part, at in self.parts(v.args[1]):
-                if self.picks(part):  # a one-hot vector picks one column
-                    self(f"add_column({y}, {W}, {at} + {self.row(part.args[0])})")
-                else:
-                    self(f"add_dot_rows({y}, {W}, {at}, {self.row(part)})")
-        elif op in ELEMENTWISE:
-            self(f"{op}_row({y}, {', '.join(a + ([repr(v.attrs['c'])] if _takes_c(op) else []))})")
-        elif op == "one_hot":
-            self(f"one_hot_row({y}, {a[0]})")
-        elif op in ("slice", "concat"):
-            starts = [v.attrs["start"]] if op == "slice" else [0] * len(a)
-            at = 0
-            for x, e, start in zip(v.args, a, starts):
-                n = v.size if op == "slice" else x.size
-                self(f"copy_row({y}, {at}, {e}, {start}, {n})")
-                at += n
-        elif op == "embedding":
-            self(f"embedding_row({y}, {a[0]}, {a[1]})")
-        elif op == "cross_entropy":
-            self(f"cross_entropy_row({y}, {a[0]}, {a[1]}, PR_{self.w.names[v.name]}[t, b])")
-        elif op == "mse":
-            self(f"mse_row({y}, {a[0]}, {a[1]})")
+        self(f"cross_entropy_row({self.row(v)}, {a[0]}, {a[1]}, PR_{self.w.names[v.name]}[t, b])")
 
     # ---- backward
 
     def _backward(self, v: Vertex) -> None:
+        if v.op in ELEMENTWISE:
+            self._backward_elementwise(v)
+        else:
+            BACKWARD[v.op](self, v)
+
+    def _backward_product(self, v: Vertex) -> None:
+        g = self.grow(v)
+        W = f"P_{self.w.pnames[v.args[0].name]}"
+        D = self.grow(v.args[0])
+        for part, at in self.parts(v.args[1]):
+            if self.picks(part):
+                self.after.append(f"product_dw_picks({D}, {at}, {self.steps(part.args[0])}, "
+                                  f"{self.steps(v, grad=True)})")
+                continue
+            d = self.grow(part)
+            if d is not None:
+                self(f"product_dx_row({d}, {g}, {W}, {at})")
+            if isinstance(part, Param):
+                self(f"product_dw_row({D}, {at}, {self.row(part)}, {g})")
+            else:
+                self.after.append(f"product_dw({D}, {at}, {self.steps(part)}, {self.steps(v, grad=True)})")
+        if v.op == "linear":
+            if isinstance(v.args[2], Param):
+                self.after.append(f"add_rows_to({self.grow(v.args[2])}, {self.steps(v, grad=True)})")
+            else:
+                self(f"add_to_row({self.grow(v.args[2])}, 0, {g}, 0, {v.size})")
+
+    def _backward_cross_entropy(self, v: Vertex) -> None:
+        d = self.grow(v.args[0])
+        if d is not None:
+            self(f"cross_entropy_back_row({d}, {self.grow(v)}[0], PR_{self.w.names[v.name]}[t, b], "
+                 f"{self.row(v.args[1])})")
+
+    def _backward_mse(self, v: Vertex) -> None:
+        g, F, a = self.grow(v), v.args[0].size, [self.row(x) for x in v.args]
+        for x, sign in zip(v.args, ("", "-")):
+            d = self.grow(x)
+            if d is not None:
+                self(f"mse_back_row({d}, {sign}2.0 * {g}[0] / {F}, {a[0]}, {a[1]})")
+
+    def _backward_copies(self, v: Vertex) -> None:
+        """slice and concat: each operand's columns of the gradient added back."""
         g, op = self.grow(v), v.op
-        a = [self.row(x) for x in v.args]
-        da = [self.grow(x) for x in v.args]
-        if op in ("matmul", "linear"):
-            W = f"P_{self.w.pnames[v.args[0].name]}"
-            D = self.grow(v.args[0])
-            for part, at in self.parts(v.args[1]):
-                if self.picks(part):
-                    self.after.append(f"product_dw_picks({D}, {at}, {self.steps(part.args[0])}, "
-                                      f"{self.steps(v, grad=True)})")
-                    continue
-                d = self.grow(part)
-                if d is not None:
-                    self(f"product_dx_row({d}, {g}, {W}, {at})")
-                if isinstance(part, Param):
-                    self(f"product_dw_row({D}, {at}, {self.row(part)}, {g})")
-                else:
-                    self.after.append(f"product_dw({D}, {at}, {self.steps(part)}, {self.steps(v, grad=True)})")
-            if op == "linear":
-                if isinstance(v.args[2], Param):
-                    self.after.append(f"add_rows_to({da[2]}, {self.steps(v, grad=True)})")
-                else:
-                    self(f"add_to_row({da[2]}, 0, {g}, 0, {v.size})")
-        elif op == "cross_entropy":
-            if da[0] is not None:
-                self(f"cross_entropy_back_row({da[0]}, {g}[0], PR_{self.w.names[v.name]}[t, b], {a[1]})")
-        elif op == "mse":
-            F = v.args[0].size
-            for d, sign in zip(da, ("", "-")):
-                if d is not None:
-                    self(f"mse_back_row({d}, {sign}2.0 * {g}[0] / {F}, {a[0]}, {a[1]})")
-        elif op in ("slice", "concat"):
-            starts = [v.attrs["start"]] if op == "slice" else [0] * len(a)
-            at = 0
-            for x, d, start in zip(v.args, da, starts):
-                n = v.size if op == "slice" else x.size
-                if d is not None:
-                    self(f"add_to_row({d}, {start}, {g}, {at}, {n})")
-                at += n
-        elif op in ELEMENTWISE:
-            rows = {**{f"x{i}": e for i, e in enumerate(a)}, "y": self.row(v), "c": repr(v.attrs.get("c"))}
-            for i, d in enumerate(da):
-                if d is not None:
-                    reads = _reads(OPS[op].formula.vjp[i])
-                    self(f"{_back_kernel(op, i)}({', '.join([d, g] + [rows[n] for n in reads])})")
-        elif op == "embedding":
-            self(f"embedding_back_row({da[0]}, {a[1]}, {g})")
+        starts = [v.attrs["start"]] if op == "slice" else [0] * len(v.args)
+        at = 0
+        for x, start in zip(v.args, starts):
+            n, d = (v.size if op == "slice" else x.size), self.grow(x)
+            if d is not None:
+                self(f"add_to_row({d}, {start}, {g}, {at}, {n})")
+            at += n
+
+    def _backward_embedding(self, v: Vertex) -> None:
+        self(f"embedding_back_row({self.grow(v.args[0])}, {self.row(v.args[1])}, {self.grow(v)})")
+
+    def _backward_elementwise(self, v: Vertex) -> None:
+        """Each operand's share through the row kernels rendered from the op's VJP formulas."""
+        g, op = self.grow(v), v.op
+        rows = {**{f"x{i}": self.row(x) for i, x in enumerate(v.args)}, "y": self.row(v),
+                "c": repr(v.attrs.get("c"))}
+        for i, x in enumerate(v.args):
+            d = self.grow(x)
+            if d is not None:
+                needed = reads(OPS[op].formula.vjp[i])
+                self(f"{back_kernel(op, i)}({', '.join([d, g] + [rows[n] for n in needed])})")
+
+
+# The structural ops the whole-run function writes, each by its rule above (row kernels of
+# kernels/rows.py), looked up by op name; every elementwise op runs too, through row kernels
+# rendered from its formula (fuse.row_kernels). None: the op passes no gradient.
+FORWARD = {"matmul": Writer._forward_product, "linear": Writer._forward_product,
+           "slice": Writer._forward_copies, "concat": Writer._forward_copies,
+           "one_hot": Writer._forward_kernel, "embedding": Writer._forward_kernel,
+           "mse": Writer._forward_kernel, "cross_entropy": Writer._forward_cross_entropy}
+BACKWARD = {"matmul": Writer._backward_product, "linear": Writer._backward_product,
+            "slice": Writer._backward_copies, "concat": Writer._backward_copies, "one_hot": None,
+            "embedding": Writer._backward_embedding, "mse": Writer._backward_mse,
+            "cross_entropy": Writer._backward_cross_entropy}
+ROW_KERNELS = {"one_hot": "one_hot_row", "embedding": "embedding_row", "mse": "mse_row"}
+SUPPORTED = ELEMENTWISE | frozenset(FORWARD)  # the ops a whole-run function runs
 
 
 _NAME = re.compile(r"\b(?:D_p\d+|(?:H|GH|V|G|PR)_v\d+|GRADS)\b")
-
-
-# ------------------------------------------------------------ elementwise kernels
-
-
-def _reads(formula: str) -> list[str]:
-    """What a formula reads besides ``g``, in kernel-argument order: operands, output, ``c``."""
-    names = set(re.findall(r"\b[a-z]\w*", formula))
-    return [n for n in ("x0", "x1", "y", "c") if n in names]
-
-
-def _takes_c(op: str) -> bool:
-    f = OPS[op].formula
-    return "c" in _reads(" ".join((f.forward, *f.vjp)))
-
-
-def _back_kernel(op: str, i: int) -> str:
-    return f"{op}_back_row" if OPS[op].arity == 1 else f"{op}_back{i}_row"
-
-
-def elementwise_kernels(ops: set[str]) -> str:
-    """The row kernels of elementwise ``ops``, rendered from their formulas: ``{op}_row(y, x0, ...)``
-    writes the output row; ``{op}_back_row(d, g, ...)`` (``_back{i}_`` for operand i of two) adds
-    an operand's share of the gradient into ``d``, reading what its formula reads (:func:`_reads`)."""
-    out = ["import numpy as np\nfrom unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1  # noqa: F401\n",
-           "_jit = numba.njit(cache=True, nogil=True, error_model=\"numpy\", fastmath={\"contract\"})\n"]
-    names = {**SCALAR_FUNCTIONS, "x0": "x0[j]", "x1": "x1[j]", "y": "y[j]", "g": "g[j]"}
-    for op in sorted(ops):
-        f = OPS[op].formula
-        xs = [f"x{i}" for i in range(OPS[op].arity)] + (["c"] if _takes_c(op) else [])
-        body = render(f.forward, names, lambda c: f"cast({c}, y[0])")
-        out.append(f"@_jit\ndef {op}_row(y, {', '.join(xs)}):\n    for j in range(y.shape[0]):\n"
-                   f"        y[j] = {body}\n")
-        for i, formula in enumerate(f.vjp):
-            body = render(formula, names, lambda c: f"cast({c}, g[0])")
-            out.append(f"@_jit\ndef {_back_kernel(op, i)}({', '.join(['d', 'g'] + _reads(formula))}):\n"
-                       f"    for j in range(d.shape[0]):\n        d[j] += {body}\n")
-    return "\n\n".join(out) + "\n\n"
 
 
 def _read_only_by_products(w: WholeRun) -> set[str]:

@@ -24,7 +24,7 @@ from numba.extending import overload
 from unrolled.engines.compiled import compiling as _compiling
 
 from .blas import NO_TRANS, ROW_MAJOR
-from .blas import _lead as blas_lead
+from .blas import lead as blas_lead
 from .jitcache import prepare_numba_cache
 from .onednn import NO as ONEDNN_NO
 from .onednn import SMALL as ONEDNN_SMALL
@@ -32,15 +32,15 @@ from .onednn import YES as ONEDNN_YES
 from .scalars import sigmoid1, tanh1
 
 prepare_numba_cache()  # before the first cache=True function
-_jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})  # FMA: faster, no less exact
+jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})  # FMA: faster, no less exact
 _compiling.listen()  # the user is told when compiling begins, and budgets leave its time out
 
 
-def _at(x, i, j):  # pragma: no cover - replaced by the overload in jitted code
+def entry(x, i, j):  # pragma: no cover - replaced by the overload in jitted code
     raise NotImplementedError
 
 
-@overload(_at, inline="always")
+@overload(entry, inline="always")
 def _at_overload(x, i, j):
     if isinstance(x, types.Array):
         if x.ndim == 2:
@@ -49,14 +49,14 @@ def _at_overload(x, i, j):
     return lambda x, i, j: x
 
 
-@_jit
+@jit
 def add(a, b, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
-            out[i, j] = _at(a, i, j) + _at(b, i, j)
+            out[i, j] = entry(a, i, j) + entry(b, i, j)
 
 
-@_jit
+@jit
 def add_rows(out, W, idx):
     """``out[b] += W[idx[b]]``: a product with one-hot rows, as the row pick it is."""
     for b in range(out.shape[0]):
@@ -65,7 +65,7 @@ def add_rows(out, W, idx):
             out[b, j] += W[r, j]
 
 
-@_jit
+@jit
 def scatter_add_rows(out, idx, G):
     """``out[idx[r]] += G[r]`` for every row r: the weight gradient of a product with one-hot rows."""
     for r in range(G.shape[0]):
@@ -74,7 +74,7 @@ def scatter_add_rows(out, idx, G):
             out[k, j] += G[r, j]
 
 
-@_jit
+@jit
 def add_transposed(out, a):
     """``out += a.T``, sixteen rows of ``out`` at a time: each row of ``a`` is read in runs of sixteen
     while those rows of ``out`` stay in L1. The scattered one-hot weight gradient (``[V, out]``) goes
@@ -88,49 +88,49 @@ def add_transposed(out, a):
                 out[i, j] += a[j, i]
 
 
-@_jit
+@jit
 def subtract(a, b, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
-            out[i, j] = _at(a, i, j) - _at(b, i, j)
+            out[i, j] = entry(a, i, j) - entry(b, i, j)
 
 
-@_jit
+@jit
 def multiply(a, b, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
-            out[i, j] = _at(a, i, j) * _at(b, i, j)
+            out[i, j] = entry(a, i, j) * entry(b, i, j)
 
 
-@_jit
+@jit
 def maximum(a, b, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
-            out[i, j] = max(_at(a, i, j), _at(b, i, j))
+            out[i, j] = max(entry(a, i, j), entry(b, i, j))
 
 
-@_jit
+@jit
 def greater(a, b, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
-            out[i, j] = _at(a, i, j) > _at(b, i, j)
+            out[i, j] = entry(a, i, j) > entry(b, i, j)
 
 
-@_jit
+@jit
 def negative(a, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
             out[i, j] = -a[i, j]
 
 
-@_jit
+@jit
 def reciprocal(a, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
             out[i, j] = 1.0 / a[i, j]
 
 
-@_jit
+@jit
 def sigmoid(a, out):
     """σ(x) = (1 + tanh(x/2)) / 2: no overflow anywhere, and the float32 path vectorizes."""
     for i in range(out.shape[0]):
@@ -138,21 +138,21 @@ def sigmoid(a, out):
             out[i, j] = sigmoid1(a[i, j])  # stays float32 (a 0.5 literal would promote it to float64)
 
 
-@_jit
+@jit
 def exp(a, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
             out[i, j] = math.exp(a[i, j])
 
 
-@_jit
+@jit
 def tanh(a, out):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
             out[i, j] = tanh1(a[i, j])
 
 
-@_jit
+@jit
 def copyto(out, a):
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):

@@ -94,11 +94,11 @@ def product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, accumul
     if (sgemm is not None and a.dtype == b.dtype == np.float32 and a.ndim == b.ndim == 2
             and a.shape[1] == b.shape[0] and a.shape[0] * a.shape[1] * b.shape[1] >= onednn.SMALL
             and (out is None or (out.dtype == np.float32 and out.shape == (a.shape[0], b.shape[1])))):
-        ta, lda = _lead(a)
-        tb, ldb = _lead(b)
+        ta, lda = lead(a)
+        tb, ldb = lead(b)
         if out is None:
             out, accumulate = aligned_empty((a.shape[0], b.shape[1]), np.float32), False
-        to, ldo = _lead(out)
+        to, ldo = lead(out)
         if ta and tb and to == NO_TRANS:
             M, K = a.shape
             sgemm(_FLAG[ta], _FLAG[tb], M, b.shape[1], K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
@@ -116,7 +116,7 @@ def product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, accumul
 _FLAG = {NO_TRANS: b"N", TRANS: b"T"}
 
 
-def _lead(x: np.ndarray) -> tuple[int, int]:
+def lead(x: np.ndarray) -> tuple[int, int]:
     """(CBLAS transpose flag, leading dimension) of a 2-D view for a row-major call, or (0, 0).
 
     A view whose rows (or, transposed, columns) are unit-stride runs spaced at least their length

@@ -63,7 +63,7 @@ def writable(folder) -> bool:
         return False
 
 
-def _load_module(text: str, prefix: str) -> dict:
+def load_module(text: str, prefix: str) -> dict:
     """Import generated Numba code from a file in the cache folder (so Numba can cache it); its names."""
     import hashlib
     import importlib.util
@@ -99,10 +99,10 @@ def _kernels_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _load_jit_loops(source: str) -> dict:
+def load_jit_loops(source: str) -> dict:
     """The generated loops, compiled by Numba, each wrapped to take its buffers from a dict."""
     head = "import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import *  # noqa: F401,F403\n\n"
-    module = _load_module(head + source, "loops")
+    module = load_module(head + source, "loops")
     ns = {}
     for fn in ("forward_loop", "backward_loop"):
         compiled = module[fn]

@@ -2,7 +2,7 @@
 
 These are the structural ops' kernels (products, copies, lookups, losses); the
 elementwise ops' kernels are rendered from their formulas in the op table
-(``wholestep.elementwise_kernels``).
+(``fuse.row_kernels``).
 
 ``wholestep.py`` writes a small graph's whole run as one function; spelled
 out inline, every vertex's loops made that function slow for Numba to

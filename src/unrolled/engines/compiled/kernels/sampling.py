@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - the NumPy versions above serve
     numba = None
 
 if numba is not None:
-    from .arrays import _at
+    from .arrays import entry
 
     _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
@@ -144,5 +144,5 @@ if numba is not None:
         product adds onto it."""
         for i in range(out.shape[0]):
             for n in range(out.shape[1]):
-                out[i, n] = _at(bias, i, n)
+                out[i, n] = entry(bias, i, n)
         _accumulate_product(x, W, out)
