@@ -42,14 +42,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import aligned, aligned_empty, aligned_zeros, product
-from unrolled.engines.compiled.kernels.jitcache import _load_jit_loops, _load_module, numba_refusal
+from unrolled.engines.compiled.kernels.jitcache import load_jit_loops, load_module, numba_refusal
 from unrolled.engines.runio import Binding, Feeds, RunResult, as_state, check_combine, parameter_copies, prepare
 from unrolled.graph.folded import Graph, Param, Vertex
 from unrolled.graph.ops import ELEMENTWISE, unbroadcast, with_product
 
 from . import fuse, rowsplit
-from .codegen import _header, _with_arguments, _Writer
-from .plan import INLINE, Plan, _Split, plan
+from .codegen import INLINE, Writer, header, with_arguments
+from .plan import Plan, Split, plan
 
 OPS = with_product(product)  # the op table, its matmul and linear on blas.product
 
@@ -116,13 +116,13 @@ class CompiledEngine:
         self._jit_why = _jit_refusal(jit, self.plan)  # why the Numba loop may not run, or None
         self._jit_ok = self._jit_why is None
         self._fuse_why = _fuse_refusal(jit)  # why the NumPy loop calls no fused kernels, or None
-        self._writer = _Writer(graph, self.plan, fused=self._fuse_why is None)
+        self._writer = Writer(graph, self.plan, fused=self._fuse_why is None)
         fwd, bwd = self._writer.sources()
-        self.code = _header(self._writer) + fwd + "\n" + bwd
+        self.code = header(self._writer) + fwd + "\n" + bwd
         self._namespace = self._compile(self.code)
         if self._writer.kernels.functions:
             self.kernel_code = self._writer.kernels.module()
-            self._namespace.update(_load_module(self.kernel_code, "fused"))
+            self._namespace.update(load_module(self.kernel_code, "fused"))
         self._jit_namespace: dict | None = None
         self._jit_code: str | None = None
         self._buffers: dict = {}  # part -> ((T, B, dtype), that run's arrays by name)
@@ -279,7 +279,7 @@ class CompiledEngine:
             return min(T, self.chunk_steps)
         p, w = self.plan, self._writer
         width = sum(v.size for v in p.of("core") if v.kind == "op" and v.name not in p.depth
-                    and (v.name in p.split or w._has_full_grad(v)))
+                    and (v.name in p.split or w.has_full_grad(v)))
         per_step = B * max(width, 1) * np.dtype(dtype).itemsize
         return max(1, min(T, CHUNK_BYTES // per_step))
 
@@ -294,16 +294,16 @@ class CompiledEngine:
         if self.stages:
             return "\n".join(eng.jit_code for _, eng in self.stages)
         if self._jit_code is None:
-            writer = self._jit_writer = _Writer(self.graph, self.plan, jit=True, fused=fuse.available())
+            writer = self._jit_writer = Writer(self.graph, self.plan, jit=True, fused=fuse.available())
             fwd, bwd = writer.sources()
             kernels = writer.kernels.generic() + "\n" if writer.kernels.functions else ""
-            self._jit_code = _header(writer) + kernels + _with_arguments(fwd) + "\n" + _with_arguments(bwd)
+            self._jit_code = header(writer) + kernels + with_arguments(fwd) + "\n" + with_arguments(bwd)
         return self._jit_code
 
     def jit_namespace(self) -> dict:
         """The Numba-compiled loops, built on first use (compiling takes seconds; Numba caches it on disk)."""
         if self._jit_namespace is None:
-            self._jit_namespace = _load_jit_loops(self.jit_code)
+            self._jit_namespace = load_jit_loops(self.jit_code)
         return self._jit_namespace
 
     def _compile(self, source: str) -> dict:
@@ -315,7 +315,7 @@ class CompiledEngine:
         ns["matmul"] = product  # the step products go where the whole-sequence ones go: one thread pool
         ns["matmul_add"] = lambda a, b, out: product(a, b, out=out, accumulate=True)
         for v in self.plan.of("core"):  # the ops whose NumPy rules the loops call (codegen's F_, J_)
-            if v.kind == "op" and (v.op not in INLINE or v.op in ELEMENTWISE and v.op not in _Writer.NATIVE):
+            if v.kind == "op" and (v.op not in INLINE or v.op in ELEMENTWISE and v.op not in Writer.NATIVE):
                 spec, attrs = OPS[v.op], dict(v.attrs)
                 n = self._writer.names[v.name]
                 ns[f"F_{n}"] = lambda args, spec=spec, attrs=attrs: spec.forward(args, attrs)
@@ -609,7 +609,7 @@ class _RunState:
     def _prepare_loop(self) -> None:
         T, B, w, p = self.T, self.B, self.w, self.p
         bind = {f"P_{w.pnames[k]}": self.params[k] for k in self.g.params}
-        self.pre_products: list[tuple[Vertex, _Split]] = []  # (vertex, split) whose Y each chunk fills
+        self.pre_products: list[tuple[Vertex, Split]] = []  # (vertex, split) whose Y each chunk fills
         suffix = "f32" if self.dtype == np.float32 else "f64"
         bind["KIND"] = np.float32 if self.dtype == np.float32 else np.float64  # the Numba loop's kernels' precision
         for name in w.kernels.names():  # fused kernels come in the run's precision
@@ -650,7 +650,7 @@ class _RunState:
                 bind[f"X_{w.names[v.name]}"] = self.X[v.name]
         self.bind = bind
 
-    def _pre_product(self, v: Vertex, s: _Split, t0: int, t1: int) -> None:
+    def _pre_product(self, v: Vertex, s: Split, t0: int, t1: int) -> None:
         """The loop-free half of a split product for steps t0..t1-1: ``W[:, pre] · x_pre + b``, into ``Y``."""
         n = self.w.names[v.name]
         Y = self.bind[f"Y_{n}"][:t1 - t0].reshape(-1, v.size)
@@ -658,7 +658,7 @@ class _RunState:
         if s.bias:
             Y += self.params[s.bias]
 
-    def _pre_weights(self, v: Vertex, s: _Split) -> np.ndarray:
+    def _pre_weights(self, v: Vertex, s: Split) -> np.ndarray:
         """``W[:, pre]``, transposed and contiguous: the operand the forward product reads (BLAS
         reads a transposed view more slowly than the copy, made once a run)."""
         key = f"WpT:{v.name}"
@@ -666,14 +666,14 @@ class _RunState:
             self.X[key] = aligned(_column_view(self.params[s.W], s.pre_cols).T)
         return self.X[key]
 
-    def _pre_columns(self, v: Vertex, s: _Split) -> np.ndarray:
+    def _pre_columns(self, v: Vertex, s: Split) -> np.ndarray:
         """``W[:, pre]``, contiguous: the operand of the gradient the loop sends to its pre vertices."""
         key = f"Wp:{v.name}"
         if key not in self.X:
             self.X[key] = aligned(_column_view(self.params[s.W], s.pre_cols))
         return self.X[key]
 
-    def _pre_inputs(self, v: Vertex, s: _Split) -> np.ndarray:
+    def _pre_inputs(self, v: Vertex, s: Split) -> np.ndarray:
         """``x_pre`` for all steps, ``[T*B, F]``: what the product reads, and its weight gradient too."""
         key = f"prex:{v.name}"
         if key not in self.X:
@@ -812,7 +812,7 @@ class _RunState:
                         GH[_slot(T + k, D, w.in_ring(v))] += fs[k]
                 bind[f"GH_{n}"] = GH
             elif v.kind == "op" and not p.is_view(v):
-                if w._has_full_grad(v):
+                if w.has_full_grad(v):
                     Y = self.buf.get(f"Y_{n}")
                     if Y is not None and Y.shape == (self.K, B, v.size):
                         GF = Y  # the pre-loop half is spent after the forward loop: reuse its memory
@@ -844,7 +844,7 @@ class _RunState:
         """Seed a chunk's product-output gradients: what the post phase sent to steps t0..t1-1, else zeros."""
         w = self.w
         for v in self.p.of("core"):
-            if v.kind == "op" and not self.p.is_view(v) and v.name not in self.p.depth and w._has_full_grad(v):
+            if v.kind == "op" and not self.p.is_view(v) and v.name not in self.p.depth and w.has_full_grad(v):
                 GF = self.bind[f"GF_{w.names[v.name]}"][:t1 - t0]
                 post = self.core_grad.get(v.name)
                 if post is not None:
@@ -861,7 +861,7 @@ class _RunState:
             n = w.names[v.name]
             if v.kind == "delay":
                 continue
-            if v.kind == "op" and not p.is_view(v) and w._has_full_grad(v) and v.name not in p.depth:
+            if v.kind == "op" and not p.is_view(v) and w.has_full_grad(v) and v.name not in p.depth:
                 G = self.bind[f"GF_{n}"][:t1 - t0]
             elif v.name in p.depth:
                 D = p.depth[v.name]
@@ -885,7 +885,7 @@ class _RunState:
                     if isinstance(a, Param) and ga is not None:
                         self.grads[a.name] += unbroadcast(ga, self.params[a.name].shape)
 
-    def _pre_param_grads(self, v: Vertex, s: _Split, Gf: np.ndarray, t0: int, t1: int) -> None:
+    def _pre_param_grads(self, v: Vertex, s: Split, Gf: np.ndarray, t0: int, t1: int) -> None:
         """The loop-free half's weight gradient over a chunk, and its gradient to the pre vertices that want one.
 
         With one pre part (a layer's input), both products write where their
@@ -917,7 +917,7 @@ class _RunState:
             for part, off, width in wanted:
                 self.pre_grads[(v.name, off)][1][t0:t1] = gx[:, :, off:off + width]
 
-    def _add_pre_columns(self, s: _Split, dWp: np.ndarray, transposed: bool = False) -> None:
+    def _add_pre_columns(self, s: Split, dWp: np.ndarray, transposed: bool = False) -> None:
         """Add the loop-free half's weight gradient ``[out, pre columns]`` (``transposed``: ``[pre
         columns, out]``, as the one-hot scatter makes it) into the weight's columns."""
         for (part, lo, hi), off in zip(s.pre, _offsets(s.pre)):
