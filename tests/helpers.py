@@ -120,8 +120,8 @@ def _not_applicable(g: Graph, T: int, B: int) -> dict[str, str]:
     if B < 2:
         out["row_split"] = "one row: nothing to split"
     with _jit_env("fuse"):
-        engines = [e for _, e in CompiledEngine(g, whole=False).stages] or [CompiledEngine(g, whole=False)]
-    if not any(e._writer.kernels.functions for e in engines):
+        cores = CompiledEngine(g, whole=False).loops.cores
+    if not any(loops.writer.kernels.functions for loops in cores):
         out["fused"] = "no run of elementwise vertices to fuse"
     return out
 

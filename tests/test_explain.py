@@ -7,8 +7,7 @@ import pytest
 from helpers import elman, make_inputs, make_params
 
 from unrolled import make_engine
-from unrolled.engines.compiled import engine as compiled
-from unrolled.engines.compiled import rowsplit
+from unrolled.engines.compiled import loops, rowsplit
 from unrolled.engines.compiled.engine import CompiledEngine
 
 BIG = 10_000  # rows enough to take Elman's small steps past WHOLE_AUTO_MACS
@@ -69,7 +68,7 @@ def test_chunks_and_their_cause_are_named(monkeypatch):
     eng = CompiledEngine(elman(), chunk_steps=3)
     text = eng.explain(10, 4, np.float64)
     assert "chunked" in _strategies_line(text) and "- chunks of 3 of 10 steps: chunk_steps=3" in text
-    monkeypatch.setattr(compiled, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(loops, "CHUNK_BYTES", 1)
     text = CompiledEngine(elman()).explain(10, 4, np.float64)
     assert "- chunks of 1 of 10 steps: CHUNK_BYTES (1 bytes)" in text
 

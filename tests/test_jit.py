@@ -82,7 +82,7 @@ def test_auto_takes_numba_at_every_size_when_it_reaches_numpys_blas(monkeypatch)
 
 def test_the_numba_loop_fuses_elementwise_runs():
     eng = CompiledEngine(small_network("lstm"), jit=True)
-    eng.jit_namespace()
+    eng.loops.jit_namespace()
     assert "fused into one kernel" in eng.jit_code and "def fwd_r0(KIND, " in eng.jit_code
 
 
@@ -196,7 +196,7 @@ def test_fused_kernels_agree_with_reference(name, monkeypatch):
         assert not eng.uses_jit(B)
         assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), tol)
     if name in ("lstm", "gru"):
-        assert "fused into one kernel" in eng.code and "def fwd_r0" in eng.kernel_code
+        assert "fused into one kernel" in eng.code and "def fwd_r0" in eng.loops.kernel_code
 
 
 @pytest.mark.parametrize("jit", [True, "fuse"])
@@ -258,7 +258,7 @@ def test_a_runs_buffers_and_weight_copies_are_aligned():
     inputs = make_inputs(g, 6, 4, rng, np.float32)
     eng = CompiledEngine(g, jit=True, whole=False)
     eng.run(params, inputs)
-    held = eng.buffers(6, 4, np.float32)
+    held = eng.loops.buffers(6, 4, np.float32)
     assert held, "a run keeps its buffers"
     for name, a in held.items():
         assert a.ctypes.data % blas.ALIGN == 0, name

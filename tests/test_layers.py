@@ -74,7 +74,7 @@ def test_the_compiled_engine_products_agree_with_the_specification(dtype):
     """The compiled engine's op table differs from the specification's in its products alone."""
     import numpy as np
 
-    from unrolled.engines.compiled import engine as compiled
+    from unrolled.engines.compiled import forward as compiled
     from unrolled.graph import ops
 
     rng = np.random.default_rng(1)

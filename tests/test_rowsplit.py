@@ -25,6 +25,8 @@ from test_engine_agreement import _data, assert_agree, cyclic_graphs
 from unrolled.engines.compiled import rowsplit
 from unrolled.engines.compiled.engine import CompiledEngine
 from unrolled.engines.compiled.kernels import onednn
+from unrolled.engines.compiled.loops import StepLoops
+from unrolled.engines.compiled.stages import StagedRun
 from unrolled.engines.reference import run as reference_run
 
 try:
@@ -54,13 +56,12 @@ def numba_loops(monkeypatch):
 def threads_seen(monkeypatch):
     """The names of the threads the engine's runs over rows went to."""
     seen = []
-    real = CompiledEngine._run
+    for strategy in (StepLoops, StagedRun):  # the loops a whole batch, or each part of it, runs on
+        def spy(self, *args, real=strategy.run, **kw):
+            seen.append(threading.current_thread().name)
+            return real(self, *args, **kw)
 
-    def spy(self, *args, **kw):
-        seen.append(threading.current_thread().name)
-        return real(self, *args, **kw)
-
-    monkeypatch.setattr(CompiledEngine, "_run", spy)
+        monkeypatch.setattr(strategy, "run", spy)
     return seen
 
 

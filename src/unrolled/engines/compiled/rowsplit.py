@@ -64,6 +64,33 @@ def _split(B: int, dtype, threads) -> tuple[list[tuple[int, int]] | None, str | 
     return list(zip(edges[:-1], edges[1:])), None
 
 
+class RowSplit:
+    """A batch's rows split across threads, each part run start to finish by the same step loops.
+
+    ``loops`` is a :class:`~unrolled.engines.compiled.loops.StepLoops` or a
+    :class:`~unrolled.engines.compiled.stages.StagedRun`: this class decides
+    whether its rows split (:meth:`choose`) and runs the parts (:meth:`run`)."""
+
+    def __init__(self, loops, threads: int | str = "auto"):
+        self.loops, self.threads = loops, threads
+
+    def choose(self, B: int, dtype) -> tuple[list[tuple[int, int]] | None, str]:
+        """The row ranges a run of ``B`` rows splits into (None: one run), and why, in words."""
+        ranges = parts(B, dtype, self.threads)
+        if ranges is None:
+            return None, f"rows not split: {unsplit_reason(B, dtype, self.threads)}"
+        # every stage: a stage on the NumPy loop would be shared by the parts
+        if not all(c.uses_jit(hi - lo) for c in self.loops.cores for lo, hi in ranges):
+            return None, "rows not split: a part would run the NumPy loop, whose namespace the parts share"
+        return ranges, f"rows split across {len(ranges)} threads: {[hi - lo for lo, hi in ranges]} rows each"
+
+    def run(self, params, feeds: Feeds, combine: str, backward: bool, ranges: list[tuple[int, int]]) -> RunResult:
+        """The run of ``feeds`` as one run per range of rows, merged; the Numba loops are loaded
+        here first, once, not in each thread at the same time."""
+        self.loops.compile_jit()
+        return run(lambda part, i: self.loops.run(params, part, combine, backward, i), feeds, ranges)
+
+
 def rows(feeds: Feeds, lo: int, hi: int) -> Feeds:
     """The run's arrays for rows ``lo:hi`` only; each loss keeps the whole batch's divisor."""
     def cut(a: np.ndarray) -> np.ndarray:

@@ -14,15 +14,20 @@ builds each stage as a graph of its own: the same vertex and parameter
 names, whatever it reads from earlier stages as inputs, and whatever later
 stages read from it as outputs. The compiled engine runs the stages forward
 in order and back-propagates through them in reverse, handing the input
-gradients of one stage to the outputs of the one before.
+gradients of one stage to the outputs of the one before (:class:`StagedRun`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from unrolled.engines.runio import Feeds, RunResult, prepare
 from unrolled.graph.folded import Graph, Param, Vertex
 
+from .backward import Run
+from .loops import StepLoops
 from .plan import _reach, cyclic_components, edges_of
 
 
@@ -125,3 +130,93 @@ def cut(graph: Graph) -> list[Stage]:
 
 def _param(g: Graph, p: Param) -> Param:
     return g.params[p.name] if p.name in g.params else g.param(p.name, p.shape, init=p.init)
+
+
+class StagedRun:
+    """A graph of several recurrent cores run stage by stage, each stage on step loops of its own.
+
+    Forward through the stages in order, then BPTT back through them in
+    reverse; ``stages`` pairs each :class:`Stage` with its
+    :class:`~unrolled.engines.compiled.loops.StepLoops`."""
+
+    def __init__(self, graph: Graph, parts: list[Stage], jit: bool | str = "auto", chunk_steps: int | None = None):
+        self.graph = graph
+        self.stages = [(st, StepLoops(st.graph.check(), jit=jit, chunk_steps=chunk_steps)) for st in parts]
+        self.code = "\n".join(loops.code for _, loops in self.stages)
+
+    @property
+    def cores(self) -> list[StepLoops]:
+        """Each stage's step loops, in order."""
+        return [loops for _, loops in self.stages]
+
+    @property
+    def jit_code(self) -> str:
+        """Each stage's loops as Numba compiles them."""
+        return "\n".join(loops.jit_code for _, loops in self.stages)
+
+    def uses_jit(self, B: int) -> bool:
+        """Whether any stage runs ``B`` rows on the Numba loop."""
+        return any(loops.uses_jit(B) for _, loops in self.stages)
+
+    def compile_jit(self) -> None:
+        """Load every stage's Numba loops now (a row split does, before its threads would each try)."""
+        for _, loops in self.stages:
+            loops.jit_namespace()
+
+    def run(self, params, feeds: Feeds, combine: str, backward: bool, part: int = 0) -> RunResult:
+        """One run over the rows of ``feeds``, in this thread; ``part`` picks each stage's set of buffers."""
+        with np.errstate(under="ignore", over="ignore"):
+            return self._run(params, feeds, combine, backward, part)
+
+    def _run(self, params, feeds: Feeds, combine, backward, part: int) -> RunResult:
+        """Forward through the stages in order, then BPTT back through them in reverse: the
+        gradient a stage sends to an input it imported is an output gradient of the stage before."""
+        values = dict(feeds.inputs)
+        runs = []
+        for st, eng in self.stages:
+            g = eng.graph
+            sub = prepare(
+                g, {k: params[k] for k in g.params}, {n: values[n] for n in st.imports},
+                {k: v for k, v in feeds.init.items() if k in st.delayed and k in feeds.given_init},
+                {k: v for k, v in feeds.masks.items() if k in g.vertices}, steps=feeds.T, batch=feeds.B,
+                final_state_grads={k: v for k, v in feeds.final_state_grads.items() if k in st.delayed},
+                output_grads={k: v for k, v in feeds.output_grads.items() if k in st.outputs},
+                check_finite=False)  # the whole run's arrays were scanned
+            sub.norms = {k: feeds.norms[k] for k in sub.norms}  # a part of the rows keeps the batch's divisors
+            state = Run(eng, {k: params[k] for k in g.params}, sub, part)
+            state.forward()
+            r = state.collect()
+            for n in st.exports:
+                values[n] = r.outputs[n]
+            runs.append((st, state, r))
+        if backward:
+            sent: dict[str, np.ndarray] = {}  # gradients later stages send back, by vertex
+            for st, state, r in reversed(runs):
+                for n in st.exports:
+                    if n in sent:
+                        mine = state.f.output_grads.get(n)
+                        state.f.output_grads[n] = sent.pop(n) if mine is None else mine + sent.pop(n)
+                state.backward(r, combine)
+                for n, grad in r.input_grads.items():
+                    sent[n] = grad if n not in sent else sent[n] + grad
+        return self._merge(runs, feeds, backward)
+
+    def _merge(self, runs, feeds: Feeds, backward: bool) -> RunResult:
+        result = RunResult(loss=sum(r.loss for _, _, r in runs))
+        for st, _, r in runs:
+            result.outputs.update({n: r.outputs[n] for n in st.outputs})
+            result.step_losses.update(r.step_losses)
+            result.final_states.update(r.final_states)
+            if backward:
+                result.init_grads.update(r.init_grads)
+                for k, grad in r.grads.items():
+                    result.grads[k] = grad if k not in result.grads else result.grads[k] + grad
+        if backward:
+            result.grads = {k: result.grads.get(k, np.zeros(p.shape, dtype=feeds.dtype))  # unused ones get zeros
+                            for k, p in self.graph.params.items()}
+            for v in self.graph.inputs:
+                if v.kind == "input":
+                    parts = [r.input_grads[v.name] for _, _, r in runs if v.name in r.input_grads]
+                    result.input_grads[v.name] = (np.sum(parts, axis=0) if parts
+                                                  else np.zeros((feeds.T, feeds.B, v.size), dtype=feeds.dtype))
+        return result
