@@ -104,7 +104,7 @@ PATHS = [
     ("Numba loop, rows split in two", "1", dict(whole=False, jit=True), True),
     ("NumPy loop", "0", dict(jit=False), False),
     ("NumPy loop, chunks of 2 steps", "0", dict(jit=False, chunk_steps=2), False),
-    ("NumPy loop with fused kernels", "fuse", dict(whole=False), False),
+    ("NumPy loop with fused kernels", "1", dict(jit="fuse"), False),
 ]
 
 
@@ -119,8 +119,8 @@ def _not_applicable(g: Graph, T: int, B: int) -> dict[str, str]:
         out["stages"] = "one recurrent core: nothing to run in stages"
     if B < 2:
         out["row_split"] = "one row: nothing to split"
-    with _jit_env("fuse"):
-        cores = CompiledEngine(g, whole=False).loops.cores
+    with _jit_env("1"):
+        cores = CompiledEngine(g, jit="fuse").loops.cores
     if not any(loops.writer.kernels.functions for loops in cores):
         out["fused"] = "no run of elementwise vertices to fuse"
     return out

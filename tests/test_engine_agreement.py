@@ -218,8 +218,8 @@ def test_float32_saturated_agrees_with_float64(g, T, B, seed, combine, chunk):
     exact = reference_run(g, params, inputs, masks=masks, init_states=init, combine=combine)
     single = {name: {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in d.items()}
               for name, d in (("params", params), ("inputs", inputs), ("masks", masks), ("init", init))}
-    with mock.patch.dict(os.environ, {"UNROLLED_JIT": "fuse"}):  # fused kernels, not the whole Numba loop
-        r32 = CompiledEngine(g, chunk_steps=chunk).run(single["params"], single["inputs"], masks=single["masks"],
+    with mock.patch.dict(os.environ, {"UNROLLED_JIT": "1"}):  # fused kernels, not the whole Numba loop
+        r32 = CompiledEngine(g, jit="fuse", chunk_steps=chunk).run(single["params"], single["inputs"], masks=single["masks"],
                                                        init_states=single["init"], combine=combine)
     largest = max(_largest(exact, _GRADIENTS), FLOAT32_FLOOR)
     for field in _GRADIENTS:

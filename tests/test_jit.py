@@ -151,6 +151,8 @@ def test_products_in_numba_without_numpys_blas():
 
     code = (
         "import numba, numpy as np\n"
+        "import unrolled.engines.compiled.kernels.blas as b\n"
+        "b.GEMM = None  # as where NumPy's BLAS cannot be bound (an MKL NumPy, no /proc)\n"
         "import unrolled.engines.compiled.kernels.arrays as j\n"
         "assert j.BLAS_NAME in ('scipy', 'loops'), j.BLAS_NAME\n"
         "f = numba.njit(lambda a, b, o: j.matmul(a, b, o))\n"
@@ -161,7 +163,7 @@ def test_products_in_numba_without_numpys_blas():
         "    o = np.full((5, 4), np.nan); f(x, y, o); assert np.allclose(o, x @ y)\n"
         "    o = np.ones((5, 4)); g(x, y, o); assert np.allclose(o, 1 + x @ y)\n"
         "print('ok')\n")
-    env = dict(os.environ, UNROLLED_NUMPY_BLAS="0", UNROLLED_ONEDNN="0")
+    env = dict(os.environ, UNROLLED_ONEDNN="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -184,15 +186,15 @@ def test_jit_true_refuses_ops_it_cannot_run():
 
 @pytest.mark.parametrize("name", sorted(GRAPHS))
 def test_fused_kernels_agree_with_reference(name, monkeypatch):
-    """The NumPy loop with its elementwise runs fused into Numba kernels ("fuse" mode)."""
-    monkeypatch.setenv("UNROLLED_JIT", "fuse")
+    """The NumPy loop with its elementwise runs fused into Numba kernels (jit="fuse")."""
+    monkeypatch.setenv("UNROLLED_JIT", "1")
     g = GRAPHS[name]()
     rng = np.random.default_rng(3)
     T, B = 5, 4
     for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
         params = perturbed_params(g, rng, dtype)
         inputs = {"x": rng.normal(size=(T, B, 3)).astype(dtype), "target": rng.integers(0, 3, (T, B))}
-        eng = CompiledEngine(g)
+        eng = CompiledEngine(g, jit="fuse")
         assert not eng.uses_jit(B)
         assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), tol)
     if name in ("lstm", "gru"):
@@ -205,14 +207,14 @@ def test_one_hot_rows_are_picked_and_scattered(jit, chunk, monkeypatch):
     """``W · one_hot(tokens)`` runs as a row pick in the loop and its weight gradient as a scatter
     (Numba kernels), in chunks of steps: the same numbers as the reference's dense products."""
     if jit == "fuse":
-        monkeypatch.setenv("UNROLLED_JIT", "fuse")
+        monkeypatch.setenv("UNROLLED_JIT", "1")
     g = embedded("one_hot")
     rng = np.random.default_rng(5)
     T, B = 5, 3
     for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
         params = perturbed_params(g, rng, dtype)
         inputs = make_inputs(g, T, B, rng, dtype)
-        eng = CompiledEngine(g, jit=True if jit is True else "auto", chunk_steps=chunk)
+        eng = CompiledEngine(g, jit=jit, chunk_steps=chunk)
         assert "add_rows(" in eng.code
         assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), tol)
 

@@ -62,7 +62,8 @@ class CompiledEngine:
 
     Same interface and results as :class:`unrolled.engines.reference.ReferenceEngine`.
     ``engine.code`` is the generated loop source (``jit_code``: as Numba compiles it).
-    ``jit``: True, False, or "auto" (Numba where it pays); ``whole``: the whole-run function
+    ``jit``: True, False, "auto" (Numba where it pays), or "fuse" (the NumPy loops with fused
+    Numba kernels: what "auto" runs where the Numba loop cannot); ``whole``: the whole-run function
     (True, False, "auto"); ``chunk_steps``: steps per chunk of the loops (None: by memory);
     ``threads``: how many threads a batch's rows may be split across ("auto": as many as
     oneDNN uses, when it runs the products and each thread gets at least ``rowsplit.MIN_ROWS``

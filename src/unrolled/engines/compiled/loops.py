@@ -39,9 +39,9 @@ CHUNK_BYTES = 16 << 20  # per-chunk buffers of the loops (Y, GF) stay below this
 class StepLoops:
     """One recurrent core's step loops: written once, run on NumPy or (where it pays) on Numba.
 
-    ``jit``: True, False, or "auto" (Numba for runs whose steps are small, or at every size when
-    its products reach NumPy's BLAS); ``chunk_steps``: steps per chunk (None: as many as
-    ``CHUNK_BYTES`` holds)."""
+    ``jit``: True, False, "auto" (Numba for runs whose steps are small, or at every size when
+    its products reach NumPy's BLAS), or "fuse" (the NumPy loops, calling fused Numba kernels);
+    ``chunk_steps``: steps per chunk (None: as many as ``CHUNK_BYTES`` holds)."""
 
     def __init__(self, graph: Graph, jit: bool | str = "auto", chunk_steps: int | None = None):
         self.graph = graph
@@ -204,9 +204,11 @@ def _views_to_blas() -> bool:
 
 
 def _jit_refusal(jit, p: Plan) -> str | None:
-    """Why this graph may not take the Numba loop, or None. ("fuse" in UNROLLED_JIT allows fused kernels only.)"""
+    """Why this graph may not take the Numba loop, or None. (``jit="fuse"`` allows fused kernels only.)"""
+    if jit == "fuse":
+        return "jit='fuse': the NumPy loops, with fused kernels"
     unsupported = {v.op for v in p.of("core") if v.kind == "op" and v.op not in INLINE}
-    return numba_refusal(jit, unsupported, "the JIT loop, inside the recurrent core,", env_refuses=("0", "fuse"))
+    return numba_refusal(jit, unsupported, "the JIT loop, inside the recurrent core,")
 
 
 def _fuse_refusal(jit) -> str | None:

@@ -66,8 +66,7 @@ def _whole_run(graph: Graph, jit, whole):
         return None, "whole=False"
     if whole == "auto" and jit != "auto":
         return None, f"jit={jit!r}: the whole-run function is chosen only with jit='auto'"
-    why = numba_refusal(True if whole is True else "auto", wholestep.unsupported(graph), "the whole-run function",
-                        env_refuses=("0", "fuse"))
+    why = numba_refusal(True if whole is True else "auto", wholestep.unsupported(graph), "the whole-run function")
     if why is not None:
         return None, why
     return wholestep.WholeRun(graph), None

@@ -78,7 +78,7 @@ def _checked(fn, dtype):
     return fn if np.array_equal(out, a @ b) else None
 
 
-SGEMM = _checked(_find("s"), np.float32) if os.environ.get("UNROLLED_NUMPY_BLAS", "1") != "0" else None
+SGEMM = _checked(_find("s"), np.float32)
 DGEMM = _checked(_find("d"), np.float64) if SGEMM is not None else None
 GEMM = (SGEMM, DGEMM) if SGEMM is not None and DGEMM is not None else None
 

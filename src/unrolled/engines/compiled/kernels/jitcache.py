@@ -186,21 +186,21 @@ def _kernel_locator():
     return KernelCacheLocator
 
 
-def numba_allowed(jit, unsupported: set[str], what: str, env_refuses: tuple[str, ...] = ("0",)) -> bool:
+def numba_allowed(jit, unsupported: set[str], what: str) -> bool:
     """May ``what`` run under Numba? ``jit=True`` insists and says why not; "auto" quietly declines.
 
-    ``UNROLLED_JIT`` set to one of ``env_refuses`` keeps "auto" off Numba (the tests set "0").
+    ``UNROLLED_JIT=0`` keeps "auto" off Numba (the tests set it).
     """
-    return numba_refusal(jit, unsupported, what, env_refuses) is None
+    return numba_refusal(jit, unsupported, what) is None
 
 
-def numba_refusal(jit, unsupported: set[str], what: str, env_refuses: tuple[str, ...] = ("0",)) -> str | None:
+def numba_refusal(jit, unsupported: set[str], what: str) -> str | None:
     """Why ``what`` may not run under Numba, in words (None: it may); :func:`numba_allowed`'s one rule,
     kept here so that ``CompiledEngine.explain`` reports the very condition that decided."""
     env = os.environ.get("UNROLLED_JIT", "1")
     if jit is False:
         return "jit=False"
-    if jit is not True and env in env_refuses:
+    if jit is not True and env == "0":
         return f"UNROLLED_JIT={env} turns Numba off"
     if unsupported:
         if jit is True:
