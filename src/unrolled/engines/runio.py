@@ -184,7 +184,7 @@ def prepare(
     init = _initial_states(graph, params, init_states or {}, B, dtype)
     out_masks, norms = _masks(graph, masks or {}, T, B, dtype)
     fsg = {
-        name: _as_history(graph, name, a, B, dtype, "final_state_grads")
+        name: as_history(graph, name, a, B, dtype, "final_state_grads")
         for name, a in (final_state_grads or {}).items()
     }
     ogr = _output_grads(graph, output_grads or {}, T, B, dtype)
@@ -256,7 +256,7 @@ def _scan(feeds: Feeds) -> None:
         _refuse_nonfinite(a, f"output_grads['{name}']", "t, b, feature")
 
 
-def _as_history(graph: Graph, name: str, a, B: int, dtype, what: str) -> np.ndarray:
+def as_history(graph: Graph, name: str, a, B: int, dtype, what: str) -> np.ndarray:
     """A state array as ``[D, B, F]``, accepting ``[B, F]`` when D = 1."""
     delayed = graph.delayed()
     if name not in delayed:
@@ -284,7 +284,7 @@ def _initial_states(graph, params, given, B, dtype) -> dict[str, np.ndarray]:
     for name, D in graph.delayed().items():
         v = graph.vertices[name]
         if name in given:
-            out[name] = _as_history(graph, name, given[name], B, dtype, "init_states")
+            out[name] = as_history(graph, name, given[name], B, dtype, "init_states")
         elif v.init == "given":
             raise ValueError(
                 f"state '{name}' has init=given but no initial value was passed: "
@@ -297,7 +297,7 @@ def _initial_states(graph, params, given, B, dtype) -> dict[str, np.ndarray]:
             out[name] = np.zeros((D, B, v.size), dtype=dtype)
     extra = set(given) - set(out)
     if extra:
-        _as_history(graph, sorted(extra)[0], None, B, dtype, "init_states")
+        as_history(graph, sorted(extra)[0], None, B, dtype, "init_states")
     return out
 
 

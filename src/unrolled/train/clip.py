@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .optim import _kernels
+from .optim import numba_kernels
 
 Arrays = dict[str, np.ndarray]
 
@@ -35,7 +35,7 @@ def _limit(what: str, value) -> float:
 def clip_by_value(grads: Arrays, limit: float) -> None:
     """Clamp every gradient element to ``[-limit, limit]``, in place."""
     limit = _limit("clip value limit", limit)
-    kernels = _kernels()  # Numba's one pass, when it may run: np.clip's calls cost more on small arrays
+    kernels = numba_kernels()  # Numba's one pass, when it may run: np.clip's calls cost more on small arrays
     for g in grads.values():
         if kernels and g.dtype.kind == "f" and g.flags.c_contiguous:
             kernels.clip(g, g.dtype.type(limit))
@@ -47,7 +47,7 @@ def global_norm(grads: Arrays) -> float:
     """The L2 norm of all gradients taken together, as if concatenated into
     one vector; inf or NaN if any element is."""
     norms = []
-    kernels = _kernels()  # Numba's one pass for float32, when it may run
+    kernels = numba_kernels()  # Numba's one pass for float32, when it may run
     for g in grads.values():
         g = np.asarray(g)
         if g.size == 0:

@@ -167,7 +167,7 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
 
-def _kernels():
+def numba_kernels():
     """:mod:`unrolled.engines.compiled.kernels.optimizers` when Numba may run (installed, and UNROLLED_JIT is not "0"), else None."""
     global _KERNELS
     if _KERNELS is None:
@@ -239,7 +239,7 @@ class Adagrad(Optimizer):
             g = g + self.weight_decay * p
         clr = lr / (1 + (step - 1) * self.lr_decay)
         total = self._slot("sum", name, p, self.initial_accumulator_value)
-        kernels = _kernels()
+        kernels = numba_kernels()
         if kernels and kernels.fits(p, g, total):
             kernels.adagrad(p, g, total, p.dtype.type(clr), p.dtype.type(self.eps))
             return
@@ -340,7 +340,7 @@ class Adam(Optimizer):
 
     def _one_pass(self, name, p, g, lr, step) -> bool:
         """The same update by :func:`unrolled.engines.compiled.kernels.optimizers.adam`, where it applies; whether it ran."""
-        kernels = _kernels()
+        kernels = numba_kernels()
         if not kernels or self.amsgrad or (self.weight_decay and not self._decoupled):
             return False
         arrays = (p, g, self._slot("exp_avg", name, p), self._slot("exp_avg_sq", name, p))

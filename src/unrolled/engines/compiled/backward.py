@@ -145,7 +145,7 @@ class Run(ForwardRun):
                 else:
                     bind[f"G_{n}"] = self.alloc(f"G_{n}", (B, v.size))
         # gradients the loop sends to pre vertices (and pre delays), one [T, B, F] buffer each
-        for target, rng in w._contributions():
+        for target, rng in w.contributions():
             if p.phase[target.name] != "core":
                 n = w.names[target.name]
                 key = f"GX_{n}"
@@ -172,7 +172,7 @@ class Run(ForwardRun):
                 post = self.core_grad.get(v.name)
                 if post is not None:
                     GF[...] = post[t0:t1]
-                elif w._post_grad(v):
+                elif w.post_grad(v):
                     GF[...] = 0
 
     def _loop_param_grads(self, t0: int, t1: int) -> None:
@@ -256,7 +256,7 @@ class Run(ForwardRun):
         p, w = self.p, self.w
         for part, g in self.pre_grads.values():
             self._add_grad(part, g)
-        outside = {t.name: t for t, _ in w._contributions() if p.phase[t.name] != "core"}
+        outside = {t.name: t for t, _ in w.contributions() if p.phase[t.name] != "core"}
         for target in outside.values():
             self._add_grad(target, self.bind[f"GX_{w.names[target.name]}"])
         for name, D in p.depth.items():

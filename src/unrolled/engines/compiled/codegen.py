@@ -209,7 +209,7 @@ class Writer:
             return f"{key}[{self._gh_index(v, f'{t}+{self.p.depth[v.name]}')}]", key, True
         if self.has_full_grad(v):
             key = f"GF_{n}"  # holds this chunk's steps only
-            return f"{key}[{t} - t0]", key, self._post_grad(v)
+            return f"{key}[{t} - t0]", key, self.post_grad(v)
         return f"G_{n}", f"G_{n}", False
 
     def _gh_index(self, src: Vertex, index: str) -> str:
@@ -219,19 +219,19 @@ class Writer:
     def in_ring(self, src: Vertex) -> bool:
         """Whether the loop may keep only the last D + 1 gradients of delayed ``src``:
         no outside gradient arrives over all steps, and no weight needs them after the loop."""
-        return not (self._post_grad(src) or self.has_full_grad(src))
+        return not (self.post_grad(src) or self.has_full_grad(src))
 
     def has_full_grad(self, v: Vertex) -> bool:
         """Does the loop keep ``v``'s gradient for every step of a chunk (``GF``)? Asked ~90 times a
-        run (and twice that with the rows split), so remembered like :meth:`_post_grad`."""
+        run (and twice that with the rows split), so remembered like :meth:`post_grad`."""
         memo = self.p.memo.setdefault("full_grad", {})
         full = memo.get(v.name)
         if full is None:
-            full = memo[v.name] = v.name in self.p.split or self._post_grad(v) or (
+            full = memo[v.name] = v.name in self.p.split or self.post_grad(v) or (
                 v.kind == "op" and any(isinstance(a, Param) for a in v.args))
         return full
 
-    def _post_grad(self, v: Vertex) -> bool:
+    def post_grad(self, v: Vertex) -> bool:
         """Does ``v`` receive gradient from outside the loop (post phase, output seeds)?"""
         memo = self.p.memo.setdefault("post_grad", {})
         if v.name not in memo:
@@ -258,7 +258,7 @@ class Writer:
                 return True
         return False
 
-    def _contributions(self):
+    def contributions(self):
         """(target vertex, column range or None) for every gradient the loop body produces, in order."""
         if "contributions" not in self.p.memo:
             self.p.memo["contributions"] = self._find_contributions()
@@ -302,7 +302,7 @@ class Writer:
         bad: set[str] = set()
         widths: dict[str, int] = {}
         exprs: dict[str, str] = {}
-        for target, rng in self._contributions():
+        for target, rng in self.contributions():
             expr, key, add_only = self.grad(target)
             if add_only:
                 continue

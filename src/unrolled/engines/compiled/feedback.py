@@ -24,7 +24,7 @@ import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import aligned, aligned_zeros, product
 from unrolled.engines.compiled.kernels.jitcache import numba_allowed
-from unrolled.engines.runio import _as_history
+from unrolled.engines.runio import as_history
 from unrolled.graph.folded import Graph, Param, Vertex
 from unrolled.graph.ops import ELEMENTWISE, OPS
 
@@ -338,7 +338,7 @@ class Generator:
 
     def _initial(self, v: Vertex, D: int, B: int, dtype, params, given) -> np.ndarray:
         if v.name in given:
-            return _as_history(self.graph, v.name, given[v.name], B, dtype, "init_states")
+            return as_history(self.graph, v.name, given[v.name], B, dtype, "init_states")
         if v.init == "learned":
             return np.broadcast_to(params[self.graph.init_param_name(v.name)], (D, B, v.size)).astype(dtype)
         if v.init == "given":

@@ -167,8 +167,8 @@ def _phases(graph: Graph, order: list[Vertex]) -> dict[str, str]:
         for d in dsts:
             inn[d].append(src)
     cyclic = _cyclic_vertices(out)
-    below = _reach(cyclic, out)  # reachable from a cycle
-    above = _reach(cyclic, inn)  # can reach a cycle
+    below = reach(cyclic, out)  # reachable from a cycle
+    above = reach(cyclic, inn)  # can reach a cycle
     phase = {}
     for v in order:
         if v.name in below and v.name in above:
@@ -180,7 +180,7 @@ def _phases(graph: Graph, order: list[Vertex]) -> dict[str, str]:
     return phase
 
 
-def _reach(start: set[str], edges: dict[str, list[str]]) -> set[str]:
+def reach(start: set[str], edges: dict[str, list[str]]) -> set[str]:
     seen, stack = set(start), list(start)
     while stack:
         for m in edges[stack.pop()]:

@@ -28,7 +28,7 @@ from unrolled.graph.folded import Graph, Param, Vertex
 
 from .backward import Run
 from .loops import StepLoops
-from .plan import _reach, cyclic_components, edges_of
+from .plan import cyclic_components, edges_of, reach
 
 
 @dataclass
@@ -57,7 +57,7 @@ def assign(graph: Graph) -> tuple[dict[str, int], int]:
     edges = edges_of(list(graph.vertices.values()))
     comps = cyclic_components(edges)
     rev = _reverse(edges)
-    ancestors = [_reach(c, rev) for c in comps]
+    ancestors = [reach(c, rev) for c in comps]
     # order the cycles so that each comes after every cycle it depends on
     order: list[int] = []
     remaining = list(range(len(comps)))
@@ -68,7 +68,7 @@ def assign(graph: Graph) -> tuple[dict[str, int], int]:
         remaining.remove(ready)
     stage = {v: 1 for v in graph.vertices}
     for k, i in enumerate(order, start=1):
-        for v in _reach(comps[i], edges):  # everything that depends on cycle i comes no earlier than stage k
+        for v in reach(comps[i], edges):  # everything that depends on cycle i comes no earlier than stage k
             stage[v] = max(stage[v], k)
     return stage, max(len(comps), 1)
 
