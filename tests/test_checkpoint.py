@@ -11,8 +11,8 @@ import zipfile
 import numpy as np
 import pytest
 
+from unrolled.atomic import atomic_write_text, atomic_writer
 from unrolled.train import checkpoint
-from unrolled.train.atomic import atomic_write_text, atomic_writer
 from unrolled.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 

@@ -16,7 +16,7 @@ from test_cli_train import TINY, corpus, one_line_error
 from unrolled.charlm import run as lm_train
 from unrolled.charlm import run_budget, run_report
 from unrolled.cli import main
-from unrolled.engines.compiled import compiling
+from unrolled.engines.compiled.kernels import compiling
 from unrolled.train.checkpoint import load_checkpoint
 from unrolled.train.divergence import PATIENCE, DivergenceWatch
 from unrolled.train.runlog import COLUMNS

@@ -11,14 +11,13 @@ import re
 import sys
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from unrolled.cli import main
 from unrolled.cli.draw_cmd import build_network
-from unrolled.models.small_networks import small_network
 from unrolled.graph.folded import Graph
 from unrolled.models import cells
+from unrolled.models.small_networks import small_network
 from unrolled.viz import draw
 
 NODE_LINE = re.compile(r'^\s*"((?:[^"\\]|\\.)*)" \[(.*)\];$')

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from unrolled.engines.compiled.engine import CompiledEngine
 from unrolled.engines.compiled.kernels import blas
-from unrolled.models.small_networks import small_network
 from unrolled.engines.reference import run as reference_run
 from unrolled.graph.folded import Graph
+from unrolled.models.small_networks import small_network
 
 numba = pytest.importorskip("numba")
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 NATIVE = ("unrolled.engines.compiled.kernels.blas", "unrolled.engines.compiled.kernels.onednn", "unrolled.engines.compiled.engine", "numba", "llvmlite", "scipy", "torch")
 
 PROBE = """
@@ -89,3 +91,52 @@ def test_the_compiled_engine_products_agree_with_the_specification(dtype):
             np.testing.assert_allclose(got, want, **tol)
     assert set(compiled.OPS) == set(ops.OPS)
     assert all(compiled.OPS[k] is ops.OPS[k] for k in ops.OPS if k not in ("matmul", "linear"))
+
+
+LAYERS = ("words", "atomic", "graph", "engines", "train", "models", "charlm", "viz", "export", "cli")  # low to high
+
+
+def _imports(path) -> set[str]:
+    """Every ``unrolled.*`` module a source file imports, wherever the import stands (functions too)."""
+    import ast
+
+    package = ".".join(path.relative_to(SRC).with_suffix("").parts)
+    here = package if path.name == "__init__.py" else package.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = here
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m.removesuffix(".__init__") for m in found if m == "unrolled" or m.startswith("unrolled.")}
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_imports_only_its_own_layer_or_lower_ones():
+    """The package's sub-packages are the pipeline in its order of dependence: a module that reached
+    up (the trainer into the cells, a kernel cache into the trainer's file writes) would tie a lower
+    layer to a higher one, and a change above could break what lies beneath it."""
+    climbs = []
+    for path in sorted((SRC / "unrolled").rglob("*.py")):
+        mine = _layer(".".join(path.relative_to(SRC).with_suffix("").parts))
+        for module in _imports(path):
+            theirs = _layer(module)
+            if mine and theirs and LAYERS.index(theirs) > LAYERS.index(mine):
+                climbs.append(f"{path.relative_to(SRC)} imports {module}")
+    assert not climbs, "a lower layer imports a higher one:\n" + "\n".join(climbs)
+
+
+def test_the_kernels_import_nothing_of_the_engine_above_them():
+    """kernels/ is the compiled engine's bottom: plan, code generation and the strategies call it."""
+    kernels = SRC / "unrolled" / "engines" / "compiled" / "kernels"
+    above = [f"{p.name} imports {m}" for p in sorted(kernels.glob("*.py")) for m in _imports(p)
+             if m.startswith("unrolled.engines") and not m.startswith("unrolled.engines.compiled.kernels")]
+    assert not above, above

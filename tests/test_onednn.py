@@ -14,8 +14,8 @@ from helpers import perturbed_params
 
 from unrolled.engines.compiled.engine import CompiledEngine
 from unrolled.engines.compiled.kernels import blas, onednn
-from unrolled.models.small_networks import small_network
 from unrolled.engines.reference import run as reference_run
+from unrolled.models.small_networks import small_network
 
 try:  # Numba takes oneDNN's address at import: before a test swaps in a counting function
     import unrolled.engines.compiled.kernels.arrays  # noqa: F401

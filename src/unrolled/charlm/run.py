@@ -34,7 +34,7 @@ folder's lock while it lives, and removes what a save cut short left there
 or infinite, or a loss that stays far above its best (:mod:`unrolled.train.divergence`),
 stops the run with an error naming the step and the last good checkpoint;
 nothing is saved after it. Time spent compiling (the first run on a machine)
-is not counted in ``--minutes`` or in the speeds (:mod:`unrolled.engines.compiled.compiling`),
+is not counted in ``--minutes`` or in the speeds (:mod:`unrolled.engines.compiled.kernels.compiling`),
 nor is validation, sampling or saving: the budget is seconds of updates,
 kept in the checkpoint with the seconds spent, so a resumed run trains for
 the rest of it and a rate that follows the budget (:mod:`unrolled.charlm.recipe`)

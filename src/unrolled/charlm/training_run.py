@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from unrolled.engines.compiled import compiling
+from unrolled.atomic import atomic_write_bytes
+from unrolled.engines.compiled.kernels import compiling
 from unrolled.engines.registry import ENGINE_NAMES, make_engine
-from unrolled.train.atomic import atomic_write_bytes
 from unrolled.train.checkpoint import save_checkpoint
 from unrolled.train.divergence import DivergenceWatch
 from unrolled.train.interrupts import NAMES, StopRequest

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from unrolled import __version__
-from unrolled.engines.compiled import compiling
+from unrolled.engines.compiled.kernels import compiling
 from unrolled.train.interrupts import quit_on_signal
 
 SUBCOMMANDS = {

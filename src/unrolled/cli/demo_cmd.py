@@ -16,7 +16,7 @@ import numpy as np
 from unrolled.charlm.batching import StreamBatcher
 from unrolled.charlm.corpus import FALLBACK_CORPUS
 from unrolled.charlm.vocabulary import Vocabulary
-from unrolled.engines.compiled import compiling
+from unrolled.engines.compiled.kernels import compiling
 from unrolled.engines.registry import make_engine
 from unrolled.graph.folded import Graph
 from unrolled.models import cells

@@ -8,8 +8,8 @@ finite differences in float64, prints the largest relative error and exits
 
 from __future__ import annotations
 
-from unrolled.models.small_networks import check_network
 from unrolled.models import cells
+from unrolled.models.small_networks import check_network
 
 from . import UsageError
 

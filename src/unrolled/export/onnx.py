@@ -204,7 +204,7 @@ def to_onnx(graph: Graph, params: dict[str, np.ndarray], *, metadata: dict[str, 
 
 def export_onnx(graph: Graph, params: dict[str, np.ndarray], path, *, metadata: dict[str, str] | None = None):
     """Write ``graph`` with ``params`` to the ONNX file ``path`` (atomically); returns the model."""
-    from unrolled.train.atomic import atomic_write_bytes
+    from unrolled.atomic import atomic_write_bytes
 
     model = to_onnx(graph, params, metadata=metadata)
     atomic_write_bytes(path, model.SerializeToString())

@@ -21,7 +21,7 @@ import json
 
 import numpy as np
 
-from unrolled.train.atomic import atomic_write_bytes
+from unrolled.atomic import atomic_write_bytes
 
 from . import need
 

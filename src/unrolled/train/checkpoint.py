@@ -13,7 +13,7 @@ allow_pickle=False)`` opens it) with two reserved entries beside the arrays:
 
 Why this shape: loading an untrusted checkpoint must never run code (so no
 pickle anywhere: numbers go in arrays, everything else in JSON), one file is
-one thing to copy, and the atomic write (:mod:`unrolled.train.atomic`) means an
+one thing to copy, and the atomic write (:mod:`unrolled.atomic`) means an
 interrupted save leaves the previous checkpoint intact.
 
 A checkpoint may come from anyone, so loading trusts nothing it declares:
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npformat
 
-from .atomic import atomic_writer
+from unrolled.atomic import atomic_writer
 
 FORMAT = "unrolled-checkpoint"
 VERSION = 1  # bump when a reader of the old version could misread the new files

@@ -6,7 +6,7 @@ word. :class:`FolderLock` takes an exclusive ``flock`` on the folder for
 as long as the run lives; the kernel drops it when the process
 ends, however it ends (``kill -9`` included), so a lock is never left stale.
 
-A save is a temporary file renamed over the checkpoint (:mod:`unrolled.train.atomic`);
+A save is a temporary file renamed over the checkpoint (:mod:`unrolled.atomic`);
 a process killed in between leaves the temporary file, as large as a
 checkpoint. Once the lock is held no other run can be writing in the folder,
 so :func:`remove_stale_temporaries` may delete what such a save left.

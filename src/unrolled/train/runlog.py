@@ -33,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from unrolled.atomic import atomic_write_text
 
 METRICS_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"

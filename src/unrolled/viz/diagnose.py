@@ -84,7 +84,7 @@ def state_gradients(graph: Graph, params, inputs, *, init_states=None, masks=Non
     after each split: a long sequence takes a while.
     """
     feeds = prepare(graph, params, inputs, init_states, masks)
-    T, B = feeds.T, feeds.B
+    T = feeds.T
     max_lag = T if max_lag is None else max(1, min(int(max_lag), T))
     eng = make_engine(graph, engine)
     names = list(graph.delayed())

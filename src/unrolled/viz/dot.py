@@ -41,7 +41,7 @@ def to_dot(what, unroll: int | None = None) -> str:
     lines = [f"digraph {_quote(sc.title)} {{"]
     if sc.unrolled:
         lines += [
-            f"  // fixed positions: render with  dot -Kneato -n2 -Tsvg FILE.dot -o FILE.svg",
+            "  // fixed positions: render with  dot -Kneato -n2 -Tsvg FILE.dot -o FILE.svg",
             f"  label={_quote(sc.title)}; labelloc=t; fontname=Helvetica; fontsize=16; splines=true;",
             '  node [fontname=Helvetica, fontsize=9, shape=box, style="rounded,filled", margin="0.05,0.02"];',
             "  edge [fontname=Helvetica, fontsize=8, arrowsize=0.5];",

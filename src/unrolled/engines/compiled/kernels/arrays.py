@@ -21,8 +21,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from unrolled.engines.compiled import compiling as _compiling
-
+from . import compiling as _compiling
 from .blas import NO_TRANS, ROW_MAJOR
 from .blas import lead as blas_lead
 from .jitcache import prepare_numba_cache
@@ -380,7 +379,6 @@ def warm_up() -> None:
     """Compile (or load from Numba's cache) every kernel for float32 and float64."""
     for dtype in (np.float32, np.float64):
         a = np.ones((2, 3), dtype=dtype)
-        w = np.ones((3, 3), dtype=dtype)
         m = np.ones((2, 3), dtype=bool)
         for name in ("add", "subtract", "multiply", "maximum"):
             KERNELS[name](a, a, a)

@@ -74,7 +74,7 @@ def load_module(text: str, prefix: str) -> dict:
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
     path = _cache_folder() / f"{prefix}_{digest}.py"
     if not path.exists():
-        from unrolled.train.atomic import atomic_write_text
+        from unrolled.atomic import atomic_write_text
 
         atomic_write_text(path, text)
     prepare_numba_cache()

@@ -17,8 +17,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from unrolled.engines.compiled import compiling as _compiling
-
+from . import compiling as _compiling
 from .jitcache import prepare_numba_cache
 
 _compiling.listen()
