@@ -80,6 +80,21 @@ def test_mean_over_copies_of_a_learned_initial_vector_an_op_reads(given):
     run_every_path(g, params, _feeds(g, T=4, B=2), combine="mean", init_states=init)
 
 
+def test_mean_over_copies_of_a_learned_initial_vector_another_stage_reads():
+    """Two recurrent cores run as two stages; h.init fills h's initial slot and is added in the
+    other core's stage. Each stage divided its share by its own copies, not the whole graph's:
+    combine="mean" gave h.init half (or twice) its gradient (hypothesis found it at T = B = 1)."""
+    g = Graph("init_read_by_another_stage")
+    x, h, s = g.input("x", 2), g.state("h", 2, init="learned"), g.state("s", 2)
+    g.tanh(g.matmul(g.param("W", (2, 4)), g.concat(x, h.prev)), name="h")
+    g.tanh(g.add(g.matmul(g.param("U", (2, 2)), s.prev), g.params["h.init"]), name="s")
+    y = g.output(g.matmul(g.param("V", (2, 4)), g.concat(h, s), name="y"))
+    g.loss("cross_entropy", y, g.index_input("t", 2))
+    params = {k: v + 0.3 for k, v in g.init_params(0).items()}
+    for T, B in ((1, 1), (4, 2)):
+        assert "stages" in run_every_path(g, params, _feeds(g, T=T, B=B), combine="mean", require={"stages"})
+
+
 @pytest.mark.parametrize("act", ["tanh", "sigmoid"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_saturated_unit_passes_no_gradient(act, dtype):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unrolled.engines.runio import Feeds, RunResult, prepare
+from unrolled.engines.runio import Feeds, RunResult, parameter_copies, prepare
 from unrolled.graph.folded import Graph, Param, Vertex
 
 from .backward import Run
@@ -196,12 +196,15 @@ class StagedRun:
                     if n in sent:
                         mine = state.f.output_grads.get(n)
                         state.f.output_grads[n] = sent.pop(n) if mine is None else mine + sent.pop(n)
-                state.backward(r, combine)
+                state.backward(r, "sum")  # "mean" divides by the whole graph's copies, in _merge
                 for n, grad in r.input_grads.items():
                     sent[n] = grad if n not in sent else sent[n] + grad
-        return self._merge(runs, feeds, backward)
+        return self._merge(runs, feeds, backward, combine)
 
-    def _merge(self, runs, feeds: Feeds, backward: bool) -> RunResult:
+    def _merge(self, runs, feeds: Feeds, backward: bool, combine: str) -> RunResult:
+        """One result from the stages' results. A parameter several stages read (a learned initial
+        vector an op of another stage reads too) has copies in each: combine="mean" divides the
+        sum of all its contributions by all its copies, never each stage's share by its own."""
         result = RunResult(loss=sum(r.loss for _, _, r in runs))
         for st, _, r in runs:
             result.outputs.update({n: r.outputs[n] for n in st.outputs})
@@ -214,6 +217,10 @@ class StagedRun:
         if backward:
             result.grads = {k: result.grads.get(k, np.zeros(p.shape, dtype=feeds.dtype))  # unused ones get zeros
                             for k, p in self.graph.params.items()}
+            if combine == "mean":
+                copies = parameter_copies(self.graph, feeds.T, feeds.given_init)
+                result.grads = {k: (g / copies[k]).astype(feeds.dtype, copy=False) if copies.get(k) else g
+                                for k, g in result.grads.items()}
             for v in self.graph.inputs:
                 if v.kind == "input":
                     parts = [r.input_grads[v.name] for _, _, r in runs if v.name in r.input_grads]
