@@ -218,7 +218,7 @@ def _fuse_refusal(jit) -> str | None:
     if os.environ.get("UNROLLED_JIT", "1") == "0":
         return "UNROLLED_JIT=0 turns Numba off"
     if not fuse.available():
-        return "Numba is not installed (pip install numba)"
+        return 'Numba is not installed (pip install "unrolled[fast]")'
     return None
 
 

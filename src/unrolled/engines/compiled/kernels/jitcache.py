@@ -210,6 +210,6 @@ def numba_refusal(jit, unsupported: set[str], what: str) -> str | None:
         import numba  # noqa: F401
     except ImportError:
         if jit is True:
-            raise ValueError("jit=True needs Numba: pip install numba") from None
-        return "Numba is not installed (pip install numba)"
+            raise ValueError('jit=True needs Numba: pip install "unrolled[fast]"') from None
+        return 'Numba is not installed (pip install "unrolled[fast]")'
     return None
