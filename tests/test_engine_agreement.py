@@ -23,7 +23,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from helpers import _GRADIENTS, _largest, assert_agree, make_inputs
+from helpers import _GRADIENTS, _largest, assert_agree, make_inputs, run_every_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -187,6 +187,17 @@ def test_compiled_agrees_with_reference_float64(g, T, B, seed, combine, chunk):
     r1 = reference_run(g, params, inputs, masks=masks, init_states=init, combine=combine)
     r2 = CompiledEngine(g, chunk_steps=chunk).run(params, inputs, masks=masks, init_states=init, combine=combine)
     assert_agree(r1, r2, 1e-10)
+
+
+@settings(max_examples=_examples(4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(g=cyclic_graphs(), T=st.integers(1, 5), B=st.integers(2, 3), seed=st.integers(0, 2**16),
+       combine=st.sampled_from(["sum", "mean"]))
+def test_every_strategy_agrees_with_reference_float64(g, T, B, seed, combine):
+    """Every configuration of helpers.PATHS (the whole-run function, the Numba and NumPy loops, in
+    chunks, with fused kernels, rows split) on each random graph: each compiles its own code, so
+    the default count is small; ``UNROLLED_EXAMPLES`` raises it like the others'."""
+    params, inputs, masks, init = _data(g, T, B, seed, np.float64)
+    run_every_path(g, params, inputs, masks=masks, init_states=init, combine=combine)
 
 
 @settings(max_examples=_examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
