@@ -121,6 +121,10 @@ def _not_applicable(g: Graph, T: int, B: int) -> dict[str, str]:
         out["row_split"] = "one row: nothing to split"
     with _jit_env("1"):
         cores = CompiledEngine(g, jit="fuse").loops.cores
+        refused = [loops.jit_why for loops in CompiledEngine(g).loops.cores if loops.jit_why]
+    if refused:  # e.g. an op the Numba loop has no rule for, inside a recurrent core
+        out["numba_loop"] = refused[0]
+        out["row_split"] = f"the row split runs Numba loops: {refused[0]}"
     if not any(loops.writer.kernels.functions for loops in cores):
         out["fused"] = "no run of elementwise vertices to fuse"
     return out
@@ -139,8 +143,8 @@ def run_every_path(g: Graph, params, inputs, *, tol: float = 1e-10, require=(), 
     taken: set[str] = set()
     skip = _not_applicable(g, T, B)
     for name, jit_env, kw, split in PATHS:
-        if kw.get("whole") is True and "whole" in skip:
-            continue
+        if (kw.get("whole") is True and "whole" in skip) or (kw.get("jit") is True and "numba_loop" in skip):
+            continue  # a configuration that insists on what this graph cannot take raises, as it should
         with _jit_env(jit_env), (_rows_in_halves() if split else contextlib.nullcontext()):
             eng = CompiledEngine(g, **kw)
             took = eng.strategies(T, B, dtype)

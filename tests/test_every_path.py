@@ -95,6 +95,20 @@ def test_mean_over_copies_of_a_learned_initial_vector_another_stage_reads():
         assert "stages" in run_every_path(g, params, _feeds(g, T=T, B=B), combine="mean", require={"stages"})
 
 
+def test_a_core_the_numba_loop_cannot_run_takes_every_other_path():
+    """softmax inside a recurrent core: the Numba loop has no rule for it, so the configurations that
+    insist on it (jit=True) raise, as they should, and are not run; the rest agree with the reference
+    (hypothesis found the helper running them anyway)."""
+    g = Graph("softmax_in_core")
+    x, h = g.input("x", 2), g.state("h", 2)
+    p = g.softmax(h.prev, name="p")
+    g.tanh(g.linear(g.param("W", (2, 4)), g.concat(x, p), g.param("b", (2,), init="normal:0.1")), name="h")
+    y = g.output(g.matmul(g.param("V", (3, 2)), h, name="y"))
+    g.loss("cross_entropy", y, g.index_input("t", 3))
+    taken = run_every_path(g, g.init_params(0), _feeds(g, T=3, B=2))
+    assert "numba_loop" not in taken and "numpy_loop" in taken
+
+
 @pytest.mark.parametrize("act", ["tanh", "sigmoid"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_saturated_unit_passes_no_gradient(act, dtype):
