@@ -101,3 +101,12 @@ def test_unsplit_reason_matches_parts():
 def test_reference_engine_has_one_strategy():
     text = make_engine(elman(), "reference").explain(5, 3)
     assert text.startswith("reference engine, graph 'elman', 5 steps x 3 rows") and "DAG" in text
+
+
+@pytest.mark.parametrize("value", ["fuse", "no", ""])
+def test_an_unknown_unrolled_jit_value_is_refused_with_what_to_use(monkeypatch, value):
+    """UNROLLED_JIT=fuse once chose the NumPy loops with fused kernels; read as 1 it would silently
+    run something else, so every value but 0 and 1 stops the engine with the two it takes."""
+    monkeypatch.setenv("UNROLLED_JIT", value)
+    with pytest.raises(ValueError, match=r"UNROLLED_JIT=.*use 0 .* or 1 .*jit='fuse'"):
+        CompiledEngine(elman())

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import functools
 import linecache
-import os
 
 import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import product
-from unrolled.engines.compiled.kernels.jitcache import (
-    load_jit_loops,
-    load_module,
-    numba_refusal,
-)
+from unrolled.engines.compiled.kernels.jitcache import jit_turned_off, load_jit_loops, load_module, numba_refusal
 from unrolled.engines.runio import Feeds, RunResult
 from unrolled.graph.folded import Graph, Vertex
 from unrolled.graph.ops import ELEMENTWISE
@@ -215,7 +210,7 @@ def _fuse_refusal(jit) -> str | None:
     """Why the plain NumPy loop calls no fused kernels, or None when it may (fuse.py)."""
     if jit is False:
         return "jit=False"
-    if os.environ.get("UNROLLED_JIT", "1") == "0":
+    if jit_turned_off():
         return "UNROLLED_JIT=0 turns Numba off"
     if not fuse.available():
         return 'Numba is not installed (pip install "unrolled[fast]")'

@@ -186,6 +186,17 @@ def _kernel_locator():
     return KernelCacheLocator
 
 
+def jit_turned_off() -> bool:
+    """Whether the user turned Numba off for this process (``UNROLLED_JIT=0``; 1, the default, leaves
+    it on). Any other value is refused rather than read as one of the two: ``fuse`` once meant the
+    NumPy loops with fused kernels, which is now ``CompiledEngine(graph, jit="fuse")``."""
+    value = os.environ.get("UNROLLED_JIT", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"UNROLLED_JIT={value!r}: use 0 (no Numba anywhere) or 1 (the default); for the "
+                         "NumPy loops with fused kernels, make the engine with jit='fuse'")
+    return value == "0"
+
+
 def numba_allowed(jit, unsupported: set[str], what: str) -> bool:
     """May ``what`` run under Numba? ``jit=True`` insists and says why not; "auto" quietly declines.
 
@@ -197,11 +208,10 @@ def numba_allowed(jit, unsupported: set[str], what: str) -> bool:
 def numba_refusal(jit, unsupported: set[str], what: str) -> str | None:
     """Why ``what`` may not run under Numba, in words (None: it may); :func:`numba_allowed`'s one rule,
     kept here so that ``CompiledEngine.explain`` reports the very condition that decided."""
-    env = os.environ.get("UNROLLED_JIT", "1")
     if jit is False:
         return "jit=False"
-    if jit is not True and env == "0":
-        return f"UNROLLED_JIT={env} turns Numba off"
+    if jit is not True and jit_turned_off():
+        return "UNROLLED_JIT=0 turns Numba off"
     if unsupported:
         if jit is True:
             raise ValueError(f"{what} cannot run {', '.join(sorted(unsupported))}; use jit=False or 'auto'")
