@@ -100,10 +100,10 @@ def _rows_in_halves():
 PATHS = [
     ("whole-run function", "1", dict(whole=True), False),
     ("Numba loop", "1", dict(whole=False, jit=True), False),
-    ("Numba loop, chunks of 1 step", "1", dict(whole=False, jit=True, chunk_steps=1), False),
+    ("Numba loop, chunks of 2 steps", "1", dict(whole=False, jit=True, chunk_steps=2), False),
     ("Numba loop, rows split in two", "1", dict(whole=False, jit=True), True),
     ("NumPy loop", "0", dict(jit=False), False),
-    ("NumPy loop, chunks of 2 steps", "0", dict(jit=False, chunk_steps=2), False),
+    ("NumPy loop, chunks of 1 step", "0", dict(jit=False, chunk_steps=1), False),  # runs on every graph
     ("NumPy loop with fused kernels", "1", dict(jit="fuse"), False),
 ]
 
