@@ -1,12 +1,13 @@
 """Time unrolled against the tools a user would pick instead, on this machine.
 
-Runs the workloads W1-W6 of BENCHMARKS.md (W1 min-char-rnn Elman, W2 char-rnn
-LSTM 2x128, W3 LSTM 512, W4 sampling, W5 peak memory, W6 start-up time) with
-unrolled and each peer (PyTorch on the CPU, eager and compiled, JAX when
-installed, a plain NumPy loop for W1 and W4), one after another, each in a
-fresh process, and prints median chars/s with min-max, unrolled's ratio to
-each peer, GFLOP/s and % of the machine's matrix-product peak measured in the
-same run, and W2 and W3 at 1 and 2 threads; --json prints one object.
+Runs the workloads of BENCHMARKS.md (min-char-rnn's Elman network, char-rnn's
+LSTM 2x128, a large LSTM, sampling, peak memory of one long BPTT step, start-up
+time) with unrolled and each peer (PyTorch on the CPU, eager and compiled, JAX
+when installed, a plain NumPy loop where min-char-rnn has one), one after
+another, each in a fresh process, and prints median chars/s with min-max,
+unrolled's ratio to each peer, GFLOP/s and % of the machine's matrix-product
+peak measured in the same run, and the two LSTM training workloads at 1 and 2
+threads; --json prints one object.
 Only same-run ratios mean anything on a shared machine.
 
 The benchmark code lives in the repository's benchmarks/ folder (not in the
@@ -20,14 +21,14 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("rest", nargs="*", metavar="W", help="workloads (default all: W1 W2 W3 W4 W5 W6)")
+    p.add_argument("rest", nargs="*", metavar="W", help="workloads by the names BENCHMARKS.md gives them (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--systems", help="comma-separated: unrolled,torch,jax,numpy (default all)")
     p.add_argument("--seconds", help="minimum length of one timed repetition (default 2)")
     p.add_argument("--reps", help="timed repetitions (default 5)")
     p.add_argument("--warmup", help="untimed warm-up steps (default 3)")
     p.add_argument("--threads", help="cores every system may use (default 2)")
-    p.add_argument("--scaling", metavar="N,M", help="thread counts at which W2 and W3 are also reported "
+    p.add_argument("--scaling", metavar="N,M", help="thread counts at which the two LSTM training workloads are also reported "
                                                     "(default 1,2; none to skip)")
     p.add_argument("--corpus", metavar="FILE", help="the text the workloads train on "
                                                     "(default $UNROLLED_BENCH_CORPUS, else ../shared/data/shakespeare.txt)")
