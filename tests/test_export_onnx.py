@@ -114,6 +114,16 @@ def test_interface_names_inputs_states_and_outputs(tmp_path):
     np.testing.assert_allclose(outputs["y"], want.outputs["y"], rtol=TOL, atol=TOL)
 
 
+def test_the_documented_library_call_exports_any_graph(tmp_path):
+    """README and docs/export.md: ``unrolled.export.export_onnx(graph, params, path)``."""
+    import unrolled.export
+
+    g, params, _ = _exported("gru")
+    unrolled.export.export_onnx(g, params, tmp_path / "gru.onnx")
+    assert_same_as_engine(g, params, unrolled.export.OnnxRunner(tmp_path / "gru.onnx"), 7, 4, seed=9,
+                          every_state=True)
+
+
 def test_final_states_carry_into_the_next_chunk():
     """Two chunks with the state carried through ONNX equal one run over both."""
     g, params, runner = _exported("delay3_and_1")
@@ -219,6 +229,7 @@ def test_the_core_imports_without_the_extra():
     code = ("import sys\n"
             "for m in ('onnx', 'onnxruntime', 'safetensors'): sys.modules[m] = None\n"
             "import unrolled, unrolled.charlm.model, unrolled.cli, unrolled.export.onnx, unrolled.export.charmodel\n"
+            "from unrolled.export import export_onnx, to_onnx, OnnxRunner\n"
             "from unrolled.cli import build_parser; build_parser()\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": SRC})
 
