@@ -10,6 +10,8 @@ dict becomes a checkpoint whose logits are torch's, and that ``sample`` and
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +82,20 @@ def test_a_model_trained_here_runs_in_torch(tmp_path, cell, extra):
     back = tmp_path / "back.npz"
     assert main(["export", str(path), "-o", str(back)]) == 0
     np.testing.assert_allclose(our_logits(load_model(back), x), our_logits(model, x), rtol=TOL, atol=TOL)
+
+
+def test_the_lines_docs_export_md_shows_load_the_weights_into_torch(tmp_path, monkeypatch):
+    """The page's Python block, run as written (``x`` given), gives the engine's logits."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    run = train(tmp_path, "gru", "--layers", "2")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run), "-o", "weights.safetensors"]) == 0
+    model = load_model(run)
+    x = np.random.default_rng(2).integers(0, model.model.vocab_size, (8, 2))
+    scope = {"x": torch.tensor(x)}
+    exec(block, scope)
+    np.testing.assert_allclose(scope["logits"].detach().numpy(), our_logits(model, x), rtol=TOL, atol=TOL)
 
 
 def torch_lm(cell: str, V: int, H: int, layers: int, E: int, seed: int) -> dict[str, torch.Tensor]:
