@@ -110,6 +110,8 @@ def _latest(folder: Path) -> dict[str, np.ndarray]:
     out["meta/tbptt"] = np.array(json.dumps(trainer["tbptt"], sort_keys=True))
     out["meta/data"] = np.array(json.dumps(meta["data"], sort_keys=True))
     out["meta/step"] = np.array(trainer["step"])
+    out["meta/best_val_bpc"] = np.array(meta["best"]["val_bpc"])  # validation: split over ranks, reduced
+    out["meta/best_step"] = np.array(meta["best"]["step"])
     return out
 
 
@@ -146,7 +148,9 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
     dist_worker.lm_run(corpus, str(tmp_path / "whole"), 4)
     dist_worker.lm_run(corpus, str(tmp_path / "cut"), 2)
     mpiexec(2, worker, "lm", corpus, str(tmp_path / "cut"), "4", str(tmp_path / "cut"))
-    _same(_latest(tmp_path / "cut"), _latest(tmp_path / "whole"), 1e-12)
+    whole = _latest(tmp_path / "whole")
+    assert whole["meta/best_step"] == 4  # the best validation is step 4's, which the 2 ranks computed
+    _same(_latest(tmp_path / "cut"), whole, 1e-12)
 
 
 def _saved_step(folder: Path) -> int:
