@@ -113,7 +113,9 @@ def worker(workload_id: str, updates: int, warmup: int = 2) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
-    p.add_argument("workloads", nargs="*", default=["W2", "W3"])
+    p.add_argument("workloads", nargs="*", default=["W2", "W3"], metavar="W",
+                   help="training workloads by the names BENCHMARKS.md gives them "
+                        "(default: W2 W3, char-rnn's LSTM 2x128 and the large LSTM)")
     p.add_argument("--ranks", type=int, default=2, help="ranks of the data-parallel run = threads of the other")
     p.add_argument("--updates", type=int, default=5, help="timed updates per configuration")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
