@@ -149,3 +149,14 @@ def test_bad_run_fields_on_resume_are_named(run, tmp_path, capsys, edit, needle)
     bad = _edited_run(run, tmp_path, edit)
     capsys.readouterr()
     one_line(capsys, main(["train", "--resume", str(bad), "--steps", "4"]), needle)
+
+
+def test_a_device_posing_as_a_checkpoint_is_refused_unread(tmp_path, capsys):
+    """Found by tests/cli_battery.py: a link to /dev/zero read without end (9 GB, then killed)."""
+    link = tmp_path / "zero.npz"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="zero.npz is not a regular file"):
+        load_checkpoint(link)
+    text = tmp_path / "t.txt"
+    text.write_text("abc abc\n" * 4)
+    one_line(capsys, main(["evaluate", str(link), str(text)]), "zero.npz", "not a regular file")

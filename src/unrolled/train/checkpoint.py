@@ -213,6 +213,8 @@ def _open_archive(path: Path) -> zipfile.ZipFile:
         raise ValueError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder; pass a file such as {path / 'latest.npz'}")
+    if not path.is_file():  # a device reads without end (/dev/zero), a FIFO blocks: neither holds an archive
+        raise ValueError(f"checkpoint {path} is not a regular file (a device, a pipe or a socket); pass a .npz file")
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, EOFError, ValueError) as e:
