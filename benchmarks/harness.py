@@ -520,9 +520,9 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
-def parse_args(argv):
+def parse_args(argv, prog="python -m benchmarks.harness"):
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.harness",
+        prog=prog,
         description="Time the workloads of BENCHMARKS.md with unrolled and its peers; print ratios.")
     p.add_argument("workloads", nargs="*", metavar="W", help=f"workloads to run (default: all of {' '.join(workloads.WORKLOADS)})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -539,15 +539,17 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
+def main(argv=None, prog="python -m benchmarks.harness") -> int:
+    """``prog``: the name its usage errors give (`unrolled bench` runs this too)."""
+    a = parse_args(argv, prog)
     try:
         ids = [workloads.get(w).id for w in (a.workloads or workloads.WORKLOADS)]
         systems = [s.strip() for s in a.systems.split(",") if s.strip()]
         unknown = [s for s in systems if s not in SYSTEMS]
         if unknown or not systems:
-            raise ValueError(f"unknown system {', '.join(unknown) or '(none)'}: choose from {', '.join(SYSTEMS)}")
-        if a.seconds <= 0 or a.reps < 1 or a.warmup < 0 or a.threads < 1:
+            raise ValueError(f"unknown system {', '.join(unknown) or '(none)'} (--systems): "
+                             f"choose from {', '.join(SYSTEMS)}")
+        if not a.seconds > 0 or a.reps < 1 or a.warmup < 0 or a.threads < 1:
             raise ValueError("--seconds must be > 0, --reps >= 1, --warmup >= 0, --threads >= 1")
         corpus_mod.corpus_path(a.corpus)
     except (ValueError, FileNotFoundError) as e:

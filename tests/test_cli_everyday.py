@@ -15,15 +15,17 @@ def test_version(capsys):
 
 def test_bench_passes_corpus_to_the_harness(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(bench_cmd, "_harness", lambda: types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
+    monkeypatch.setattr(bench_cmd, "_harness",
+                        lambda: types.SimpleNamespace(main=lambda argv, prog: seen.append((argv, prog)) or 0))
     corpus = tmp_path / "c.txt"
     assert main(["bench", "W1", "--corpus", str(corpus), "--reps", "2"]) == 0
-    assert seen == [["W1", "--reps", "2", "--corpus", str(corpus)]]
+    assert seen == [(["W1", "--reps", "2", "--corpus", str(corpus)], "unrolled bench")]
 
 
 def test_bench_passes_threads_and_scaling_to_the_harness(monkeypatch):
     seen = []
-    monkeypatch.setattr(bench_cmd, "_harness", lambda: types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
+    monkeypatch.setattr(bench_cmd, "_harness",
+                        lambda: types.SimpleNamespace(main=lambda argv, prog: seen.append(argv) or 0))
     assert main(["bench", "W2", "--threads", "1", "--scaling", "none"]) == 0
     assert seen == [["W2", "--threads", "1", "--scaling", "none"]]
 

@@ -124,3 +124,26 @@ def test_demo_bad_numbers_are_one_usage_error(capsys, flags):
     rc = main(["demo", *flags])
     assert rc == 2
     one_line_error(capsys, rc, flags[0])
+
+
+# found by tests/cli_battery.py
+
+
+def _argparse_error(capsys, rc, *needles):
+    """argparse's refusal: its usage lines, then one line naming the flag."""
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("unrolled ") and "error" in last, err
+    for n in needles:
+        assert n in last, last
+
+
+@pytest.mark.parametrize("flags, needle", [(["--seconds", "nan"], "--seconds"), (["--systems", "bogus"], "--systems")])
+def test_bench_checks_its_flags_before_its_corpus(capsys, flags, needle):
+    rc = main(["bench", "W1", *flags, "--corpus", "/nonexistent/corpus.txt"])
+    one_line_error(capsys, rc, needle)
+
+
+def test_bench_usage_errors_name_unrolled_bench(capsys):
+    _argparse_error(capsys, main(["bench", "W1", "--scaling", "x"]), "unrolled bench", "--scaling")

@@ -54,4 +54,7 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag}", str(value)]
-    return int(_harness().main(argv) or 0)
+    try:
+        return int(_harness().main(argv, prog="unrolled bench") or 0)
+    except SystemExit as e:  # the harness's own parser printed its usage error, under our name
+        return e.code if isinstance(e.code, int) else 2
