@@ -139,6 +139,38 @@ def _argparse_error(capsys, rc, *needles):
         assert n in last, last
 
 
+def test_layers_beyond_the_bound_are_refused_at_once(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", str(text_file), *TINY, "--steps", "2", "--layers", "100000", "--out", str(out)])
+    one_line_error(capsys, rc, "--layers", "100,000", "at most 1,000")
+    assert not out.exists()
+
+
+def test_minutes_zero_is_refused_saying_how_to_have_no_limit(tmp_path, text_file, capsys):
+    rc = main(["train", str(text_file), *TINY, "--minutes", "0", "--out", str(tmp_path / "run")])
+    assert rc == 2
+    one_line_error(capsys, rc, "--minutes 0", "leave --minutes out for no time limit")
+
+
+def test_k1_zero_is_documented_as_seq():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert " ".join(train.format_help().split()).count("(default, or 0: --seq)") == 2
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--encoding", "bogus-enc"], ["'bogus-enc'", "--encoding"]),
+    (["--k1", "10", "--k2", "5"], ["k1 = 10", "--k1 <= --k2"]),
+])
+def test_train_refusals_name_their_flags(tmp_path, text_file, capsys, flags, needles):
+    rc = main(["train", str(text_file), *TINY, "--steps", "2", *flags, "--out", str(tmp_path / "run")])
+    one_line_error(capsys, rc, *needles)
+
+
+def test_evaluate_names_its_encoding_flag(trained, text_file, capsys):
+    rc = main(["evaluate", str(trained), str(text_file), "--encoding", "bogus-enc"])
+    one_line_error(capsys, rc, "--encoding")
+
+
 @pytest.mark.parametrize("flags, needle", [(["--seconds", "nan"], "--seconds"), (["--systems", "bogus"], "--systems")])
 def test_bench_checks_its_flags_before_its_corpus(capsys, flags, needle):
     rc = main(["bench", "W1", *flags, "--corpus", "/nonexistent/corpus.txt"])

@@ -54,6 +54,9 @@ LOSS_NAME = "loss"  # the cross-entropy loss
 LR_SCHEDULES = ("constant", "cosine")
 
 
+MAX_LAYERS = 1_000  # stacked layers: far beyond what trains, far below what hangs building the graph
+
+
 @dataclass
 class ModelConfig:
     """What the network is."""
@@ -72,6 +75,8 @@ class ModelConfig:
             raise ValueError(f"unknown cell '{self.cell}'; known cells: {', '.join(cells.CELLS)}")
         _at_least(self.hidden, 1, "hidden size (--hidden)")
         _at_least(self.layers, 1, "number of layers (--layers)")
+        if self.layers > MAX_LAYERS:  # each layer is a block of graph vertices: 100,000 take minutes to build
+            raise ValueError(f"number of layers (--layers) is {self.layers:,}; it must be at most {MAX_LAYERS:,}")
         _at_least(self.vocab_size, 1, "vocabulary size")
         if self.embedding < 0:
             raise ValueError(f"embedding size {self.embedding}; use 0 for one-hot input or a positive size (--embedding)")
@@ -131,7 +136,7 @@ class TrainConfig:
             raise ValueError(f"warm-up of {self.warmup} steps; it cannot be negative (--warmup)")
         if self.bptt_k1 > self.bptt_k2:
             raise ValueError(f"k1 = {self.bptt_k1} is larger than k2 = {self.bptt_k2}; the gradient must reach "
-                             f"back at least over the steps since the last update (k1 <= k2)")
+                             f"back at least over the steps since the last update (--k1 <= --k2)")
         if not (math.isfinite(self.clip) and self.clip >= 0):
             raise ValueError(f"clip {self.clip}; use a positive gradient norm, or 0 for no clipping (--clip)")
         if not 0.0 < self.val_fraction < 1.0:
@@ -177,15 +182,14 @@ def config_from_dict(cls, data: dict, where: str):
 
 # Upper bounds on what a checkpoint may ask for: the settings a file brings are used to size
 # memory (a chunk of seq × batch, the graph's layers), and a file may come from anyone.
-LOADED_LIMITS = {"layers": 1_000, "seq": 100_000, "batch": 100_000, "k1": 100_000, "k2": 100_000,
+LOADED_LIMITS = {"layers": MAX_LAYERS, "seq": 100_000, "batch": 100_000, "k1": 100_000, "k2": 100_000,
                  "sample_length": 10_000_000, "vocab_size": 0x110000}
 MAX_LOADED_CHUNK = 10_000_000  # characters in one chunk, seq × batch
 
 
 def check_loaded_ranges(model: ModelConfig, train: TrainConfig) -> None:
-    """Refuse settings from a file beyond :data:`LOADED_LIMITS`; the usual checks come first."""
-    model.check()
-    train.check()
+    """Refuse settings from a file beyond :data:`LOADED_LIMITS` (first, so that the message names the
+    file's field), then the usual checks."""
     for cfg, section in ((model, "model"), (train, "train")):
         for name, limit in LOADED_LIMITS.items():
             if hasattr(cfg, name) and getattr(cfg, name) > limit:
@@ -194,6 +198,8 @@ def check_loaded_ranges(model: ModelConfig, train: TrainConfig) -> None:
     if train.seq * train.batch > MAX_LOADED_CHUNK:
         raise ValueError(f"a chunk of train.seq {train.seq:,} × train.batch {train.batch:,} characters is more "
                          f"than the {MAX_LOADED_CHUNK:,} a checkpoint may ask for")
+    model.check()
+    train.check()
 
 
 # -------------------------------------------------------------------- graph

@@ -46,7 +46,7 @@ def text_codec(encoding: str) -> str:
     try:
         info = codecs.lookup(encoding)
     except (LookupError, TypeError):
-        raise ValueError(f"unknown text encoding {encoding!r}; try utf-8 or latin-1") from None
+        raise ValueError(f"unknown text encoding {encoding!r} (--encoding); try utf-8 or latin-1") from None
     if not getattr(info, "_is_text_encoding", True):
         raise ValueError(f"{encoding!r} is not a text encoding; try utf-8 or latin-1")
     return info.name

@@ -104,8 +104,8 @@ def add_arguments(p) -> None:
     t.add_argument("--warmup", type=int, metavar="N", help="updates of linear learning-rate warm-up (default 0)")
     t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"update rule (default {_T.optimizer})")
     t.add_argument("--clip", type=float, metavar="X", help=f"largest global gradient norm, 0 = no clipping (default {_T.clip:g})")
-    t.add_argument("--k1", type=int, metavar="N", help="truncated BPTT: characters between updates (default --seq)")
-    t.add_argument("--k2", type=int, metavar="N", help="truncated BPTT: steps the gradient flows back, >= k1 (default --seq)")
+    t.add_argument("--k1", type=int, metavar="N", help="truncated BPTT: characters between updates (default, or 0: --seq)")
+    t.add_argument("--k2", type=int, metavar="N", help="truncated BPTT: steps the gradient flows back, >= k1 (default, or 0: --seq)")
     t.add_argument("--steps", type=int, metavar="N", help=f"stop after this many updates in all; 0 = no step limit (stop with --minutes "
                                                          f"or Ctrl-C) (default {_T.steps:,}; none with --minutes alone)")
     t.add_argument("--minutes", type=float, metavar="M", help="stop after this many minutes of updates (compiling, validation, "
@@ -132,6 +132,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from unrolled.charlm.run import RunOptions, train  # here, not above: `--help` needs no Numba
 
+    if args.minutes is not None and args.minutes == 0:  # the library's "no time limit", not a user's wish
+        raise UsageError("--minutes 0: give a positive number of minutes, or leave --minutes out for no time limit")
     model_flags = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     if "minutes" in train_flags and "steps" not in train_flags and not args.resume:
