@@ -139,6 +139,19 @@ def _argparse_error(capsys, rc, *needles):
         assert n in last, last
 
 
+@pytest.mark.parametrize("argv", [["sample", "x.npz"], ["demo"], ["diagnose", "elman", "-o", "g.png"],
+                                  ["gradcheck", "elman"]])  # train: TrainConfig's rule, in one line
+@pytest.mark.parametrize("value", ["-1", str(2 ** 63), "1.5"])
+def test_every_seed_outside_numpys_range_is_refused_naming_seed(capsys, argv, value):
+    _argparse_error(capsys, main([*argv, "--seed", value]), "--seed", value)
+
+
+def test_a_seed_at_the_ends_of_the_range_is_taken():
+    parser = build_parser()
+    assert parser.parse_args(["sample", "x.npz", "--seed", "0"]).seed == 0
+    assert parser.parse_args(["sample", "x.npz", "--seed", str(2 ** 63 - 1)]).seed == 2 ** 63 - 1
+
+
 def test_layers_beyond_the_bound_are_refused_at_once(tmp_path, text_file, capsys):
     out = tmp_path / "run"
     rc = main(["train", str(text_file), *TINY, "--steps", "2", "--layers", "100000", "--out", str(out)])
@@ -169,6 +182,34 @@ def test_train_refusals_name_their_flags(tmp_path, text_file, capsys, flags, nee
 def test_evaluate_names_its_encoding_flag(trained, text_file, capsys):
     rc = main(["evaluate", str(trained), str(text_file), "--encoding", "bogus-enc"])
     one_line_error(capsys, rc, "--encoding")
+
+
+def test_demo_refuses_a_network_beyond_memory_before_making_it(capsys, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 ** 9)
+    rc = main(["demo", "--hidden", "1000000", "--seconds", "1"])
+    one_line_error(capsys, rc, "--hidden 1,000,000", "needs about", "lower --hidden")
+
+
+def test_demo_refuses_seconds_beyond_an_hour(capsys):
+    rc = main(["demo", "--seconds", "1e10"])
+    assert rc == 2
+    one_line_error(capsys, rc, "--seconds 1e+10", "unrolled train")
+
+
+@pytest.mark.parametrize("flags", [["--marker-rate", "2"], ["--marker-rate", "nan"], ["--lr", "nan"], ["--lr", "0"]])
+def test_diagnose_refuses_values_that_are_never_right_whatever_the_task(tmp_path, capsys, flags):
+    out = tmp_path / "g.png"
+    rc = main(["diagnose", "elman", "-o", str(out), *flags])
+    assert rc == 2
+    one_line_error(capsys, rc, flags[0])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--batch", "-1"], ["--tolerance", "nan"], ["--tolerance", "-1"]])
+def test_gradcheck_bad_numbers_are_one_usage_error(capsys, flags):
+    rc = main(["gradcheck", "elman", *flags])
+    assert rc == 2
+    one_line_error(capsys, rc, flags[0])
 
 
 @pytest.mark.parametrize("flags, needle", [(["--seconds", "nan"], "--seconds"), (["--systems", "bogus"], "--systems")])

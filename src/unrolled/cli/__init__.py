@@ -32,6 +32,21 @@ class UsageError(Exception):
     """A mistake in the command line itself (exit code 2)."""
 
 
+SEED_LIMIT = 2**63  # NumPy's generators take seeds from 0 up to this, exclusive
+
+
+def seed(text: str) -> int:
+    """The argparse type of every --seed: refused while parsing, so the message names the flag
+    (NumPy's own "expected non-negative integer" names nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0 to 2**63 - 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unrolled",

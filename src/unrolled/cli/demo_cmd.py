@@ -15,6 +15,7 @@ import numpy as np
 
 from unrolled.charlm.batching import StreamBatcher
 from unrolled.charlm.corpus import FALLBACK_CORPUS
+from unrolled.charlm.memory import check_fits, training_bytes
 from unrolled.charlm.vocabulary import Vocabulary
 from unrolled.engines.compiled.kernels import compiling
 from unrolled.engines.registry import make_engine
@@ -24,8 +25,9 @@ from unrolled.train.clip import clip_by_value
 from unrolled.train.optim import make_optimizer
 from unrolled.words import count
 
-from . import UsageError
+from . import UsageError, seed
 
+MAX_SECONDS = 3600  # a demonstration; longer training is what `unrolled train` is for
 _clock = time.perf_counter  # a module attribute, so that tests can set it
 
 
@@ -33,7 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seconds", type=float, default=5.0,
                    help="how long to train, not counting the first run's compiling (default 5)")
     p.add_argument("--hidden", type=int, default=64, help="hidden units (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
 
 
 def classic_network(vocab_size: int, hidden: int) -> Graph:
@@ -47,13 +49,16 @@ def classic_network(vocab_size: int, hidden: int) -> Graph:
 
 
 def run(args) -> int:
-    if not (math.isfinite(args.seconds) and args.seconds > 0):
-        raise UsageError(f"--seconds {args.seconds}: give a positive number of seconds")
+    if not (math.isfinite(args.seconds) and 0 < args.seconds <= MAX_SECONDS):
+        raise UsageError(f"--seconds {args.seconds:g}: give a positive number of seconds, at most {MAX_SECONDS:,} "
+                         f"(to train for longer: unrolled train)")
     if args.hidden < 1:
         raise UsageError(f"--hidden {args.hidden}: give a whole number of at least 1")
     text = FALLBACK_CORPUS
     vocab = Vocabulary.from_text(text)
     g = classic_network(vocab.size, args.hidden)
+    check_fits(training_bytes(g, 25, 4, np.float64, "adagrad"), f"the demo's network with --hidden {args.hidden:,}",
+               "lower --hidden")  # before the weights are made, not a MemoryError while making them
     print("The folded graph: one line per vertex; the delay edge h -> h_prev closes the cycle.\n")
     print(g)
     print("\nUnrolled over T = 3 steps: a DAG, every weight one node shared by all copies.\n")

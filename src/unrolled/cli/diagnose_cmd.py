@@ -27,6 +27,7 @@ examples:
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from unrolled.viz import diagnose
 from unrolled.viz.diagnose import PLOT_FORMATS
 from unrolled.words import count
 
-from . import UsageError
+from . import UsageError, seed
 from .draw_cmd import add_network_arguments, check_extension, load_model
 
 TASKS = ("delay", "latch")
@@ -52,7 +53,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=50, metavar="T", help="sequence length (default 50)")
     p.add_argument("--batch", type=int, default=8, metavar="B", help="sequences averaged over (default 8)")
     p.add_argument("--max-lag", type=int, default=40, metavar="L", help="longest lag measured (default 40)")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
+    p.add_argument("--seed", type=seed, default=0, metavar="S",
                    help="weights, sequences and training batches (default 0)")
     p.add_argument("--engine", choices=("reference", "compiled"), default="reference",
                    help="engine for the lag measurement and training (default reference)")
@@ -81,6 +82,10 @@ def run(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: it must be at least 1")
     if args.train_steps < 0:
         raise UsageError(f"--train-steps {args.train_steps}: it must be 0 or more")
+    if not 0 < args.marker_rate <= 1:  # also NaN; refused even where the task does not use it
+        raise UsageError(f"--marker-rate {args.marker_rate}: it must be above 0 and at most 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr {args.lr}: give a positive learning rate")
     task = _task(args)
     results = []
     for what in args.what:
@@ -103,8 +108,6 @@ def _check_task(args) -> None:
     """The task's own options, checked only when a network is fed the task."""
     if args.task == "delay" and not 1 <= args.delay < args.steps:
         raise UsageError(f"--delay {args.delay}: it must be between 1 and --steps - 1 = {args.steps - 1}")
-    if args.task == "latch" and not 0 < args.marker_rate <= 1:
-        raise UsageError(f"--marker-rate {args.marker_rate}: it must be above 0 and at most 1")
 
 
 def _diagnose_one(what: str, task, args) -> list[diagnose.Diagnosis]:

@@ -25,7 +25,7 @@ import sys
 from unrolled.charlm.model import load_model
 from unrolled.engines.registry import ENGINE_NAMES
 
-from . import UsageError
+from . import UsageError, seed
 
 
 def add_arguments(p) -> None:
@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
                         "above 1: wilder text with more mistakes (default 1)")
     p.add_argument("--top-k", type=int, metavar="K", default=0, help="draw only among the K likeliest characters (default 0: all)")
     p.add_argument("--prime", default="", metavar="TEXT", help="text to start from; printed, then continued")
-    p.add_argument("--seed", type=int, metavar="S", default=0, help="random seed: the same seed gives the same text (default 0)")
+    p.add_argument("--seed", type=seed, metavar="S", default=0, help="random seed: the same seed gives the same text (default 0)")
     p.add_argument("--engine", choices=ENGINE_NAMES,
                    help="step this engine one character at a time instead of the one-step generator (default); "
                         "the text is the same")
