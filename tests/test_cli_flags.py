@@ -196,12 +196,13 @@ def test_demo_refuses_seconds_beyond_an_hour(capsys):
     one_line_error(capsys, rc, "--seconds 1e+10", "unrolled train")
 
 
-@pytest.mark.parametrize("flags", [["--marker-rate", "2"], ["--marker-rate", "nan"], ["--lr", "nan"], ["--lr", "0"]])
+@pytest.mark.parametrize("flags", [["--marker-rate", "2"], ["--marker-rate", "nan"], ["--lr", "nan"], ["--lr", "0"],
+                                   ["--symbols", "1"], ["--task", "latch", "--symbols", "1"]])
 def test_diagnose_refuses_values_that_are_never_right_whatever_the_task(tmp_path, capsys, flags):
     out = tmp_path / "g.png"
     rc = main(["diagnose", "elman", "-o", str(out), *flags])
     assert rc == 2
-    one_line_error(capsys, rc, flags[0])
+    one_line_error(capsys, rc, flags[-2])
     assert not out.exists()
 
 

@@ -77,9 +77,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     path = Path(args.output)
     check_extension(path, PLOT_FORMATS)
-    for name in ("steps", "batch", "max_lag", "symbols", "train_batch"):
+    for name in ("steps", "batch", "max_lag", "train_batch"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: it must be at least 1")
+    if args.symbols < 2:  # one symbol: nothing to remember, every gradient 0, nothing to plot on a log scale
+        raise UsageError(f"--symbols {args.symbols}: a task needs at least 2 symbols to tell apart")
     if args.train_steps < 0:
         raise UsageError(f"--train-steps {args.train_steps}: it must be 0 or more")
     if not 0 < args.marker_rate <= 1:  # also NaN; refused even where the task does not use it
