@@ -26,6 +26,8 @@ import re
 from unrolled.graph.folded import Param, Vertex
 from unrolled.graph.ops import ELEMENTWISE, OPS, render
 
+from .kernels.jitcache import numba_installed
+
 # The compiled paths' implementation of each call a formula makes (ops.FUNCTIONS): in float32,
 # the vectorizable tanh and sigmoid of kernels/scalars.py.
 SCALAR_FUNCTIONS = {"tanh": "tanh1", "sigmoid": "sigmoid1", "exp": "np.exp", "log1p": "np.log1p"}
@@ -42,11 +44,8 @@ def operand_names(args: list[str]) -> dict[str, str]:
 
 
 def available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether Numba is installed (found, not imported: see jitcache.numba_installed)."""
+    return numba_installed()
 
 
 class Region:

@@ -48,10 +48,9 @@ class StepLoops:
         self.writer = Writer(graph, self.plan, fused=self.fuse_why is None)
         fwd, bwd = self.writer.sources()
         self.code = header(self.writer) + fwd + "\n" + bwd
-        self.namespace = self._compile(self.code)
         if self.writer.kernels.functions:
             self.kernel_code = self.writer.kernels.module()
-            self.namespace.update(load_module(self.kernel_code, "fused"))
+        self._namespace: dict | None = None  # the NumPy loops, built on first use (see namespace)
         self.jit_writer = None  # the Numba loops' writer, made with jit_code
         self._jit_namespace: dict | None = None
         self._jit_code: str | None = None
@@ -145,6 +144,17 @@ class StepLoops:
         if self._jit_namespace is None:
             self._jit_namespace = load_jit_loops(self.jit_code)
         return self._jit_namespace
+
+    @property
+    def namespace(self) -> dict:
+        """The plain NumPy loops and what they call, built on first use: loading their fused kernels
+        imports Numba, which an engine that starts on other loops (background.py) need not pay for."""
+        if self._namespace is None:
+            ns = self._compile(self.code)
+            if self.writer.kernels.functions:
+                ns.update(load_module(self.kernel_code, "fused"))
+            self._namespace = ns
+        return self._namespace
 
     def _compile(self, source: str) -> dict:
         filename = f"<unrolled compiled {self.graph.name} {id(self):x}>"

@@ -216,10 +216,16 @@ def numba_refusal(jit, unsupported: set[str], what: str) -> str | None:
         if jit is True:
             raise ValueError(f"{what} cannot run {', '.join(sorted(unsupported))}; use jit=False or 'auto'")
         return f"{what} cannot run {', '.join(sorted(unsupported))}"
-    try:
-        import numba  # noqa: F401
-    except ImportError:
+    if not numba_installed():
         if jit is True:
             raise ValueError('jit=True needs Numba: pip install "unrolled[fast]"') from None
         return 'Numba is not installed (pip install "unrolled[fast]")'
     return None
+
+
+def numba_installed() -> bool:
+    """Whether Numba can be imported, found without importing it: an engine that starts on the NumPy
+    loops (background.py) must not pay for Numba's import before its first run."""
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
