@@ -21,6 +21,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402  (after the environment is set: OpenBLAS reads it at import)
 import pytest  # noqa: E402
 
+from unrolled.engines.compiled import background  # noqa: E402
+
+# A test that asks for a strategy gets it from the first run: no start on the NumPy loops while a
+# child compiles (tests/test_background.py turns that on where it tests it).
+background.set_enabled(False)
+
 
 @pytest.fixture(autouse=True)
 def strict_numpy():

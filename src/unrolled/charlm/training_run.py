@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from unrolled.atomic import atomic_write_bytes
+from unrolled.engines.compiled import background
 from unrolled.engines.compiled.kernels import compiling
 from unrolled.engines.registry import ENGINE_NAMES, make_engine
 from unrolled.train.checkpoint import save_checkpoint
@@ -160,6 +161,8 @@ class TrainingRun:
         # A resumed run keeps its engine unless told otherwise: engines agree to rounding, not bit for bit.
         saved = loaded.meta.get("engine") if loaded else None
         engine = self.options.engine or (saved if saved in ENGINE_NAMES else None)
+        if loaded:  # it continues as the saved run would have: no updates on NumPy while Numba compiles
+            background.set_enabled(False)
         self.engine = make_engine(self.graph, engine)
         self.engine_name = getattr(self.engine, "name", engine or "default")
         if loaded:

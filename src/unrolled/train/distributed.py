@@ -41,6 +41,7 @@ from typing import Callable
 
 import numpy as np
 
+from unrolled.engines.compiled import background
 from unrolled.words import count
 
 INSTALL_HINT = 'pip install "unrolled[dist]"'
@@ -100,6 +101,8 @@ class DataParallel:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout={timeout!r}; give a positive number of seconds, or None to wait forever")
         self.check_every = check_every
+        # every rank must apply the same update: none may start on NumPy while another runs compiled code
+        background.set_enabled(False)
         self.timeout = timeout  # seconds a collective waits for the other ranks before every rank is stopped
         self.context: Callable[[], str] = lambda: ""  # what an abort adds, e.g. the last good checkpoint
         self._watchdog = _Watchdog(self) if timeout is not None else None

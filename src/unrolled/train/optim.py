@@ -25,6 +25,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from unrolled.engines.compiled import background
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -168,8 +170,12 @@ class Optimizer:
 
 
 def numba_kernels():
-    """:mod:`unrolled.engines.compiled.kernels.optimizers` when Numba may run (installed, and UNROLLED_JIT is not "0"), else None."""
+    """:mod:`unrolled.engines.compiled.kernels.optimizers` when Numba may run (installed, and UNROLLED_JIT is
+    not "0"), else None; None too while an engine's child process compiles them (background.py): until then
+    the NumPy update runs, and the first updates never wait for the compiler."""
     global _KERNELS
+    if background.compiling():
+        return None
     if _KERNELS is None:
         from unrolled.engines.compiled.kernels.jitcache import numba_allowed
 
@@ -182,6 +188,22 @@ def numba_kernels():
 
 
 _KERNELS = None  # resolved on first use: importing Numba costs a second
+
+
+def compile_kernels(params: dict[str, np.ndarray]) -> None:
+    """Run the Numba passes of the optimizers and of the clipping once on arrays shaped like ``params``,
+    so that they compile: an engine's child process calls this (background.py) after its own run."""
+    from .clip import clip_by_global_norm, clip_by_value
+
+    for name in ("adam", "adagrad"):
+        copies = {k: np.zeros_like(a) for k, a in params.items()}
+        grads = {k: np.zeros_like(a) for k, a in params.items()}
+        clip_by_global_norm(grads, 5.0)
+        clip_by_value(grads, 5.0)
+        make_optimizer(name, 1e-3).step(copies, grads)
+
+
+background.register("unrolled.train.optim:compile_kernels")
 
 
 class SGD(Optimizer):

@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unrolled.engines.runio import Binding, RunResult, check_combine, prepare
+from unrolled.engines.runio import Binding, Feeds, RunResult, check_combine, prepare
 from unrolled.graph.folded import Graph
 
+from .background import WarmStart
 from .loops import StepLoops
 from .rowsplit import RowSplit
 from .stages import StagedRun, cut
@@ -70,7 +71,9 @@ class CompiledEngine:
     rows; 1: never). The engine runs the graph as it was when made: a graph changed since is
     refused (see :class:`unrolled.engines.runio.Binding`); make a new engine.
     ``engine.explain(T, B, dtype)`` says which strategy a run takes and why
-    (one decision, :meth:`route`, serves it and :meth:`run`).
+    (one decision, :meth:`route`, serves it and :meth:`run`). With ``jit="auto"`` the first runs
+    of a kind go to the plain NumPy loops while a child process compiles (``engine.warm_start``,
+    see background.py).
     """
 
     name = "compiled"
@@ -86,11 +89,11 @@ class CompiledEngine:
         if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 1):
             raise ValueError(f"chunk_steps must be a whole number of steps >= 1 (or None to size chunks "
                              f"by memory), not {chunk_steps!r}")
-        # several cycles run one after another, each in a loop of its own (see stages.py)
-        parts = cut(graph)
-        self.loops = (StagedRun(graph, parts, jit, chunk_steps) if len(parts) > 1
-                      else StepLoops(graph, jit, chunk_steps))
+        self.loops = _loops(graph, jit, chunk_steps)
         self._rows = RowSplit(self.loops, threads)
+        # jit="auto" leaves the choice to the engine: a first run need not wait for Numba (background.py)
+        self.warm_start = (WarmStart(graph, dict(jit=jit, chunk_steps=chunk_steps, whole=whole, threads=threads),
+                                lambda: _loops(graph, False, chunk_steps)) if jit == "auto" else None)
 
     @property
     def code(self) -> str:
@@ -182,6 +185,9 @@ class CompiledEngine:
         names = sorted(self.strategies(T, B, dtype), key=STRATEGIES.index)
         lines = [f"compiled engine, graph '{self.graph.name}', {T} steps x {B} rows of {np.dtype(dtype).name}: "
                  + ", ".join(names)]
+        if self.warm_start is not None and self.warm_start.pending(B, dtype):
+            lines.append("- first, until a child process has compiled what follows: the plain NumPy loops "
+                         "(background.py; background.set_enabled(False) waits for the compiler instead)")
         lines += [f"- {r}" for r in route.reasons]
         if route.whole:
             return "\n".join(lines)
@@ -213,12 +219,26 @@ class CompiledEngine:
         feeds = prepare(self.graph, params, inputs, init_states, masks, steps=steps, batch=batch,
                         final_state_grads=final_state_grads, output_grads=output_grads,
                         check_finite=check_finite)
+        return self.run_feeds(feeds, combine, backward)
+
+    def run_feeds(self, feeds: Feeds, combine: str = "sum", backward: bool = True) -> RunResult:
+        """:meth:`run` on arrays :func:`~unrolled.engines.runio.prepare` has checked: the route
+        (:meth:`route`), or the plain NumPy loops while a child process compiles (background.py)."""
+        if self.warm_start is not None and self.warm_start.waiting(feeds, combine, backward):
+            return self.warm_start.numpy_loops().run(feeds.params, feeds, combine, backward)
         route = self.route(feeds.B, feeds.dtype)
         if route.whole:
             return self._whole.run(feeds.params, feeds, combine, backward)
         if route.ranges:
             return self._rows.run(feeds.params, feeds, combine, backward, route.ranges)
         return self.loops.run(feeds.params, feeds, combine, backward)
+
+
+def _loops(graph: Graph, jit, chunk_steps):
+    """The step loops of ``graph``: several cycles run one after another, each in a loop of its own
+    (see stages.py)."""
+    parts = cut(graph)
+    return StagedRun(graph, parts, jit, chunk_steps) if len(parts) > 1 else StepLoops(graph, jit, chunk_steps)
 
 
 @dataclass

@@ -1,0 +1,241 @@
+"""Compiling in the background: a fresh process starts on the plain NumPy loops, at once.
+
+The first run of a graph on a machine makes Numba compile its step loops and
+kernels, which takes far longer than many updates on the plain NumPy loops;
+later processes load the machine code from the on-disk cache
+(:mod:`~unrolled.engines.compiled.kernels.jitcache`), and even that load
+costs more than one NumPy update. So a :class:`~.engine.CompiledEngine` made
+with ``jit="auto"`` does not wait: its first run of a kind (rows, precision,
+with or without the backward pass) goes to the NumPy loops, and starts a
+child process (:func:`main`) that makes the same engine and runs it once on
+zeros of the same shapes. The child's compilations land in the caches; once
+it has exited, the next run loads them and takes the engine's own route.
+With a warm cache the child only loads and exits. The optimizers' and the
+clipping's Numba passes follow the same rule (:func:`compiling`).
+
+The two agree to rounding (the agreement tests hold the NumPy loops to the
+reference engine), so a process whose first updates ran on NumPy differs in
+the last bits from one that waited for the compiler. Where every bit must
+match, turn the background off with :func:`set_enabled`: data-parallel
+training does (all ranks must apply the same update), and so does a resumed
+``unrolled train`` (it continues as the saved run would have).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .kernels.jitcache import jit_turned_off, numba_installed
+
+_state = {"enabled": True, "hooks": []}
+_children: dict[str, Child] = {}  # one child per distinct job, shared by every engine that asks
+
+
+def set_enabled(on: bool) -> None:
+    """Whether engines made with ``jit="auto"`` start on NumPy while a child compiles (the default),
+    or compile in this process and wait for it. Process-wide; engines read it at each run."""
+    _state["enabled"] = bool(on)
+
+
+def enabled() -> bool:
+    """Whether a run may start on NumPy now: switched on, and Numba there to compile for it."""
+    return _state["enabled"] and not jit_turned_off() and numba_installed()
+
+
+def register(hook: str) -> None:
+    """Ask every child to call ``hook`` ("module:function") with the run's parameters (zeros) after
+    the engine's run, so that what the caller runs next (an optimizer's Numba pass) compiles too.
+    The train layer registers its optimizers this way: the engine never imports them."""
+    if hook not in _state["hooks"]:
+        _state["hooks"].append(hook)
+
+
+def compiling() -> bool:
+    """Whether a child is still compiling: Numba passes outside the engine (the optimizers, the
+    clipping) run their NumPy form until it is done, so that none of them waits for the compiler."""
+    return any(child.state() == "running" for child in _children.values())
+
+
+def wait(timeout: float | None = None) -> None:
+    """Wait for every child (a benchmark's set-up does, so that it times the compiled code)."""
+    for child in list(_children.values()):
+        child.wait(timeout)
+
+
+class WarmStart:
+    """One engine's start on NumPy: which kinds of run are ready for its own route, which wait.
+
+    ``numpy_loops`` makes the plain NumPy loops (jit=False) when first needed;
+    ``options`` are the engine's arguments, for the child to make the same engine."""
+
+    def __init__(self, graph, options: dict, numpy_loops):
+        self.graph, self.options = graph, options
+        self._make_numpy_loops, self._numpy = numpy_loops, None
+        self._jobs: dict[tuple, Child] = {}
+        self._ready: set[tuple] = set()
+        self.numpy_runs = 0  # runs that went to the NumPy loops while a child compiled
+
+    def waiting(self, feeds, combine: str, backward: bool) -> bool:
+        """Whether this run goes to the NumPy loops: a child compiles for its kind, or starts now."""
+        key = (feeds.B, np.dtype(feeds.dtype).str, backward)
+        if key in self._ready or not enabled():
+            return False
+        child = self._jobs.get(key)
+        if child is None:
+            if not compiling():  # one child at a time: a second kind waits, and may find the work cached
+                self._jobs[key] = _child_for(self._job(feeds, combine, backward))
+            self.numpy_runs += 1
+            return True
+        state = child.state()
+        if state == "running":
+            self.numpy_runs += 1
+            return True
+        if state == "failed":
+            warnings.warn(f"compiling graph '{self.graph.name}' in the background failed ({child.failure()}); "
+                          "compiling it in this process instead", RuntimeWarning, stacklevel=3)
+        self._ready.add(key)
+        return False
+
+    def pending(self, B: int, dtype, backward: bool = True) -> bool:
+        """Whether a run of this kind would go to the NumPy loops now (``explain`` says so)."""
+        return enabled() and (B, np.dtype(dtype).str, backward) not in self._ready
+
+    def numpy_loops(self):
+        """The plain NumPy loops of this graph (a staged graph's, stage by stage)."""
+        if self._numpy is None:
+            self._numpy = self._make_numpy_loops()
+        return self._numpy
+
+    def _job(self, feeds, combine: str, backward: bool) -> dict:
+        return {"graph": self.graph, "options": self.options, "feeds": _shapes_only(feeds),
+                "combine": combine, "backward": backward, "hooks": list(_state["hooks"])}
+
+
+class Child:
+    """A child process compiling one job; its standard error kept in a file, for a failure's reason."""
+
+    def __init__(self, job: bytes):
+        self._log, self._last_line = tempfile.TemporaryFile(), ""
+        env = dict(os.environ)
+        here = str(Path(__file__).resolve().parents[3])  # the folder that holds this `unrolled`
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        # a session of its own: the user's Ctrl-C stops the run, and the child still fills the cache
+        self._process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=self._log, env=env,
+                                         start_new_session=True)
+        try:
+            self._process.stdin.write(job)
+            self._process.stdin.close()
+        except OSError:
+            pass  # the child died at once: its exit code and standard error say why
+
+    def state(self) -> str:
+        code = self._process.poll()
+        if code is None:
+            return "running"
+        self._keep_last_line()
+        return "ready" if code == 0 else "failed"
+
+    def wait(self, timeout: float | None = None) -> None:
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return
+        self._keep_last_line()
+
+    def failure(self) -> str:
+        """The last line the child wrote to standard error, or its exit code."""
+        self._keep_last_line()
+        return self._last_line or f"exit code {self._process.returncode}"
+
+    def _keep_last_line(self) -> None:
+        if self._log is None or self._process.returncode is None:
+            return
+        self._log.seek(0)
+        lines = [ln for ln in self._log.read().decode(errors="replace").splitlines() if ln.strip()]
+        self._last_line = lines[-1].strip() if lines else ""
+        self._log.close()
+        self._log = None
+
+
+def _child_for(job: dict) -> Child:
+    data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+    digest = hashlib.sha256(data).hexdigest()
+    child = _children.get(digest)
+    if child is None or child.state() == "failed":
+        child = _children[digest] = Child(data)
+    return child
+
+
+class _Zeros:
+    """An array's shape and dtype in place of its values: the child runs on zeros, and a job stays small."""
+
+    def __init__(self, a: np.ndarray):
+        self.shape, self.dtype = a.shape, a.dtype.str
+
+    def make(self) -> np.ndarray:
+        return np.zeros(self.shape, self.dtype)
+
+
+# Steps the child runs: the compiled code does not depend on T (its loops take the step range as
+# arguments), and a short run keeps the child's memory small beside its parent's.
+CHILD_STEPS = 4
+_PER_STEP = ("inputs", "masks", "output_grads")  # the Feeds fields shaped [T, B, ...]
+
+
+def _shapes_only(feeds):
+    """``feeds`` with each array replaced by its shape and dtype, and at most CHILD_STEPS steps."""
+    T = min(feeds.T, CHILD_STEPS)
+
+    def strip(value, per_step: bool):
+        if isinstance(value, np.ndarray):
+            return _Zeros(value[:T] if per_step else value)
+        if isinstance(value, dict):
+            return {k: strip(v, per_step) for k, v in value.items()}
+        return value
+
+    fields = {f.name: strip(getattr(feeds, f.name), f.name in _PER_STEP) for f in dataclasses.fields(feeds)}
+    return dataclasses.replace(feeds, **{**fields, "T": T})
+
+
+def _zeros_of(feeds):
+    def fill(value):
+        if isinstance(value, _Zeros):
+            return value.make()
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+
+    return dataclasses.replace(feeds, **{f.name: fill(getattr(feeds, f.name)) for f in dataclasses.fields(feeds)})
+
+
+def main() -> None:
+    """The child: read a job, make its engine, run it once on zeros, call the hooks, exit 0."""
+    from .engine import CompiledEngine
+
+    set_enabled(False)  # compile here, in this process: that is the child's whole job
+    os.nice(10)  # the parent trains meanwhile: on a busy machine its updates come first
+    job = pickle.loads(sys.stdin.buffer.read())
+    feeds = _zeros_of(job["feeds"])
+    engine = CompiledEngine(job["graph"], **job["options"])
+    engine.run_feeds(feeds, job["combine"], job["backward"])
+    for hook in job["hooks"]:
+        module, _, name = hook.partition(":")
+        getattr(importlib.import_module(module), name)(feeds.params)
+
+
+if __name__ == "__main__":  # run as a script, this file is __main__: the engine's copy holds the state
+    from unrolled.engines.compiled import background
+
+    background.main()
