@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from .kernels.jitcache import jit_turned_off, numba_installed
 
 _state = {"enabled": True, "hooks": []}
 _children: dict[str, Child] = {}  # one child per distinct job, shared by every engine that asks
+_engines: weakref.WeakSet[WarmStart] = weakref.WeakSet()  # engines with runs still going to NumPy
 
 
 def set_enabled(on: bool) -> None:
@@ -62,8 +64,14 @@ def register(hook: str) -> None:
 
 
 def compiling() -> bool:
-    """Whether a child is still compiling: Numba passes outside the engine (the optimizers, the
-    clipping) run their NumPy form until it is done, so that none of them waits for the compiler."""
+    """Whether an engine's runs still go to the NumPy loops (its child compiling, or done and not yet
+    taken up by the engine's next run): Numba passes outside the engine (the optimizers, the clipping)
+    keep to their NumPy form until then, so that an update never waits for the compiler, nor pays for
+    loading Numba halfway through."""
+    return any(engine.pending_kinds for engine in _engines)
+
+
+def _child_running() -> bool:
     return any(child.state() == "running" for child in _children.values())
 
 
@@ -84,7 +92,9 @@ class WarmStart:
         self._make_numpy_loops, self._numpy = numpy_loops, None
         self._jobs: dict[tuple, Child] = {}
         self._ready: set[tuple] = set()
+        self.pending_kinds: set[tuple] = set()  # kinds of run that went to NumPy and have not switched yet
         self.numpy_runs = 0  # runs that went to the NumPy loops while a child compiled
+        _engines.add(self)
 
     def waiting(self, feeds, combine: str, backward: bool) -> bool:
         """Whether this run goes to the NumPy loops: a child compiles for its kind, or starts now."""
@@ -92,20 +102,37 @@ class WarmStart:
         if key in self._ready or not enabled():
             return False
         child = self._jobs.get(key)
-        if child is None:
-            if not compiling():  # one child at a time: a second kind waits, and may find the work cached
-                self._jobs[key] = _child_for(self._job(feeds, combine, backward))
-            self.numpy_runs += 1
-            return True
+        if child is None:  # run_numpy starts it
+            return self._to_numpy(key)
         state = child.state()
         if state == "running":
-            self.numpy_runs += 1
-            return True
+            return self._to_numpy(key)
         if state == "failed":
             warnings.warn(f"compiling graph '{self.graph.name}' in the background failed ({child.failure()}); "
                           "compiling it in this process instead", RuntimeWarning, stacklevel=3)
         self._ready.add(key)
+        self.pending_kinds.discard(key)
         return False
+
+    def _to_numpy(self, key: tuple) -> bool:
+        self.numpy_runs += 1
+        self.pending_kinds.add(key)
+        return True
+
+    def run_numpy(self, feeds, combine: str, backward: bool):
+        """The run on the plain NumPy loops. The first of its kind has the cores to itself, and starts
+        the child when done (one child at a time: a second kind waits, and may find the work cached);
+        while a child runs, the products take one thread, as threads that wait for the core the child
+        holds make each product many times slower."""
+        from .kernels.onednn import products_on_one_thread
+
+        key = (feeds.B, np.dtype(feeds.dtype).str, backward)
+        if key not in self._jobs and not _child_running():
+            result = self.numpy_loops().run(feeds.params, feeds, combine, backward)
+            self._jobs[key] = _child_for(self._job(feeds, combine, backward))
+            return result
+        with products_on_one_thread():
+            return self.numpy_loops().run(feeds.params, feeds, combine, backward)
 
     def pending(self, B: int, dtype, backward: bool = True) -> bool:
         """Whether a run of this kind would go to the NumPy loops now (``explain`` says so)."""

@@ -225,7 +225,7 @@ class CompiledEngine:
         """:meth:`run` on arrays :func:`~unrolled.engines.runio.prepare` has checked: the route
         (:meth:`route`), or the plain NumPy loops while a child process compiles (background.py)."""
         if self.warm_start is not None and self.warm_start.waiting(feeds, combine, backward):
-            return self.warm_start.numpy_loops().run(feeds.params, feeds, combine, backward)
+            return self.warm_start.run_numpy(feeds, combine, backward)
         route = self.route(feeds.B, feeds.dtype)
         if route.whole:
             return self._whole.run(feeds.params, feeds, combine, backward)
