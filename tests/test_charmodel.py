@@ -53,6 +53,19 @@ def test_graph_of_every_cell_starts_near_a_uniform_guess(cell, rng):
     assert abs(r.loss - math.log(len(VOCAB))) < 0.5  # small random weights: close to ln V nats
 
 
+def test_fresh_lstm_gates_start_alike_as_in_torch():
+    """A fresh LSTM's four gates start from the same bias (nn.LSTM's rule): a forget gate started at 1.0
+    learned slower per update on text than PyTorch's model (benchmarks/QUALITY.md, issue 22)."""
+    config = tiny(layers=3, dtype="float64")
+    params = init_params(config, 0)
+    H = config.hidden
+    for k in range(config.layers):
+        gates = params[f"l{k}.b"].reshape(4, H)  # i, f, g, o
+        assert np.array_equal(gates, np.broadcast_to(gates[0], gates.shape)), f"layer {k}: the gates start apart"
+    given = init_params(dataclasses.replace(config, forget_bias=1.0), 0)  # still there when asked for
+    assert np.all(given["l0.b"].reshape(4, H)[1] == 1.0) and np.all(given["l0.b"].reshape(4, H)[[0, 2, 3]] == 0.0)
+
+
 def test_dropout_inputs_only_in_the_training_graph():
     config = tiny(dropout=0.5)
     train, infer = build_graph(config), build_graph(config, train=False)

@@ -67,7 +67,9 @@ class ModelConfig:
     dropout: float = 0.0  # probability of zeroing a layer's output while training (0 = off)
     vocab_size: int = 0  # distinct characters, input and output size; set from the training text
     embedding: int = 0  # size of a learned character embedding; 0 feeds one-hot vectors instead
-    forget_bias: float = 1.0  # starting value of the LSTM forget gate's bias (ignored by other cells)
+    # Starting value of the LSTM forget gate's bias (ignored by other cells). 0, as nn.LSTM starts it:
+    # 1.0 (the usual advice for long memory) learned slower per update on text (benchmarks/QUALITY.md).
+    forget_bias: float = 0.0
     dtype: str = "float32"  # parameters and activations: float32 (fast) or float64 (exact checks)
 
     def check(self) -> "ModelConfig":

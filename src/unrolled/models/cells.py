@@ -64,7 +64,9 @@ def lstm(g: Graph, x: Vertex, hidden: int, *, prefix: str = "", forget_bias: flo
         c_t = f ⊙ c_{t-1} + i ⊙ g
         h_t = o ⊙ tanh(c_t)
     ``forget_bias`` initialises the forget gate's bias (1.0 is the usual
-    advice); it is a starting value, learned like the rest of ``b``.
+    advice for long memory; PyTorch starts it near 0, and so does the
+    character model, which learned slower with 1.0: benchmarks/QUALITY.md);
+    it is a starting value, learned like the rest of ``b``.
     """
     p, H = prefix, hidden
     h = g.state(f"{p}h", H)
