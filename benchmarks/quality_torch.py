@@ -64,6 +64,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=500, help="updates between held-out scores")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dropout", type=float, default=None, help="override the recipe's dropout (as unrolled's flag)")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                    help="override the recipe's schedule (as unrolled's flag)")
+    ap.add_argument("--decay", type=float, default=None, help="override the recipe's decay fraction (as unrolled's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -77,6 +81,10 @@ def main(argv=None) -> int:
     cut = len(ids) - int(round(len(ids) * 0.1))  # unrolled's split: the last 10% held out
     train, val = ids[:cut], ids[cut:]
     r = recipe_settings(args.recipe, len(train), args.steps, minutes)
+    for name in ("dropout", "lr_schedule", "decay"):  # the same overrides `unrolled train` takes
+        if getattr(args, name) is not None:
+            r[name] = getattr(args, name)
+    r.setdefault("decay", 1.0)
     H, L, p = r["hidden"], r["layers"], r["dropout"]
 
     class CharRNN(nn.Module):
