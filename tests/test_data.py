@@ -42,7 +42,7 @@ def test_read_text_other_encodings(tmp_path):
     (b"abc\x00\x01\x02", "utf-8", r"f.txt looks binary \(it contains a NUL byte at offset 3, line 1, column 4\); pass a text file$"),
     (b"line one\nna\xefve\n", "utf-8",
      r"f.txt is not valid utf-8 text: byte 0xEF at offset 11 \(line 2, column 3\); if it is Latin-1 text, pass --encoding latin-1$"),
-    (b"abc", "klingon", r"unknown text encoding 'klingon'; try utf-8 or latin-1$"),
+    (b"abc", "klingon", r"unknown text encoding 'klingon' \(--encoding\); try utf-8 or latin-1$"),
     (b"abc", "rot13", r"'rot13' is not a text encoding; try utf-8 or latin-1$"),
 ])
 def test_read_text_errors(tmp_path, content, encoding, match):
