@@ -71,7 +71,8 @@ def one_case(folder: Path, rng: random.Random, command: str, run_for: Path | Non
     signals = [rng.choice([signal.SIGINT, signal.SIGINT, signal.SIGTERM])]
     if rng.random() < 0.4:
         signals.append(signal.SIGINT)  # a second press: quit at once
-    time.sleep(rng.uniform(0.2, 9.0))
+    delay = rng.uniform(0.2, 9.0)
+    time.sleep(delay)
     for k, s in enumerate(signals):
         if k:
             time.sleep(rng.uniform(0.0, 0.5))
@@ -79,7 +80,8 @@ def one_case(folder: Path, rng: random.Random, command: str, run_for: Path | Non
             proc.send_signal(s)
     stdout, stderr = proc.communicate(timeout=600)
     case = {"command": command, "signals": [signal.Signals(s).name for s in signals], "rc": proc.returncode,
-            "stderr": stderr, "out": out, "problem": None}
+            "stderr": stderr, "out": out, "problem": None, "after_s": round(delay, 2),
+            "stdout_tail": stdout[-300:]}  # where the run was when the signal came
     expected = {0, 128 + int(signals[0])} | {128 + int(s) for s in signals}
     if NATIVE_FAILURES.search(stderr) or -proc.returncode in NATIVE_SIGNALS:
         case["problem"] = "crash"
@@ -175,10 +177,13 @@ def test_row_workers_are_joined_before_an_interrupt_unwinds(monkeypatch):
 
 def test_signals_at_random_moments_end_cleanly(tmp_path):
     n = int(os.environ.get("UNROLLED_INTERRUPT_CASES", "3"))
+    seed = int(time.time()) % 1000
     failures = []
-    tally = battery(n, seed=int(time.time()) % 1000, folder=tmp_path, evaluate_every=3,
+    tally = battery(n, seed=seed, folder=tmp_path, evaluate_every=3,
                     report=lambda i, c: c["problem"] and failures.append(c))
-    assert tally["clean"] == n, (tally, [(c["problem"], c["signals"], c["rc"], c["stderr"][-800:]) for c in failures])
+    assert tally["clean"] == n, (f"seed {seed}", tally, [
+        (c["problem"], c["command"], c["signals"], f"after {c['after_s']} s", c["rc"], c["stderr"][-800:],
+         c["stdout_tail"]) for c in failures])
 
 
 if __name__ == "__main__":
