@@ -98,7 +98,7 @@ class WarmStart:
 
     def waiting(self, feeds, combine: str, backward: bool) -> bool:
         """Whether this run goes to the NumPy loops: a child compiles for its kind, or starts now."""
-        key = (feeds.B, np.dtype(feeds.dtype).str, backward)
+        key = _kind(feeds.B, feeds.dtype, backward)
         if key in self._ready or not enabled():
             return False
         child = self._jobs.get(key)
@@ -126,7 +126,7 @@ class WarmStart:
         holds make each product many times slower."""
         from .kernels.onednn import products_on_one_thread
 
-        key = (feeds.B, np.dtype(feeds.dtype).str, backward)
+        key = _kind(feeds.B, feeds.dtype, backward)
         if key not in self._jobs and not _child_running():
             result = self.numpy_loops().run(feeds.params, feeds, combine, backward)
             self._jobs[key] = _child_for(self._job(feeds, combine, backward))
@@ -136,7 +136,7 @@ class WarmStart:
 
     def pending(self, B: int, dtype, backward: bool = True) -> bool:
         """Whether a run of this kind would go to the NumPy loops now (``explain`` says so)."""
-        return enabled() and (B, np.dtype(dtype).str, backward) not in self._ready
+        return enabled() and _kind(B, dtype, backward) not in self._ready
 
     def numpy_loops(self):
         """The plain NumPy loops of this graph (a staged graph's, stage by stage)."""
@@ -147,6 +147,11 @@ class WarmStart:
     def _job(self, feeds, combine: str, backward: bool) -> dict:
         return {"graph": self.graph, "options": self.options, "feeds": _shapes_only(feeds),
                 "combine": combine, "backward": backward, "hooks": list(_state["hooks"])}
+
+
+def _kind(B: int, dtype, backward: bool) -> tuple:
+    """What a child compiles for, and what an engine switches on: rows, precision, backward or not."""
+    return B, np.dtype(dtype).str, backward
 
 
 class Child:
@@ -224,27 +229,24 @@ _PER_STEP = ("inputs", "masks", "output_grads")  # the Feeds fields shaped [T, B
 def _shapes_only(feeds):
     """``feeds`` with each array replaced by its shape and dtype, and at most CHILD_STEPS steps."""
     T = min(feeds.T, CHILD_STEPS)
-
-    def strip(value, per_step: bool):
-        if isinstance(value, np.ndarray):
-            return _Zeros(value[:T] if per_step else value)
-        if isinstance(value, dict):
-            return {k: strip(v, per_step) for k, v in value.items()}
-        return value
-
-    fields = {f.name: strip(getattr(feeds, f.name), f.name in _PER_STEP) for f in dataclasses.fields(feeds)}
-    return dataclasses.replace(feeds, **{**fields, "T": T})
+    return dataclasses.replace(_map_arrays(feeds, lambda a, per_step: _Zeros(a[:T] if per_step else a)), T=T)
 
 
 def _zeros_of(feeds):
-    def fill(value):
-        if isinstance(value, _Zeros):
-            return value.make()
+    return _map_arrays(feeds, lambda z, per_step: z.make(), kind=_Zeros)
+
+
+def _map_arrays(feeds, fn, kind=np.ndarray):
+    """``feeds`` with ``fn(value, per_step)`` in place of each ``kind`` value, in its fields and their dicts."""
+    def each(value, per_step: bool):
+        if isinstance(value, kind):
+            return fn(value, per_step)
         if isinstance(value, dict):
-            return {k: fill(v) for k, v in value.items()}
+            return {k: each(v, per_step) for k, v in value.items()}
         return value
 
-    return dataclasses.replace(feeds, **{f.name: fill(getattr(feeds, f.name)) for f in dataclasses.fields(feeds)})
+    return dataclasses.replace(feeds, **{f.name: each(getattr(feeds, f.name), f.name in _PER_STEP)
+                                         for f in dataclasses.fields(feeds)})
 
 
 def main() -> None:
