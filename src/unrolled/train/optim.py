@@ -195,12 +195,11 @@ def compile_kernels(params: dict[str, np.ndarray]) -> None:
     so that they compile: an engine's child process calls this (background.py) after its own run."""
     from .clip import clip_by_global_norm, clip_by_value
 
+    grads = {k: np.zeros_like(a) for k, a in params.items()}
+    clip_by_global_norm(grads, 5.0)
+    clip_by_value(grads, 5.0)
     for name in ("adam", "adagrad"):
-        copies = {k: np.zeros_like(a) for k, a in params.items()}
-        grads = {k: np.zeros_like(a) for k, a in params.items()}
-        clip_by_global_norm(grads, 5.0)
-        clip_by_value(grads, 5.0)
-        make_optimizer(name, 1e-3).step(copies, grads)
+        make_optimizer(name, 1e-3).step({k: np.zeros_like(a) for k, a in params.items()}, grads)
 
 
 background.register("unrolled.train.optim:compile_kernels")
