@@ -69,6 +69,10 @@ def test_chunks_and_their_cause_are_named(monkeypatch):
     text = eng.explain(10, 4, np.float64)
     assert "chunked" in _strategies_line(text) and "- chunks of 3 of 10 steps: chunk_steps=3" in text
     monkeypatch.setattr(loops, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(loops, "CHUNK_ROWS", 8)
+    text = CompiledEngine(elman()).explain(10, 4, np.float64)
+    assert "- chunks of 2 of 10 steps: a weight product needs CHUNK_ROWS (8) rows, 2 steps of 4" in text
+    monkeypatch.setattr(loops, "CHUNK_ROWS", 1)
     text = CompiledEngine(elman()).explain(10, 4, np.float64)
     assert "- chunks of 1 of 10 steps: CHUNK_BYTES (1 bytes)" in text
 

@@ -28,7 +28,8 @@ from .forward import OPS, row_kernels
 from .plan import Plan, plan
 
 JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps
-CHUNK_BYTES = 16 << 20  # per-chunk buffers of the loops (Y, GF) stay below this: see StepLoops.steps_per_chunk
+CHUNK_BYTES = 4 << 20  # per-chunk buffers of the loops (Y, GF) stay below this: see StepLoops.steps_per_chunk
+CHUNK_ROWS = 1024  # ... unless a chunk would hold fewer rows than this, which a weight product runs slowly on
 
 
 class StepLoops:
@@ -99,6 +100,9 @@ class StepLoops:
             out.append(f"all {T} steps in one chunk")
         elif self.chunk_steps is not None:
             out.append(f"chunks of {k} of {T} steps: chunk_steps={self.chunk_steps}")
+        elif -(-CHUNK_ROWS // B) > max(1, self._steps_in_bytes(B, dtype)):
+            out.append(f"chunks of {k} of {T} steps: a weight product needs CHUNK_ROWS ({CHUNK_ROWS}) rows, "
+                       f"{k} steps of {B}")
         else:
             out.append(f"chunks of {k} of {T} steps: CHUNK_BYTES ({CHUNK_BYTES} bytes) holds {k} steps "
                        "of the per-step buffers")
@@ -113,16 +117,22 @@ class StepLoops:
         just before the forward loop runs it, and a chunk's weight gradients
         are taken just after the backward loop leaves it. Holding ``K`` steps
         of them instead of ``T`` is what keeps long sequences in memory
-        (1000 steps of a 256-wide LSTM: 16 MiB instead of 125); ``K * B``
-        rows are still plenty for the weight products to run at full speed.
+        (1000 steps of a 256-wide LSTM: 4 MiB instead of 125), and a small
+        chunk is one that stays in the caches between the loop that writes it
+        and the weight product that reads it. ``K * B`` rows are kept at
+        ``CHUNK_ROWS`` or more, so that the weight products still run at full
+        speed.
         """
         if self.chunk_steps is not None:
             return min(T, self.chunk_steps)
+        return max(1, min(T, max(self._steps_in_bytes(B, dtype), -(-CHUNK_ROWS // B))))
+
+    def _steps_in_bytes(self, B: int, dtype) -> int:
+        """How many steps of the per-step buffers ``CHUNK_BYTES`` holds."""
         p, w = self.plan, self.writer
         width = sum(v.size for v in p.of("core") if v.kind == "op" and v.name not in p.depth
                     and (v.name in p.split or w.has_full_grad(v)))
-        per_step = B * max(width, 1) * np.dtype(dtype).itemsize
-        return max(1, min(T, CHUNK_BYTES // per_step))
+        return CHUNK_BYTES // (B * max(width, 1) * np.dtype(dtype).itemsize)
 
     def jit_kernels(self):
         """The fused kernels the Numba loop calls (its writer's; written, not compiled, on first use)."""
