@@ -94,10 +94,13 @@ class Run(ForwardRun):
             from unrolled.engines.compiled.kernels.rows import cross_entropy_back_rows
 
             probs, K = kept
-            dZ = np.empty_like(probs)
+            dZ = probs  # the softmax is read once, here: its gradient takes its place (row by row, in order)
+            del self.X[f"softmax:{v.name}"]
             cross_entropy_back_rows(dZ, np.ascontiguousarray(flat(g), dtype=self.dtype), probs, K)
             if v.args[0].name in self.p.wants_grad:
                 self._add_grad(v.args[0], dZ.reshape(T, B, -1))
+            return
+        if self._product_into_history(v, g):
             return
         args = [self.params[a.name] if isinstance(a, Param) else flat(self.value(a)) for a in v.args]
         try:
@@ -111,6 +114,27 @@ class Run(ForwardRun):
                 self.grads[a.name] += unbroadcast(ga, self.params[a.name].shape)
             elif a.name in self.p.wants_grad:
                 self._add_grad(a, ga.reshape(T, B, -1))
+
+    def _product_into_history(self, v: Vertex, g: np.ndarray) -> bool:
+        """A post-phase product of a weight and a delayed core vertex (an output layer reading a
+        state): its input gradient is added by the product itself into the vertex's gradient
+        history, and its weight gradient into the weight's, so no ``[T, B, F]`` array of its own
+        is made for either. (Beside a long run's kept values it was the largest one.)"""
+        if v.op not in ("matmul", "linear") or not all(isinstance(a, Param) for a in v.args[::2]):
+            return False
+        x = v.args[1]
+        if not isinstance(x, Vertex) or x.name not in self.p.wants_grad or self.p.phase[x.name] != "core" \
+                or x.name not in self.p.depth or self.p.is_view(x) or self.w.in_ring(x):
+            return False
+        D, T, B = self.p.depth[x.name], self.T, self.B
+        history = self.buf[f"GH_{self.w.names[x.name]}"][D:D + T]  # zeroed and sized in backward()
+        gf = np.ascontiguousarray(flat(g), dtype=self.dtype)
+        W = v.args[0].name
+        product(gf, self.params[W], out=history.reshape(T * B, x.size), accumulate=True)
+        product(gf.T, flat(self.value(x)), out=self.grads[W], accumulate=True)
+        if v.op == "linear":
+            self.grads[v.args[2].name] += gf.sum(axis=0)
+        return True
 
     def _delay_backward(self, v: Vertex, g: np.ndarray) -> None:
         """A delay outside the loop is a shift: its gradient shifts back to the source and the initial state."""

@@ -205,13 +205,31 @@ class ForwardRun:
         g, T, f = self.g, self.T, self.f
         step_losses = {l.name: self.value(l.vertex)[:, :, 0] * f.masks[l.name] for l in g.losses}
         loss = sum(float(step_losses[l.name].sum(dtype=np.float64)) / f.norms[l.name] for l in g.losses)
-        outputs = {v.name: np.array(self.value(v)) for v in g.outputs}
+        outputs = {v.name: self._output(v) for v in g.outputs}
         finals = {}
         for name, D in self.p.depth.items():
             v = g.vertices[name]
             hist = self.buf[f"H_{self.w.names[name]}"] if self.p.phase[name] == "core" else self._history(v)
             finals[name] = as_state(np.array(hist[T:T + D]))
         return RunResult(loss=loss, outputs=outputs, step_losses=step_losses, final_states=finals)
+
+
+    def _output(self, v: Vertex) -> np.ndarray:
+        """``v``'s value for the caller: a copy where it shares memory with a buffer the next run
+        writes over, or with what the caller passed in; a vertex computed after the loop is
+        usually a new array of this run, handed over as it is (at long runs, a copy of
+        ``[T, B, F]`` logits is as large as a kept state)."""
+        value = self.value(v)
+        if self.p.phase[v.name] != "post" or any(np.may_share_memory(value, a) for a in self._owned()):
+            return np.array(value)
+        return value
+
+    def _owned(self):
+        """Every array the run did not make for itself: kept buffers, the caller's inputs and parameters."""
+        f = self.f
+        yield from self.buf.values()
+        for group in (f.inputs, f.init, self.params):
+            yield from group.values()
 
 
 def flat(a: np.ndarray) -> np.ndarray:
