@@ -178,6 +178,7 @@ class Writer:
         body_start = len(c.lines)
         for key in sorted(self.zero_fill):
             c(f"{self.zero_fill[key]}.fill(0)")
+        self._recompute(c)
         for item in reversed(self._body()):
             if isinstance(item, fuse.Region):
                 fuse.emit_backward(self, item, self.kernels, c)
@@ -192,6 +193,18 @@ class Writer:
         if len(c.lines) == body_start:
             c("pass")
         return c.text()
+
+    def _recompute(self, c: _Code) -> None:
+        """Step t's values that the forward loop did not keep (Plan.recomputed), computed again into
+        their step buffers as the forward loop computed them: in a fused kernel where it fused them."""
+        fused = {v.name for item in self._body() if isinstance(item, fuse.Region) for v in item.vertices}
+        for k, name in enumerate(self.p.recomputed):
+            v = self.g.vertices[name]
+            c(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)}) again: not kept for every step")
+            if name in fused:
+                fuse.emit_forward(self, fuse.Region(f"again{k}", [v]), self.kernels, c)
+            else:
+                self._emit_forward(c, v)
 
     def grad(self, v: Vertex, t: str = "t") -> tuple[str, str, bool]:
         """Where the loop accumulates d loss / d v at step t: (base expression, key, add-only)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from unrolled.graph.folded import Graph, Param, Vertex
-from unrolled.graph.ops import OPS
+from unrolled.graph.ops import ELEMENTWISE, OPS
 
 # What a structural op's backward rule reads: its operands ("args") and/or its output ("out"); a
 # product's operand is kept through its split (see _stored). An elementwise op says it itself
@@ -75,6 +75,7 @@ class Plan:
     depth: dict[str, int]  # delayed vertex -> its deepest delay D
     split: dict[str, Split] = field(default_factory=dict)
     stored: set[str] = field(default_factory=set)  # core vertices kept for all steps
+    recomputed: list[str] = field(default_factory=list)  # core vertices the backward loop computes again
     wants_grad: set[str] = field(default_factory=set)
     memo: dict = field(default_factory=dict)
 
@@ -144,6 +145,8 @@ def plan(graph: Graph) -> Plan:
         if v.op in ("matmul", "linear"):
             p.split[v.name] = _split_product(v, phase)
     p.stored = _stored(graph, p)
+    p.recomputed = _recomputed(graph, p)
+    p.stored -= set(p.recomputed)
     return p
 
 
@@ -263,6 +266,37 @@ def _split_product(v: Vertex, phase) -> Split:
         (core if phase[part.name] == "core" else pre).append((part, col, col + part.size))
         col += part.size
     return Split(W.name, bias, pre, core)
+
+
+def _recomputed(graph: Graph, p: Plan) -> list[str]:
+    """Stored elementwise core values that the backward loop computes again at each step, from
+    state histories it keeps anyway, instead of keeping them for every step.
+
+    An LSTM's ``tanh(c)`` is one: read back only by the step's own backward
+    rules, from ``c``, whose history is kept. Keeping it costs a ``[T, B, F]``
+    array, as large as a state's history; computing it again costs one pass
+    over ``[B, F]`` a step, beside the step's products. The value is computed
+    by the same formula and code as in the forward loop.
+    Only values nothing reads for all steps at once qualify: not an output,
+    not read after the loop, not a product's operand (its weight gradient
+    reads every step's), not an op with a parameter (the same)."""
+    outside: set[str] = {o.name for o in graph.outputs}
+    for v in p.order:
+        if v.kind != "op":
+            continue
+        if v.name in p.split:
+            outside.update(p.viewed(part)[0].name for part, _, _ in p.split[v.name].core)
+        if p.phase[v.name] == "post" or any(isinstance(a, Param) for a in v.args):
+            outside.update(p.viewed(a)[0].name for a in v.args if isinstance(a, Vertex))
+
+    def from_history(a) -> bool:
+        base = p.viewed(a)[0] if isinstance(a, Vertex) else None
+        return base is not None and (base.kind == "delay" or base.name in p.depth)
+
+    return [v.name for v in p.of("core")
+            if v.name in p.stored and v.name not in outside and v.name not in p.depth
+            and v.kind == "op" and v.op in ELEMENTWISE and not p.is_view(v)
+            and all(from_history(a) for a in v.args)]
 
 
 def _stored(graph: Graph, p: Plan) -> set[str]:
