@@ -29,7 +29,7 @@ from .plan import Plan, plan
 
 JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps
 CHUNK_BYTES = 4 << 20  # per-chunk buffers of the loops (Y, GF) stay below this: see StepLoops.steps_per_chunk
-CHUNK_ROWS = 1024  # ... unless a chunk would hold fewer rows than this, which a weight product runs slowly on
+CHUNK_ROWS = 2048  # ... unless a chunk would hold fewer rows than this, which a weight product runs slowly on
 
 
 class StepLoops:
@@ -117,15 +117,16 @@ class StepLoops:
         just before the forward loop runs it, and a chunk's weight gradients
         are taken just after the backward loop leaves it. Holding ``K`` steps
         of them instead of ``T`` is what keeps long sequences in memory
-        (1000 steps of a 256-wide LSTM: 4 MiB instead of 125), and a small
+        (1000 steps of a 256-wide LSTM: 8 MiB instead of 125), and a small
         chunk is one that stays in the caches between the loop that writes it
         and the weight product that reads it. ``K * B`` rows are kept at
         ``CHUNK_ROWS`` or more, so that the weight products still run at full
-        speed.
+        speed, and the chunks of a run are of one length (within a step).
         """
         if self.chunk_steps is not None:
             return min(T, self.chunk_steps)
-        return max(1, min(T, max(self._steps_in_bytes(B, dtype), -(-CHUNK_ROWS // B))))
+        k = max(1, min(T, max(self._steps_in_bytes(B, dtype), -(-CHUNK_ROWS // B))))
+        return -(-T // -(-T // k))  # the same number of chunks, of equal length: no short last one
 
     def _steps_in_bytes(self, B: int, dtype) -> int:
         """How many steps of the per-step buffers ``CHUNK_BYTES`` holds."""
