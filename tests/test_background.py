@@ -94,3 +94,17 @@ def test_one_job_one_child(in_background, monkeypatch, rng):
     a.run(params, inputs)
     b.run(params, inputs)
     assert len(started) == 1
+
+
+def test_an_engine_dropped_while_its_child_compiles_holds_nothing_back(in_background, rng):
+    """The optimizers keep to NumPy while an engine waits for its child; once the engine is gone
+    (a notebook cell run again), nothing waits any more."""
+    import gc
+
+    g, params, inputs = _case(rng, B=5)
+    engine = CompiledEngine(g)
+    engine.run(params, inputs)
+    assert background.compiling()
+    del engine
+    gc.collect()
+    assert not background.compiling()

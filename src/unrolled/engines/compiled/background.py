@@ -41,7 +41,9 @@ from .kernels.jitcache import jit_turned_off, numba_installed
 
 _state = {"enabled": True, "hooks": []}
 _children: dict[str, Child] = {}  # one child per distinct job, shared by every engine that asks
-_engines: weakref.WeakSet[WarmStart] = weakref.WeakSet()  # engines with runs still going to NumPy
+# (engine, kind) for every kind of run an engine still sends to NumPy: asked by every optimizer step,
+# so kept as one set rather than found by walking the engines
+_waiting: set[tuple[int, tuple]] = set()
 
 
 def set_enabled(on: bool) -> None:
@@ -68,7 +70,7 @@ def compiling() -> bool:
     taken up by the engine's next run): Numba passes outside the engine (the optimizers, the clipping)
     keep to their NumPy form until then, so that an update never waits for the compiler, nor pays for
     loading Numba halfway through."""
-    return any(engine.pending_kinds for engine in _engines)
+    return bool(_waiting)
 
 
 def _child_running() -> bool:
@@ -94,7 +96,7 @@ class WarmStart:
         self._ready: set[tuple] = set()
         self.pending_kinds: set[tuple] = set()  # kinds of run that went to NumPy and have not switched yet
         self.numpy_runs = 0  # runs that went to the NumPy loops while a child compiled
-        _engines.add(self)
+        weakref.finalize(self, _forget, id(self))  # an engine dropped while waiting holds nothing back
 
     def waiting(self, feeds, combine: str, backward: bool) -> bool:
         """Whether this run goes to the NumPy loops: a child compiles for its kind, or starts now."""
@@ -112,11 +114,13 @@ class WarmStart:
                           "compiling it in this process instead", RuntimeWarning, stacklevel=3)
         self._ready.add(key)
         self.pending_kinds.discard(key)
+        _waiting.discard((id(self), key))
         return False
 
     def _to_numpy(self, key: tuple) -> bool:
         self.numpy_runs += 1
         self.pending_kinds.add(key)
+        _waiting.add((id(self), key))
         return True
 
     def run_numpy(self, feeds, combine: str, backward: bool):
@@ -147,6 +151,10 @@ class WarmStart:
     def _job(self, feeds, combine: str, backward: bool) -> dict:
         return {"graph": self.graph, "options": self.options, "feeds": _shapes_only(feeds),
                 "combine": combine, "backward": backward, "hooks": list(_state["hooks"])}
+
+
+def _forget(engine_id: int) -> None:
+    _waiting.difference_update({w for w in _waiting if w[0] == engine_id})
 
 
 def _kind(B: int, dtype, backward: bool) -> tuple:
