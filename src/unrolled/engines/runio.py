@@ -191,7 +191,7 @@ def prepare(
     given = frozenset(init_states or {})
     feeds = Feeds(T, B, dtype, out_inputs, init, out_masks, norms, fsg, ogr, given, params)
     if check_finite:
-        _scan(feeds)
+        scan_feeds(feeds)
     return feeds
 
 
@@ -245,7 +245,7 @@ def _output_grads(graph: Graph, output_grads, T: int, B: int, dtype) -> dict[str
     return out
 
 
-def _scan(feeds: Feeds) -> None:
+def scan_feeds(feeds: Feeds) -> None:
     """NaN or an infinity in anything the caller passed (see :func:`prepare`); index inputs hold integers."""
     # a state in the caller's shape: [B, F] for a state delayed once
     scan_arrays(feeds.params, feeds.inputs, {k: as_state(feeds.init[k]) for k in feeds.given_init})

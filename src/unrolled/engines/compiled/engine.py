@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unrolled.engines.runio import Binding, Feeds, RunResult, check_combine, prepare
+from unrolled.engines.runio import Binding, Feeds, RunResult, check_combine, prepare, scan_feeds
 from unrolled.graph.folded import Graph
 
 from .background import WarmStart
@@ -218,17 +218,26 @@ class CompiledEngine:
             raise ValueError("per-copy gradients come from the reference engine: use engine='reference'")
         feeds = prepare(self.graph, params, inputs, init_states, masks, steps=steps, batch=batch,
                         final_state_grads=final_state_grads, output_grads=output_grads,
-                        check_finite=check_finite)
-        return self.run_feeds(feeds, combine, backward)
+                        check_finite=False)
+        return self.run_feeds(feeds, combine, backward, scan=check_finite)
 
-    def run_feeds(self, feeds: Feeds, combine: str = "sum", backward: bool = True) -> RunResult:
+    def run_feeds(self, feeds: Feeds, combine: str = "sum", backward: bool = True, scan: bool = False) -> RunResult:
         """:meth:`run` on arrays :func:`~unrolled.engines.runio.prepare` has checked: the route
-        (:meth:`route`), or the plain NumPy loops while a child process compiles (background.py)."""
+        (:meth:`route`), or the plain NumPy loops while a child process compiles (background.py).
+
+        ``scan``: refuse NaN and infinities in the caller's arrays first (:func:`~unrolled.engines.runio.scan_feeds`).
+        The whole-run function looks for them itself, in the pass that reads them, and only when it
+        finds one does the scan run, to name it: for the small runs it serves, the scan's calls
+        cost as much as a fifth of the run."""
         if self.warm_start is not None and self.warm_start.waiting(feeds, combine, backward):
+            if scan:
+                scan_feeds(feeds)
             return self.warm_start.run_numpy(feeds, combine, backward)
         route = self.route(feeds.B, feeds.dtype)
         if route.whole:
-            return self._whole.run(feeds.params, feeds, combine, backward)
+            return self._whole.run(feeds.params, feeds, combine, backward, scan=scan)
+        if scan:
+            scan_feeds(feeds)
         if route.ranges:
             return self._rows.run(feeds.params, feeds, combine, backward, route.ranges)
         return self.loops.run(feeds.params, feeds, combine, backward)

@@ -46,10 +46,11 @@ class WholeStrategy:
         return False, (f"{B} rows x {self.step_macs} multiply-adds a step = {macs} "
                        f"> WHOLE_AUTO_MACS ({WHOLE_AUTO_MACS}): BLAS's products win there")
 
-    def run(self, params, feeds: Feeds, combine: str, backward: bool) -> RunResult:
-        """The run, forward and (unless ``backward=False``) back, in the one compiled function."""
+    def run(self, params, feeds: Feeds, combine: str, backward: bool, scan: bool = False) -> RunResult:
+        """The run, forward and (unless ``backward=False``) back, in the one compiled function;
+        ``scan``: refuse NaN and infinities in the caller's arrays (see ``WholeRun.run``)."""
         with np.errstate(under="ignore", over="ignore"):
-            return self.fn.run(params, feeds, combine, backward)
+            return self.fn.run(params, feeds, combine, backward, scan)
 
 
 def step_macs(graph: Graph) -> int:

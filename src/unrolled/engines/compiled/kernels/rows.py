@@ -248,6 +248,19 @@ def mse_back_row(d, c, p, q):
 # ------------------------------------------------------------------ whole arrays
 
 
+@_dot
+def all_finite(a):
+    """Whether every entry of ``a`` is finite: ``x * 0`` is 0 for a finite ``x`` and NaN for an
+    infinity or a NaN, so one vectorized sum (in any order) says it, with no early exit."""
+    flat = a.ravel()
+    if flat.shape[0] == 0:
+        return True
+    acc = cast(0.0, flat[0])
+    for i in range(flat.shape[0]):
+        acc += flat[i] * cast(0.0, flat[0])
+    return acc == 0
+
+
 @_jit
 def copy_steps(dst, src):
     """``dst[...] = src`` for ``[steps, B, F]`` arrays: initial states, a delayed dense input."""
