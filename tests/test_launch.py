@@ -42,3 +42,11 @@ def test_a_signal_while_loading_ends_the_command_in_one_line(signum, rc, name):
 def test_python_m_unrolled_is_the_command():
     done = _python("import runpy, sys; sys.argv = ['unrolled', '--version']; runpy.run_module('unrolled', run_name='__main__')")
     assert done.returncode == 0 and "0.1.0" in done.stdout + done.stderr, done.stderr
+
+
+def test_a_native_crash_says_where_every_thread_was():
+    """The command turns on Python's fault handler: a segfault prints the stacks, then ends as one."""
+    done = _python("from unrolled.launch import report_crashes; report_crashes()\n"
+                   "import ctypes; ctypes.string_at(0)")
+    assert done.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in done.stderr and "most recent call first" in done.stderr

@@ -27,8 +27,19 @@ def quit_on_signals_while_loading() -> None:
         signal.signal(signum, _quit_while_loading)
 
 
+def report_crashes() -> None:
+    """Should native code ever crash the process (a segfault, an abort from the C library), Python's
+    fault handler writes where every thread was, so that a rare crash, seen once, can be traced.
+    It only installs handlers for those fatal signals: Ctrl-C and SIGTERM keep ours."""
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
+
+
 def main() -> int:
     quit_on_signals_while_loading()
+    report_crashes()
     from unrolled.cli import main as cli_main
 
     return cli_main()
