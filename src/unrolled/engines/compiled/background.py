@@ -94,7 +94,6 @@ class WarmStart:
         self._make_numpy_loops, self._numpy = numpy_loops, None
         self._jobs: dict[tuple, Child] = {}
         self._ready: set[tuple] = set()
-        self.pending_kinds: set[tuple] = set()  # kinds of run that went to NumPy and have not switched yet
         self.numpy_runs = 0  # runs that went to the NumPy loops while a child compiled
         weakref.finalize(self, _forget, id(self))  # an engine dropped while waiting holds nothing back
 
@@ -113,13 +112,11 @@ class WarmStart:
             warnings.warn(f"compiling graph '{self.graph.name}' in the background failed ({child.failure()}); "
                           "compiling it in this process instead", RuntimeWarning, stacklevel=3)
         self._ready.add(key)
-        self.pending_kinds.discard(key)
         _waiting.discard((id(self), key))
         return False
 
     def _to_numpy(self, key: tuple) -> bool:
         self.numpy_runs += 1
-        self.pending_kinds.add(key)
         _waiting.add((id(self), key))
         return True
 

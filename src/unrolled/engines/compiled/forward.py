@@ -213,7 +213,6 @@ class ForwardRun:
             finals[name] = as_state(np.array(hist[T:T + D]))
         return RunResult(loss=loss, outputs=outputs, step_losses=step_losses, final_states=finals)
 
-
     def _output(self, v: Vertex) -> np.ndarray:
         """``v``'s value for the caller: a copy where it shares memory with a buffer the next run
         writes over, or with what the caller passed in; a vertex computed after the loop is

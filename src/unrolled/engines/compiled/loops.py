@@ -95,17 +95,8 @@ class StepLoops:
             out.append(f"no fused kernels: {self.fuse_why}")
         else:
             out.append("no fused kernels: no run of elementwise vertices to fuse")
-        k = self.steps_per_chunk(T, B, dtype)
-        if k >= T:
-            out.append(f"all {T} steps in one chunk")
-        elif self.chunk_steps is not None:
-            out.append(f"chunks of {k} of {T} steps: chunk_steps={self.chunk_steps}")
-        elif -(-CHUNK_ROWS // B) > max(1, self._steps_in_bytes(B, dtype)):
-            out.append(f"chunks of {k} of {T} steps: a weight product needs CHUNK_ROWS ({CHUNK_ROWS}) rows, "
-                       f"{k} steps of {B}")
-        else:
-            out.append(f"chunks of {k} of {T} steps: CHUNK_BYTES ({CHUNK_BYTES} bytes) holds {k} steps "
-                       "of the per-step buffers")
+        k, why = self._chunk(T, B, dtype)
+        out.append(f"all {T} steps in one chunk" if k >= T else f"chunks of {k} of {T} steps: {why}")
         return out
 
     def steps_per_chunk(self, T: int, B: int, dtype) -> int:
@@ -123,17 +114,22 @@ class StepLoops:
         ``CHUNK_ROWS`` or more, so that the weight products still run at full
         speed, and the chunks of a run are of one length (within a step).
         """
-        if self.chunk_steps is not None:
-            return min(T, self.chunk_steps)
-        k = max(1, min(T, max(self._steps_in_bytes(B, dtype), -(-CHUNK_ROWS // B))))
-        return -(-T // -(-T // k))  # the same number of chunks, of equal length: no short last one
+        return self._chunk(T, B, dtype)[0]
 
-    def _steps_in_bytes(self, B: int, dtype) -> int:
-        """How many steps of the per-step buffers ``CHUNK_BYTES`` holds."""
+    def _chunk(self, T: int, B: int, dtype) -> tuple[int, str]:
+        """:meth:`steps_per_chunk`, and which bound set it, in words (for :meth:`reasons`)."""
+        if self.chunk_steps is not None:
+            return min(T, self.chunk_steps), f"chunk_steps={self.chunk_steps}"
         p, w = self.plan, self.writer
         width = sum(v.size for v in p.of("core") if v.kind == "op" and v.name not in p.depth
                     and (v.name in p.split or w.has_full_grad(v)))
-        return CHUNK_BYTES // (B * max(width, 1) * np.dtype(dtype).itemsize)
+        in_bytes = CHUNK_BYTES // (B * max(width, 1) * np.dtype(dtype).itemsize)
+        for_rows = -(-CHUNK_ROWS // B)
+        k = max(1, min(T, max(in_bytes, for_rows)))
+        k = -(-T // -(-T // k))  # the same number of chunks, of equal length: no short last one
+        if for_rows > max(1, in_bytes):
+            return k, f"a weight product needs CHUNK_ROWS ({CHUNK_ROWS}) rows, {k} steps of {B}"
+        return k, f"CHUNK_BYTES ({CHUNK_BYTES} bytes) holds {k} steps of the per-step buffers"
 
     def jit_kernels(self):
         """The fused kernels the Numba loop calls (its writer's; written, not compiled, on first use)."""

@@ -255,9 +255,10 @@ def all_finite(a):
     flat = a.ravel()
     if flat.shape[0] == 0:
         return True
-    acc = cast(0.0, flat[0])
+    zero = cast(0.0, flat[0])
+    acc = zero
     for i in range(flat.shape[0]):
-        acc += flat[i] * cast(0.0, flat[0])
+        acc += flat[i] * zero
     return acc == 0
 
 
