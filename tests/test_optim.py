@@ -190,6 +190,37 @@ def test_loading_state_of_another_optimizer_or_model_fails(rng):
         other.step({"W": np.zeros((3, 3))}, {"W": np.zeros((3, 3))})
 
 
+def test_state_loaded_over_a_stepped_optimizer_is_checked_again(rng):
+    """The per-step check remembers which parameters' state fitted; a load must make it look again."""
+    params, grads = _problem(rng, 1)
+    small = {"W": np.zeros((3, 3)), "b": np.zeros(3), "h0/x": np.zeros((2, 2, 2))}
+    other = make_optimizer("adam", 0.1)
+    other.step(small, {k: np.ones_like(a) for k, a in small.items()})
+    adam = make_optimizer("adam", 0.1)
+    adam.step(params, grads[0])
+    other.load_state(adam.state_arrays(), adam.state_meta())
+    with pytest.raises(ValueError, match=r"state 'exp_avg/W' is \[4, 3\] float64 but parameter 'W' is \[3, 3\]"):
+        other.step(small, {k: np.ones_like(a) for k, a in small.items()})
+
+
+@pytest.mark.parametrize("name", ["adagrad", "adam"])
+def test_state_loaded_in_fortran_order_updates_as_saved(name, rng):
+    """Loaded state is stored C-ordered, the layout the one-pass kernels read without checking."""
+    params, grads = _problem(rng, 3)
+    opt = make_optimizer(name, 0.1)
+    opt.step(params, grads[0])
+    arrays, meta = opt.state_arrays(), opt.state_meta()
+    twin = {k: a.copy() for k, a in params.items()}
+    a, b = make_optimizer(name, 0.1), make_optimizer(name, 0.1)
+    a.load_state(arrays, meta)
+    b.load_state({k: np.asfortranarray(v) for k, v in arrays.items()}, meta)
+    for g in grads[1:]:
+        a.step(params, g)
+        b.step(twin, g)
+    for k in params:
+        np.testing.assert_array_equal(params[k], twin[k])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name, lr, kw", [c for c in CASES if c[0] in ("adagrad", "adam", "adamw")],
                          ids=lambda c: str(c))

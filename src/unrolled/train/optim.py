@@ -64,6 +64,8 @@ class Optimizer:
         self.lr = _number(self.name, "lr", lr)
         self._state: dict[str, Arrays] = {slot: {} for slot in self.slots}
         self._steps: dict[str, int] = {}  # per parameter, as torch keeps them
+        self._kernels = None  # this step's Numba kernels (numba_kernels()), or None for NumPy's rules
+        self._fitted: dict[str, tuple] = {}  # parameter -> (shape, dtype) its state arrays were checked against
 
     # -- the update ---------------------------------------------------------
 
@@ -77,6 +79,7 @@ class Optimizer:
         # Check everything before touching anything: a bad array must not
         # leave half of the parameters updated.
         work = [(name, p, self._checked_grad(name, p, grads[name])) for name, p in params.items()]
+        self._kernels = numba_kernels()  # once a step: the per-parameter calls are most of a small model's step
         steps = self._steps
         for name, p, g in work:
             steps[name] = step = steps.get(name, 0) + 1
@@ -84,7 +87,7 @@ class Optimizer:
 
     def _checked_grad(self, name: str, p, g) -> np.ndarray:
         if type(g) is np.ndarray and type(p) is np.ndarray and g.dtype is p.dtype and g.shape == p.shape \
-                and p.dtype.kind == "f" and self._stale_state(name, p) is None:
+                and self._fitted.get(name) == (p.shape, p.dtype):
             return g  # the usual case, checked in one line: small models call this every few microseconds
         if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
             kind = p.dtype if isinstance(p, np.ndarray) else type(p).__name__
@@ -93,6 +96,7 @@ class Optimizer:
         if g.shape != p.shape:
             raise ValueError(f"gradient of '{name}' is {_shape(g)} but the parameter is {_shape(p)}; they must match")
         self._check_state_shapes(name, p)
+        self._fitted[name] = (p.shape, p.dtype)  # its state fits; slots made later are made from p
         return g.astype(p.dtype) if g.dtype != p.dtype else g  # work in the parameter's dtype, never promote
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float, step: int) -> None:
@@ -101,7 +105,7 @@ class Optimizer:
     def _slot(self, slot: str, name: str, p: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """The state array ``slot`` of parameter ``name``, created on first use."""
         table = self._state[slot]
-        if name not in table:
+        if name not in table:  # like p: C-ordered where p is, which the kernels take unchecked
             table[name] = np.full_like(p, fill)
         return table[name]
 
@@ -157,12 +161,13 @@ class Optimizer:
         except TypeError as e:
             raise ValueError(f"saved {self.name} hyperparameters {sorted(hyper)} do not fit this version: {e}") from None
         self._steps = {str(k): int(v) for k, v in meta.get("steps", {}).items()}
+        self._fitted = {}  # the loaded arrays are checked against the parameters on the next step
         for key, a in arrays.items():
             slot, sep, name = key.partition("/")
             if not sep or slot not in self._state:
                 raise ValueError(f"saved optimizer array '{key}' is not a '{self.name}' state; expected names like "
                                  f"'<slot>/<parameter>' with slot one of {', '.join(self.slots) or 'none'}")
-            self._state[slot][name] = np.array(a, copy=True)
+            self._state[slot][name] = np.array(a, copy=True, order="C")  # the kernels take state unchecked
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
@@ -260,9 +265,10 @@ class Adagrad(Optimizer):
             g = g + self.weight_decay * p
         clr = lr / (1 + (step - 1) * self.lr_decay)
         total = self._slot("sum", name, p, self.initial_accumulator_value)
-        kernels = numba_kernels()
-        if kernels and kernels.fits(p, g, total):
-            kernels.adagrad(p, g, total, p.dtype.type(clr), p.dtype.type(self.eps))
+        kernels = self._kernels
+        if kernels and p.flags.c_contiguous and g.flags.c_contiguous:  # the state is made like p, in p's dtype
+            f = p.dtype.type
+            kernels.adagrad(p, g, total, f(clr), f(self.eps))
             return
         total += g * g
         std = np.sqrt(total)
@@ -361,12 +367,12 @@ class Adam(Optimizer):
 
     def _one_pass(self, name, p, g, lr, step) -> bool:
         """The same update by :func:`unrolled.engines.compiled.kernels.optimizers.adam`, where it applies; whether it ran."""
-        kernels = numba_kernels()
+        kernels = self._kernels
         if not kernels or self.amsgrad or (self.weight_decay and not self._decoupled):
             return False
-        arrays = (p, g, self._slot("exp_avg", name, p), self._slot("exp_avg_sq", name, p))
-        if not kernels.fits(*arrays):
+        if not (p.flags.c_contiguous and g.flags.c_contiguous):  # the state is made like p, in p's dtype
             return False
+        arrays = (p, g, self._slot("exp_avg", name, p), self._slot("exp_avg_sq", name, p))
         beta1, beta2 = self.betas
         f = p.dtype.type
         decay = 1 - lr * self.weight_decay if self.weight_decay else 1.0

@@ -71,11 +71,3 @@ def clip(g, limit):
         x = g[i]
         g[i] = lo if x < lo else (limit if x > limit else x)
 
-
-def fits(*arrays: np.ndarray) -> bool:
-    """Whether the kernels take these arrays: C-contiguous, one dtype (the NumPy rule takes the rest)."""
-    dtype = arrays[0].dtype
-    for a in arrays:
-        if a.dtype != dtype or not a.flags.c_contiguous:
-            return False
-    return True
