@@ -380,7 +380,7 @@ class Writer:
             if self.picks(part):  # a one-hot vector picks one column
                 self(f"add_column({y}, {W}, {at} + {self.row(part.args[0])})")
             else:
-                self(f"add_dot_rows({y}, {W}, {at}, {self.row(part)})")
+                self(f"add_dot_rows({y}, {W}, {at}, {self.row(part)}, {part.size}, {v.size})")
 
     def _forward_copies(self, v: Vertex) -> None:
         """slice and concat: copies of columns."""
@@ -419,11 +419,12 @@ class Writer:
                 continue
             d = self.grow(part)
             if d is not None:
-                self(f"product_dx_row({d}, {g}, {W}, {at})")
+                self(f"product_dx_row({d}, {g}, {W}, {at}, {part.size}, {v.size})")
             if isinstance(part, Param):
                 self(f"product_dw_row({D}, {at}, {self.row(part)}, {g})")
             else:
-                self.after.append(f"product_dw({D}, {at}, {self.steps(part)}, {self.steps(v, grad=True)})")
+                self.after.append(f"product_dw({D}, {at}, {self.steps(part)}, {self.steps(v, grad=True)}, "
+                                  f"{part.size}, {v.size})")
         if v.op == "linear":
             if isinstance(v.args[2], Param):
                 self.after.append(f"add_rows_to({self.grow(v.args[2])}, {self.steps(v, grad=True)})")

@@ -46,10 +46,11 @@ _dot = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contra
 
 
 @_dot
-def add_dot_rows(y, W, at, x):
-    """``y += W[:, at:at+n] x``: one dot product per output, summed in any order (it vectorizes),
-    four outputs at a time (each element of ``x`` loaded once for four rows of ``W``)."""
-    n, m = x.shape[0], y.shape[0]
+def add_dot_rows(y, W, at, x, n, m):
+    """``y[:m] += W[:m, at:at+n] x[:n]``: one dot product per output, summed in any order (it
+    vectorizes), four outputs at a time (each element of ``x`` loaded once for four rows of ``W``).
+    The caller passes the sizes ``n`` and ``m`` as literals: inlined, LLVM then knows the trip
+    counts and schedules the short rows of a small model better than for any length."""
     j = 0
     while j + 4 <= m:
         w0, w1, w2, w3 = W[j, at:at + n], W[j + 1, at:at + n], W[j + 2, at:at + n], W[j + 3, at:at + n]
@@ -142,12 +143,11 @@ def mse_row(loss, p, q):
 
 
 @_jit
-def product_dx_row(dx, g, W, at):
+def product_dx_row(dx, g, W, at, n, m):
     """``dx += (Wᵀ g)[at:at+n]``: the gradient of one part of a product's input, as rows of ``W``
     scaled by the gradients, four rows at a time (``dx`` read and written once per four rows; a
     block of four zero gradients adds nothing). ``W[j, at + k]`` rather than a view of the row: see
     the module's note on offsets."""
-    n, m = dx.shape[0], g.shape[0]
     j = 0
     while j + 4 <= m:
         g0, g1, g2, g3 = g[j], g[j + 1], g[j + 2], g[j + 3]
@@ -164,13 +164,13 @@ def product_dx_row(dx, g, W, at):
 
 
 @_jit
-def product_dw(D, at, X, G):
-    """``D[:, at:at+n] += Gᵀ X`` over all rows of all steps (``X [T, B, n]``, ``G [T, B, out]``),
+def product_dw(D, at, X, G, n, m):
+    """``D[:m, at:at+n] += Gᵀ X`` over all rows of all steps (``X [T, B, n]``, ``G [T, B, m]``),
     after the backward loop: four rows at a time, so each row of ``D`` is read and written once per
-    four rows, not once per row."""
+    four rows, not once per row. ``n`` and ``m`` are literals, as for ``add_dot_rows``."""
     X = X.reshape(X.shape[0] * X.shape[1], X.shape[2])
     G = G.reshape(G.shape[0] * G.shape[1], G.shape[2])
-    R, n, m = X.shape[0], X.shape[1], G.shape[1]
+    R = X.shape[0]
     r = 0
     while r + 4 <= R:
         x0, x1, x2, x3 = X[r], X[r + 1], X[r + 2], X[r + 3]
