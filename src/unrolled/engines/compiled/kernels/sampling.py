@@ -6,7 +6,7 @@ same arithmetic in the same order (float64 probabilities, a sequential running
 sum, the first class whose running sum passes ``u * total``), so that both
 paths draw the same token from the same uniform number.
 
-The products (``matmul_rows``, ``linear_rows``) are Numba only: the NumPy
+The products (``matmul_rows``, ``linear_rows``, and their ``_columns`` shares) are Numba only: the NumPy
 path calls ``blas.product``, and above ``LOOP_ROWS`` rows the generated code
 calls the training loops' ``matmul`` instead (see feedback.py). At one row a
 step a product is a matrix-vector product, bound by reading the weights, and BLAS's call costs as much as a
@@ -108,41 +108,55 @@ if numba is not None:
     _jit_contract = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 
     @_jit_contract
-    def _accumulate_product(x, W, out):
-        """``out += x @ W`` for ``x`` [B, K], ``W`` [K, N], small B.
+    def _accumulate_columns(x, W, out, lo, hi):
+        """``out[:, lo:hi] += x @ W[:, lo:hi]`` for ``x`` [B, K], ``W`` [K, N], small B.
 
         ``W`` streams through once, four of its rows at a time (each pass
         over ``out`` then carries four rows' worth of work), and a group of
-        four zero inputs skips its rows of ``W`` altogether.
+        four zero inputs skips its rows of ``W`` altogether. Each entry of
+        ``out`` gets the same sums in the same order whatever the range, so
+        threads that share a product by columns (feedsplit.py) compute what
+        one thread would.
         """
         rows, inner = x.shape
-        cols = W.shape[1]
         k = 0
         while k + 4 <= inner:
             for i in range(rows):
                 a0, a1, a2, a3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
                 if a0 != 0 or a1 != 0 or a2 != 0 or a3 != 0:
-                    for n in range(cols):
+                    for n in range(lo, hi):
                         out[i, n] += a0 * W[k, n] + a1 * W[k + 1, n] + a2 * W[k + 2, n] + a3 * W[k + 3, n]
             k += 4
         for k in range(k, inner):
             for i in range(rows):
                 a = x[i, k]
                 if a != 0:
-                    for n in range(cols):
+                    for n in range(lo, hi):
                         out[i, n] += a * W[k, n]
+
+    @_jit
+    def matmul_columns(x, W, out, lo, hi):
+        """``out[:, lo:hi] = (x @ W)[:, lo:hi]`` for at most ``LOOP_ROWS`` rows."""
+        for i in range(out.shape[0]):
+            for n in range(lo, hi):
+                out[i, n] = 0
+        _accumulate_columns(x, W, out, lo, hi)
+
+    @_jit
+    def linear_columns(x, W, bias, out, lo, hi):
+        """``out[:, lo:hi] = (x @ W + bias)[:, lo:hi]`` for at most ``LOOP_ROWS`` rows, the bias written
+        first so that the product adds onto it."""
+        for i in range(out.shape[0]):
+            for n in range(lo, hi):
+                out[i, n] = entry(bias, i, n)
+        _accumulate_columns(x, W, out, lo, hi)
 
     @_jit
     def matmul_rows(x, W, out):
         """``out = x @ W`` for at most ``LOOP_ROWS`` rows."""
-        out[...] = 0
-        _accumulate_product(x, W, out)
+        matmul_columns(x, W, out, 0, out.shape[1])
 
     @_jit
     def linear_rows(x, W, bias, out):
-        """``out = x @ W + bias`` for at most ``LOOP_ROWS`` rows, the bias written first so that the
-        product adds onto it."""
-        for i in range(out.shape[0]):
-            for n in range(out.shape[1]):
-                out[i, n] = entry(bias, i, n)
-        _accumulate_product(x, W, out)
+        """``out = x @ W + bias`` for at most ``LOOP_ROWS`` rows."""
+        linear_columns(x, W, bias, out, 0, out.shape[1])
