@@ -13,7 +13,9 @@ each run of elementwise ops of one size written as one loop over its entries
 the loop reads) and each product of a few rows as a plain loop; without Numba
 every op is one NumPy call. Either way the random numbers
 come from the caller's NumPy generator, drawn up front, so a seed gives the
-same text.
+same text. Where a model's weights outgrow one core's cache, the Numba loop
+runs on two threads, each computing its share of every step's entries
+(feedsplit.py); the text and states are the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from unrolled.engines.runio import as_history
 from unrolled.graph.folded import Graph, Param, Vertex
 from unrolled.graph.ops import ELEMENTWISE, OPS
 
+from . import feedsplit
 from .fuse import operand_names, scalar_code
 from .plan import is_view
 from .ufunc_calls import spell
@@ -43,10 +46,16 @@ class Generator:
 
     ``graph``: the model; ``feed``: the index input that receives each sampled
     token; ``logits``: the vertex whose softmax is sampled. Other inputs are
-    not allowed (a generator has nothing to feed them).
+    not allowed (a generator has nothing to feed them). ``threads``: "auto"
+    shares each step's products across two threads where the weights outgrow
+    one core's cache (feedsplit.py says when); a number asks for that many
+    wherever the Numba loop can share its work; 1 never shares.
     """
 
-    def __init__(self, graph: Graph, feed: str, logits: str, *, jit: bool | str = "auto"):
+    def __init__(self, graph: Graph, feed: str, logits: str, *, jit: bool | str = "auto",
+                 threads: int | str = "auto"):
+        if threads != "auto" and not (isinstance(threads, int) and threads >= 1):
+            raise ValueError(f"threads={threads!r}: give \"auto\" or a whole number of threads, 1 or more")
         graph.check()
         self.graph = graph
         if feed not in graph.vertices or graph.vertices[feed].kind != "index":
@@ -66,6 +75,10 @@ class Generator:
         self.use_jit = _jit_wanted(jit, self.order)
         self.code = self._write()
         self._fn = self._compile()
+        self.threads = threads
+        self.split_code: dict[int, str] = {}  # the loop each thread count runs, by count
+        self._split_fns: dict[int, tuple] = {}
+        self.ran_on: int | None = None  # threads the last run took
 
     # ------------------------------------------------------------ code
 
@@ -86,10 +99,7 @@ class Generator:
     def _write(self) -> str:
         lines = ["def generate(N, n_prime, PRIME, U, TEMP, TOPK, OUT, PROBS, TOK" + "{args}):",
                  "    B = TOK.shape[0]",
-                 "    for t in range(N):",
-                 "        if t < n_prime:",
-                 "            for b in range(B):",
-                 "                TOK[b] = PRIME[t, b]"]
+                 "    for t in range(N):"] + ["        " + line for line in self._feed_lines()]
         body = []
         for group in self._groups():
             if self._fusable(group[0]):
@@ -98,16 +108,26 @@ class Generator:
             v = group[0]
             body.append(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
             body.extend(self._emit_loops(v) if self.use_jit else self._emit(v))
-        lines += ["        " + line for line in body]
-        lines += ["        if t >= n_prime - 1 and t < N - 1:",
-                  f"            sample_rows({self._val(self.logits)}, TEMP, TOPK, U[t], PROBS, TOK)",
-                  "            if t + 1 >= n_prime:",
-                  "                for b in range(B):",
-                  "                    OUT[t + 1 - n_prime, b] = TOK[b]"]
+        lines += ["        " + line for line in body + self._sample_lines()]
         text = "\n".join(lines) + "\n"
         args = sorted({tok for tok in _identifiers(text) if tok[:2] in ("S_", "R_", "P_", "W_", "E_")})
         self.arg_names = args
         return text.replace("{args}", "".join(", " + a for a in args))
+
+    @staticmethod
+    def _feed_lines() -> list[str]:
+        """Step ``t``'s token: the prime's while it lasts (after it, the one sampled last step)."""
+        return ["if t < n_prime:",
+                "    for b in range(B):",
+                "        TOK[b] = PRIME[t, b]"]
+
+    def _sample_lines(self) -> list[str]:
+        """The next step's token, drawn from this step's logits once the prime is read."""
+        return ["if t >= n_prime - 1 and t < N - 1:",
+                f"    sample_rows({self._val(self.logits)}, TEMP, TOPK, U[t], PROBS, TOK)",
+                "    if t + 1 >= n_prime:",
+                "        for b in range(B):",
+                "            OUT[t + 1 - n_prime, b] = TOK[b]"]
 
     # ------------------------------------------- code, Numba path only
 
@@ -133,8 +153,9 @@ class Generator:
         return self.use_jit and v.op in ELEMENTWISE and all(
             isinstance(a, Vertex) or tuple(a.shape) == (v.size,) for a in v.args)
 
-    def _emit_elementwise(self, group: list[Vertex]) -> list[str]:
-        """One loop over the group's entries; a value is stored only where something outside reads it."""
+    def _emit_elementwise(self, group: list[Vertex], span: tuple[int, int] | None = None) -> list[str]:
+        """One loop over the group's entries (or those in ``span``, one thread's share); a value is
+        stored only where something outside reads it."""
         members = {v.name for v in group}
         local: dict[str, str] = {}
         rows: dict[str, str] = {}
@@ -148,7 +169,7 @@ class Generator:
             if v.name in self.depth or v is self.logits or not self._users[v.name] <= members:
                 body.append(f"{self._elem(v, 'j', rows)} = {name}")
         return ([f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})" for v in group]
-                + self._row_loops(group[0].size, rows, body))
+                + self._row_loops(group[0].size, rows, body, span))
 
     def _emit_loops(self, v: Vertex) -> list[str]:
         """The Numba path's line(s) for an op outside the elementwise groups."""
@@ -166,21 +187,32 @@ class Generator:
         return [f"if {a[1]}.shape[0] <= LOOP_ROWS:", f"    {few}", "else:"] + many
 
     def _loops_concat(self, v: Vertex) -> list[str]:
+        return [line for x, off in self._concat_offsets(v) for line in self._copy_loop(v, x, off)]
+
+    @staticmethod
+    def _concat_offsets(v: Vertex) -> list[tuple[Vertex, int]]:
+        """Each argument of concat ``v`` with the entry of ``v`` where its copy starts."""
         out, off = [], 0
         for x in v.args:
-            rows: dict[str, str] = {}
-            line = f"{self._elem(v, f'{off} + j' if off else 'j', rows)} = {self._elem(x, 'j', rows)}"
-            out += self._row_loops(x.size, rows, [line])
+            out.append((x, off))
             off += x.size
         return out
 
+    def _copy_loop(self, v: Vertex, x: Vertex, off: int, span: tuple[int, int] | None = None) -> list[str]:
+        """Concat ``v``'s copy of its argument ``x`` to its entries from ``off`` on (or of ``x``'s entries in ``span``)."""
+        rows: dict[str, str] = {}
+        line = f"{self._elem(v, f'{off} + j' if off else 'j', rows)} = {self._elem(x, 'j', rows)}"
+        return self._row_loops(x.size, rows, [line], span)
+
     @staticmethod
-    def _row_loops(size: int, rows: dict[str, str], body: list[str]) -> list[str]:
+    def _row_loops(size: int, rows: dict[str, str], body: list[str], span: tuple[int, int] | None = None) -> list[str]:
         """``for b: for j in range(size): body``, each array row the body reads or writes named
         once per ``b``: the loop then indexes plain vectors (and in float64, where the C library's
-        tanh is a call, the row's address is not recomputed after every call)."""
+        tanh is a call, the row's address is not recomputed after every call). With ``span``,
+        only its entries ``j``: one thread's share of the loop (feedsplit.py)."""
+        entries = f"range({size})" if span is None else f"range({span[0]}, {span[1]})"
         return (["for b in range(B):"] + [f"    {name} = {expr}" for expr, name in rows.items()]
-                + [f"    for j in range({size}):"] + ["        " + line for line in body])
+                + [f"    for j in {entries}:"] + ["        " + line for line in body])
 
     def _elem(self, v, j: str, rows: dict[str, str], local: dict[str, str] | None = None) -> str:
         """The expression for entry ``[b, j]`` of ``v`` at step ``t``: a loop's local if it has one,
@@ -249,15 +281,7 @@ class Generator:
 
     def _compile(self):
         if self.use_jit:
-            from unrolled.engines.compiled.kernels.jitcache import (
-                load_module,  # the same on-disk cache as the training loops
-            )
-
-            text = ("import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import *  # noqa: F401,F403\n"
-                    "from unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1  # noqa: F401\n"
-                    "from unrolled.engines.compiled.kernels.sampling import *  # noqa: F401,F403\n\n"
-                    "@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + self.code)
-            return load_module(text, "generate")["generate"]
+            return _load_jit(self.code, "generate")
         from .kernels import sampling as k
 
         ns = {"matmul": product, "add": np.add, "subtract": np.subtract, "multiply": np.multiply,
@@ -303,9 +327,15 @@ class Generator:
         probs = np.empty((B, self.logits.size), dtype=np.float64)
         # the loop reads the token of step t before step t; it runs P + length - 1 steps of the model
         steps = P + length if length > 0 else P
+        head = [steps, P, prime, U, float(temperature), int(top_k or 0), out, probs, tok]
+        threads, _ = self.threads_for(B, dtype)
         with np.errstate(under="ignore", over="ignore"):
-            self._fn(steps, P, prime, U, float(temperature), int(top_k or 0), out, probs, tok,
-                     *[bind[n] for n in self.arg_names])
+            if threads > 1:
+                fn, names = self._split(threads)
+                feedsplit.run(fn, threads, head + [bind[n] for n in names])
+            else:
+                self._fn(*head, *[bind[n] for n in self.arg_names])
+        self.ran_on = threads
         finals = {}
         for name, D in self.depth.items():
             ring = bind[f"R_{self.names[name]}"]
@@ -313,6 +343,19 @@ class Generator:
             hist = np.stack([ring[(last - k) % (D + 1)] for k in range(D - 1, -1, -1)])
             finals[name] = hist[0] if D == 1 else hist
         return out, finals
+
+    def threads_for(self, B: int, dtype) -> tuple[int, str]:
+        """How many threads a run of ``B`` rows in ``dtype`` takes, and why, in words."""
+        return feedsplit.choose(self, B, dtype, self.threads)
+
+    def _split(self, nparts: int):
+        """The step loop shared by ``nparts`` threads (feedsplit.py), compiled, and its buffers' names."""
+        if nparts not in self._split_fns:
+            code = feedsplit.write(self, nparts)
+            names = sorted(tok for tok in _identifiers(code) if tok[:2] in ("S_", "R_", "P_", "W_", "E_"))
+            self.split_code[nparts] = code = code.replace("{args}", "".join(", " + a for a in names))
+            self._split_fns[nparts] = _load_jit(code, "generate_part", spin=True), names
+        return self._split_fns[nparts]
 
     def _buffers(self, params, B, dtype, init_states) -> dict:
         bind = {}
@@ -373,6 +416,18 @@ def _needed(graph: Graph, target: Vertex) -> list[Vertex]:
         elif v.kind == "op":
             stack.extend(a for a in v.args if isinstance(a, Vertex))
     return [v for v in graph.step_order() if v.name in need]
+
+
+def _load_jit(code: str, name: str, spin: bool = False):
+    """Generated loop ``name`` compiled by Numba, through the same on-disk cache as the training loops."""
+    from unrolled.engines.compiled.kernels.jitcache import load_module
+
+    text = ("import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import *  # noqa: F401,F403\n"
+            "from unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1  # noqa: F401\n"
+            "from unrolled.engines.compiled.kernels.sampling import *  # noqa: F401,F403\n"
+            + ("from unrolled.engines.compiled.kernels.spin import barrier  # noqa: F401\n" if spin else "")
+            + "\n@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + code)
+    return load_module(text, name)[name]
 
 
 def _jit_wanted(jit, order) -> bool:

@@ -1,0 +1,127 @@
+"""Generation shared across threads (feedsplit.py): two threads draw the same tokens and reach the
+same states as one, bit for bit; the split is taken when asked for or when the rule says it pays,
+and not otherwise; a failing thread releases the others."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from test_generate import char_model, every_fused_op_model, softplus_exp_model  # noqa: E402
+
+from unrolled.engines.compiled import feedsplit  # noqa: E402
+from unrolled.engines.compiled.feedback import Generator  # noqa: E402
+from unrolled.engines.compiled.kernels import spin  # noqa: E402
+
+
+def run_both(g, params, prime, **kw):
+    """The run on one thread and on two, checking that each took the threads it was given."""
+    out = []
+    for n in (1, 2):
+        gen = Generator(g, "tok", "y", jit=True, threads=n)
+        out.append(gen.run(params, prime=prime, rng=np.random.default_rng(7), **kw))
+        assert gen.ran_on == n
+    return out
+
+
+def assert_identical(one, two):
+    (tokens1, states1), (tokens2, states2) = one, two
+    np.testing.assert_array_equal(tokens1, tokens2)
+    assert states1.keys() == states2.keys()
+    for k in states1:
+        assert states1[k].dtype == states2[k].dtype
+        np.testing.assert_array_equal(states1[k], states2[k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman"])
+def test_two_threads_sample_what_one_does(cell, B, dtype):
+    # 48 units: shares that do not fall on the gate blocks' quarters; 11 classes: a product below one share
+    g = char_model(V=11, H=48, cell=cell)
+    params = {k: 2 * v for k, v in g.init_params(3, dtype).items()}
+    prime = np.random.default_rng(0).integers(0, 11, size=(4, B))
+    assert_identical(*run_both(g, params, prime, length=120, temperature=0.8))
+    assert_identical(*run_both(g, params, prime, length=60, top_k=3))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_large_lstm_stack_samples_alike_on_two_threads(dtype):
+    """The sampling benchmark's shape, scaled down: a stack of two LSTM layers whose products share
+    their columns by the cell's gate blocks, with a one-hot input of many classes."""
+    g = char_model(V=75, H=128, cell="lstm", layers=2)
+    params = g.init_params(1, dtype)
+    prime = np.array([[3], [40], [7]])
+    assert_identical(*run_both(g, params, prime, length=300, temperature=1.2))
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_delays_of_two_slices_and_learned_states_split_alike(B):
+    g = every_fused_op_model(V=5, H=40)
+    params = {k: 2 * v for k, v in g.init_params(4).items()}
+    prime = np.random.default_rng(0).integers(0, 5, size=(3, B))
+    assert_identical(*run_both(g, params, prime, length=80))
+    g = softplus_exp_model(V=5, H=36)
+    params = {k: 2 * v for k, v in g.init_params(5, np.float32).items()}
+    assert_identical(*run_both(g, params, prime, length=80, top_k=2))
+
+
+def test_the_split_loop_waits_only_where_threads_exchange_entries():
+    """An LSTM stack meets three times a step: before each layer's product (which reads the whole
+    input) and before the output product; the gate loops read what their own thread's product wrote."""
+    g = char_model(V=75, H=128, cell="lstm", layers=2)
+    gen = Generator(g, "tok", "y", jit=True, threads=2)
+    code = feedsplit.write(gen, 2)
+    assert code.count("barrier(BAR, 2)") == 3
+    assert "linear_columns(S_" in code and "PART == 1" in code
+
+
+def test_when_the_split_is_taken(monkeypatch):
+    big = char_model(V=75, H=128, cell="lstm", layers=2)  # about 1 MB of float32 weights
+    small = char_model(V=11, H=16)
+    auto = Generator(big, "tok", "y", jit=True)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    n, why = auto.threads_for(1, np.float32)
+    if feedsplit.usable_cores() >= 2:
+        assert n == 2, why
+    assert Generator(small, "tok", "y", jit=True).threads_for(1, np.float32)[0] == 1
+    assert auto.threads_for(64, np.float32)[0] == 1  # BLAS's products
+    assert auto.threads_for(1, np.float16)[0] == 1
+    assert Generator(big, "tok", "y", jit=False, threads=2).threads_for(1, np.float32)[0] == 1
+    assert Generator(big, "tok", "y", jit=True, threads=1).threads_for(1, np.float32)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    n, why = auto.threads_for(1, np.float32)
+    assert n == 1 and "OMP_NUM_THREADS=1" in why
+    # asked for, it splits even a small model
+    assert Generator(small, "tok", "y", jit=True, threads=2).threads_for(2, np.float64)[0] == 2
+
+
+def test_one_thread_runs_when_the_rule_says_so():
+    g = char_model(V=11, H=16)
+    gen = Generator(g, "tok", "y", jit=True)
+    gen.run(g.init_params(0), length=5, prime=np.array([[1]]), rng=np.random.default_rng(0))
+    assert gen.ran_on == 1
+
+
+def test_a_bad_thread_count_is_refused():
+    with pytest.raises(ValueError, match="threads"):
+        Generator(char_model(), "tok", "y", threads=0)
+
+
+def test_a_failing_thread_releases_the_others():
+    """Thread 1 fails before its first barrier: thread 0, waiting there, returns, and the failure is raised."""
+    met = []
+
+    def part(p, bar):
+        if p == 1:
+            raise RuntimeError("part 1 failed")
+        for _ in range(3):
+            if not spin.barrier(bar, 2):
+                return
+            met.append(p)
+
+    with pytest.raises(RuntimeError, match="part 1 failed"):
+        feedsplit.run(part, 2, [])
+    assert met == []
