@@ -69,13 +69,15 @@ def test_delays_of_two_slices_and_learned_states_split_alike(B):
 
 
 def test_the_split_loop_waits_only_where_threads_exchange_entries():
-    """An LSTM stack meets three times a step: before each layer's product (which reads the whole
-    input) and before the output product; the gate loops read what their own thread's product wrote."""
+    """An LSTM stack meets five times a step: before each layer's product (which reads the whole
+    input), after it (the gate loop reads each gate's entries, not the product's halves), and before
+    the output product, which is small and runs on thread 0, as does the sampling after it."""
     g = char_model(V=75, H=128, cell="lstm", layers=2)
     gen = Generator(g, "tok", "y", jit=True, threads=2)
-    code = feedsplit.write(gen, 2)
-    assert code.count("barrier(BAR, 2)") == 3
-    assert "linear_columns(S_" in code and "PART == 1" in code
+    code = feedsplit.write(gen, 2, np.float32)
+    assert code.count("barrier(BAR, 2)") == 5
+    assert "linear_columns(S_v2, W_v3, P_p1, S_v3, 0, 256)" in code and "PART == 1" in code
+    assert code.count("linear_columns(R_") == 1  # the output product, on one thread
 
 
 def test_when_the_split_is_taken(monkeypatch):

@@ -76,8 +76,8 @@ class Generator:
         self.code = self._write()
         self._fn = self._compile()
         self.threads = threads
-        self.split_code: dict[int, str] = {}  # the loop each thread count runs, by count
-        self._split_fns: dict[int, tuple] = {}
+        self.split_code: dict[tuple[int, str], str] = {}  # the loop shared by threads, by (count, dtype)
+        self._split_fns: dict[tuple[int, str], tuple] = {}
         self.ran_on: int | None = None  # threads the last run took
 
     # ------------------------------------------------------------ code
@@ -331,7 +331,7 @@ class Generator:
         threads, _ = self.threads_for(B, dtype)
         with np.errstate(under="ignore", over="ignore"):
             if threads > 1:
-                fn, names = self._split(threads)
+                fn, names = self._split(threads, dtype)
                 feedsplit.run(fn, threads, head + [bind[n] for n in names])
             else:
                 self._fn(*head, *[bind[n] for n in self.arg_names])
@@ -348,14 +348,15 @@ class Generator:
         """How many threads a run of ``B`` rows in ``dtype`` takes, and why, in words."""
         return feedsplit.choose(self, B, dtype, self.threads)
 
-    def _split(self, nparts: int):
+    def _split(self, nparts: int, dtype):
         """The step loop shared by ``nparts`` threads (feedsplit.py), compiled, and its buffers' names."""
-        if nparts not in self._split_fns:
-            code = feedsplit.write(self, nparts)
+        key = (nparts, np.dtype(dtype).name)
+        if key not in self._split_fns:
+            code = feedsplit.write(self, nparts, dtype)
             names = sorted(tok for tok in _identifiers(code) if tok[:2] in ("S_", "R_", "P_", "W_", "E_"))
-            self.split_code[nparts] = code = code.replace("{args}", "".join(", " + a for a in names))
-            self._split_fns[nparts] = _load_jit(code, "generate_part", spin=True), names
-        return self._split_fns[nparts]
+            self.split_code[key] = code = code.replace("{args}", "".join(", " + a for a in names))
+            self._split_fns[key] = _load_jit(code, "generate_part", spin=True), names
+        return self._split_fns[key]
 
     def _buffers(self, params, B, dtype, init_states) -> dict:
         bind = {}

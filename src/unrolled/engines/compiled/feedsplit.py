@@ -18,10 +18,15 @@ Where a thread reads entries another thread wrote (a product reads its whole
 input, the sampler all the logits) or writes entries another may still read,
 the threads meet at a barrier (kernels/spin.py). :func:`plan` finds those
 places from each stretch of code's reads and writes, around the step loop's
-cycle, and lets a product share its columns the way the loop reading it
-shares its entries (an LSTM cell's four gate blocks: each thread's product
-writes the quarter of each block that its gate loop reads, with no barrier
-between them).
+cycle.
+
+A product's columns are shared in contiguous blocks, even where the loop
+reading them shares its entries otherwise (an LSTM cell's gate loop reads
+the same quarter of each of four gate blocks). Sharing the columns the way
+the loop reads them would spare a barrier, but leaves each thread's weights
+in short pieces, every other one another core's; the caches' prefetchers,
+which fetch neighbouring lines, then fill each core's cache with the other's
+share too, and the products were slower than the barrier they spared.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ MIN_WEIGHT_BYTES = 256 << 10
 AUTO_THREADS = 2  # two halves of the weights; more shares add a thread to every barrier for weights that fit already
 ALIGN = 16  # shares start at multiples of 16 entries: on a cache line of their own in float32
 MIN_SHARE = 32  # a loop over fewer entries runs on thread 0 unless sharing it saves a barrier
+MIN_SHARED_WEIGHT = 64 << 10  # a product with fewer bytes of weights likewise (one core reads them quickly)
 
 Spans = list[tuple[int, int]]  # entries [lo, hi) of a buffer's rows
 
@@ -109,7 +115,6 @@ class Phase:
     lines: list[list[str]]
     reads: dict[str, list[Spans]]
     writes: dict[str, list[Spans]]
-    product: Vertex | None = None  # the product it computes, if it is one
 
 
 def _meet(a: Spans, b: Spans) -> bool:
@@ -210,7 +215,9 @@ class Stretches:
                      self.access((v, self.alone(v.size)) for v in reads),
                      self.access((v, self.alone(v.size)) for v in writes))
 
-    def all(self) -> list[list[Phase]]:
+    def all(self, itemsize: int) -> list[list[Phase]]:
+        """Every stretch of the step, in order, each with its ways to run (see :meth:`_ways`);
+        ``itemsize``: the bytes of one number, which decide whether a product's weights are worth sharing."""
         gen = self.gen
         out = [[Phase([], [gen._feed_lines()] + [[] for _ in range(self.n - 1)], {}, {"TOK": self.alone(1)})]]
         for group in gen._groups():
@@ -220,7 +227,8 @@ class Stretches:
                 out.append(self._ways(v.size, lambda span, group=group: gen._emit_elementwise(group, span)[len(group):],
                                       lambda spans, group=group: self._elementwise_access(group, spans), comment))
             elif v.op in ("matmul", "linear"):
-                out.append([self._product(v, self.shares(v.size), comment)])
+                ways = [self._product(v, self.shares(v.size), comment), self._product(v, self.alone(v.size), comment)]
+                out.append(ways if np.prod(v.args[0].shape) * itemsize >= MIN_SHARED_WEIGHT else ways[::-1])
             elif v.op == "concat":
                 for x, off in gen._concat_offsets(v):
                     out.append(self._ways(x.size, lambda span, v=v, x=x, off=off: gen._copy_loop(v, x, off, span),
@@ -232,7 +240,7 @@ class Stretches:
                 out.append([self.serial(comment, gen._emit_loops(v), args, [v])])
         out.append([self.serial([], gen._sample_lines(), [gen.logits], [])])
         out[-1][0].writes.update({k: self.alone(1) for k in ("TOK", "PROBS", "OUT")})
-        return self._products_follow_readers(out)
+        return out
 
     def _ways(self, size, lines, access, comment) -> list[Phase]:
         """A loop over ``size`` entries two ways: shared out, or on thread 0 alone; the first preferred."""
@@ -254,7 +262,7 @@ class Stretches:
         return self.access([(x, spans)]), self.access([(v, [[(off + a, off + b) for a, b in s] for s in spans])])
 
     def _product(self, v: Vertex, spans: list[Spans], comment) -> Phase:
-        """Each thread's columns of product ``v``: its share of the weight's columns, read whole."""
+        """Product ``v``, each thread computing its columns (``spans``) from the whole input."""
         gen = self.gen
         dst, x, W = gen._val(v), gen._val(v.args[1]), f"W_{gen.names[v.name]}"
         call = (f"matmul_columns({x}, {W}, {dst}, {{}}, {{}})" if v.op == "matmul"
@@ -263,50 +271,17 @@ class Stretches:
         if v.op == "linear":
             reads.append((v.args[2], spans))
         return Phase(comment, [[call.format(a, b) for a, b in s] for s in spans],
-                     self.access(reads), self.access([(v, spans)]), product=v)
-
-    def _products_follow_readers(self, stretches: list[list[Phase]]) -> list[list[Phase]]:
-        """Each product's columns shared the way the first stretch reading them shares its reads,
-        where those reads cover the product's columns once: then no barrier comes between them."""
-        for i, ways in enumerate(stretches):
-            v = ways[0].product
-            if v is None:
-                continue
-            buf = self.where(v)[0]
-            reader = next((w[0] for w in stretches[i + 1:] if buf in w[0].reads), None)
-            if reader is None:
-                continue
-            spans = [_merged(s) for s in reader.reads[buf]]
-            if _partition(spans, v.size):
-                stretches[i] = [self._product(v, spans, ways[0].comment)]
-        return stretches
-
-
-def _merged(spans: Spans) -> Spans:
-    out: Spans = []
-    for lo, hi in sorted(spans):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def _partition(spans: list[Spans], size: int) -> bool:
-    """Do the threads' spans cover ``0..size`` once, each thread's own spans apart?"""
-    flat = sorted(s for part in spans for s in part)
-    return bool(flat) and flat[0][0] == 0 and flat[-1][1] == size and all(
-        a[1] == b[0] for a, b in zip(flat, flat[1:]))
+                     self.access(reads), self.access([(v, spans)]))
 
 
 # ---------------------------------------------------------------- the code
 
 
-def write(gen, nparts: int) -> str:
+def write(gen, nparts: int, dtype) -> str:
     """The source of ``generate_part(PART, BAR, ...)``: one step loop that ``nparts`` threads run
     together, thread ``PART`` doing its share, all meeting at the barrier ``BAR``."""
     body = []
-    for barrier_before, phase in plan(Stretches(gen, nparts).all()):
+    for barrier_before, phase in plan(Stretches(gen, nparts).all(np.dtype(dtype).itemsize)):
         if barrier_before:
             body += [f"if not barrier(BAR, {nparts}):", "    return  # another thread failed"]
         body += phase.comment
