@@ -127,3 +127,24 @@ def test_a_failing_thread_releases_the_others():
     with pytest.raises(RuntimeError, match="part 1 failed"):
         feedsplit.run(part, 2, [])
     assert met == []
+
+
+def test_threads_that_stop_on_a_busy_machine_leave_the_rest_to_one(monkeypatch):
+    """Waits that yielded the core too often stop the threads at one barrier (here the first, as if
+    the run had already yielded enough); one thread finishes the run from that step, and the tokens
+    and states are still those of one thread."""
+    g = char_model(V=11, H=48, cell="lstm")
+    params = g.init_params(3, np.float32)
+    prime = np.array([[1, 2], [3, 4]])
+    one = Generator(g, "tok", "y", jit=True, threads=1).run(params, length=50, prime=prime, rng=np.random.default_rng(2))
+
+    def busy_barrier():
+        bar = spin.aligned_zeros((4 * 8,), np.int64)
+        bar[spin.YIELDED] = spin.YIELDS + 1
+        return bar
+
+    monkeypatch.setattr(spin, "new_barrier", busy_barrier)
+    gen = Generator(g, "tok", "y", jit=True, threads=2)
+    two = gen.run(params, length=50, prime=prime, rng=np.random.default_rng(2))
+    assert gen.ran_on == 2 and gen.alone_from == 0
+    assert_identical(one, two)

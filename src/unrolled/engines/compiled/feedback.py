@@ -79,6 +79,7 @@ class Generator:
         self.split_code: dict[tuple[int, str], str] = {}  # the loop shared by threads, by (count, dtype)
         self._split_fns: dict[tuple[int, str], tuple] = {}
         self.ran_on: int | None = None  # threads the last run took
+        self.alone_from: int | None = None  # the step from which it went on alone, if its threads stopped
 
     # ------------------------------------------------------------ code
 
@@ -97,9 +98,9 @@ class Generator:
         return f"S_{self.names[v.name]}"
 
     def _write(self) -> str:
-        lines = ["def generate(N, n_prime, PRIME, U, TEMP, TOPK, OUT, PROBS, TOK" + "{args}):",
+        lines = ["def generate(T0, N, n_prime, PRIME, U, TEMP, TOPK, OUT, PROBS, TOK" + "{args}):",
                  "    B = TOK.shape[0]",
-                 "    for t in range(N):"] + ["        " + line for line in self._feed_lines()]
+                 "    for t in range(T0, N):"] + ["        " + line for line in self._feed_lines()]
         body = []
         for group in self._groups():
             if self._fusable(group[0]):
@@ -329,13 +330,16 @@ class Generator:
         steps = P + length if length > 0 else P
         head = [steps, P, prime, U, float(temperature), int(top_k or 0), out, probs, tok]
         threads, _ = self.threads_for(B, dtype)
+        self.ran_on, self.alone_from = threads, None
         with np.errstate(under="ignore", over="ignore"):
+            done = 0
             if threads > 1:
                 fn, names = self._split(threads, dtype)
-                feedsplit.run(fn, threads, head + [bind[n] for n in names])
-            else:
-                self._fn(*head, *[bind[n] for n in self.arg_names])
-        self.ran_on = threads
+                done = feedsplit.run(fn, threads, head + [bind[n] for n in names])
+                if done < steps:  # the threads stopped: too busy a machine (kernels/spin.py)
+                    self.alone_from = done
+            if done < steps:
+                self._fn(done, *head, *[bind[n] for n in self.arg_names])
         finals = {}
         for name, D in self.depth.items():
             ring = bind[f"R_{self.names[name]}"]

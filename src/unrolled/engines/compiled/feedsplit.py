@@ -278,12 +278,15 @@ class Stretches:
 
 
 def write(gen, nparts: int, dtype) -> str:
-    """The source of ``generate_part(PART, BAR, ...)``: one step loop that ``nparts`` threads run
-    together, thread ``PART`` doing its share, all meeting at the barrier ``BAR``."""
+    """The source of ``generate_part(PART, BAR, N, ...)``: one step loop that ``nparts`` threads run
+    together, thread ``PART`` doing its share, all meeting at the barrier ``BAR``. It returns ``N``,
+    or the step at whose barrier the threads stopped (kernels/spin.py): that step is not done, and
+    running it again from its start gives what it would have (it reads only the slots of earlier
+    steps, and the sampling, its last stretch, comes after every barrier)."""
     body = []
     for barrier_before, phase in plan(Stretches(gen, nparts).all(np.dtype(dtype).itemsize)):
         if barrier_before:
-            body += [f"if not barrier(BAR, {nparts}):", "    return  # another thread failed"]
+            body += [f"if not barrier(BAR, {nparts}):", "    return t  # stopped: the machine is busy, or a thread failed"]
         body += phase.comment
         first = True
         for p, lines in enumerate(phase.lines):
@@ -292,23 +295,23 @@ def write(gen, nparts: int, dtype) -> str:
                 first = False
     return "\n".join(["def generate_part(PART, BAR, N, n_prime, PRIME, U, TEMP, TOPK, OUT, PROBS, TOK{args}):",
                       "    B = TOK.shape[0]",
-                      "    for t in range(N):"] + ["        " + ln for ln in body]) + "\n"
+                      "    for t in range(N):"] + ["        " + ln for ln in body] + ["    return N"]) + "\n"
 
 
 # ---------------------------------------------------------------- the threads
 
 
-def run(fn, nparts: int, args: list) -> None:
+def run(fn, nparts: int, args: list):
     """``fn(part, barrier, *args)`` for each part, part 0 on the calling thread, each other part on a
-    worker thread of its own. If one part fails, the barrier is aborted so the others return, and
-    the failure is raised once every part is done."""
+    worker thread of its own; what part 0 returned. If one part fails, the barrier is aborted so the
+    others return, and the failure is raised once every part is done."""
     from .kernels import spin
 
     bar = spin.new_barrier()
     futures, finished = [], False
     try:
         futures = [w.submit(_part, fn, bar, p, args) for p, w in enumerate(_workers(nparts - 1), start=1)]
-        fn(0, bar, *args)
+        result = fn(0, bar, *args)
         finished = True
     finally:
         if not finished:
@@ -316,6 +319,7 @@ def run(fn, nparts: int, args: list) -> None:
         _join(futures)
     for f in futures:
         f.result()
+    return result
 
 
 def _part(fn, bar, part: int, args: list) -> None:

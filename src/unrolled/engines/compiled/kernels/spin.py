@@ -14,9 +14,17 @@ for which the others wait. A waiting thread spins a bounded number of times,
 then yields its core at each check: on a machine busier than its threads, the
 thread it waits for may be waiting for that very core.
 
+The threads stop together, at one barrier, when more than :data:`YIELDS`
+meetings of a run had a thread yield its core: the machine has more runnable
+threads than cores, each meeting then waits for a thread the scheduler put
+aside, and one thread alone would be faster. (A meeting or two yields anyway,
+the first one of a run, while the worker thread wakes up.) The last thread to arrive decides, so every
+thread returns False at the same barrier and the caller can finish the run
+on one thread from that step.
+
 A run that fails in one thread must not leave the others waiting forever:
-:func:`abort` marks the barrier, and every barrier after that returns False at
-once, which the generated loop takes as its cue to return.
+:func:`abort` marks the barrier stopped, and every barrier after that returns
+False at once, which the generated loop takes as its cue to return.
 """
 
 from __future__ import annotations
@@ -36,18 +44,19 @@ prepare_numba_cache()  # before the first cache=True function
 
 # Slots of the barrier's array, each on a cache line of its own: arrivals change the count while
 # waiting threads read the generation.
-COUNT, GENERATION, ABORTED = 0, 8, 16
+COUNT, GENERATION, STOPPED, YIELDED = 0, 8, 16, 24
 SPINS = 20000  # checks before a waiting thread starts yielding its core: longer than any step's phase
+YIELDS = 100  # meetings of one run that yielded, after which the threads stop: the machine is busy
 
 
 def new_barrier() -> np.ndarray:
-    """A barrier for one run: its count, generation and abort flag, all zero."""
-    return aligned_zeros((3 * 8,), np.int64)
+    """A barrier for one run: its count, generation, stop flag and count of yields, all zero."""
+    return aligned_zeros((4 * 8,), np.int64)
 
 
 def abort(bar: np.ndarray) -> None:
     """Release every thread waiting at ``bar``, now and at every later barrier (their loops then return)."""
-    bar[ABORTED] = 1
+    bar[STOPPED] = 1
 
 
 def _slot(context, builder, arrty, arr, index):
@@ -110,9 +119,12 @@ def sched_yield(typingctx):
 
 @numba.njit(cache=True, nogil=True)
 def barrier(bar, nparts):
-    """Wait until all ``nparts`` threads have called this; False if the run was aborted (then return)."""
+    """Wait until all ``nparts`` threads have called this; False if the threads stop here or the run
+    was aborted (then return)."""
     generation = load_acquire(bar, GENERATION)
     if fetch_add(bar, COUNT, 1) == nparts - 1:
+        if load_acquire(bar, YIELDED) > YIELDS:
+            store_release(bar, STOPPED, 1)
         store_release(bar, COUNT, 0)  # before the new generation: no thread arrives again until it sees that
         store_release(bar, GENERATION, generation + 1)
     else:
@@ -120,7 +132,9 @@ def barrier(bar, nparts):
         while load_acquire(bar, GENERATION) == generation:
             spins += 1
             if spins > SPINS:
-                if load_acquire(bar, ABORTED) != 0:
+                if load_acquire(bar, STOPPED) != 0:  # aborted: the last thread may never come
                     return False
+                if spins == SPINS + 1:
+                    fetch_add(bar, YIELDED, 1)
                 sched_yield()
-    return load_acquire(bar, ABORTED) == 0
+    return load_acquire(bar, STOPPED) == 0
