@@ -137,6 +137,9 @@ def plan(choices: list[list[Phase]]) -> list[tuple[bool, Phase]]:
     """Each stretch of the step as one of its ways (the first that needs no barrier, else its first),
     and whether a barrier comes before it.
 
+    Within a stretch the threads never meet: it reads its arguments and writes its own vertex,
+    which share a buffer only as two slots of a ring (a state and its delay), and a ring counts
+    here as one buffer, every slot at once, which may add a barrier but never misses one.
     A barrier goes where a stretch conflicts with one run since the last barrier, the step loop
     read as a cycle: the first stretches of a step follow the last ones of the step before, so
     the walk goes round until a lap adds no barrier."""
