@@ -105,7 +105,7 @@ def test_split_rows_agree_with_the_reference(two_cores, numba_loops, threads_see
     # whose NumPy loop the parts would share; a graph of two stages may have one of each
     if all(e.uses_jit(B) for _, e in eng.stages) if eng.stages else eng.uses_jit(B):
         assert eng.row_parts(B, np.float32) == [(0, B // 2), (B // 2, B)]
-        assert sorted(threads_seen) == sorted([threading.current_thread().name, "unrolled-rows-0_0"])
+        assert sorted(threads_seen) == sorted([threading.current_thread().name, "unrolled-rows-1_0"])
     else:
         assert eng.row_parts(B, np.float32) is None and threads_seen == [threading.current_thread().name]
     assert_agree(reference_run(g, params, inputs, **kw), split, 1e-4)
@@ -123,7 +123,7 @@ def test_split_rows_of_a_layer_stack_agree_with_the_reference(two_cores, threads
     for _ in range(2):  # the second run reuses each part's buffers
         threads_seen.clear()
         split = eng.run(params, inputs, masks=masks, init_states=init)
-        assert sorted(threads_seen) == sorted([threading.current_thread().name, "unrolled-rows-0_0"])
+        assert sorted(threads_seen) == sorted([threading.current_thread().name, "unrolled-rows-1_0"])
         assert_agree(reference_run(g, params, inputs, masks=masks, init_states=init), split, 1e-4)
     whole = CompiledEngine(g, jit=True, whole=False, threads=1).run(params, inputs, masks=masks, init_states=init)
     assert_agree(whole, split, 1e-4)

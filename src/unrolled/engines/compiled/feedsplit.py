@@ -32,14 +32,14 @@ share too, and the products were slower than the barrier they spared.
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 import numpy as np
 
 from unrolled.graph.folded import Param, Vertex
 
+from .pinned import PinnedThreads
 from .plan import is_view
 
 # Below this many bytes of product weights a core's own L2 (half a megabyte or more on current x86
@@ -349,24 +349,4 @@ def _join(futures) -> None:
         raise interrupted
 
 
-_lock = threading.Lock()
-_pool: list[ThreadPoolExecutor] = []
-
-
-def _workers(n: int) -> list[ThreadPoolExecutor]:
-    """``n`` threads, one executor each, so that part ``i`` always runs on a thread of its own; kept
-    for the next run."""
-    with _lock:
-        while len(_pool) < n:
-            _pool.append(ThreadPoolExecutor(1, f"unrolled-generate-{len(_pool) + 1}"))
-        return _pool[:n]
-
-
-def _forget_pool() -> None:
-    """A forked child has none of its parent's threads: its first split starts threads of its own."""
-    global _lock
-    _pool.clear()
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+_workers = PinnedThreads("unrolled-generate").first

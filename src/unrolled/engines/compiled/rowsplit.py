@@ -22,15 +22,14 @@ process, so without oneDNN the rows stay in one run.
 from __future__ import annotations
 
 import contextvars
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 
 import numpy as np
 
 from unrolled.engines.runio import Feeds, RunResult
 
 from .kernels import onednn
+from .pinned import PinnedThreads
 
 MIN_ROWS = 16  # fewer rows a part and a one-thread product no longer pays for its thread's start and merge
 
@@ -160,25 +159,4 @@ def merge(results: list[RunResult]) -> RunResult:
     )
 
 
-_lock = threading.Lock()
-_pool: list[ThreadPoolExecutor] = []
-
-
-def _workers(n: int) -> list[ThreadPoolExecutor]:
-    """``n`` threads, one executor each, so that part ``i`` always runs on thread ``i`` (a pool
-    shared by the parts would let one thread take both parts of a run while the other sleeps).
-    Their products run on one thread; they are kept for the next run."""
-    with _lock:
-        while len(_pool) < n:
-            _pool.append(ThreadPoolExecutor(1, f"unrolled-rows-{len(_pool)}", initializer=onednn.one_thread))
-        return _pool[:n]
-
-
-def _forget_pool() -> None:
-    """A forked child has none of its parent's threads: its first split starts threads of its own."""
-    global _lock
-    _pool.clear()
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+_workers = PinnedThreads("unrolled-rows", initializer=onednn.one_thread).first  # their products run on one thread
