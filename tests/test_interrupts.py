@@ -151,12 +151,13 @@ def test_after_the_command_a_late_signal_is_ignored():
             signal.signal(s, h)
 
 
-def test_row_workers_are_joined_before_an_interrupt_unwinds(monkeypatch):
+def test_part_workers_are_joined_before_an_interrupt_unwinds(monkeypatch):
+    """The row split and the split sampler both wait for their workers through pinned.join."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from unrolled.engines.compiled import rowsplit
+    from unrolled.engines.compiled import pinned
 
-    real_wait, calls = rowsplit.wait, []
+    real_wait, calls = pinned.wait, []
 
     def interrupted_wait(futures):
         calls.append(1)
@@ -164,11 +165,11 @@ def test_row_workers_are_joined_before_an_interrupt_unwinds(monkeypatch):
             raise KeyboardInterrupt  # Ctrl-C while the main thread waits on its workers
         return real_wait(futures)
 
-    monkeypatch.setattr(rowsplit, "wait", interrupted_wait)
+    monkeypatch.setattr(pinned, "wait", interrupted_wait)
     with ThreadPoolExecutor(1) as pool:
         worker = pool.submit(time.sleep, 0.3)
         try:
-            rowsplit._join([worker])
+            pinned.join([worker])
         except KeyboardInterrupt:
             assert worker.done()  # the worker had finished writing before the interrupt went on
         else:

@@ -32,14 +32,13 @@ share too, and the products were slower than the barrier they spared.
 from __future__ import annotations
 
 import os
-from concurrent.futures import wait
 from dataclasses import dataclass
 
 import numpy as np
 
 from unrolled.graph.folded import Param, Vertex
 
-from .pinned import PinnedThreads
+from .pinned import PinnedThreads, join
 from .plan import is_view
 
 # Below this many bytes of product weights a core's own L2 (half a megabyte or more on current x86
@@ -319,7 +318,7 @@ def run(fn, nparts: int, args: list):
     finally:
         if not finished:
             spin.abort(bar)
-        _join(futures)
+        join(futures)
     for f in futures:
         f.result()
     return result
@@ -334,19 +333,6 @@ def _part(fn, bar, part: int, args: list) -> None:
         spin.abort(bar)
         raise
 
-
-def _join(futures) -> None:
-    """Wait for every worker, even through a KeyboardInterrupt, then raise it: the worker writes the
-    caller's buffers, which must not be reused before it is done."""
-    interrupted = None
-    while True:
-        try:
-            wait(futures)
-            break
-        except BaseException as e:  # noqa: BLE001 - re-raised once the workers are done
-            interrupted = interrupted or e
-    if interrupted is not None:
-        raise interrupted
 
 
 _workers = PinnedThreads("unrolled-generate").first

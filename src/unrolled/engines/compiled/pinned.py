@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 
 class PinnedThreads:
@@ -38,6 +38,20 @@ class PinnedThreads:
     def _forget(self) -> None:
         self._pool = []
         self._lock = threading.Lock()
+
+
+def join(futures) -> None:
+    """Wait for every part's future, even through a KeyboardInterrupt, then raise it: a part writes
+    the caller's buffers, which the caller may reuse or free as soon as this returns."""
+    interrupted = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except BaseException as e:  # noqa: BLE001 - re-raised once the parts are done
+            interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
 
 
 _all: "weakref.WeakSet[PinnedThreads]" = weakref.WeakSet()

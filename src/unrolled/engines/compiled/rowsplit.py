@@ -22,14 +22,13 @@ process, so without oneDNN the rows stay in one run.
 from __future__ import annotations
 
 import contextvars
-from concurrent.futures import wait
 
 import numpy as np
 
 from unrolled.engines.runio import Feeds, RunResult
 
 from .kernels import onednn
-from .pinned import PinnedThreads
+from .pinned import PinnedThreads, join
 
 MIN_ROWS = 16  # fewer rows a part and a one-thread product no longer pays for its thread's start and merge
 
@@ -119,22 +118,9 @@ def run(run_part, feeds: Feeds, ranges: list[tuple[int, int]]) -> RunResult:
         with onednn.products_on_one_thread():
             first = run_part(rows(feeds, *ranges[0]), 0)
     finally:
-        _join(futures)  # a worker's buffers are not free until its part is done, even when ours failed
+        join(futures)  # a worker's buffers are not free until its part is done, even when ours failed
     return merge([first] + [f.result() for f in futures])
 
-
-def _join(futures) -> None:
-    """Wait for every worker, even through a KeyboardInterrupt, then raise it: the caller may reuse or
-    free the buffers a worker writes as soon as this returns, and it must not return before the worker."""
-    interrupted = None
-    while True:
-        try:
-            wait(futures)
-            break
-        except BaseException as e:  # noqa: BLE001 - re-raised once the workers are done
-            interrupted = interrupted or e
-    if interrupted is not None:
-        raise interrupted
 
 
 def merge(results: list[RunResult]) -> RunResult:
