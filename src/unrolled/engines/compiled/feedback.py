@@ -111,8 +111,7 @@ class Generator:
             body.extend(self._emit_loops(v) if self.use_jit else self._emit(v))
         lines += ["        " + line for line in body + self._sample_lines()]
         text = "\n".join(lines) + "\n"
-        args = sorted({tok for tok in _identifiers(text) if tok[:2] in ("S_", "R_", "P_", "W_", "E_")})
-        self.arg_names = args
+        args = self.arg_names = _buffer_args(text)
         return text.replace("{args}", "".join(", " + a for a in args))
 
     @staticmethod
@@ -357,7 +356,7 @@ class Generator:
         key = (nparts, np.dtype(dtype).name)
         if key not in self._split_fns:
             code = feedsplit.write(self, nparts, dtype)
-            names = sorted(tok for tok in _identifiers(code) if tok[:2] in ("S_", "R_", "P_", "W_", "E_"))
+            names = _buffer_args(code)
             self.split_code[key] = code = code.replace("{args}", "".join(", " + a for a in names))
             self._split_fns[key] = _load_jit(code, "generate_part", spin=True), names
         return self._split_fns[key]
@@ -443,6 +442,11 @@ def _jit_wanted(jit, order) -> bool:
 def _dtype(params) -> np.dtype:
     dtypes = {np.asarray(a).dtype for a in params.values()}
     return dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float64)
+
+
+def _buffer_args(code: str) -> list[str]:
+    """The buffers generated code reads (states, rings, parameters, weights), in argument order."""
+    return sorted(tok for tok in _identifiers(code) if tok[:2] in ("S_", "R_", "P_", "W_", "E_"))
 
 
 def _identifiers(text: str) -> set[str]:

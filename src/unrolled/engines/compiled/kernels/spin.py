@@ -59,9 +59,11 @@ def abort(bar: np.ndarray) -> None:
     bar[STOPPED] = 1
 
 
-def _slot(context, builder, arrty, arr, index):
-    ary = context.make_array(arrty)(context, builder, arr)
-    return cgutils.get_item_pointer(context, builder, arrty, ary, [index], wraparound=False)
+def _slot(context, builder, sig, args):
+    """A pointer to ``arr[index]``, the intrinsic's first two arguments."""
+    index = context.cast(builder, args[1], sig.args[1], types.intp)
+    ary = context.make_array(sig.args[0])(context, builder, args[0])
+    return cgutils.get_item_pointer(context, builder, sig.args[0], ary, [index], wraparound=False)
 
 
 def _int64_array(arr) -> bool:
@@ -75,8 +77,7 @@ def load_acquire(typingctx, arr, index):
         return None
 
     def codegen(context, builder, sig, args):
-        index = context.cast(builder, args[1], sig.args[1], types.intp)
-        return builder.load_atomic(_slot(context, builder, sig.args[0], args[0], index), "acquire", 8)
+        return builder.load_atomic(_slot(context, builder, sig, args), "acquire", 8)
     return types.int64(arr, index), codegen
 
 
@@ -87,9 +88,8 @@ def store_release(typingctx, arr, index, value):
         return None
 
     def codegen(context, builder, sig, args):
-        index = context.cast(builder, args[1], sig.args[1], types.intp)
         value = context.cast(builder, args[2], sig.args[2], types.int64)
-        builder.store_atomic(value, _slot(context, builder, sig.args[0], args[0], index), "release", 8)
+        builder.store_atomic(value, _slot(context, builder, sig, args), "release", 8)
         return context.get_dummy_value()
     return types.none(arr, index, value), codegen
 
@@ -101,9 +101,8 @@ def fetch_add(typingctx, arr, index, value):
         return None
 
     def codegen(context, builder, sig, args):
-        index = context.cast(builder, args[1], sig.args[1], types.intp)
         value = context.cast(builder, args[2], sig.args[2], types.int64)
-        return builder.atomic_rmw("add", _slot(context, builder, sig.args[0], args[0], index), value, "acq_rel")
+        return builder.atomic_rmw("add", _slot(context, builder, sig, args), value, "acq_rel")
     return types.int64(arr, index, value), codegen
 
 
