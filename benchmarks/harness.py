@@ -65,15 +65,27 @@ def child_env(threads: int) -> dict:
     return env
 
 
+def cpuinfo(text: str | None = None) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (``text``: its contents, for tests); {} elsewhere."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                text = f.read()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough: the cores of one machine match
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
 def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpuinfo().get("flags", "").split())
 
 
 def _has_avx512() -> bool:
@@ -81,14 +93,33 @@ def _has_avx512() -> bool:
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_details(info: dict[str, str] | None = None) -> dict:
+    """Which processor, beyond its name: one "AMD EPYC" name covers several generations (Zen 3
+    has no AVX-512, Zen 4 runs it at half width, Zen 5 at full) whose same-run ratios differ,
+    so a run records the family, the model and the widest vector instructions it found."""
+    info = cpuinfo() if info is None else info
+    flags = set(info.get("flags", "").split())
+    widest = next((isa for isa, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")) if flag in flags),
+                  "no AVX" if flags else None)
+
+    def number(key: str) -> int | None:
+        value = info.get(key, "")
+        return int(value) if value.isdigit() else None
+
+    return {"family": number("cpu family"), "model": number("model"), "vectors": widest}
+
+
+def describe_cpu(machine: dict) -> str:
+    """``AMD EPYC (family 25 model 1, AVX2)``, as far as the report knows it (older reports: the name)."""
+    known = []
+    if machine.get("family") is not None:
+        known.append(f"family {machine['family']} model {machine['model']}")
+    if machine.get("vectors"):
+        known.append(machine["vectors"])
+    return machine["cpu"] + (f" ({', '.join(known)})" if known else "")
 
 
 def _busy_cpu_seconds() -> float | None:
@@ -178,7 +209,7 @@ def collect(ids, systems, a, log) -> dict:
     return {
         "machine_peak_gflops": peak_gflops,
         "peak_detail": peak,
-        "machine": {"cpu": cpu_name(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), **cpu_details(), "python": platform.python_version(),
                     "openblas_coretype": env.get("OPENBLAS_CORETYPE")},
         "protocol": {"seconds": a.seconds, "reps": a.reps, "warmup": a.warmup, "threads": a.threads,
                      "scaling_threads": a.scaling, "loss_flag_above": flag_at, "vocab": V},
@@ -383,7 +414,7 @@ def render(report: dict) -> str:
     peak = report["machine_peak_gflops"]
     detail = report["peak_detail"]
     proto = report["protocol"]
-    lines = [f"machine: {report['machine']['cpu']}, {proto['threads']} threads"
+    lines = [f"machine: {describe_cpu(report['machine'])}, {proto['threads']} threads"
              + (f", OPENBLAS_CORETYPE={report['machine']['openblas_coretype']}"
                 if report["machine"]["openblas_coretype"] else "")]
     if peak:

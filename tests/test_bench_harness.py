@@ -124,3 +124,33 @@ def test_one_thread_sets_the_thread_variables_and_keeps_xla_on_one_thread(monkey
     assert os.environ["OMP_NUM_THREADS"] == "1"
     assert XLA_ONE_THREAD in os.environ["XLA_FLAGS"]
     assert harness.child_env(1)["OMP_NUM_THREADS"] == "1"
+
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2
+
+processor\t: 1
+cpu family\t: 99
+model name\t: not the first processor
+"""
+
+
+def test_a_run_records_the_processor_generation_not_only_its_name():
+    """One "AMD EPYC" name covers Zen 3 (AVX2) and Zen 4 (AVX-512), whose ratios differ."""
+    zen3 = harness.cpu_details(harness.cpuinfo(ZEN3))
+    assert zen3 == {"family": 25, "model": 1, "vectors": "AVX2"}
+    zen4 = harness.cpu_details(harness.cpuinfo(ZEN3.replace("model\t\t: 1", "model\t\t: 17")
+                                               .replace("avx2", "avx2 avx512f avx512bw")))
+    assert zen4 == {"family": 25, "model": 17, "vectors": "AVX-512"}
+    assert harness.describe_cpu({"cpu": "AMD EPYC", **zen3}) == "AMD EPYC (family 25 model 1, AVX2)"
+
+
+def test_a_report_without_the_details_still_names_its_processor():
+    """Reports written before the details were recorded (benchmarks/runs/) render as before."""
+    assert harness.cpu_details({}) == {"family": None, "model": None, "vectors": None}
+    assert harness.describe_cpu({"cpu": "AMD EPYC"}) == "AMD EPYC"
+    assert harness.describe_cpu({"cpu": "AMD EPYC", **harness.cpu_details({})}) == "AMD EPYC"
