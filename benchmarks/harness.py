@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from . import corpus as corpus_mod
-from . import workloads
+from . import targets, workloads
 from .worker import COVERS, SYSTEMS, THREAD_VARIABLES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -567,6 +567,9 @@ def parse_args(argv, prog="python -m benchmarks.harness"):
                         "(default 1,2; 'none' for none)")
     p.add_argument("--corpus", default=None, help="corpus file (default ../shared/data/shakespeare.txt)")
     p.add_argument("--timeout", type=float, default=None, help="seconds before a worker is abandoned")
+    p.add_argument("--runs", type=int, default=1,
+                   help="full runs one after another; the targets are judged on their median (default 1; "
+                        "issue 19 judges on 3)")
     return p.parse_args(argv)
 
 
@@ -580,8 +583,8 @@ def main(argv=None, prog="python -m benchmarks.harness") -> int:
         if unknown or not systems:
             raise ValueError(f"unknown system {', '.join(unknown) or '(none)'} (--systems): "
                              f"choose from {', '.join(SYSTEMS)}")
-        if not a.seconds > 0 or a.reps < 1 or a.warmup < 0 or a.threads < 1:
-            raise ValueError("--seconds must be > 0, --reps >= 1, --warmup >= 0, --threads >= 1")
+        if not a.seconds > 0 or a.reps < 1 or a.warmup < 0 or a.threads < 1 or a.runs < 1:
+            raise ValueError("--seconds must be > 0, --reps >= 1, --warmup >= 0, --threads >= 1, --runs >= 1")
         corpus_mod.corpus_path(a.corpus)
     except (ValueError, FileNotFoundError) as e:
         print(f"bench: {e}", file=sys.stderr)
@@ -590,11 +593,20 @@ def main(argv=None, prog="python -m benchmarks.harness") -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    report = collect(ids, systems, a, log)
-    if a.json:
-        print(json.dumps(report, indent=1))
-    else:
+    reports = []
+    for i in range(a.runs):
+        if a.runs > 1:
+            log(f"run {i + 1} of {a.runs}")
+        reports.append(collect(ids, systems, a, log))
+    if a.json:  # one run: its report as before; several: every report and the targets on their median
+        out = reports[0] if a.runs == 1 else {"runs": reports, "targets": targets.judge(reports)}
+        print(json.dumps(out, indent=1))
+        return 0
+    for i, report in enumerate(reports):
+        if a.runs > 1:
+            print(f"{'' if i == 0 else chr(10)}=== run {i + 1} of {a.runs} ===")
         print(render(report))
+    print("\n".join(targets.render(reports)))
     return 0
 
 

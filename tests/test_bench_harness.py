@@ -154,3 +154,41 @@ def test_a_report_without_the_details_still_names_its_processor():
     assert harness.cpu_details({}) == {"family": None, "model": None, "vectors": None}
     assert harness.describe_cpu({"cpu": "AMD EPYC"}) == "AMD EPYC"
     assert harness.describe_cpu({"cpu": "AMD EPYC", **harness.cpu_details({})}) == "AMD EPYC"
+
+
+def _report(w1_jax, w1_torch, w2_torch, cold):
+    return {"workloads": {
+        "W1": {"unrolled": {"ratio_to": {"jax": w1_jax, "torch": w1_torch, "numpy": 10.0}}},
+        "W2": {"unrolled": {"ratio_to": {"torch": w2_torch, "jax": 3.0}}},
+        "W6": {"unrolled": {"cold_s": cold, "warm_s": 0.4, "ratio_cold_s": {"unrolled-numpy": 1.1},
+                            "ratio_warm_s": {"unrolled-numpy": 0.9}}},
+    }}
+
+
+def test_targets_are_judged_on_the_median_of_the_runs_against_the_peer_they_name():
+    from benchmarks import targets
+
+    rows = {r["target"]: r for r in targets.judge([_report(1.6, 9.0, 1.2, 0.5), _report(1.4, 9.0, 1.6, 3.5),
+                                                   _report(1.7, 1.2, 1.3, 0.6)])}
+    best = rows["W1 vs the best peer"]
+    assert best["runs"] == [1.6, 1.4, 1.2] and best["against"] == ["jax", "jax", "torch"]  # the fastest peer
+    assert best["median"] == 1.4 and best["met"] is False
+    assert rows["W2 vs PyTorch"]["median"] == 1.3 and rows["W2 vs PyTorch"]["met"] is False
+    assert rows["W6 cold start"]["median"] == 0.6 and rows["W6 cold start"]["met"] is True  # lower is better
+    assert rows["W6 warm vs the plain NumPy engine"]["met"] is True
+    assert rows["W3 vs PyTorch"]["median"] is None  # not in these reports: not judged
+
+
+def test_the_targets_table_lists_only_what_the_runs_measured():
+    from benchmarks import targets
+
+    lines = targets.render([_report(1.6, 9.0, 1.2, 0.5)] * 3)
+    text = "\n".join(lines)
+    assert "median of the runs" in text and "W1 vs the best peer (jax)" in text
+    assert "W3" not in text and "W2 vs PyTorch" in text and "MISSED" in text
+    assert targets.render([{"workloads": {}}]) == []
+
+
+def test_runs_must_be_at_least_one(capsys):
+    assert harness.main(["W1", "--runs", "0"]) == 2
+    assert "--runs >= 1" in capsys.readouterr().err
