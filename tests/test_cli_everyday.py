@@ -30,6 +30,19 @@ def test_bench_passes_threads_and_scaling_to_the_harness(monkeypatch):
     assert seen == [["W2", "--threads", "1", "--scaling", "none"]]
 
 
+def test_bench_passes_runs_to_the_harness(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_cmd, "_harness",
+                        lambda: types.SimpleNamespace(main=lambda argv, prog: seen.append(argv) or 0))
+    assert main(["bench", "--runs", "3", "--json"]) == 0
+    assert seen == [["--json", "--runs", "3"]]
+
+
+def test_bench_refuses_runs_below_one_under_its_own_name(capsys):
+    assert main(["bench", "W1", "--runs", "0"]) == 2
+    assert "--runs >= 1" in capsys.readouterr().err
+
+
 def test_bench_names_a_missing_corpus(tmp_path, capsys):
     rc = main(["bench", "W1", "--corpus", str(tmp_path / "none.txt")])
     out = capsys.readouterr()

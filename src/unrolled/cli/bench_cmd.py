@@ -7,8 +7,8 @@ when installed, a plain NumPy loop where min-char-rnn has one), one after
 another, each in a fresh process, and prints median chars/s with min-max,
 unrolled's ratio to each peer, GFLOP/s and % of the machine's matrix-product
 peak measured in the same run, and the two LSTM training workloads at 1 and 2
-threads; --json prints one object.
-Only same-run ratios mean anything on a shared machine.
+threads; --json prints one object. --runs 3 makes three full runs and judges
+the targets on their median. Only same-run ratios mean anything on a shared machine.
 
 The benchmark code lives in the repository's benchmarks/ folder (not in the
 installed package): run this from a source checkout.
@@ -32,6 +32,8 @@ def add_arguments(p) -> None:
                                                     "(default 1,2; none to skip)")
     p.add_argument("--corpus", metavar="FILE", help="the text the workloads train on "
                                                     "(default $UNROLLED_BENCH_CORPUS, else ../shared/data/shakespeare.txt)")
+    p.add_argument("--runs", metavar="N", help="full runs one after another, then the targets judged on their "
+                                                "median (default 1)")
 
 
 def _harness():
@@ -50,7 +52,7 @@ def run(args) -> int:
     argv = list(args.rest)
     if args.json:
         argv.append("--json")
-    for flag in ("systems", "seconds", "reps", "warmup", "threads", "scaling", "corpus"):
+    for flag in ("systems", "seconds", "reps", "warmup", "threads", "scaling", "corpus", "runs"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag}", str(value)]
