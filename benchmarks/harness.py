@@ -604,7 +604,7 @@ def main(argv=None, prog="python -m benchmarks.harness") -> int:
         return 0
     for i, report in enumerate(reports):
         if a.runs > 1:
-            print(f"{'' if i == 0 else chr(10)}=== run {i + 1} of {a.runs} ===")
+            print(("\n" if i else "") + f"=== run {i + 1} of {a.runs} ===")
         print(render(report))
     print("\n".join(targets.render(reports)))
     return 0
