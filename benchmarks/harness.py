@@ -24,6 +24,7 @@ reported with its error and left out of the ratios; the run goes on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -65,14 +66,20 @@ def child_env(threads: int) -> dict:
     return env
 
 
+@functools.cache
+def _proc_cpuinfo() -> str:
+    """/proc/cpuinfo, read once: every worker's environment and the report ask it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def cpuinfo(text: str | None = None) -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (``text``: its contents, for tests); {} elsewhere."""
     if text is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                text = f.read()
-        except OSError:
-            return {}
+        text = _proc_cpuinfo()
     fields: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -84,8 +91,8 @@ def cpuinfo(text: str | None = None) -> dict[str, str]:
     return fields
 
 
-def _cpu_flags() -> set[str]:
-    return set(cpuinfo().get("flags", "").split())
+def _cpu_flags(info: dict[str, str] | None = None) -> set[str]:
+    return set((cpuinfo() if info is None else info).get("flags", "").split())
 
 
 def _has_avx512() -> bool:
@@ -101,7 +108,7 @@ def cpu_details(info: dict[str, str] | None = None) -> dict:
     has no AVX-512, Zen 4 runs it at half width, Zen 5 at full) whose same-run ratios differ,
     so a run records the family, the model and the widest vector instructions it found."""
     info = cpuinfo() if info is None else info
-    flags = set(info.get("flags", "").split())
+    flags = _cpu_flags(info)
     widest = next((isa for isa, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")) if flag in flags),
                   "no AVX" if flags else None)
 

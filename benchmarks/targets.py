@@ -26,7 +26,7 @@ class Target:
         return value >= self.bound if self.at_least else value <= self.bound
 
     def bound_text(self) -> str:
-        unit = " s" if self.measure.endswith("_s") and not self.measure.startswith("ratio") else "×"
+        unit = " s" if self.measure in ("cold_s", "warm_s") else "×"
         return f"{'≥' if self.at_least else '≤'} {self.bound:g}{unit}"
 
 
@@ -65,7 +65,7 @@ def judge(reports: list[dict]) -> list[dict]:
         found = [value(t, r) for r in reports]
         figures = [f[0] for f in found if f is not None]
         median = statistics.median(figures) if figures else None
-        rows.append({"target": t.name, "bound": t.bound_text(), "runs": [f and f[0] for f in found],
+        rows.append({"target": t.name, "peer": t.peer, "bound": t.bound_text(), "runs": [f and f[0] for f in found],
                      "against": [f and f[1] for f in found], "median": median,
                      "met": None if median is None else t.met(median)})
     return rows
@@ -84,6 +84,6 @@ def render(reports: list[dict]) -> list[str]:
     for r in rows:
         runs = " ".join(f"{'-' if v is None else f'{v:.3f}':>8}" for v in r["runs"])
         peers = sorted({p for p in r["against"] if p})
-        name = r["target"] + (f" ({', '.join(peers)})" if peers and "best" in r["target"] else "")
+        name = r["target"] + (f" ({', '.join(peers)})" if peers and r["peer"] == "best" else "")
         lines.append(f"  {name:<36} {runs} {r['median']:>8.3f}  {r['bound']:<7} {'met' if r['met'] else 'MISSED'}")
     return lines

@@ -334,5 +334,4 @@ def _part(fn, bar, part: int, args: list) -> None:
         raise
 
 
-
 _workers = PinnedThreads("unrolled-generate").first

@@ -122,7 +122,6 @@ def run(run_part, feeds: Feeds, ranges: list[tuple[int, int]]) -> RunResult:
     return merge([first] + [f.result() for f in futures])
 
 
-
 def merge(results: list[RunResult]) -> RunResult:
     """One run's result from its parts' (in row order): sums of what the rows share, the rest side by side."""
     first = results[0]
