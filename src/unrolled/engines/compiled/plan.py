@@ -163,6 +163,11 @@ def edges_of(order: list[Vertex]) -> dict[str, list[str]]:
     return out
 
 
+def phases(graph: Graph) -> dict[str, str]:
+    """Each vertex's phase, 'pre', 'core' or 'post' (see :func:`plan`), without the rest of a plan."""
+    return _phases(graph, graph.delays + graph.step_order())
+
+
 def _phases(graph: Graph, order: list[Vertex]) -> dict[str, str]:
     out = edges_of(order)
     inn: dict[str, list[str]] = {v.name: [] for v in order}

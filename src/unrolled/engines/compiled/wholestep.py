@@ -4,9 +4,14 @@ When a step is tiny (a batch of one, a hundred units: min-char-rnn), a run
 costs calls, not arithmetic: the compiled engine's phases, each a handful of
 NumPy calls, and the Python between them take ten times what its compiled
 step loop does. For such runs this module writes the whole run as one Numba
-function: every vertex, step by step in the graph's step order, the losses,
-then every vertex's gradient step by step in reverse, and after that loop
-each weight's gradient as one sum over all rows of all steps. Python passes
+function: the recurrent core's vertices step by step in the graph's step
+order; then the vertices that read the core but never feed it (readouts,
+losses), over all steps at once; their gradients likewise, then the core's
+step by step in reverse; and after that loop each weight's gradient as one
+product over all rows of all steps. The products over all steps go to BLAS
+(``arrays.matmul_add``), whose blocked kernels beat the row kernels once a
+product has the rows of every step; the step loop keeps its row kernels,
+whose rows are one step's only. Python passes
 the inputs, initial states, masks and parameters straight in and copies the
 results out; the function zeroes and seeds the gradients itself.
 
@@ -94,8 +99,9 @@ class WholeRun:
         if self._fn is None:
             from unrolled.engines.compiled.kernels.jitcache import load_module
 
-            self._fn = load_module("import numba\nfrom unrolled.engines.compiled.kernels.rows import *  # noqa: F401,F403\n\n"
-                                    + self.kernel_code + self.code, "whole")["whole_run"]
+            self._fn = load_module("import numba\nfrom unrolled.engines.compiled.kernels.arrays import matmul_add  # noqa: F401\n"
+                                   "from unrolled.engines.compiled.kernels.rows import *  # noqa: F401,F403\n\n"
+                                   + self.kernel_code + self.code, "whole")["whole_run"]
         ws = self._workspace(f)
         args = [*[params[name] for name in self.pnames], *ws.feed_args(f), *ws.args]
         loss = self._fn(f.T, f.B, 1 if backward else 0, 1 if scan else 0, *args)
@@ -251,6 +257,9 @@ class Writer:
         self.after: list[str] = []  # lines for after the backward loop
         self.indent = 0
         self.skipped = _read_only_by_products(w)
+        self.post = _over_all_steps(w, self.skipped)
+        self.in_loop = [v for v in w.order if v.kind == "op" and v.name not in self.skipped and v not in self.post]
+        self.batched: list[str] | None = None  # while writing a post vertex: its whole-array products
 
     def __call__(self, line: str) -> None:
         self.lines.append("    " * self.indent + line)
@@ -271,10 +280,11 @@ class Writer:
         self("for t in range(T):")
         self("    for b in range(B):")
         self.indent = 3
-        for v in w.order:
-            if v.kind == "op" and v.name not in self.skipped:
-                self(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
-                self._forward(v)
+        for v in self.in_loop:
+            self(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
+            self._forward(v)
+        for v in self.post:
+            self._all_steps(v, f"{v.name} = {v.op}({', '.join(a.name for a in v.args)})", self._forward)
         self.indent = 1
         self("total = 0.0")
         for l in w.g.losses:
@@ -290,12 +300,16 @@ class Writer:
             self(f"add_steps({self.steps(v, grad=True)}, OG_{i})")
         for name, D in w.depth.items():
             self(f"add_steps(GH_{w.names[name]}[T:], FS_{w.names[name]})")
+        for v in reversed(self.post):
+            if BACKWARD.get(v.op, True) is not None:
+                self._all_steps(v, f"d {v.name}", self._backward)
+        self.indent = 1
         self("for t in range(T - 1, -1, -1):")
         self("    for b in range(B):")
         self.indent = 3
         body = len(self.lines)
-        for v in reversed(w.order):
-            if v.kind == "op" and BACKWARD.get(v.op, True) is not None and v.name not in self.skipped:
+        for v in reversed(self.in_loop):
+            if BACKWARD.get(v.op, True) is not None:
                 self(f"# d {v.name}")
                 self._backward(v)
         if len(self.lines) == body:
@@ -308,6 +322,32 @@ class Writer:
         names = sorted(set(_NAME.findall(text)) - set(head))
         return ("@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n"
                 + text.replace("ARGS", "".join(", " + n for n in names)))
+
+    def _all_steps(self, v: Vertex, comment: str, rule) -> None:
+        """Post vertex ``v``'s ``rule`` (forward or backward) over all rows of all steps, in a loop of
+        its own: its products with dense operands as one matrix product each (``self.batched``),
+        where the step loop would make ``T·B`` matrix-vector products reading the weight every time;
+        the rest row by row."""
+        self.indent = 1
+        self(f"# {comment}, all steps")
+        head = len(self.lines)
+        self("for t in range(T):")
+        self("    for b in range(B):")
+        self.indent, self.batched = 3, []
+        rule(v)
+        self.indent = 1
+        if len(self.lines) == head + 2:  # every part went to a whole-array product
+            del self.lines[head:]
+        for line in self.batched:
+            self(line)
+        self.batched = None
+
+    def every_step(self, v, grad: bool = False) -> str | None:
+        """While writing a post vertex: ``v``'s values (or gradients) for all steps as one matrix of
+        ``T·B`` rows, when ``v`` is a vertex; else None (row by row, as in the step loop)."""
+        if self.batched is None or not isinstance(v, Vertex):
+            return None
+        return f"{self.steps(v, grad)}.reshape(T * B, {v.size})"
 
     def _scan(self, head: list[str]) -> None:
         """With ``scan``, a NaN or infinity in a parameter, a dense input, an initial state or a
@@ -377,8 +417,11 @@ class Writer:
         self(f"set_row({y}, {self.row(v.args[2])})" if v.op == "linear" else f"zero_row({y})")
         W = f"P_{self.w.pnames[v.args[0].name]}"
         for part, at in self.parts(v.args[1]):
+            x = None if self.picks(part) else self.every_step(part)
             if self.picks(part):  # a one-hot vector picks one column
                 self(f"add_column({y}, {W}, {at} + {self.row(part.args[0])})")
+            elif x is not None:  # after the rows' biases and columns, which the loop sets first
+                self.batched.append(f"matmul_add({x}, {W}[:, {at}:{at + part.size}].T, {self.every_step(v)})")
             else:
                 self(f"add_dot_rows({y}, {W}, {at}, {self.row(part)}, {part.size}, {v.size})")
 
@@ -418,13 +461,16 @@ class Writer:
                                   f"{self.steps(v, grad=True)})")
                 continue
             d = self.grow(part)
-            if d is not None:
+            dx = self.every_step(part, grad=True) if d is not None else None
+            if dx is not None:
+                self.batched.append(f"matmul_add({self.every_step(v, grad=True)}, {W}[:, {at}:{at + part.size}], {dx})")
+            elif d is not None:
                 self(f"product_dx_row({d}, {g}, {W}, {at}, {part.size}, {v.size})")
             if isinstance(part, Param):
                 self(f"product_dw_row({D}, {at}, {self.row(part)}, {g})")
             else:
-                self.after.append(f"product_dw({D}, {at}, {self.steps(part)}, {self.steps(v, grad=True)}, "
-                                  f"{part.size}, {v.size})")
+                g_all, x_all = (f"{self.steps(u, grad=u is v)}.reshape(T * B, {u.size})" for u in (v, part))
+                self.after.append(f"matmul_add({g_all}.T, {x_all}, {D}[:, {at}:{at + part.size}])")
         if v.op == "linear":
             if isinstance(v.args[2], Param):
                 self.after.append(f"add_rows_to({self.grow(v.args[2])}, {self.steps(v, grad=True)})")
@@ -507,6 +553,18 @@ def _read_only_by_products(w: WholeRun) -> set[str]:
                     for r, i in readers.get(v.name, [])):
                 skipped.add(v.name)
     return skipped
+
+
+def _over_all_steps(w: WholeRun, skipped: set[str]) -> list[Vertex]:
+    """The vertices the whole-run function runs over all steps at once, after the step loop (their
+    gradients before the backward loop): those that read the recurrent core but never feed it
+    (readouts, losses; plan.py's 'post'), in step order. None when one of them is read through a
+    delay: its steps would then depend on each other, and the loop keeps them all."""
+    from .plan import phases
+
+    phase = phases(w.g)
+    post = [v for v in w.order if v.kind == "op" and phase[v.name] == "post" and v.name not in skipped]
+    return [] if any(v.name in w.depth for v in post) else post
 
 
 def _arguments(code: str) -> list[str]:

@@ -23,8 +23,13 @@ does not vectorize; inside the whole-run function, where LLVM inlines the
 kernel and ``at`` is a literal, it vectorizes, and taking a view of each
 row first (``W[j, at:at + n]``) costs more than it saves there (the view's
 own bookkeeping, and LLVM loses the literal offset), so ``product_dx_row``
-and ``product_dw`` index ``W`` directly. Kernels whose speed alone
-matters keep their views (``add_dot_rows``, ``copy_row``, forward).
+indexes ``W`` directly. Kernels whose speed alone matters keep their views
+(``add_dot_rows``, ``copy_row``, forward).
+
+Products over all steps at once (the weight gradients after the backward
+loop, a readout's product over every step) are not row kernels: the
+whole-run function passes them to BLAS (``arrays.matmul_add``), whose
+blocked kernels beat a row at a time once the rows of all steps are there.
 
 The float32 e^x is scalars.py's (``exp1``), inlined here. Numba's disk cache of these kernels is keyed by
 this file alone: a change to those functions must come with a change to
@@ -161,28 +166,6 @@ def product_dx_row(dx, g, W, at, n, m):
             for k in range(n):
                 dx[k] += W[j, at + k] * gj
         j += 1
-
-
-@_jit
-def product_dw(D, at, X, G, n, m):
-    """``D[:m, at:at+n] += Gᵀ X`` over all rows of all steps (``X [T, B, n]``, ``G [T, B, m]``),
-    after the backward loop: four rows at a time, so each row of ``D`` is read and written once per
-    four rows, not once per row. ``n`` and ``m`` are literals, as for ``add_dot_rows``."""
-    X = X.reshape(X.shape[0] * X.shape[1], X.shape[2])
-    G = G.reshape(G.shape[0] * G.shape[1], G.shape[2])
-    R = X.shape[0]
-    r = 0
-    while r + 4 <= R:
-        x0, x1, x2, x3 = X[r], X[r + 1], X[r + 2], X[r + 3]
-        for j in range(m):
-            g0, g1, g2, g3 = G[r, j], G[r + 1, j], G[r + 2, j], G[r + 3, j]
-            if g0 != 0 or g1 != 0 or g2 != 0 or g3 != 0:
-                for k in range(n):
-                    D[j, at + k] += g0 * x0[k] + g1 * x1[k] + g2 * x2[k] + g3 * x3[k]
-        r += 4
-    while r < R:
-        product_dw_row(D, at, X[r], G[r])
-        r += 1
 
 
 @_jit
