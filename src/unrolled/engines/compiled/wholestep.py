@@ -122,28 +122,26 @@ class WholeRun:
         return ws
 
     def _result(self, ws: "_Workspace", f: Feeds, loss: float, combine: str, backward: bool) -> RunResult:
-        """Copies out of the workspace (the next run overwrites it)."""
-        g, T, a = self.g, f.T, ws.arrays
-        step_losses = {l.name: ws.value_of(l.vertex)[:, :, 0] * f.masks[l.name] for l in g.losses}
-        outputs = {v.name: ws.value_of(v).copy() for v in g.outputs}
-        finals = {name: as_state(a[f"H_{self.names[name]}"][T:T + D].copy()) for name, D in self.depth.items()}
+        """Copies out of the workspace (the next run overwrites it), through the views the
+        workspace made once (``_Workspace.views``): a small run's result is most of its Python."""
+        views = ws.views
+        step_losses = {name: rows * f.masks[name] for name, rows in views.losses}
+        outputs = {name: (ws.inputs[name] if view is None else view).copy() for name, view in views.outputs}
+        finals = {name: as_state(view.copy()) for name, view in views.finals}
         r = RunResult(loss=float(loss), outputs=outputs, step_losses=step_losses, final_states=finals)
         if not backward:
             return r
         flat = ws.param_grads.copy()  # one copy, one view per parameter
         grads = {name: flat[at:at + size].reshape(shape) for name, at, size, shape in ws.param_slices}
-        for name, D in self.depth.items():
-            ig = a[f"GH_{self.names[name]}"][:D]
-            r.init_grads[name] = as_state(ig.copy())
-            if g.vertices[name].init == "learned" and name not in f.given_init:
-                grads[g.init_param_name(name)] += ig.sum(axis=(0, 1))
+        for name, view, learned in views.init_grads:
+            r.init_grads[name] = as_state(view.copy())
+            if learned is not None and name not in f.given_init:
+                grads[learned] += view.sum(axis=(0, 1))
         if combine == "mean":
-            for name, copies in self._copies(T, f.given_init).items():
+            for name, copies in self._copies(f.T, f.given_init).items():
                 grads[name] /= copies
         r.grads = grads
-        for v in g.inputs:
-            if v.kind == "input":
-                r.input_grads[v.name] = ws.grad_of(v).copy()
+        r.input_grads = {name: view.copy() for name, view in views.input_grads}
         return r
 
     def _copies(self, T: int, given_init: frozenset) -> dict[str, int]:
@@ -204,6 +202,7 @@ class _Workspace:
         self.param_grads = self.grads[:sum(size for _, _, size, _ in self.param_slices)]
         self.arrays = a
         self.args = [a[n] for n in w.arguments]
+        self.views = _ResultViews(self)
         # read-only zeros for the output and final-state gradients a run does not give
         self.no_grad = {n: np.zeros(self._feed_shape(kind, name, T, B), dtype=dtype)
                         for n, kind, name in w.feeds if kind in ("output_grad", "final_state_grad")}
@@ -243,6 +242,23 @@ class _Workspace:
         if plain == "V" and kind == "X":
             return self.inputs[v.name]
         return self.arrays[f"{plain}_{n}"]
+
+
+class _ResultViews:
+    """Where a run's results lie in a workspace, found once: ``(name, view)`` for each loss's
+    ``[T, B]`` values, each output (view None: a dense input, the caller's own array), each final
+    state and each dense input's gradient; ``(name, view, learned)`` for each initial state's
+    gradient, ``learned`` the parameter it also adds to (None when the state is not learned)."""
+
+    def __init__(self, ws: "_Workspace"):
+        w, T, a, g = ws.w, ws.T, ws.arrays, ws.w.g
+        self.losses = [(l.name, ws.value_of(l.vertex)[:, :, 0]) for l in g.losses]
+        self.outputs = [(v.name, None if w.locate(v)[0] == "X" else ws.value_of(v)) for v in g.outputs]
+        self.finals = [(name, a[f"H_{w.names[name]}"][T:T + D]) for name, D in w.depth.items()]
+        self.init_grads = [(name, a[f"GH_{w.names[name]}"][:D],
+                            g.init_param_name(name) if g.vertices[name].init == "learned" else None)
+                           for name, D in w.depth.items()]
+        self.input_grads = [(v.name, ws.grad_of(v)) for v in g.inputs if v.kind == "input"]
 
 
 # ------------------------------------------------------------ code writing
