@@ -38,7 +38,7 @@ def clip_by_value(grads: Arrays, limit: float) -> None:
     kernels = numba_kernels()  # Numba's one pass, when it may run: np.clip's calls cost more on small arrays
     for g in grads.values():
         if kernels and g.dtype.kind == "f" and g.flags.c_contiguous:
-            kernels.clip(g, g.dtype.type(limit))
+            kernels.clip(g, limit)
         else:
             np.clip(g, -limit, limit, out=g)
 

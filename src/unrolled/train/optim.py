@@ -267,8 +267,7 @@ class Adagrad(Optimizer):
         total = self._slot("sum", name, p, self.initial_accumulator_value)
         kernels = self._kernels
         if kernels and p.flags.c_contiguous and g.flags.c_contiguous:  # the state is made like p, in p's dtype
-            f = p.dtype.type
-            kernels.adagrad(p, g, total, f(clr), f(self.eps))
+            kernels.adagrad(p, g, total, clr, self.eps)  # Python floats: the kernel rounds them as NumPy does
             return
         total += g * g
         std = np.sqrt(total)
@@ -374,10 +373,9 @@ class Adam(Optimizer):
             return False
         arrays = (p, g, self._slot("exp_avg", name, p), self._slot("exp_avg_sq", name, p))
         beta1, beta2 = self.betas
-        f = p.dtype.type
         decay = 1 - lr * self.weight_decay if self.weight_decay else 1.0
-        kernels.adam(*arrays, f(decay), f(1 - beta1), f(beta2), f(1 - beta2),
-                     f((1 - beta2**step) ** 0.5), f(self.eps), f(lr / (1 - beta1**step)))
+        kernels.adam(*arrays, decay, 1 - beta1, beta2, 1 - beta2,  # Python floats: rounded as NumPy does
+                     (1 - beta2**step) ** 0.5, self.eps, lr / (1 - beta1**step))
         return True
 
 
