@@ -15,7 +15,7 @@ from unittest import mock
 
 import numpy as np
 
-from unrolled.engines.compiled import rowsplit, wholestep
+from unrolled.engines.compiled import forward, rowsplit, wholestep
 from unrolled.engines.compiled.engine import STRATEGIES, CompiledEngine
 from unrolled.engines.compiled.stages import cut
 from unrolled.engines.gradcheck import numeric_gradient
@@ -95,16 +95,29 @@ def _rows_in_halves():
         yield
 
 
-# (name, UNROLLED_JIT, engine arguments, whether the rows are split): each a configuration a user
+@contextlib.contextmanager
+def _weights_transposed():
+    """Every step product reads the other layout of its weight, through a transposed view, as the
+    loops do where kernels/layouts.py measured that faster (any shape and dtype here)."""
+    with mock.patch.object(forward, "reads_transposed", lambda *shape: True):
+        yield
+
+
+# how a configuration of PATHS runs besides its engine arguments
+SETTINGS = {"rows split": _rows_in_halves, "weights transposed": _weights_transposed}
+
+
+# (name, UNROLLED_JIT, engine arguments, a setting of SETTINGS or None): each a configuration a user
 # can reach; together they must take every strategy in compiled.STRATEGIES (run_every_path checks)
 PATHS = [
-    ("whole-run function", "1", dict(whole=True), False),
-    ("Numba loop", "1", dict(whole=False, jit=True), False),
-    ("Numba loop, chunks of 2 steps", "1", dict(whole=False, jit=True, chunk_steps=2), False),
-    ("Numba loop, rows split in two", "1", dict(whole=False, jit=True), True),
-    ("NumPy loop", "0", dict(jit=False), False),
-    ("NumPy loop, chunks of 1 step", "0", dict(jit=False, chunk_steps=1), False),  # runs on every graph
-    ("NumPy loop with fused kernels", "1", dict(jit="fuse"), False),
+    ("whole-run function", "1", dict(whole=True), None),
+    ("Numba loop", "1", dict(whole=False, jit=True), None),
+    ("Numba loop, weights read transposed", "1", dict(whole=False, jit=True), "weights transposed"),
+    ("Numba loop, chunks of 2 steps", "1", dict(whole=False, jit=True, chunk_steps=2), None),
+    ("Numba loop, rows split in two", "1", dict(whole=False, jit=True), "rows split"),
+    ("NumPy loop", "0", dict(jit=False), None),
+    ("NumPy loop, chunks of 1 step", "0", dict(jit=False, chunk_steps=1), None),  # runs on every graph
+    ("NumPy loop with fused kernels", "1", dict(jit="fuse"), None),
 ]
 
 
@@ -142,10 +155,10 @@ def run_every_path(g: Graph, params, inputs, *, tol: float = 1e-10, require=(), 
     want = reference_run(g, params, inputs, **run_kw)
     taken: set[str] = set()
     skip = _not_applicable(g, T, B)
-    for name, jit_env, kw, split in PATHS:
+    for name, jit_env, kw, setting in PATHS:
         if (kw.get("whole") is True and "whole" in skip) or (kw.get("jit") is True and "numba_loop" in skip):
             continue  # a configuration that insists on what this graph cannot take raises, as it should
-        with _jit_env(jit_env), (_rows_in_halves() if split else contextlib.nullcontext()):
+        with _jit_env(jit_env), (SETTINGS[setting]() if setting else contextlib.nullcontext()):
             eng = CompiledEngine(g, **kw)
             took = eng.strategies(T, B, dtype)
             got = eng.run(params, inputs, **run_kw)

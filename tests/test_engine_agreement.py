@@ -194,8 +194,9 @@ def test_compiled_agrees_with_reference_float64(g, T, B, seed, combine, chunk):
        combine=st.sampled_from(["sum", "mean"]))
 def test_every_strategy_agrees_with_reference_float64(g, T, B, seed, combine):
     """Every configuration of helpers.PATHS (the whole-run function, the Numba and NumPy loops, in
-    chunks, with fused kernels, rows split) on each random graph: each compiles its own code, so
-    the default count is small; ``UNROLLED_EXAMPLES`` raises it like the others'."""
+    chunks, with fused kernels, rows split, weights read transposed) on each random graph: each
+    compiles its own code, so the default count is small; ``UNROLLED_EXAMPLES`` raises it like
+    the others'."""
     params, inputs, masks, init = _data(g, T, B, seed, np.float64)
     run_every_path(g, params, inputs, masks=masks, init_states=init, combine=combine)
 

@@ -31,7 +31,20 @@ def loop_calls(jit: bool) -> dict[str, str]:
     return {**_CALLS, "sigmoid": _SIGMOID[jit]}
 
 
-_NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+|KIND)\b")
+_NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|FT|BT|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+|KIND)\b")
+
+
+def forward_weight(n: str) -> str:
+    """The weight operand of core product ``n``'s forward step, ``x · Wᵀ``: the transposed copy
+    ``WT`` as it is, or the kept ``W`` through a transposed view, as the flag ``FT`` says
+    (kernels/layouts.py measures which this machine reads faster)."""
+    return f"(W_{n}.T if FT_{n} else WT_{n})"
+
+
+def backward_weight(n: str) -> str:
+    """The weight operand of core product ``n``'s backward step, ``g · W``: ``W`` as it is, or the
+    copy ``WT`` through a transposed view, as the flag ``BT`` says (see :func:`forward_weight`)."""
+    return f"(WT_{n}.T if BT_{n} else W_{n})"
 
 
 # ------------------------------------------------------------ code writing
@@ -147,9 +160,9 @@ class Writer:
             # nothing keeps this step's value but the step: the product adds itself onto its
             # loop-free half where that lies (Y[t]), which then holds the value
             c(f"{dst} = Y_{n}[t - t0]  # Y holds this chunk's steps only")
-            c(f"matmul_add({x}, WT_{n}, {dst})")
+            c(f"matmul_add({x}, {forward_weight(n)}, {dst})")
             return
-        c(f"matmul({x}, WT_{n}, out={dst})")
+        c(f"matmul({x}, {forward_weight(n)}, out={dst})")
         if s.tokens is not None:
             # W · one_hot(k) + b is row k of WX = (W[:, pre] + b) transposed: picked in the loop
             c(f"add_rows({dst}, WX_{n}, TOK_{n}[t])")
@@ -415,10 +428,10 @@ class Writer:
         if len(s.core) == 1 and wanted:
             base, rng = self.p.viewed(wanted[0])
             self._add_to(c, base if rng else wanted[0], rng,
-                         lambda cc, dst: cc(f"matmul({g}, W_{n}, out={dst})"),
-                         lambda cc, dst: cc(f"matmul_add({g}, W_{n}, {dst})"))
+                         lambda cc, dst: cc(f"matmul({g}, {backward_weight(n)}, out={dst})"),
+                         lambda cc, dst: cc(f"matmul_add({g}, {backward_weight(n)}, {dst})"))
         elif wanted:
-            c(f"matmul({g}, W_{n}, out=CG_{n})")
+            c(f"matmul({g}, {backward_weight(n)}, out=CG_{n})")
             off = 0
             for part, a0, b0 in s.core:
                 w = b0 - a0

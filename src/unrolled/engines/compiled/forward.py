@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import aligned, aligned_empty, product
+from unrolled.engines.compiled.kernels.layouts import reads_transposed
 from unrolled.engines.runio import Feeds, RunResult, as_state
 from unrolled.graph.folded import Param, Vertex
 from unrolled.graph.ops import with_product
@@ -147,11 +148,16 @@ class ForwardRun:
                 W = self.params[s.W]
                 # copied (unless the weight already is its own loop half, on a cache line): a BLAS
                 # product reads a row-strided view of the columns more slowly than a contiguous copy,
-                # and SciPy's BLAS takes only C-contiguous operands; it reads a transposed view more
-                # slowly still, so the transpose is copied too (once a run, against every step's
-                # product), and the Numba loops compile for one layout
+                # and SciPy's BLAS takes only C-contiguous operands; the transpose is copied too (once
+                # a run, against every step's product): a library may read one layout faster than
+                # the other through its transpose flag, so each step product may read either
                 Wc = aligned(column_view(W, s.core_cols))
                 bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, aligned(Wc.T)
+                # which one each reads, as measured on this machine (kernels/layouts.py); the plain
+                # NumPy loops, which run while Numba compiles, read the copies and measure nothing
+                k = len(s.core_cols)
+                bind[f"FT_{n}"] = int(self.use_jit and reads_transposed(B, k, v.size, self.dtype))
+                bind[f"BT_{n}"] = int(self.use_jit and reads_transposed(B, v.size, k, self.dtype))
                 if len(s.core) > 1:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))
