@@ -114,3 +114,35 @@ def test_an_unknown_unrolled_jit_value_is_refused_with_what_to_use(monkeypatch, 
     monkeypatch.setenv("UNROLLED_JIT", value)
     with pytest.raises(ValueError, match=r"UNROLLED_JIT=.*use 0 .* or 1 .*jit='fuse'"):
         CompiledEngine(elman())
+
+
+def test_each_step_product_says_which_layout_of_its_weight_it_reads(monkeypatch):
+    """The layouts the Numba loop's step products read (kernels/layouts.py), as measured for the
+    run's own rows and product threads: here a measurement that finds the transposed view faster."""
+    pytest.importorskip("numba")
+    from unrolled.engines.compiled.kernels import layouts, onednn
+
+    monkeypatch.setenv("UNROLLED_JIT", "1")
+    monkeypatch.setattr(layouts, "_choices", {})
+    monkeypatch.setattr(layouts, "_measure", lambda *shape: ([1.0] * layouts.ROUNDS, [0.5] * layouts.ROUNDS))
+    text = make_engine(_wide_elman()).explain(20, BIG, np.float32)
+    lines = [line for line in text.splitlines() if "step products of" in line]
+    assert len(lines) == 1, text
+    if onednn.SGEMM is None:  # nothing reaches oneDNN: nothing is timed, the copies are read
+        assert "forward reads its transposed copy, backward W as kept" in lines[0]
+    else:
+        assert "forward reads W through a transposed view, backward the copy through a transposed view" in lines[0]
+        threads = 1 if "row_split" in _strategies_line(text) else onednn.threads()
+        assert {key[-1] for key in layouts.chosen()} == {threads}
+
+
+def _wide_elman(hidden: int = 64):
+    """An Elman network whose step products are large enough to reach oneDNN at BIG rows."""
+    from unrolled.graph.folded import Graph
+    from unrolled.models import cells
+
+    g = Graph("wide")
+    h = cells.elman(g, g.input("x", 8), hidden)
+    g.output(h)
+    g.loss("mse", h, g.input("target", hidden), name="loss")
+    return g

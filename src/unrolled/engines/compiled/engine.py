@@ -41,6 +41,7 @@ the tests hold the two to 1e-10 in float64 on random cyclic graphs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,7 @@ from unrolled.engines.runio import Binding, Feeds, RunResult, check_combine, pre
 from unrolled.graph.folded import Graph
 
 from .background import WarmStart
+from .kernels import onednn
 from .loops import StepLoops
 from .rowsplit import RowSplit
 from .stages import StagedRun, cut
@@ -178,8 +180,10 @@ class CompiledEngine:
             - Numba loop, 5000 rows: its products call NumPy's own BLAS, which wins at every size
             - no fused kernels: no run of elementwise vertices to fuse
             - all 20 steps in one chunk
+            - step products of a: forward reads its transposed copy, backward W as kept (...)
 
-        With ``UNROLLED_JIT=0`` the same run says ``NumPy loop, 10000 rows: UNROLLED_JIT=0 turns Numba off``.
+        The last lines say which layout of its weight each step product reads (kernels/layouts.py):
+        asking may time the two, on the product threads the run's loops would have. With ``UNROLLED_JIT=0`` the same run says ``NumPy loop, 10000 rows: UNROLLED_JIT=0 turns Numba off``.
         """
         route = self.route(B, dtype)
         names = sorted(self.strategies(T, B, dtype), key=STRATEGIES.index)
@@ -199,6 +203,9 @@ class CompiledEngine:
             stage = f"stage {i + 1}: " if self.stages else ""
             for rows in sizes:
                 lines += [f"- {stage}{line}" for line in loops.reasons(T, rows, dtype)]
+                # asked on the product threads the run's loops have: one each when the rows split
+                with onednn.products_on_one_thread() if route.ranges else contextlib.nullcontext():
+                    lines += [f"- {stage}{line}" for line in loops.layout_reasons(rows, dtype)]
         return "\n".join(lines)
 
     def run(self, params, inputs=None, *, init_states=None, masks=None, combine: str = "sum",

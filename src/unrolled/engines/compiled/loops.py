@@ -25,6 +25,7 @@ from . import fuse
 from .backward import Run
 from .codegen import INLINE, Writer, header, with_arguments
 from .forward import OPS, row_kernels
+from .kernels.layouts import reads_transposed
 from .plan import Plan, plan
 
 JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps
@@ -97,6 +98,21 @@ class StepLoops:
             out.append("no fused kernels: no run of elementwise vertices to fuse")
         k, why = self._chunk(T, B, dtype)
         out.append(f"all {T} steps in one chunk" if k >= T else f"chunks of {k} of {T} steps: {why}")
+        return out
+
+    def layout_reasons(self, B: int, dtype) -> list[str]:
+        """Which layout of its weight each core product's step reads, forward and back, in words:
+        what the Numba loop reads over ``B`` rows on this thread's product threads, measured now
+        where not yet (kernels/layouts.py). The plain NumPy loops read the copies."""
+        if not self.uses_jit(B):
+            return []
+        out = []
+        for name, s in self.plan.split.items():
+            size, k = self.graph.vertices[name].size, len(s.core_cols)
+            fwd = "W through a transposed view" if reads_transposed(B, k, size, dtype) else "its transposed copy"
+            bwd = "the copy through a transposed view" if reads_transposed(B, size, k, dtype) else "W as kept"
+            out.append(f"step products of {name}: forward reads {fwd}, backward {bwd} (the faster on "
+                       f"this machine where a product is large enough to time: kernels/layouts.py)")
         return out
 
     def steps_per_chunk(self, T: int, B: int, dtype) -> int:
