@@ -183,7 +183,8 @@ class CompiledEngine:
             - step products of a: forward reads its transposed copy, backward W as kept (...)
 
         The last lines say which layout of its weight each step product reads (kernels/layouts.py):
-        asking may time the two, on the product threads the run's loops would have. With ``UNROLLED_JIT=0`` the same run says ``NumPy loop, 10000 rows: UNROLLED_JIT=0 turns Numba off``.
+        asking may time the two, on the product threads the run's loops would have. With
+        ``UNROLLED_JIT=0`` the same run says ``NumPy loop, 10000 rows: UNROLLED_JIT=0 turns Numba off``.
         """
         route = self.route(B, dtype)
         names = sorted(self.strategies(T, B, dtype), key=STRATEGIES.index)

@@ -6,9 +6,10 @@ A core product's step reads its weight twice: ``y = x · Wᵀ`` going forward,
 ``[in, out]``), so each product can read either: the copy as it is, or the
 other one through a transposed view (BLAS's transpose flag). The library
 picks a different kernel for each, and which is faster depends on the
-processor and on the shape. On one machine with AVX-512, the copy read
-straight was the faster; on an AVX2 machine, oneDNN ran W3's forward step
-product (32 rows) at about half the speed that way (benchmarks/RESULTS.md).
+processor and on the shape: on the AVX-512 machine the loops were tuned on,
+the copy read straight was the faster; on an AVX2 machine, oneDNN ran W3's
+forward step product (32 rows) far more slowly that way, while its large
+products did not care (benchmarks/RESULTS.md).
 
 So the loops take a flag per product and direction (codegen's ``FT_`` and
 ``BT_``: read the other array transposed), and :func:`reads_transposed` sets
