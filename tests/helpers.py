@@ -15,8 +15,9 @@ from unittest import mock
 
 import numpy as np
 
-from unrolled.engines.compiled import forward, rowsplit, wholestep
+from unrolled.engines.compiled import rowsplit, wholestep
 from unrolled.engines.compiled.engine import STRATEGIES, CompiledEngine
+from unrolled.engines.compiled.kernels import layouts
 from unrolled.engines.compiled.stages import cut
 from unrolled.engines.gradcheck import numeric_gradient
 from unrolled.engines.reference import run as reference_run
@@ -99,7 +100,7 @@ def _rows_in_halves():
 def _weights_transposed():
     """Every step product reads the other layout of its weight, through a transposed view, as the
     loops do where kernels/layouts.py measured that faster (any shape and dtype here)."""
-    with mock.patch.object(forward, "reads_transposed", lambda *shape: True):
+    with mock.patch.object(layouts, "reads_transposed", lambda *shape: True):
         yield
 
 

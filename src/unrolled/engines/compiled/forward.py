@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import aligned, aligned_empty, product
-from unrolled.engines.compiled.kernels.layouts import reads_transposed
+from unrolled.engines.compiled.kernels.layouts import step_layouts
 from unrolled.engines.runio import Feeds, RunResult, as_state
 from unrolled.graph.folded import Param, Vertex
 from unrolled.graph.ops import with_product
@@ -155,9 +155,8 @@ class ForwardRun:
                 bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, aligned(Wc.T)
                 # which one each reads, as measured on this machine (kernels/layouts.py); the plain
                 # NumPy loops, which run while Numba compiles, read the copies and measure nothing
-                k = len(s.core_cols)
-                bind[f"FT_{n}"] = int(self.use_jit and reads_transposed(B, k, v.size, self.dtype))
-                bind[f"BT_{n}"] = int(self.use_jit and reads_transposed(B, v.size, k, self.dtype))
+                reads = step_layouts(B, len(s.core_cols), v.size, self.dtype) if self.use_jit else (False, False)
+                bind[f"FT_{n}"], bind[f"BT_{n}"] = int(reads[0]), int(reads[1])
                 if len(s.core) > 1:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))

@@ -25,7 +25,7 @@ from . import fuse
 from .backward import Run
 from .codegen import INLINE, Writer, header, with_arguments
 from .forward import OPS, row_kernels
-from .kernels.layouts import reads_transposed
+from .kernels.layouts import step_layouts
 from .plan import Plan, plan
 
 JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps
@@ -108,9 +108,9 @@ class StepLoops:
             return []
         out = []
         for name, s in self.plan.split.items():
-            size, k = self.graph.vertices[name].size, len(s.core_cols)
-            fwd = "W through a transposed view" if reads_transposed(B, k, size, dtype) else "its transposed copy"
-            bwd = "the copy through a transposed view" if reads_transposed(B, size, k, dtype) else "W as kept"
+            forward, backward = step_layouts(B, len(s.core_cols), self.graph.vertices[name].size, dtype)
+            fwd = "W through a transposed view" if forward else "its transposed copy"
+            bwd = "the copy through a transposed view" if backward else "W as kept"
             out.append(f"step products of {name}: forward reads {fwd}, backward {bwd} (the faster on "
                        f"this machine where a product is large enough to time: kernels/layouts.py)")
         return out

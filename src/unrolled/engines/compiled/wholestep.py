@@ -297,10 +297,10 @@ class Writer:
         self("    for b in range(B):")
         self.indent = 3
         for v in self.in_loop:
-            self(f"# {v.name} = {v.op}({', '.join(a.name for a in v.args)})")
+            self(f"# {_said(v)}")
             self._forward(v)
         for v in self.post:
-            self._all_steps(v, f"{v.name} = {v.op}({', '.join(a.name for a in v.args)})", self._forward)
+            self._all_steps(v, _said(v), self._forward)
         self.indent = 1
         self("total = 0.0")
         for l in w.g.losses:
@@ -433,10 +433,9 @@ class Writer:
         self(f"set_row({y}, {self.row(v.args[2])})" if v.op == "linear" else f"zero_row({y})")
         W = f"P_{self.w.pnames[v.args[0].name]}"
         for part, at in self.parts(v.args[1]):
-            x = None if self.picks(part) else self.every_step(part)
             if self.picks(part):  # a one-hot vector picks one column
                 self(f"add_column({y}, {W}, {at} + {self.row(part.args[0])})")
-            elif x is not None:  # after the rows' biases and columns, which the loop sets first
+            elif (x := self.every_step(part)) is not None:  # after the rows' biases and columns, which the loop sets first
                 self.batched.append(f"matmul_add({x}, {W}[:, {at}:{at + part.size}].T, {self.every_step(v)})")
             else:
                 self(f"add_dot_rows({y}, {W}, {at}, {self.row(part)}, {part.size}, {v.size})")
@@ -548,6 +547,11 @@ SUPPORTED = ELEMENTWISE | frozenset(FORWARD)  # the ops a whole-run function run
 
 
 _NAME = re.compile(r"\b(?:D_p\d+|(?:H|GH|V|G|PR)_v\d+|GRADS|FLAG)\b")
+
+
+def _said(v: Vertex) -> str:
+    """A vertex as the generated code's comments name it: ``name = op(arguments)``."""
+    return f"{v.name} = {v.op}({', '.join(a.name for a in v.args)})"
 
 
 def _read_only_by_products(w: WholeRun) -> set[str]:

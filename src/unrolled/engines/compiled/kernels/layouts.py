@@ -52,6 +52,13 @@ def reads_transposed(rows: int, inner: int, cols: int, dtype) -> bool:
         return _choices[key]
 
 
+def step_layouts(rows: int, inputs: int, outputs: int, dtype) -> tuple[bool, bool]:
+    """Which layout a core product's step reads, ``(forward, backward)``: going forward
+    ``x [rows, inputs] · Wᵀ``, going back ``g [rows, outputs] · W``; ``True`` where the
+    transposed view wins (:func:`reads_transposed`)."""
+    return reads_transposed(rows, inputs, outputs, dtype), reads_transposed(rows, outputs, inputs, dtype)
+
+
 def choose(straight: list[float], transposed: list[float]) -> bool:
     """Whether the transposed view wins: its time over the copy's, round by round, has a median
     below ``MARGIN``."""
