@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import aligned_empty, aligned_zeros, product
+from unrolled.engines.compiled.kernels.libraries import weight_gradient
 from unrolled.engines.runio import RunResult, as_state, parameter_copies
 from unrolled.graph.folded import Param, Vertex
 from unrolled.graph.ops import unbroadcast
@@ -131,7 +132,7 @@ class Run(ForwardRun):
         gf = np.ascontiguousarray(flat(g), dtype=self.dtype)
         W = v.args[0].name
         product(gf, self.params[W], out=history.reshape(T * B, x.size), accumulate=True)
-        product(gf.T, flat(self.value(x)), out=self.grads[W], accumulate=True)
+        weight_gradient(gf, flat(self.value(x)), self.grads[W])
         if v.op == "linear":
             self.grads[v.args[2].name] += gf.sum(axis=0)
         return True
@@ -219,7 +220,7 @@ class Run(ForwardRun):
                 s = p.split[v.name]
                 Gf = G.reshape(-1, v.size)
                 for part, lo, hi in s.core:
-                    product(Gf.T, flat(self.value(part))[rows], out=self.grads[s.W][:, lo:hi], accumulate=True)
+                    weight_gradient(Gf, flat(self.value(part))[rows], self.grads[s.W][:, lo:hi])
                 if s.pre:
                     self._pre_param_grads(v, s, Gf, t0, t1)
                 if s.bias:
@@ -247,7 +248,7 @@ class Run(ForwardRun):
             self._add_pre_columns(s, dWpT, transposed=True)
         elif len(s.pre) == 1:
             _, lo, hi = s.pre[0]
-            product(Gf.T, self._pre_inputs(v, s)[t0 * B: t1 * B], out=self.grads[s.W][:, lo:hi], accumulate=True)
+            weight_gradient(Gf, self._pre_inputs(v, s)[t0 * B: t1 * B], self.grads[s.W][:, lo:hi])
         else:
             self._add_pre_columns(s, product(Gf.T, self._pre_inputs(v, s)[t0 * B: t1 * B]))
         wanted = [(part, off, hi - lo) for (part, lo, hi), off in zip(s.pre, offsets(s.pre))

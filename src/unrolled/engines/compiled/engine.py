@@ -176,7 +176,7 @@ class CompiledEngine:
             >>> print(make_engine(elman()).explain(20, 10000))
             compiled engine, graph 'elman', 20 steps x 10000 rows of float32: numba_loop, row_split
             - not the whole-run function: 10000 rows x 40 multiply-adds a step = 400000 > WHOLE_AUTO_MACS (262144): ...
-            - rows split across 2 threads: [5000, 5000] rows each
+            - rows split across 2 threads: [5000, 5000] rows each, NumPy's BLAS on one thread while ...
             - Numba loop, 5000 rows: its products call NumPy's own BLAS, which wins at every size
             - no fused kernels: no run of elementwise vertices to fuse
             - all 20 steps in one chunk

@@ -16,7 +16,10 @@ is the one a single run computes, up to the order of the sums.
 
 Only oneDNN's threads can be told apart per calling thread (OpenMP's thread
 count is a per-thread setting); OpenBLAS's pool is shared by the whole
-process, so without oneDNN the rows stay in one run.
+process, so without oneDNN the rows stay in one run. While the parts run,
+NumPy's OpenBLAS is set to one thread, process-wide, and where it runs a
+weight-gradient product faster than oneDNN on one thread the parts use it
+(kernels/libraries.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 from unrolled.engines.runio import Feeds, RunResult
 
 from .kernels import onednn
+from .kernels.blas import numpy_blas_on_one_thread
 from .pinned import PinnedThreads, join
 
 MIN_ROWS = 16  # fewer rows a part and a one-thread product no longer pays for its thread's start and merge
@@ -80,7 +84,9 @@ class RowSplit:
         # every stage: a stage on the NumPy loop would be shared by the parts
         if not all(c.uses_jit(hi - lo) for c in self.loops.cores for lo, hi in ranges):
             return None, "rows not split: a part would run the NumPy loop, whose namespace the parts share"
-        return ranges, f"rows split across {len(ranges)} threads: {[hi - lo for lo, hi in ranges]} rows each"
+        return ranges, (f"rows split across {len(ranges)} threads: {[hi - lo for lo, hi in ranges]} rows each, "
+                        "NumPy's BLAS on one thread while they run, each weight gradient on the library "
+                        "measured faster there (kernels/libraries.py)")
 
     def run(self, params, feeds: Feeds, combine: str, backward: bool, ranges: list[tuple[int, int]]) -> RunResult:
         """The run of ``feeds`` as one run per range of rows, merged; the Numba loops are loaded
@@ -111,14 +117,15 @@ def run(run_part, feeds: Feeds, ranges: list[tuple[int, int]]) -> RunResult:
     """``run_part(part_feeds, index)`` for each range of rows, merged: the first part on the calling
     thread, each other part on a worker thread of its own, products on one thread in each."""
     workers = _workers(len(ranges) - 1)
-    # each part in a copy of the caller's context: NumPy's error settings (np.errstate) are in it
-    futures = [workers[i - 1].submit(contextvars.copy_context().run, run_part, rows(feeds, lo, hi), i)
-               for i, (lo, hi) in enumerate(ranges) if i > 0]
-    try:
-        with onednn.products_on_one_thread():
-            first = run_part(rows(feeds, *ranges[0]), 0)
-    finally:
-        join(futures)  # a worker's buffers are not free until its part is done, even when ours failed
+    with numpy_blas_on_one_thread():  # the parts keep every core busy: NumPy's BLAS too runs on one
+        # each part in a copy of the caller's context: NumPy's error settings (np.errstate) are in it
+        futures = [workers[i - 1].submit(contextvars.copy_context().run, run_part, rows(feeds, lo, hi), i)
+                   for i, (lo, hi) in enumerate(ranges) if i > 0]
+        try:
+            with onednn.products_on_one_thread():
+                first = run_part(rows(feeds, *ranges[0]), 0)
+        finally:
+            join(futures)  # a worker's buffers are not free until its part is done, even when ours failed
     return merge([first] + [f.result() for f in futures])
 
 

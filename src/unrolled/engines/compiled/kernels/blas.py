@@ -17,9 +17,11 @@ their other paths.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
+import threading
 
 import numpy as np
 
@@ -81,6 +83,84 @@ def _checked(fn, dtype):
 SGEMM = _checked(_find("s"), np.float32)
 DGEMM = _checked(_find("d"), np.float64) if SGEMM is not None else None
 GEMM = (SGEMM, DGEMM) if SGEMM is not None and DGEMM is not None else None
+
+
+def _thread_count():
+    """``(get, set)`` of the thread count of the OpenBLAS that holds :data:`GEMM`, or None (another
+    BLAS, or none found)."""
+    if GEMM is None:
+        return None
+    for path in _candidates():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        if getattr(lib, GEMM[0].__name__, None) is None:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                put.restype, put.argtypes = None, [ctypes.c_int]
+                return get, put
+    return None
+
+
+THREAD_COUNT = _thread_count()
+
+
+class _OneThread:
+    """Who is inside :func:`numpy_blas_on_one_thread`, and the count to give back when all have left."""
+    lock = threading.Lock()
+    inside = 0
+    before = 1
+
+
+def numpy_blas_threads() -> int:
+    """How many threads NumPy's BLAS runs a product on (0: not known: not an OpenBLAS found here)."""
+    return 0 if THREAD_COUNT is None else THREAD_COUNT[0]()
+
+
+@contextlib.contextmanager
+def numpy_blas_on_one_thread():
+    """NumPy's BLAS on one thread while inside, as many as before after.
+
+    For the row split, whose parts already keep every core busy: a product
+    spread over OpenBLAS's pool there would only fight them for the cores.
+    Unlike oneDNN's, OpenBLAS's count is the whole process's, so entries are
+    counted: the first in sets one thread, the last out gives the count back."""
+    if THREAD_COUNT is None:
+        yield
+        return
+    get, put = THREAD_COUNT
+    with _OneThread.lock:
+        if _OneThread.inside == 0:
+            _OneThread.before = get()
+            put(1)
+        _OneThread.inside += 1
+    try:
+        yield
+    finally:
+        with _OneThread.lock:
+            _OneThread.inside -= 1
+            if _OneThread.inside == 0 and _OneThread.before != 1:
+                put(_OneThread.before)
+
+
+def on_numpy_blas(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False) -> bool:
+    """``out (+)= a @ b`` by NumPy's own ``cblas_?gemm``, transposed and row-strided views passed
+    as they are; False, with nothing done, where the operands are not BLAS operands as they are."""
+    if GEMM is None or not (a.dtype == b.dtype == out.dtype and a.dtype in (np.float32, np.float64)):
+        return False
+    (ta, lda), (tb, ldb), (to, ldo) = lead(a), lead(b), lead(out)
+    if not (ta and tb and to == NO_TRANS) or out.shape != (a.shape[0], b.shape[1]) or a.shape[1] != b.shape[0]:
+        return False
+    gemm = GEMM[0] if a.dtype == np.float32 else GEMM[1]
+    M, K = a.shape
+    gemm(ROW_MAJOR, ta, tb, M, b.shape[1], K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
+         1.0 if accumulate else 0.0, out.ctypes.data, ldo)
+    return True
 
 
 def product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:

@@ -83,16 +83,23 @@ def _measure(rows: int, inner: int, cols: int, dtype) -> tuple[list[float], list
     kept[...] = copy.T
     out = aligned_empty((rows, cols), dtype)
     layouts = (copy, kept.T)
-    for b in layouts:  # the first call of a shape sets up the library's kernel
-        product(xs[0], b, out=out)
+    return time_in_turns([lambda j, b=b: product(xs[j % STEPS], b, out=out) for b in layouts])
+
+
+def time_in_turns(calls) -> tuple[list[float], ...]:
+    """Seconds per call of each of ``calls`` (each ``call(j)``, ``j`` counting its repeats), one
+    figure per round, the calls taking turns; each is called once first, which sets up a
+    library's kernel for the shape."""
+    for call in calls:
+        call(0)
     start = time.perf_counter()
-    product(xs[1], copy, out=out)
+    calls[0](1)
     reps = max(1, int(ROUND_SECONDS / max(time.perf_counter() - start, 1e-7)))
-    times: tuple[list[float], list[float]] = ([], [])
+    times: tuple[list[float], ...] = tuple([] for _ in calls)
     for r in range(ROUNDS):
-        for i in (0, 1) if r % 2 == 0 else (1, 0):
+        for i in range(len(calls)) if r % 2 == 0 else reversed(range(len(calls))):
             start = time.perf_counter()
             for j in range(reps):
-                product(xs[j % STEPS], layouts[i], out=out)
+                calls[i](j)
             times[i].append((time.perf_counter() - start) / reps)
     return times

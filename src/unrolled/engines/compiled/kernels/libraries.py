@@ -1,0 +1,74 @@
+"""Which library runs a weight-gradient product faster on one thread, measured on this machine.
+
+A weight's gradient is ``dW += gᵀ · x`` over the rows of all steps: a product
+whose first operand is read transposed and whose inner dimension (the rows)
+is long. The compiled engine sends its float32 products to oneDNN, which
+shares its threads with the step loops; on one thread, which is how each part
+of a row split runs (rowsplit.py), NumPy's own OpenBLAS runs some of these
+shapes faster, and others not (benchmarks/RESULTS.md). So where both
+libraries would run the product on one thread, :func:`weight_gradient` times
+both in turns the first time a shape runs in a process and keeps the faster;
+oneDNN stays the default, and NumPy's BLAS is taken only when it wins
+clearly, as kernels/layouts.py does for the step products' layouts.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import onednn
+from .blas import aligned_empty, numpy_blas_threads, on_numpy_blas, product
+from .layouts import MARGIN, time_in_turns
+
+_choices: dict[tuple, bool] = {}
+_lock = threading.Lock()  # the parts of a row split ask at once: one measures, the other waits for it
+
+
+def weight_gradient(g: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """``out += gᵀ · x`` (``g [rows, out]``, ``x [rows, in]``), on the library measured faster."""
+    if on_numpy_blas_faster(*g.shape, x.shape[1], g.dtype) and on_numpy_blas(g.T, x, out, accumulate=True):
+        return
+    product(g.T, x, out=out, accumulate=True)
+
+
+def on_numpy_blas_faster(rows: int, outputs: int, inputs: int, dtype) -> bool:
+    """Whether NumPy's BLAS runs ``gᵀ [outputs, rows] · x [rows, inputs]`` faster than oneDNN, both
+    on one thread; False wherever either would use more (the choice is made for the row split's
+    parts) or oneDNN would not run it; measured once per shape in a process."""
+    dtype = np.dtype(dtype)
+    if (onednn.SGEMM is None or dtype != np.float32 or rows * outputs * inputs < onednn.SMALL
+            or onednn.threads() != 1 or numpy_blas_threads() != 1):
+        return False
+    key = (rows, outputs, inputs, dtype.str)
+    with _lock:
+        if key not in _choices:
+            _choices[key] = choose(*_measure(rows, outputs, inputs, dtype))
+        return _choices[key]
+
+
+def choose(onednn_times: list[float], numpy_times: list[float]) -> bool:
+    """Whether NumPy's BLAS wins: its time over oneDNN's, round by round, has a median below
+    ``layouts.MARGIN``."""
+    ratios = sorted(n / o for o, n in zip(onednn_times, numpy_times))
+    return ratios[len(ratios) // 2] < MARGIN
+
+
+def chosen() -> dict[tuple, bool]:
+    """Every decision made so far: ``(rows, outputs, inputs, dtype) -> on NumPy's BLAS``."""
+    with _lock:
+        return dict(_choices)
+
+
+def _measure(rows: int, outputs: int, inputs: int, dtype) -> tuple[list[float], list[float]]:
+    """Seconds per product on oneDNN and on NumPy's BLAS, one figure per round, taking turns."""
+    rng = np.random.default_rng(0)
+    g = aligned_empty((rows, outputs), dtype)
+    g[...] = rng.standard_normal(g.shape)
+    x = aligned_empty((rows, inputs), dtype)
+    x[...] = rng.standard_normal(x.shape)
+    out = aligned_empty((outputs, inputs), dtype)
+    out[...] = 0
+    return time_in_turns([lambda j: product(g.T, x, out=out, accumulate=True),
+                          lambda j: on_numpy_blas(g.T, x, out, accumulate=True)])
