@@ -124,7 +124,8 @@ def test_each_step_product_says_which_layout_of_its_weight_it_reads(monkeypatch)
 
     monkeypatch.setenv("UNROLLED_JIT", "1")
     monkeypatch.setattr(layouts, "_choices", {})
-    monkeypatch.setattr(layouts, "_measure", lambda *shape: ([1.0] * layouts.ROUNDS, [0.5] * layouts.ROUNDS))
+    monkeypatch.setattr(layouts, "_measure", lambda *shape: [[1.0] * layouts.ROUNDS, [0.5] * layouts.ROUNDS]
+                        + [[0.9] * layouts.ROUNDS] * (len(shape[-1]) - 2))
     text = make_engine(_wide_elman()).explain(20, BIG, np.float32)
     lines = [line for line in text.splitlines() if "step products of" in line]
     assert len(lines) == 1, text
@@ -133,7 +134,25 @@ def test_each_step_product_says_which_layout_of_its_weight_it_reads(monkeypatch)
     else:
         assert "forward reads W through a transposed view, backward the copy through a transposed view" in lines[0]
         threads = 1 if "row_split" in _strategies_line(text) else onednn.threads()
-        assert {key[-1] for key in layouts.chosen()} == {threads}
+        assert {key[-2] for key in layouts.chosen()} == {threads}
+
+
+def test_a_step_product_on_numpy_blas_says_so(monkeypatch):
+    """Where the rows split, each part's products run on one thread, and NumPy's BLAS is measured
+    too: here a measurement that finds it faster in the kept layout."""
+    pytest.importorskip("numba")
+    from unrolled.engines.compiled.kernels import layouts, onednn
+
+    monkeypatch.setenv("UNROLLED_JIT", "1")
+    monkeypatch.setattr(layouts, "_choices", {})
+    monkeypatch.setattr(layouts, "_measure", lambda *shape: [[1.0] * layouts.ROUNDS] * (len(shape[-1]) - 1)
+                        + [[0.5] * layouts.ROUNDS])
+    text = make_engine(_wide_elman()).explain(20, BIG, np.float32)
+    line = next(line for line in text.splitlines() if "step products of" in line)
+    if onednn.SGEMM is None or "row_split" not in _strategies_line(text):
+        pytest.skip("no row split here: NumPy's BLAS is not a candidate")
+    assert ("forward reads W through a transposed view on NumPy's BLAS, backward the copy through a "
+            "transposed view on NumPy's BLAS") in line
 
 
 def _wide_elman(hidden: int = 64):

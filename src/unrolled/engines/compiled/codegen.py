@@ -31,7 +31,7 @@ def loop_calls(jit: bool) -> dict[str, str]:
     return {**_CALLS, "sigmoid": _SIGMOID[jit]}
 
 
-_NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|FT|BT|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+|KIND)\b")
+_NAME = re.compile(r"\b(?:(?:H|V|S|X|Y|W|WT|FT|BT|FL|BL|WX|TOK|C|CG|G|GH|GF|GX)_v\d+|P_p\d+|T\d+|M_\d+|KIND)\b")
 
 
 def forward_weight(n: str) -> str:
@@ -45,6 +45,17 @@ def backward_weight(n: str) -> str:
     """The weight operand of core product ``n``'s backward step, ``g · W``: ``W`` as it is, or the
     copy ``WT`` through a transposed view, as the flag ``BT`` says (see :func:`forward_weight`)."""
     return f"(WT_{n}.T if BT_{n} else W_{n})"
+
+
+def forward_product(n: str, x: str, dst: str, add: bool = False) -> str:
+    """Core product ``n``'s forward step ``dst (+)= x · Wᵀ``, on the library the flag ``FL`` names
+    (see :func:`forward_weight`)."""
+    return f"step_matmul{'_add' if add else ''}(FL_{n}, {x}, {forward_weight(n)}, {dst})"
+
+
+def backward_product(n: str, g: str, dst: str, add: bool = False) -> str:
+    """Core product ``n``'s backward step ``dst (+)= g · W``, on the library the flag ``BL`` names."""
+    return f"step_matmul{'_add' if add else ''}(BL_{n}, {g}, {backward_weight(n)}, {dst})"
 
 
 # ------------------------------------------------------------ code writing
@@ -160,9 +171,9 @@ class Writer:
             # nothing keeps this step's value but the step: the product adds itself onto its
             # loop-free half where that lies (Y[t]), which then holds the value
             c(f"{dst} = Y_{n}[t - t0]  # Y holds this chunk's steps only")
-            c(f"matmul_add({x}, {forward_weight(n)}, {dst})")
+            c(forward_product(n, x, dst, add=True))
             return
-        c(f"matmul({x}, {forward_weight(n)}, out={dst})")
+        c(forward_product(n, x, dst))
         if s.tokens is not None:
             # W · one_hot(k) + b is row k of WX = (W[:, pre] + b) transposed: picked in the loop
             c(f"add_rows({dst}, WX_{n}, TOK_{n}[t])")
@@ -428,10 +439,10 @@ class Writer:
         if len(s.core) == 1 and wanted:
             base, rng = self.p.viewed(wanted[0])
             self._add_to(c, base if rng else wanted[0], rng,
-                         lambda cc, dst: cc(f"matmul({g}, {backward_weight(n)}, out={dst})"),
-                         lambda cc, dst: cc(f"matmul_add({g}, {backward_weight(n)}, {dst})"))
+                         lambda cc, dst: cc(backward_product(n, g, dst)),
+                         lambda cc, dst: cc(backward_product(n, g, dst, add=True)))
         elif wanted:
-            c(f"matmul({g}, {backward_weight(n)}, out=CG_{n})")
+            c(backward_product(n, g, f"CG_{n}"))
             off = 0
             for part, a0, b0 in s.core:
                 w = b0 - a0

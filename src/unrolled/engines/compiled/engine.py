@@ -50,9 +50,8 @@ from unrolled.engines.runio import Binding, Feeds, RunResult, check_combine, pre
 from unrolled.graph.folded import Graph
 
 from .background import WarmStart
-from .kernels import onednn
 from .loops import StepLoops
-from .rowsplit import RowSplit
+from .rowsplit import RowSplit, products_as_in_a_part
 from .stages import StagedRun, cut
 from .whole import WholeStrategy
 
@@ -205,7 +204,7 @@ class CompiledEngine:
             for rows in sizes:
                 lines += [f"- {stage}{line}" for line in loops.reasons(T, rows, dtype)]
                 # asked on the product threads the run's loops have: one each when the rows split
-                with onednn.products_on_one_thread() if route.ranges else contextlib.nullcontext():
+                with products_as_in_a_part() if route.ranges else contextlib.nullcontext():
                     lines += [f"- {stage}{line}" for line in loops.layout_reasons(rows, dtype)]
         return "\n".join(lines)
 

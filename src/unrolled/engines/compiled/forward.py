@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import aligned, aligned_empty, product
-from unrolled.engines.compiled.kernels.layouts import step_layouts
+from unrolled.engines.compiled.kernels.layouts import DEFAULT, step_kernels
 from unrolled.engines.runio import Feeds, RunResult, as_state
 from unrolled.graph.folded import Param, Vertex
 from unrolled.graph.ops import with_product
@@ -153,10 +153,12 @@ class ForwardRun:
                 # the other through its transpose flag, so each step product may read either
                 Wc = aligned(column_view(W, s.core_cols))
                 bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, aligned(Wc.T)
-                # which one each reads, as measured on this machine (kernels/layouts.py); the plain
-                # NumPy loops, which run while Numba compiles, read the copies and measure nothing
-                reads = step_layouts(B, len(s.core_cols), v.size, self.dtype) if self.use_jit else (False, False)
-                bind[f"FT_{n}"], bind[f"BT_{n}"] = int(reads[0]), int(reads[1])
+                # which one each reads, and on which library, as measured on this machine
+                # (kernels/layouts.py); the plain NumPy loops, which run while Numba compiles, read
+                # the copies and measure nothing
+                fwd, bwd = step_kernels(B, len(s.core_cols), v.size, self.dtype) if self.use_jit else (DEFAULT,) * 2
+                bind[f"FT_{n}"], bind[f"BT_{n}"] = int(fwd.transposed), int(bwd.transposed)
+                bind[f"FL_{n}"], bind[f"BL_{n}"] = int(fwd.numpy_blas), int(bwd.numpy_blas)
                 if len(s.core) > 1:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))

@@ -25,7 +25,7 @@ from . import fuse
 from .backward import Run
 from .codegen import INLINE, Writer, header, with_arguments
 from .forward import OPS, row_kernels
-from .kernels.layouts import step_layouts
+from .kernels.layouts import Kernel, step_kernels
 from .plan import Plan, plan
 
 JIT_AUTO_LIMIT = 4096  # "auto" JITs a run when rows x the widest core vertex is at most this: call-bound steps
@@ -101,17 +101,18 @@ class StepLoops:
         return out
 
     def layout_reasons(self, B: int, dtype) -> list[str]:
-        """Which layout of its weight each core product's step reads, forward and back, in words:
-        what the Numba loop reads over ``B`` rows on this thread's product threads, measured now
-        where not yet (kernels/layouts.py). The plain NumPy loops read the copies."""
+        """Which layout of its weight each core product's step reads, forward and back, and on which
+        library, in words: what the Numba loop runs over ``B`` rows on this thread's product
+        threads, measured now where not yet (kernels/layouts.py). The plain NumPy loops read the
+        copies."""
         if not self.uses_jit(B):
             return []
         out = []
         for name, s in self.plan.split.items():
-            forward, backward = step_layouts(B, len(s.core_cols), self.graph.vertices[name].size, dtype)
-            fwd = "W through a transposed view" if forward else "its transposed copy"
-            bwd = "the copy through a transposed view" if backward else "W as kept"
-            out.append(f"step products of {name}: forward reads {fwd}, backward {bwd} (the faster on "
+            fwd, bwd = step_kernels(B, len(s.core_cols), self.graph.vertices[name].size, dtype)
+            ahead = ("W through a transposed view" if fwd.transposed else "its transposed copy") + _on(fwd)
+            back = ("the copy through a transposed view" if bwd.transposed else "W as kept") + _on(bwd)
+            out.append(f"step products of {name}: forward reads {ahead}, backward {back} (the faster on "
                        f"this machine where a product is large enough to time: kernels/layouts.py)")
         return out
 
@@ -187,6 +188,8 @@ class StepLoops:
             "copyto", "concatenate", "greater")}
         ns["matmul"] = product  # the step products go where the whole-sequence ones go: one thread pool
         ns["matmul_add"] = lambda a, b, out: product(a, b, out=out, accumulate=True)
+        ns["step_matmul"] = lambda lib, a, b, out: product(a, b, out=out)  # the flags: always 0 here
+        ns["step_matmul_add"] = lambda lib, a, b, out: product(a, b, out=out, accumulate=True)
         for v in self.plan.of("core"):  # the ops whose NumPy rules the loops call (codegen's F_, J_)
             if v.kind == "op" and (v.op not in INLINE or v.op in ELEMENTWISE and v.op not in Writer.NATIVE):
                 spec, attrs = OPS[v.op], dict(v.attrs)
@@ -262,3 +265,7 @@ def _picked_only(g: Graph, p: Plan, unbuilt: set[str]) -> set[str]:
             picked -= {a.name for a in u.args if isinstance(a, Vertex)}
     return picked
 
+
+def _on(kernel: Kernel) -> str:
+    """The library a step product runs on, in words, where not the default."""
+    return " on NumPy's BLAS" if kernel.numpy_blas else ""

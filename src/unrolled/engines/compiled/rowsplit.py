@@ -24,6 +24,7 @@ weight-gradient product faster than oneDNN on one thread the parts use it
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 
 import numpy as np
@@ -127,6 +128,14 @@ def run(run_part, feeds: Feeds, ranges: list[tuple[int, int]]) -> RunResult:
         finally:
             join(futures)  # a worker's buffers are not free until its part is done, even when ours failed
     return merge([first] + [f.result() for f in futures])
+
+
+@contextlib.contextmanager
+def products_as_in_a_part():
+    """Products on one thread while inside, as a part runs them: oneDNN's for this thread, NumPy's
+    BLAS for the whole process (as :func:`run` sets it while its parts run)."""
+    with numpy_blas_on_one_thread(), onednn.products_on_one_thread():
+        yield
 
 
 def merge(results: list[RunResult]) -> RunResult:

@@ -269,6 +269,37 @@ def _product_impl(a, b, out, accumulate: bool):
     return _named(lambda a, b, out: matmul_blas(a, b, out), "blas", accumulate)
 
 
+def step_matmul(lib, a, b, out):  # pragma: no cover - replaced by the overload in jitted code
+    """``out = a @ b`` for a step product, on the library its flag ``lib`` names: 0 as
+    :func:`matmul`, 1 NumPy's own BLAS (:func:`matmul_blas`); kernels/layouts.py measures which."""
+    raise NotImplementedError
+
+
+def step_matmul_add(lib, a, b, out):  # pragma: no cover - replaced by the overload in jitted code
+    """``out += a @ b`` for a step product, as :func:`step_matmul` computes ``out = a @ b``."""
+    raise NotImplementedError
+
+
+@overload(step_matmul)
+def _step_matmul_overload(lib, a, b, out):
+    def impl(lib, a, b, out):
+        if lib:
+            matmul_blas(a, b, out)
+        else:
+            matmul(a, b, out)
+    return _named(impl, "step", False)
+
+
+@overload(step_matmul_add)
+def _step_matmul_add_overload(lib, a, b, out):
+    def impl(lib, a, b, out):
+        if lib:
+            _blas_add(a, b, out)
+        else:
+            matmul_add(a, b, out)
+    return _named(impl, "step", True)
+
+
 def _named(impl, products: str, accumulate: bool):
     """``impl``, named after what it captured that its argument types do not show.
 
