@@ -282,22 +282,24 @@ def step_matmul_add(lib, a, b, out):  # pragma: no cover - replaced by the overl
 
 @overload(step_matmul)
 def _step_matmul_overload(lib, a, b, out):
-    def impl(lib, a, b, out):
-        if lib:
-            matmul_blas(a, b, out)
-        else:
-            matmul(a, b, out)
-    return _named(impl, "step", False)
+    return _step_impl(accumulate=False)
 
 
 @overload(step_matmul_add)
 def _step_matmul_add_overload(lib, a, b, out):
+    return _step_impl(accumulate=True)
+
+
+def _step_impl(accumulate: bool):
+    """``out (+)= a @ b`` on NumPy's BLAS where ``lib`` is set, else as the loops' ``matmul``."""
+    on_numpy, as_matmul = (_blas_add, matmul_add) if accumulate else (matmul_blas, matmul)
+
     def impl(lib, a, b, out):
         if lib:
-            _blas_add(a, b, out)
+            on_numpy(a, b, out)
         else:
-            matmul_add(a, b, out)
-    return _named(impl, "step", True)
+            as_matmul(a, b, out)
+    return _named(impl, "step", accumulate)
 
 
 def _named(impl, products: str, accumulate: bool):
