@@ -18,8 +18,8 @@ Only oneDNN's threads can be told apart per calling thread (OpenMP's thread
 count is a per-thread setting); OpenBLAS's pool is shared by the whole
 process, so without oneDNN the rows stay in one run. While the parts run,
 NumPy's OpenBLAS is set to one thread, process-wide, and where it runs a
-weight-gradient product faster than oneDNN on one thread the parts use it
-(kernels/libraries.py).
+product faster than oneDNN on one thread the parts use it (a weight
+gradient: kernels/libraries.py; a step product: kernels/layouts.py).
 """
 
 from __future__ import annotations
