@@ -22,6 +22,11 @@ def fresh_choices(monkeypatch):
     monkeypatch.setattr(libraries, "_choices", {})
 
 
+def operands(rows: int, outputs: int, inputs: int, dtype=np.float32):
+    """A weight gradient's ``g [rows, outputs]`` and ``x [rows, inputs]``."""
+    return np.ones((rows, outputs), dtype), np.ones((rows, inputs), dtype)
+
+
 @contextlib.contextmanager
 def one_thread_each():
     """Both libraries on one thread, as inside a row split's part."""
@@ -40,13 +45,13 @@ def test_nothing_is_measured_unless_both_run_on_one_thread(monkeypatch):
     monkeypatch.setattr(libraries, "_measure", lambda *a: pytest.fail("measured"))
     with monkeypatch.context() as m:
         m.setattr(onednn, "threads", lambda: 2)
-        assert libraries.on_numpy_blas_faster(1024, 512, 128, np.float32) is False  # oneDNN on 2 threads
+        assert libraries.on_numpy_blas_faster(*operands(1024, 512, 128)) is False  # oneDNN on 2 threads
     with blas.numpy_blas_on_one_thread(), monkeypatch.context() as m:
         m.setattr(onednn, "threads", lambda: 2)
-        assert libraries.on_numpy_blas_faster(1024, 512, 128, np.float32) is False  # ... with NumPy's on 1
+        assert libraries.on_numpy_blas_faster(*operands(1024, 512, 128)) is False  # ... with NumPy's on 1
     with one_thread_each():
-        assert libraries.on_numpy_blas_faster(2, 3, 4, np.float32) is False  # below onednn.SMALL
-        assert libraries.on_numpy_blas_faster(1024, 512, 128, np.float64) is False  # never oneDNN's
+        assert libraries.on_numpy_blas_faster(*operands(2, 3, 4)) is False  # below onednn.SMALL
+        assert libraries.on_numpy_blas_faster(*operands(1024, 512, 128, np.float64)) is False  # never oneDNN's
     assert libraries.chosen() == {}
 
 
@@ -55,14 +60,14 @@ def test_a_shape_is_measured_once_on_one_thread(monkeypatch):
         pytest.skip("needs oneDNN and NumPy's OpenBLAS: nothing is measured")
     calls = []
 
-    def measure(rows, outputs, inputs, dtype):
-        calls.append((rows, outputs, inputs))
+    def measure(g, x):
+        calls.append((*g.shape, x.shape[1]))
         return [1.0] * 5, [0.5] * 5
 
     monkeypatch.setattr(libraries, "_measure", measure)
     with one_thread_each():
-        assert libraries.on_numpy_blas_faster(1024, 512, 128, np.float32)
-        assert libraries.on_numpy_blas_faster(1024, 512, 128, np.float32)
+        assert libraries.on_numpy_blas_faster(*operands(1024, 512, 128))
+        assert libraries.on_numpy_blas_faster(*operands(1024, 512, 128))
     assert calls == [(1024, 512, 128)]
     assert libraries.chosen() == {(1024, 512, 128, "<f4"): True}
 
@@ -71,7 +76,7 @@ def test_measuring_times_both_libraries_in_turns():
     if onednn.SGEMM is None or blas.GEMM is None:
         pytest.skip("needs oneDNN and NumPy's BLAS")
     with one_thread_each():
-        on_onednn, on_numpy = libraries._measure(256, 128, 64, np.dtype(np.float32))
+        on_onednn, on_numpy = libraries._measure(*operands(256, 128, 64))
     assert len(on_onednn) == len(on_numpy) > 0
     assert all(t > 0 for t in on_onednn + on_numpy)
 

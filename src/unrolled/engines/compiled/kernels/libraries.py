@@ -28,23 +28,24 @@ _lock = threading.Lock()  # the parts of a row split ask at once: one measures, 
 
 def weight_gradient(g: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """``out += gᵀ · x`` (``g [rows, out]``, ``x [rows, in]``), on the library measured faster."""
-    if on_numpy_blas_faster(*g.shape, x.shape[1], g.dtype) and on_numpy_blas(g.T, x, out, accumulate=True):
+    if on_numpy_blas_faster(g, x) and on_numpy_blas(g.T, x, out, accumulate=True):
         return
     product(g.T, x, out=out, accumulate=True)
 
 
-def on_numpy_blas_faster(rows: int, outputs: int, inputs: int, dtype) -> bool:
-    """Whether NumPy's BLAS runs ``gᵀ [outputs, rows] · x [rows, inputs]`` faster than oneDNN, both
-    on one thread; False wherever either would use more (the choice is made for the row split's
-    parts) or oneDNN would not run it; measured once per shape in a process."""
-    dtype = np.dtype(dtype)
-    if (onednn.SGEMM is None or dtype != np.float32 or rows * outputs * inputs < onednn.SMALL
-            or onednn.threads() != 1 or numpy_blas_threads() != 1):
+def on_numpy_blas_faster(g: np.ndarray, x: np.ndarray) -> bool:
+    """Whether NumPy's BLAS runs ``gᵀ · x`` faster than oneDNN, both on one thread; False wherever
+    either would use more (the choice is made for the row split's parts) or oneDNN would not run
+    it; measured once per shape in a process, on these very operands: a long run's gradients are
+    among its largest arrays, and copies made to time them would raise its peak memory."""
+    rows, outputs, inputs = *g.shape, x.shape[1]
+    if (onednn.SGEMM is None or g.dtype != np.float32 or x.dtype != np.float32
+            or rows * outputs * inputs < onednn.SMALL or onednn.threads() != 1 or numpy_blas_threads() != 1):
         return False
-    key = (rows, outputs, inputs, dtype.str)
+    key = (rows, outputs, inputs, g.dtype.str)
     with _lock:
         if key not in _choices:
-            _choices[key] = choose(*_measure(rows, outputs, inputs, dtype))
+            _choices[key] = choose(*_measure(g, x))
         return _choices[key]
 
 
@@ -61,14 +62,10 @@ def chosen() -> dict[tuple, bool]:
         return dict(_choices)
 
 
-def _measure(rows: int, outputs: int, inputs: int, dtype) -> tuple[list[float], list[float]]:
-    """Seconds per product on oneDNN and on NumPy's BLAS, one figure per round, taking turns."""
-    rng = np.random.default_rng(0)
-    g = aligned_empty((rows, outputs), dtype)
-    g[...] = rng.standard_normal(g.shape)
-    x = aligned_empty((rows, inputs), dtype)
-    x[...] = rng.standard_normal(x.shape)
-    out = aligned_empty((outputs, inputs), dtype)
+def _measure(g: np.ndarray, x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Seconds per product ``gᵀ · x`` on oneDNN and on NumPy's BLAS, one figure per round, taking
+    turns; into a scratch array of the result's size."""
+    out = aligned_empty((g.shape[1], x.shape[1]), g.dtype)
     out[...] = 0
     return time_in_turns([lambda j: product(g.T, x, out=out, accumulate=True),
                           lambda j: on_numpy_blas(g.T, x, out, accumulate=True)])
