@@ -435,7 +435,8 @@ class Writer:
         for part, at in self.parts(v.args[1]):
             if self.picks(part):  # a one-hot vector picks one column
                 self(f"add_column({y}, {W}, {at} + {self.row(part.args[0])})")
-            elif (x := self.every_step(part)) is not None:  # after the rows' biases and columns, which the loop sets first
+            # after the rows' biases and columns, which the loop sets first
+            elif (x := self.every_step(part)) is not None:
                 self.batched.append(f"matmul_add({x}, {W}[:, {at}:{at + part.size}].T, {self.every_step(v)})")
             else:
                 self(f"add_dot_rows({y}, {W}, {at}, {self.row(part)}, {part.size}, {v.size})")

@@ -9,7 +9,7 @@ shapes faster, and others not (benchmarks/RESULTS.md). So where both
 libraries would run the product on one thread, :func:`weight_gradient` times
 both in turns the first time a shape runs in a process and keeps the faster;
 oneDNN stays the default, and NumPy's BLAS is taken only when it wins
-clearly, as kernels/layouts.py does for the step products' layouts.
+clearly, by the rule kernels/layouts.py uses for the step products.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import threading
 
 import numpy as np
 
-from . import onednn
+from . import layouts, onednn
 from .blas import aligned_empty, numpy_blas_threads, on_numpy_blas, product
-from .layouts import MARGIN, time_in_turns
+from .layouts import time_in_turns
 
 _choices: dict[tuple, bool] = {}
 _lock = threading.Lock()  # the parts of a row split ask at once: one measures, the other waits for it
@@ -50,10 +50,9 @@ def on_numpy_blas_faster(g: np.ndarray, x: np.ndarray) -> bool:
 
 
 def choose(onednn_times: list[float], numpy_times: list[float]) -> bool:
-    """Whether NumPy's BLAS wins: its time over oneDNN's, round by round, has a median below
-    ``layouts.MARGIN``."""
-    ratios = sorted(n / o for o, n in zip(onednn_times, numpy_times))
-    return ratios[len(ratios) // 2] < MARGIN
+    """Whether NumPy's BLAS wins, by the rule that picks a step product's kernel
+    (:func:`layouts.choose`: oneDNN the default, the other taken only when it wins clearly)."""
+    return layouts.choose([onednn_times, numpy_times]) == 1
 
 
 def chosen() -> dict[tuple, bool]:
