@@ -76,8 +76,10 @@ def test_the_split_loop_waits_only_where_threads_exchange_entries():
     gen = Generator(g, "tok", "y", jit=True, threads=2)
     code = feedsplit.write(gen, 2, np.float32)
     assert code.count("barrier(BAR, 2)") == 5
-    assert "linear_columns(S_v2, W_v3, P_p1, S_v3, 0, 256)" in code and "PART == 1" in code
-    assert code.count("linear_columns(R_") == 1  # the output product, on one thread
+    assert "linear_columns(S_v2, W_v3_cols0_256, P_p1, S_v3, 0, 256, 0)" in code and "PART == 1" in code
+    assert "linear_columns(S_v2, W_v3_cols256_512, P_p1, S_v3, 256, 512, 0)" in code
+    assert code.count("linear_columns(R_") == 1  # the output product, on one thread, from the whole weights
+    assert "linear_columns(R_v31[t % 2], W_v32, P_p5, S_v32, 0, 75, 0)" in code
 
 
 def test_when_the_split_is_taken(monkeypatch):

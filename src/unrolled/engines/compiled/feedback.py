@@ -334,6 +334,7 @@ class Generator:
             done = 0
             if threads > 1:
                 fn, names = self._split(threads, dtype)
+                feedsplit.bind_columns(bind, names)
                 done = feedsplit.run(fn, threads, head + [bind[n] for n in names])
                 if done < steps:  # the threads stopped: too busy a machine (kernels/spin.py)
                     self.alone_from = done
@@ -452,4 +453,5 @@ def _buffer_args(code: str) -> list[str]:
 def _identifiers(text: str) -> set[str]:
     import re
 
-    return set(re.findall(r"\b[A-Z]_[a-z]\d+\b", text))
+    # a buffer's name, or a thread's copy of some of a product's weights' columns (feedsplit.columns_name)
+    return set(re.findall(r"\b[A-Z]_[a-z]\d+(?:_cols\d+_\d+)?\b", text))

@@ -264,16 +264,45 @@ class Stretches:
         return self.access([(x, spans)]), self.access([(v, [[(off + a, off + b) for a, b in s] for s in spans])])
 
     def _product(self, v: Vertex, spans: list[Spans], comment) -> Phase:
-        """Product ``v``, each thread computing its columns (``spans``) from the whole input."""
+        """Product ``v``, each thread computing its columns (``spans``) from the whole input: shared
+        out, from its own copy of those columns (:func:`columns_name`); alone, from the weights."""
         gen = self.gen
         dst, x, W = gen._val(v), gen._val(v.args[1]), f"W_{gen.names[v.name]}"
-        call = (f"matmul_columns({x}, {W}, {dst}, {{}}, {{}})" if v.op == "matmul"
-                else f"linear_columns({x}, {W}, {gen._val(v.args[2])}, {dst}, {{}}, {{}})")
+        shared = sum(bool(s) for s in spans) > 1
+
+        def call(lo, hi):
+            w, first = (columns_name(W, lo, hi), 0) if shared else (W, lo)
+            if v.op == "matmul":
+                return f"matmul_columns({x}, {w}, {dst}, {lo}, {hi}, {first})"
+            return f"linear_columns({x}, {w}, {gen._val(v.args[2])}, {dst}, {lo}, {hi}, {first})"
+
         reads = [(v.args[1], [[(0, v.args[1].size)]] * self.n)]
         if v.op == "linear":
             reads.append((v.args[2], spans))
-        return Phase(comment, [[call.format(a, b) for a, b in s] for s in spans],
+        return Phase(comment, [[call(a, b) for a, b in s] for s in spans],
                      self.access(reads), self.access([(v, spans)]))
+
+
+def columns_name(weights: str, lo: int, hi: int) -> str:
+    """The name generated code gives a thread's own copy of columns ``lo:hi`` of ``weights``.
+
+    A thread's share of a product's weights, as columns of the whole matrix, is
+    a short piece of every row, the rest of each row another core's; the cache
+    then streams it as many short runs, at well below the rate it streams one
+    contiguous block. Its own copy, made once a run (:func:`bind_columns`), is
+    that one block, and lies in its core's cache alone."""
+    return f"{weights}_cols{lo}_{hi}"
+
+
+def bind_columns(bind: dict, names: list[str]) -> None:
+    """Add to ``bind`` each thread's copy of its columns that ``names`` (:func:`columns_name`) asks for."""
+    from .kernels.blas import aligned
+
+    for name in names:
+        weights, sep, cols = name.rpartition("_cols")
+        if sep and name not in bind and weights in bind:
+            lo, hi = (int(c) for c in cols.split("_"))
+            bind[name] = aligned(bind[weights][:, lo:hi], bind[weights].dtype)
 
 
 # ---------------------------------------------------------------- the code

@@ -108,15 +108,17 @@ if numba is not None:
     _jit_contract = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 
     @_jit_contract
-    def _accumulate_columns(x, W, out, lo, hi):
-        """``out[:, lo:hi] += x @ W[:, lo:hi]`` for ``x`` [B, K], ``W`` [K, N], small B.
+    def _accumulate_columns(x, W, out, lo, hi, first):
+        """``out[:, lo:hi] += x @ W[:, first:first + hi - lo]`` for ``x`` [B, K], small B.
 
-        ``W`` streams through once, four of its rows at a time (each pass
-        over ``out`` then carries four rows' worth of work), and a group of
-        four zero inputs skips its rows of ``W`` altogether. Each entry of
-        ``out`` gets the same sums in the same order whatever the range, so
-        threads that share a product by columns (feedsplit.py) compute what
-        one thread would.
+        ``first`` is ``lo`` where ``W`` holds every column, 0 where it holds
+        just these (feedsplit.py gives each thread a copy of its own columns,
+        which the cache streams through in one run). ``W`` streams through
+        once, four of its rows at a time (each pass over ``out`` then carries
+        four rows' worth of work), and a group of four zero inputs skips its
+        rows of ``W`` altogether. Each entry of ``out`` gets the same sums in
+        the same order whatever the range or copy, so threads that share a
+        product by columns compute what one thread would.
         """
         rows, inner = x.shape
         k = 0
@@ -124,39 +126,40 @@ if numba is not None:
             for i in range(rows):
                 a0, a1, a2, a3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
                 if a0 != 0 or a1 != 0 or a2 != 0 or a3 != 0:
-                    for n in range(lo, hi):
-                        out[i, n] += a0 * W[k, n] + a1 * W[k + 1, n] + a2 * W[k + 2, n] + a3 * W[k + 3, n]
+                    for m in range(hi - lo):
+                        c = first + m
+                        out[i, lo + m] += a0 * W[k, c] + a1 * W[k + 1, c] + a2 * W[k + 2, c] + a3 * W[k + 3, c]
             k += 4
         for k in range(k, inner):
             for i in range(rows):
                 a = x[i, k]
                 if a != 0:
-                    for n in range(lo, hi):
-                        out[i, n] += a * W[k, n]
+                    for m in range(hi - lo):
+                        out[i, lo + m] += a * W[k, first + m]
 
     @_jit
-    def matmul_columns(x, W, out, lo, hi):
-        """``out[:, lo:hi] = (x @ W)[:, lo:hi]`` for at most ``LOOP_ROWS`` rows."""
+    def matmul_columns(x, W, out, lo, hi, first):
+        """``out[:, lo:hi] = x @ W[:, first:first + hi - lo]`` for at most ``LOOP_ROWS`` rows."""
         for i in range(out.shape[0]):
             for n in range(lo, hi):
                 out[i, n] = 0
-        _accumulate_columns(x, W, out, lo, hi)
+        _accumulate_columns(x, W, out, lo, hi, first)
 
     @_jit
-    def linear_columns(x, W, bias, out, lo, hi):
-        """``out[:, lo:hi] = (x @ W + bias)[:, lo:hi]`` for at most ``LOOP_ROWS`` rows, the bias written
-        first so that the product adds onto it."""
+    def linear_columns(x, W, bias, out, lo, hi, first):
+        """``out[:, lo:hi] = (x @ W[:, first:first + hi - lo] + bias)[:, lo:hi]`` for at most ``LOOP_ROWS``
+        rows, the bias written first so that the product adds onto it."""
         for i in range(out.shape[0]):
             for n in range(lo, hi):
                 out[i, n] = entry(bias, i, n)
-        _accumulate_columns(x, W, out, lo, hi)
+        _accumulate_columns(x, W, out, lo, hi, first)
 
     @_jit
     def matmul_rows(x, W, out):
         """``out = x @ W`` for at most ``LOOP_ROWS`` rows."""
-        matmul_columns(x, W, out, 0, out.shape[1])
+        matmul_columns(x, W, out, 0, out.shape[1], 0)
 
     @_jit
     def linear_rows(x, W, bias, out):
         """``out = x @ W + bias`` for at most ``LOOP_ROWS`` rows."""
-        linear_columns(x, W, bias, out, 0, out.shape[1])
+        linear_columns(x, W, bias, out, 0, out.shape[1], 0)
