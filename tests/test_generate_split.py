@@ -150,3 +150,33 @@ def test_threads_that_stop_on_a_busy_machine_leave_the_rest_to_one(monkeypatch):
     two = gen.run(params, length=50, prime=prime, rng=np.random.default_rng(2))
     assert gen.ran_on == 2 and gen.alone_from == 0
     assert_identical(one, two)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_thread_computes_its_columns_from_its_own_copy_as_from_the_whole_weights(rows, dtype):
+    """Each thread reads a contiguous copy of its columns; the entries are those the whole weights
+    give, bit for bit, zero inputs (a one-hot row's) skipped alike."""
+    from unrolled.engines.compiled.kernels.sampling import linear_columns, matmul_columns
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((rows, 203)).astype(dtype)
+    x[:, 4:80] = 0  # whole groups of four zeros, and a group with one non-zero
+    x[:, 41] = 1
+    W = rng.standard_normal((203, 512)).astype(dtype)
+    bias = rng.standard_normal(512).astype(dtype)
+    bind = {"W_v3": W}
+    names = [feedsplit.columns_name("W_v3", lo, hi) for lo, hi in ((0, 240), (240, 512))]
+    feedsplit.bind_columns(bind, names)
+    whole, shared = np.zeros((rows, 512), dtype), np.full((rows, 512), np.nan, dtype)
+    linear_columns(x, W, bias, whole, 0, 512, 0)
+    for name, (lo, hi) in zip(names, ((0, 240), (240, 512))):
+        copy = bind[name]
+        assert copy.flags.c_contiguous and copy.shape == (203, hi - lo)
+        np.testing.assert_array_equal(copy, W[:, lo:hi])
+        linear_columns(x, copy, bias, shared, lo, hi, 0)
+    np.testing.assert_array_equal(shared, whole)
+    np.testing.assert_allclose(whole, x @ W + bias, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-4)
+    matmul_columns(x, bind[names[1]], shared, 240, 512, 0)
+    matmul_columns(x, W, whole, 240, 512, 240)
+    np.testing.assert_array_equal(shared, whole)

@@ -4,7 +4,8 @@ At a batch of one row, a step's products read every weight once and do two
 flops per number read: they run as fast as the weights arrive. Once a model's
 weights outgrow what a core's own (L2) cache keeps beside everything else,
 they come from the shared cache every step. Shared by columns across two
-cores, each core reads only its half, which stays in its own L2.
+cores, each core reads only its half, which stays in its own L2: a copy of
+its columns made for the run (:func:`columns_name`), streamed as one block.
 
 This module writes that step loop for a :class:`~.feedback.Generator`: one
 function, run by every thread with its own ``PART``. Each product computes its
@@ -26,7 +27,10 @@ the same quarter of each of four gate blocks). Sharing the columns the way
 the loop reads them would spare a barrier, but leaves each thread's weights
 in short pieces, every other one another core's; the caches' prefetchers,
 which fetch neighbouring lines, then fill each core's cache with the other's
-share too, and the products were slower than the barrier they spared.
+share too, and the products were slower than the barrier they spared. From
+copies of their own the pieces are whole blocks, but each is a product of
+its own, four short ones a thread for an LSTM's gates, and those were
+still slower than one long one and the barriers it needs.
 """
 
 from __future__ import annotations
