@@ -159,6 +159,18 @@ def _kind(B: int, dtype, backward: bool) -> tuple:
     return B, np.dtype(dtype).str, backward
 
 
+# The child steps aside before it imports anything: its imports would otherwise take a core from
+# the parent's first updates, which are what a user waits for (a BLAS call split across both cores
+# runs at the pace of the half that shares one). Niced before its first import, not after.
+_CHILD_START = f"""\
+import os
+if hasattr(os, "nice"):
+    os.nice(19)
+import runpy
+runpy.run_module({__name__!r}, run_name="__main__", alter_sys=True)
+"""
+
+
 class Child:
     """A child process compiling one job; its standard error kept in a file, for a failure's reason."""
 
@@ -168,7 +180,7 @@ class Child:
         here = str(Path(__file__).resolve().parents[3])  # the folder that holds this `unrolled`
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         # a session of its own: the user's Ctrl-C stops the run, and the child still fills the cache
-        self._process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+        self._process = subprocess.Popen([sys.executable, "-c", _CHILD_START], stdin=subprocess.PIPE,
                                          stdout=subprocess.DEVNULL, stderr=self._log, env=env,
                                          start_new_session=True)
         try:
@@ -259,7 +271,6 @@ def main() -> None:
     from .engine import CompiledEngine
 
     set_enabled(False)  # compile here, in this process: that is the child's whole job
-    os.nice(10)  # the parent trains meanwhile: on a busy machine its updates come first
     job = pickle.loads(sys.stdin.buffer.read())
     feeds = _zeros_of(job["feeds"])
     engine = CompiledEngine(job["graph"], **job["options"])
