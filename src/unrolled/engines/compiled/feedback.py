@@ -454,4 +454,4 @@ def _identifiers(text: str) -> set[str]:
     import re
 
     # a buffer's name, or a thread's copy of some of a product's weights' columns (feedsplit.columns_name)
-    return set(re.findall(r"\b[A-Z]_[a-z]\d+(?:_cols\d+_\d+)?\b", text))
+    return set(re.findall(rf"\b[A-Z]_[a-z]\d+(?:{feedsplit.COLUMNS_SUFFIX})?\b", text))

@@ -287,6 +287,9 @@ class Stretches:
                      self.access(reads), self.access([(v, spans)]))
 
 
+COLUMNS_SUFFIX = r"_cols\d+_\d+"  # what columns_name adds to the weights' name, as a regular expression
+
+
 def columns_name(weights: str, lo: int, hi: int) -> str:
     """The name generated code gives a thread's own copy of columns ``lo:hi`` of ``weights``.
 
@@ -304,9 +307,9 @@ def bind_columns(bind: dict, names: list[str]) -> None:
 
     for name in names:
         weights, sep, cols = name.rpartition("_cols")
-        if sep and name not in bind and weights in bind:
+        if sep:
             lo, hi = (int(c) for c in cols.split("_"))
-            bind[name] = aligned(bind[weights][:, lo:hi], bind[weights].dtype)
+            bind[name] = aligned(bind[weights][:, lo:hi])
 
 
 # ---------------------------------------------------------------- the code

@@ -19,7 +19,7 @@ import threading
 import numpy as np
 
 from . import layouts, onednn
-from .blas import aligned_empty, numpy_blas_threads, on_numpy_blas, product
+from .blas import aligned_zeros, numpy_blas_threads, on_numpy_blas, product
 from .layouts import time_in_turns
 
 _choices: dict[tuple, bool] = {}
@@ -64,7 +64,6 @@ def chosen() -> dict[tuple, bool]:
 def _measure(g: np.ndarray, x: np.ndarray) -> tuple[list[float], list[float]]:
     """Seconds per product ``gᵀ · x`` on oneDNN and on NumPy's BLAS, one figure per round, taking
     turns; into a scratch array of the result's size."""
-    out = aligned_empty((g.shape[1], x.shape[1]), g.dtype)
-    out[...] = 0
+    out = aligned_zeros((g.shape[1], x.shape[1]), g.dtype)
     return time_in_turns([lambda j: product(g.T, x, out=out, accumulate=True),
                           lambda j: on_numpy_blas(g.T, x, out, accumulate=True)])
