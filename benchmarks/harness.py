@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -205,8 +206,7 @@ def collect(ids, systems, a, log) -> dict:
     for wid in ids:
         w = workloads.get(wid)
         if w.kind == "start":
-            results[wid] = {label: run.start(w, system, variant, extra_env)
-                            for label, system, variant, extra_env in start_rows(systems)}
+            results[wid] = run.starts(w, start_rows(systems), a.start_rounds)
             _add_start_ratios(results[wid])
             continue
         results[wid] = {system: run.best(w, system, a.threads) for system in systems}
@@ -299,6 +299,19 @@ class _Runner:
             out[system] = {"variant": main.get("variant"), "threads": by, **_speedup(by)}
         return out
 
+    def starts(self, w, rows, rounds: int) -> dict:
+        """W6: every row's cold and warm start, `rounds` times, the rows taking turns within a round.
+
+        One start is a process of well under a second, and two of the same
+        engine differ by a tenth of that from run to run; turns let a drift of
+        the machine's speed fall on every row alike, and each row reports the
+        median of its rounds (`start_summary`)."""
+        samples = {label: [] for label, *_ in rows}
+        for _ in range(rounds):
+            for label, system, variant, extra_env in rows:
+                samples[label].append(self.start(w, system, variant, extra_env))
+        return {label: start_summary(runs) for label, runs in samples.items()}
+
     def start(self, w, system: str, variant: str, extra_env: dict) -> dict:
         """W6: a fresh process with empty compile caches, then one more with the caches it left."""
         with tempfile.TemporaryDirectory(prefix="unrolled-bench-cache-") as tmp:
@@ -313,6 +326,24 @@ class _Runner:
             row["error"] = cold.get("error") or warm.get("error")
         row["busy"] = bool(cold.get("busy") or warm.get("busy"))
         return row
+
+
+def start_summary(runs: list[dict]) -> dict:
+    """One W6 row from its rounds: the median cold and warm seconds, each round kept under `rounds`.
+
+    A row that failed in any round reports that round's error: a start that
+    sometimes fails is not a start to compare."""
+    first = runs[0]
+    row = {key: first[key] for key in ("engine", "version", "cold", "warm") if key in first}
+    row["rounds"] = [{k: r.get(k) for k in ("cold_s", "warm_s")} for r in runs]
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        row["error"] = failed[0]["error"]
+    else:
+        for key in ("cold_s", "warm_s"):
+            row[key] = statistics.median(r[key] for r in runs)
+    row["busy"] = any(r.get("busy") for r in runs)
+    return row
 
 
 def start_rows(systems) -> list[tuple[str, str, str, dict]]:
@@ -376,12 +407,23 @@ def _add_ratios(w, row: dict) -> None:
 
 
 def _add_start_ratios(row: dict) -> None:
-    """W6: unrolled's cold and warm start over each other row's (lower is better for unrolled)."""
+    """W6: unrolled's cold and warm start over each other row's (lower is better for unrolled).
+
+    With rounds, the median of the rounds' ratios: the two starts of a round
+    ran minutes apart at most, the rounds' medians may not."""
     subject = row.get(SUBJECT, {})
     for key in ("cold_s", "warm_s"):
         if subject.get(key):
-            subject[f"ratio_{key}"] = {label: subject[key] / out[key] for label, out in row.items()
+            subject[f"ratio_{key}"] = {label: _paired_ratio(subject, out, key) for label, out in row.items()
                                        if label != SUBJECT and out.get(key)}
+
+
+def _paired_ratio(subject: dict, other: dict, key: str) -> float:
+    """The median over rounds of subject / other in `key`, or the ratio of the two figures without rounds."""
+    pairs = list(zip(subject.get("rounds", []), other.get("rounds", [])))
+    if not pairs:
+        return subject[key] / other[key]
+    return statistics.median(mine[key] / theirs[key] for mine, theirs in pairs)
 
 
 def _short(out: dict) -> str:
@@ -501,7 +543,9 @@ def _variants_note(out: dict) -> str:
 
 
 def _render_start(w, row: dict) -> list[str]:
-    lines = [f"{w.id} {w.name}: {w.describe()} (cold: empty compile caches; warm: the caches it left)",
+    rounds = max((len(out.get("rounds", [])) for out in row.values()), default=0)
+    each = f"; the median of {rounds} rounds, ratios the median of the rounds' ratios" if rounds > 1 else ""
+    lines = [f"{w.id} {w.name}: {w.describe()} (cold: empty compile caches; warm: the caches it left{each})",
              f"  {'system':<15} {'cold s':>8} {'warm s':>8} {'ratio cold':>11} {'ratio warm':>11}  notes"]
     subject = row.get(SUBJECT, {})
     for label, out in row.items():
@@ -574,6 +618,9 @@ def parse_args(argv, prog="python -m benchmarks.harness"):
                         "(default 1,2; 'none' for none)")
     p.add_argument("--corpus", default=None, help="corpus file (default ../shared/data/shakespeare.txt)")
     p.add_argument("--timeout", type=float, default=None, help="seconds before a worker is abandoned")
+    p.add_argument("--start-rounds", type=int, default=3,
+                   help="W6: cold and warm starts of every row, the rows taking turns; each row reports the "
+                        "median (default 3)")
     p.add_argument("--runs", type=int, default=1,
                    help="full runs one after another; the targets are judged on their median (default 1; "
                         "issue 19 judges on 3)")
@@ -590,8 +637,10 @@ def main(argv=None, prog="python -m benchmarks.harness") -> int:
         if unknown or not systems:
             raise ValueError(f"unknown system {', '.join(unknown) or '(none)'} (--systems): "
                              f"choose from {', '.join(SYSTEMS)}")
-        if not a.seconds > 0 or a.reps < 1 or a.warmup < 0 or a.threads < 1 or a.runs < 1:
-            raise ValueError("--seconds must be > 0, --reps >= 1, --warmup >= 0, --threads >= 1, --runs >= 1")
+        if not a.seconds > 0 or a.reps < 1 or a.warmup < 0 or a.threads < 1 or a.runs < 1 \
+                or a.start_rounds < 1:
+            raise ValueError("--seconds must be > 0, --reps >= 1, --warmup >= 0, --threads >= 1, --runs >= 1, "
+                             "--start-rounds >= 1")
         corpus_mod.corpus_path(a.corpus)
     except (ValueError, FileNotFoundError) as e:
         print(f"bench: {e}", file=sys.stderr)

@@ -98,6 +98,40 @@ def test_start_rows_include_the_plain_numpy_engine_and_both_torch_variants():
     assert set(rows) == {"unrolled", "unrolled-numpy", "torch", "torch-compile", "jax"}
 
 
+def test_start_rows_take_turns_round_by_round_and_report_their_medians():
+    order = []
+
+    class Runner(harness._Runner):
+        def __init__(self):
+            self.seconds = {"unrolled": iter([0.6, 0.5, 0.9]), "unrolled-numpy": iter([0.5, 0.7, 0.8])}
+
+        def start(self, w, system, variant, extra_env):
+            label = "unrolled-numpy" if extra_env else system
+            order.append(label)
+            s = next(self.seconds[label])
+            return {"cold_s": s, "warm_s": s / 2, "cold": {}, "warm": {}, "engine": label}
+
+    rows = harness.start_rows(["unrolled"])
+    row = Runner().starts(None, rows, rounds=3)
+    assert order == ["unrolled", "unrolled-numpy"] * 3
+    assert row["unrolled"]["cold_s"] == 0.6 and row["unrolled-numpy"]["warm_s"] == 0.35
+    assert [r["cold_s"] for r in row["unrolled"]["rounds"]] == [0.6, 0.5, 0.9]
+    harness._add_start_ratios(row)
+    # the median of the rounds' ratios (1.2, 0.714, 1.125), not the ratio of the medians (0.6 / 0.7)
+    assert row["unrolled"]["ratio_cold_s"]["unrolled-numpy"] == pytest.approx(1.125)
+
+
+def test_a_start_row_that_failed_in_any_round_reports_the_error():
+    runs = [{"cold_s": 0.5, "warm_s": 0.4}, {"error": "worker exit 1: boom", "busy": True}]
+    row = harness.start_summary(runs)
+    assert row["error"] == "worker exit 1: boom" and "cold_s" not in row and row["busy"] is True
+
+
+def test_start_rounds_must_be_at_least_one(capsys):
+    assert harness.main(["W6", "--start-rounds", "0"]) == 2
+    assert "--start-rounds >= 1" in capsys.readouterr().err
+
+
 def test_speedup_is_the_most_threads_over_one_thread():
     by = {"1": {"chars_per_s": 100.0}, "2": {"chars_per_s": 170.0}}
     assert harness._speedup(by) == {"speedup": pytest.approx(1.7), "speedup_threads": 2}

@@ -38,6 +38,14 @@ def test_bench_passes_runs_to_the_harness(monkeypatch):
     assert seen == [["--json", "--runs", "3"]]
 
 
+def test_bench_passes_start_rounds_to_the_harness(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_cmd, "_harness",
+                        lambda: types.SimpleNamespace(main=lambda argv, prog: seen.append(argv) or 0))
+    assert main(["bench", "W6", "--start-rounds", "5"]) == 0
+    assert seen == [["W6", "--start-rounds", "5"]]
+
+
 def test_bench_refuses_runs_below_one_under_its_own_name(capsys):
     assert main(["bench", "W1", "--runs", "0"]) == 2
     assert "--runs >= 1" in capsys.readouterr().err

@@ -32,6 +32,8 @@ def add_arguments(p) -> None:
                                                     "(default 1,2; none to skip)")
     p.add_argument("--corpus", metavar="FILE", help="the text the workloads train on "
                                                     "(default $UNROLLED_BENCH_CORPUS, else ../shared/data/shakespeare.txt)")
+    p.add_argument("--start-rounds", metavar="N", help="cold and warm starts of every start-up row, the rows taking "
+                                                        "turns; each reports its median (default 3)")
     p.add_argument("--runs", metavar="N", help="full runs one after another, then the targets judged on their "
                                                 "median (default 1)")
 
@@ -52,10 +54,10 @@ def run(args) -> int:
     argv = list(args.rest)
     if args.json:
         argv.append("--json")
-    for flag in ("systems", "seconds", "reps", "warmup", "threads", "scaling", "corpus", "runs"):
+    for flag in ("systems", "seconds", "reps", "warmup", "threads", "scaling", "corpus", "start_rounds", "runs"):
         value = getattr(args, flag)
         if value is not None:
-            argv += [f"--{flag}", str(value)]
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
     try:
         return int(_harness().main(argv, prog="unrolled bench") or 0)
     except SystemExit as e:  # the harness's own parser printed its usage error, under our name
