@@ -643,7 +643,7 @@ def main(argv=None, prog="python -m benchmarks.harness") -> int:
                              "--start-rounds >= 1")
         corpus_mod.corpus_path(a.corpus)
     except (ValueError, FileNotFoundError) as e:
-        print(f"bench: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
     def log(msg: str) -> None:

@@ -1,6 +1,9 @@
 """The command line: ``unrolled SUBCOMMAND ...``, one small module per subcommand.
 
-Each subcommand module has ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand module has ``add_arguments(parser)`` and ``run(args) -> int``; a
+module with ``FORWARDS_ARGUMENTS = True`` declares none and gets its command
+line, help included, as ``args.forwarded`` (``bench``: the benchmark harness
+parses its own, so its options live in one place).
 :func:`main` turns a user's mistake (``ValueError``, ``OSError``) into one line
 on stderr and a non-zero exit, never a traceback.
 """
@@ -57,13 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in SUBCOMMANDS.items():
         module = _module(name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter, add_help=not _forwards(module))
         module.add_arguments(p)
     return parser
 
 
 def _module(name: str):
     return importlib.import_module(f"unrolled.cli.{name}_cmd")
+
+
+def _forwards(module) -> bool:
+    return getattr(module, "FORWARDS_ARGUMENTS", False)
 
 
 def _compiling_notice() -> None:
@@ -101,7 +108,11 @@ def _matplotlib_config() -> None:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if args.command and _forwards(_module(args.command)):
+            args.forwarded = extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse already printed its one-line usage error
         return int(e.code or 0)
     if not args.command:

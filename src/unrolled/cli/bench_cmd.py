@@ -19,23 +19,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+# The harness (benchmarks/harness.py) parses the options: `unrolled bench --help` lists them.
+FORWARDS_ARGUMENTS = True
+
 
 def add_arguments(p) -> None:
-    p.add_argument("rest", nargs="*", metavar="W", help="workloads by the names BENCHMARKS.md gives them (default: all)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--systems", help="comma-separated: unrolled,torch,jax,numpy (default all)")
-    p.add_argument("--seconds", help="minimum length of one timed repetition (default 2)")
-    p.add_argument("--reps", help="timed repetitions (default 5)")
-    p.add_argument("--warmup", help="untimed warm-up steps (default 3)")
-    p.add_argument("--threads", help="cores every system may use (default 2)")
-    p.add_argument("--scaling", metavar="N,M", help="thread counts at which the two LSTM training workloads are also reported "
-                                                    "(default 1,2; none to skip)")
-    p.add_argument("--corpus", metavar="FILE", help="the text the workloads train on "
-                                                    "(default $UNROLLED_BENCH_CORPUS, else ../shared/data/shakespeare.txt)")
-    p.add_argument("--start-rounds", metavar="N", help="cold and warm starts of every start-up row, the rows taking "
-                                                        "turns; each reports its median (default 3)")
-    p.add_argument("--runs", metavar="N", help="full runs one after another, then the targets judged on their "
-                                                "median (default 1)")
+    """None of its own: every argument goes to the harness as it was typed."""
 
 
 def _harness():
@@ -51,14 +40,7 @@ def _harness():
 
 
 def run(args) -> int:
-    argv = list(args.rest)
-    if args.json:
-        argv.append("--json")
-    for flag in ("systems", "seconds", "reps", "warmup", "threads", "scaling", "corpus", "start_rounds", "runs"):
-        value = getattr(args, flag)
-        if value is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(value)]
     try:
-        return int(_harness().main(argv, prog="unrolled bench") or 0)
-    except SystemExit as e:  # the harness's own parser printed its usage error, under our name
+        return int(_harness().main(list(args.forwarded), prog="unrolled bench") or 0)
+    except SystemExit as e:  # the harness's own parser printed its help or usage error, under our name
         return e.code if isinstance(e.code, int) else 2
