@@ -475,7 +475,7 @@ def render(report: dict) -> str:
     lines.append(f"protocol: fresh process per system, {proto['warmup']} warm-up steps, "
                  f"{proto['reps']} reps >= {proto['seconds']:g} s; median [min - max]; "
                  f"loss per char flagged HIGH unless < {proto['loss_flag_above']:.2f} (0.9 ln {proto['vocab']})")
-    lines.append(f"ratio = {SUBJECT} / system, same run (W1-W4 speed: higher is better for {SUBJECT}; "
+    lines.append(f"ratio = {SUBJECT} / system, same run (W1-W4, W7 speed: higher is better for {SUBJECT}; "
                  f"W5 memory and W6 seconds: lower is better)")
     busy = False
     for wid, row in report["workloads"].items():
@@ -605,7 +605,13 @@ def _counts(text: str) -> list[int]:
 def parse_args(argv, prog="python -m benchmarks.harness"):
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Time the workloads of BENCHMARKS.md with unrolled and its peers; print ratios.")
+        description="Time the workloads of BENCHMARKS.md (min-char-rnn's Elman network, char-rnn's LSTM 2x128, "
+                    "a large LSTM, sampling, peak memory of one long BPTT step, start-up time) and batched "
+                    "sampling (W7) with unrolled and each peer (PyTorch eager and compiled, JAX, min-char-rnn's "
+                    "NumPy loop), each in a fresh process: median chars/s with min-max, unrolled's ratio to "
+                    "each peer, GFLOP/s and % of the matrix-product peak measured in the same run, and the two "
+                    "LSTM training workloads at 1 and 2 threads. --runs 3 judges the targets on the median of "
+                    "three full runs. Only same-run ratios mean anything on a shared machine.")
     p.add_argument("workloads", nargs="*", metavar="W", help=f"workloads to run (default: all of {' '.join(workloads.WORKLOADS)})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, run in this order (default: %(default)s)")

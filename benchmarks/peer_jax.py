@@ -257,21 +257,46 @@ def _first_update(workload: Workload, corpus: Corpus, protocol: Protocol) -> dic
 
 def _sample(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
     import jax
+
+    key, init_key = jax.random.split(jax.random.PRNGKey(protocol.seed))
+    params = _init(workload, corpus.V, init_key)
+    generate = sampler(workload, corpus)
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(generate).lower(params, key).compile()
+    compile_s = time.perf_counter() - t0
+
+    def step():
+        nonlocal key
+        out, key = compiled(params, key)
+        out.block_until_ready()          # the caller wants the text now
+        return None                      # sampling has no loss
+
+    out = time_steps(step, protocol, workload.T * workload.B)
+    out["compile_s"] = compile_s
+    return out
+
+
+def sampler(workload: Workload, corpus: Corpus):
+    """``generate(params, key) -> (tokens, key)``, to be jitted: ``workload.T`` characters of each
+    of ``workload.B`` streams (tokens ``[T]`` at one stream, ``[T, B]`` at several), every stream
+    from the seed character; one `lax.scan` whose step runs the whole batch, as `jax.random.categorical`
+    draws a row's token from each row of ``[B, V]`` logits."""
+    import jax
     import jax.numpy as jnp
     from jax import lax
 
-    V, H, L = corpus.V, workload.hidden, workload.layers
-    key, init_key = jax.random.split(jax.random.PRNGKey(protocol.seed))
-    params = _init(workload, V, init_key)
-    first = jnp.int32(corpus.index(workload.seed_char))
+    H, L, B = workload.hidden, workload.layers, workload.B
+    batch = () if B == 1 else (B,)   # one stream keeps vectors, as a user sampling one text writes it
+    first = jnp.full(batch, corpus.index(workload.seed_char), jnp.int32)
     inv_temp = 1.0 / workload.temperature
 
     def lstm_cell(Wx_row_or_proj, Wh, h, c):
-        z = Wx_row_or_proj + h @ Wh                  # [4H], gate columns i, f, g, o
-        i = jax.nn.sigmoid(z[:H])
-        f = jax.nn.sigmoid(z[H : 2 * H])
-        g = jnp.tanh(z[2 * H : 3 * H])
-        o = jax.nn.sigmoid(z[3 * H :])
+        z = Wx_row_or_proj + h @ Wh                  # [..., 4H], gate columns i, f, g, o
+        i = jax.nn.sigmoid(z[..., :H])
+        f = jax.nn.sigmoid(z[..., H : 2 * H])
+        g = jnp.tanh(z[..., 2 * H : 3 * H])
+        o = jax.nn.sigmoid(z[..., 3 * H :])
         c = f * c + i * g
         return o * jnp.tanh(c), c
 
@@ -293,20 +318,8 @@ def _sample(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
             ix = jax.random.categorical(k, logits * inv_temp)
             return (jnp.stack(new_h), jnp.stack(new_c), ix), ix
 
-        zeros = jnp.zeros((L, H), jnp.float32)
+        zeros = jnp.zeros((L, *batch, H), jnp.float32)
         _, out = lax.scan(body, (zeros, zeros, first), keys)
         return out, key
 
-    t0 = time.perf_counter()
-    compiled = jax.jit(generate).lower(params, key).compile()
-    compile_s = time.perf_counter() - t0
-
-    def step():
-        nonlocal key
-        out, key = compiled(params, key)
-        out.block_until_ready()          # the caller wants the text now
-        return None                      # sampling has no loss
-
-    out = time_steps(step, protocol, workload.T)
-    out["compile_s"] = compile_s
-    return out
+    return generate

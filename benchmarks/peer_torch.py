@@ -153,10 +153,29 @@ def _first_update(workload: Workload, corpus: Corpus, protocol: Protocol, compil
 
 
 def _sample(workload: Workload, corpus: Corpus, protocol: Protocol, compile: bool) -> dict:
+    generate = sampler(workload, corpus, compile)
+
+    def step():
+        generate()
+        return None   # sampling has no loss
+
+    extra = {}
+    if compile:
+        t0 = time.perf_counter()
+        generate()
+        extra["compile_s"] = time.perf_counter() - t0
+    return {**time_steps(step, protocol, workload.T * workload.B), **extra}
+
+
+def sampler(workload: Workload, corpus: Corpus, compile: bool = False):
+    """``generate()``: ``workload.T`` characters of each of ``workload.B`` streams, every stream
+    from the seed character, as a list of ``T`` token tensors ``[B]`` (of ints at one stream).
+    One stream feeds back a Python int (`.item()`), as a user sampling one text writes it; many
+    feed back the batch's token tensor, drawn with one `torch.multinomial` over ``[B, V]``."""
     import torch
     import torch.nn as nn
 
-    V, H = corpus.V, workload.hidden
+    V, H, B = corpus.V, workload.hidden, workload.B
     cells = [nn.LSTMCell(V if i == 0 else H, H) for i in range(workload.layers)]
     head = nn.Linear(H, V)
     eye = torch.eye(V)
@@ -177,17 +196,20 @@ def _sample(workload: Workload, corpus: Corpus, protocol: Protocol, compile: boo
 
     @torch.inference_mode()
     def generate():
-        states = [(torch.zeros(1, H), torch.zeros(1, H)) for _ in cells]
-        ix, out = first, []
+        states = [(torch.zeros(B, H), torch.zeros(B, H)) for _ in cells]
+        out = []
+        if B == 1:
+            ix = first
+            for _ in range(workload.T):
+                p, states = cell_step(eye[ix].view(1, V), states)
+                ix = torch.multinomial(p, 1).item()
+                out.append(ix)
+            return out
+        ix = torch.full((B,), first)
         for _ in range(workload.T):
-            p, states = cell_step(eye[ix].view(1, V), states)
-            ix = torch.multinomial(p, 1).item()
+            p, states = cell_step(eye[ix], states)
+            ix = torch.multinomial(p, 1).squeeze(1)
             out.append(ix)
-        return None   # sampling has no loss
+        return out
 
-    extra = {}
-    if compile:
-        t0 = time.perf_counter()
-        generate()
-        extra["compile_s"] = time.perf_counter() - t0
-    return {**time_steps(generate, protocol, workload.T), **extra}
+    return generate

@@ -149,18 +149,31 @@ def _products(engine, B: int) -> str:
 
 
 def _sample(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
+    t0 = time.perf_counter()
+    generate, gen = sampler(workload, corpus, protocol.seed)
+
+    def step():
+        generate()
+        return None   # sampling has no loss
+
+    generate()  # compile (or load the compiled loop)
+    extra = {"setup_s": time.perf_counter() - t0, "engine": "generator (numba)" if gen.use_jit else "generator (numpy)",
+             "threads_used": gen.ran_on}
+    return {**time_steps(step, protocol, workload.T * workload.B), **extra}
+
+
+def sampler(workload: Workload, corpus: Corpus, seed: int):
+    """``(generate, generator)``: ``generate()`` samples ``workload.T`` characters of each of
+    ``workload.B`` streams, every stream from the seed character, as tokens ``[T, B]``."""
     from unrolled.engines.compiled.feedback import Generator
 
-    t0 = time.perf_counter()
     g = _graph(workload, corpus.V)
-    params = g.init_params(protocol.seed, np.float32)
+    params = g.init_params(seed, np.float32)
     gen = Generator(g, "x", "y")
-    prime = np.array([[corpus.index(workload.seed_char)]])
-    rng = np.random.default_rng(protocol.seed)
+    prime = np.full((1, workload.B), corpus.index(workload.seed_char))
+    rng = np.random.default_rng(seed)
 
-    def generate():
-        gen.run(params, length=workload.T, prime=prime, rng=rng, temperature=workload.temperature)
+    def generate() -> np.ndarray:
+        return gen.run(params, length=workload.T, prime=prime, rng=rng, temperature=workload.temperature)[0]
 
-    gen.run(params, length=2, prime=prime, rng=rng)  # compile (or load the compiled loop)
-    extra = {"setup_s": time.perf_counter() - t0, "engine": "generator (numba)" if gen.use_jit else "generator (numpy)"}
-    return {**time_steps(generate, protocol, workload.T), **extra}
+    return generate, gen

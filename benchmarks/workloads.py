@@ -1,4 +1,4 @@
-"""The six benchmark workloads of BENCHMARKS.md, as plain data.
+"""The six benchmark workloads of BENCHMARKS.md, and batched sampling (W7), as plain data.
 
 A peer reads everything it needs from a `Workload`: the model, the chunk
 shape `[T, B]`, the optimizer and clipping, how the loss is reduced, and how
@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Workload:
-    id: str                 # "W1" .. "W6"
+    id: str                 # "W1" .. "W7"
     name: str               # short name from BENCHMARKS.md
     kind: str               # "train" (chars/s), "sample" (chars/s), "memory" (peak MiB) or "start" (s)
     cell: str               # "elman" (tanh) or "lstm"
     hidden: int             # state size of every layer
     layers: int             # stacked recurrent layers
-    T: int                  # steps per chunk (for "sample": characters generated per call)
+    T: int                  # steps per chunk (for "sample": characters generated per call and stream)
     B: int                  # streams per batch
     optimizer: str          # "adagrad", "adam" or "none"
     lr: float               # learning rate
@@ -60,6 +60,10 @@ WORKLOADS: dict[str, Workload] = {
         # the default character model (charmodel.ModelConfig / TrainConfig): W2's shape and optimizer
         Workload("W6", "start", "start", "lstm", 128, 2, 50, 50,
                  "adam", 2e-3, "norm", 5.0, "mean", 1.468e6),
+        # not in BENCHMARKS.md (issue 19 welcomes it): W4's model sampling 32 streams at once, as a
+        # user generating many texts does; chars/s counts the characters of every stream
+        Workload("W7", "sample-batch", "sample", "lstm", 128, 2, 500, 32,
+                 "none", 0.0, "none", 0.0, "mean", 0.489e6),
     ]
 }
 

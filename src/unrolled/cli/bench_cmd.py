@@ -1,17 +1,9 @@
 """Time unrolled against the tools a user would pick instead, on this machine.
 
-Runs the workloads of BENCHMARKS.md (min-char-rnn's Elman network, char-rnn's
-LSTM 2x128, a large LSTM, sampling, peak memory of one long BPTT step, start-up
-time) with unrolled and each peer (PyTorch on the CPU, eager and compiled, JAX
-when installed, a plain NumPy loop where min-char-rnn has one), one after
-another, each in a fresh process, and prints median chars/s with min-max,
-unrolled's ratio to each peer, GFLOP/s and % of the machine's matrix-product
-peak measured in the same run, and the two LSTM training workloads at 1 and 2
-threads; --json prints one object. --runs 3 makes three full runs and judges
-the targets on their median. Only same-run ratios mean anything on a shared machine.
-
-The benchmark code lives in the repository's benchmarks/ folder (not in the
-installed package): run this from a source checkout.
+`unrolled bench` hands its whole command line to the benchmark harness
+(benchmarks/harness.py), whose parser and help are the only ones; it lives in
+the repository's benchmarks/ folder, not in the installed package, so this
+runs from a source checkout.
 """
 
 from __future__ import annotations
