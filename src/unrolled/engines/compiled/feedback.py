@@ -15,7 +15,8 @@ every op is one NumPy call. Either way the random numbers
 come from the caller's NumPy generator, drawn up front, so a seed gives the
 same text. Where a model's weights outgrow one core's cache, the Numba loop
 runs on two threads, each computing its share of every step's entries
-(feedsplit.py); the text and states are the same, bit for bit.
+(feedsplit.py); the text and states are the same, bit for bit. Above
+``LOOP_ROWS`` rows, each thread samples rows of its own instead (feedrows.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from unrolled.engines.runio import as_history
 from unrolled.graph.folded import Graph, Param, Vertex
 from unrolled.graph.ops import ELEMENTWISE, OPS
 
-from . import feedsplit
+from . import feedrows, feedsplit
 from .fuse import operand_names, scalar_code
 from .plan import is_view
 from .ufunc_calls import spell
@@ -48,8 +49,9 @@ class Generator:
     token; ``logits``: the vertex whose softmax is sampled. Other inputs are
     not allowed (a generator has nothing to feed them). ``threads``: "auto"
     shares each step's products across two threads where the weights outgrow
-    one core's cache (feedsplit.py says when); a number asks for that many
-    wherever the Numba loop can share its work; 1 never shares.
+    one core's cache (feedsplit.py says when), and a batch of more than
+    ``LOOP_ROWS`` rows across the cores by rows (feedrows.py); a number asks
+    for that many wherever the Numba loop can share its work; 1 never shares.
     """
 
     def __init__(self, graph: Graph, feed: str, logits: str, *, jit: bool | str = "auto",
@@ -321,35 +323,55 @@ class Generator:
         dtype = _dtype(params)
         N = P + length
         U = rng.random((max(N, 1), B))
-        out = np.zeros((max(length, 0), B), dtype=np.int64)
-        bind = self._buffers(params, B, dtype, init_states or {})
-        tok = np.zeros(B, dtype=np.int64)
-        probs = np.empty((B, self.logits.size), dtype=np.float64)
         # the loop reads the token of step t before step t; it runs P + length - 1 steps of the model
         steps = P + length if length > 0 else P
-        head = [steps, P, prime, U, float(temperature), int(top_k or 0), out, probs, tok]
+        weights = self._weights(params, dtype)
         threads, _ = self.threads_for(B, dtype)
         self.ran_on, self.alone_from = threads, None
-        with np.errstate(under="ignore", over="ignore"):
-            done = 0
-            if threads > 1:
-                fn, names = self._split(threads, dtype)
-                feedsplit.bind_columns(bind, names)
-                done = feedsplit.run(fn, threads, head + [bind[n] for n in names])
-                if done < steps:  # the threads stopped: too busy a machine (kernels/spin.py)
-                    self.alone_from = done
-            if done < steps:
-                self._fn(done, *head, *[bind[n] for n in self.arg_names])
+
+        def rows(lo: int, hi: int):
+            """Rows ``lo:hi`` sampled, on the calling thread or (``threads`` > 1) on a share of each step."""
+            given = {k: np.asarray(v)[..., lo:hi, :] for k, v in (init_states or {}).items()}
+            bind = {**weights, **self._states(params, hi - lo, dtype, given)}
+            out = np.zeros((max(length, 0), hi - lo), dtype=np.int64)
+            head = [steps, P, np.ascontiguousarray(prime[:, lo:hi]), np.ascontiguousarray(U[:, lo:hi]),
+                    float(temperature), int(top_k or 0), out, np.empty((hi - lo, self.logits.size), np.float64),
+                    np.zeros(hi - lo, dtype=np.int64)]
+            with np.errstate(under="ignore", over="ignore"):
+                done = 0
+                if threads > 1 and not split_rows:
+                    fn, names = self._split(threads, dtype)
+                    feedsplit.bind_columns(bind, names)
+                    done = feedsplit.run(fn, threads, head + [bind[n] for n in names])
+                    if done < steps:  # the threads stopped: too busy a machine (kernels/spin.py)
+                        self.alone_from = done
+                if done < steps:
+                    self._fn(done, *head, *[bind[n] for n in self.arg_names])
+            return out, self._finals(bind, steps)
+
+        split_rows = threads > 1 and _rows_loop(B)
+        if not split_rows:
+            return rows(0, B)
+        parts = feedrows.run(rows, feedrows.parts(B, threads))
+        out = np.concatenate([o for o, _ in parts], axis=1)
+        return out, {k: np.concatenate([f[k] for _, f in parts], axis=-2) for k in parts[0][1]}
+
+    def _finals(self, bind: dict, steps: int) -> dict[str, np.ndarray]:
+        """Each state after the last step, read from its ring (``[B, F]``, or ``[D, B, F]`` with D > 1)."""
         finals = {}
         for name, D in self.depth.items():
             ring = bind[f"R_{self.names[name]}"]
             last = steps - 1
             hist = np.stack([ring[(last - k) % (D + 1)] for k in range(D - 1, -1, -1)])
             finals[name] = hist[0] if D == 1 else hist
-        return out, finals
+        return finals
 
     def threads_for(self, B: int, dtype) -> tuple[int, str]:
-        """How many threads a run of ``B`` rows in ``dtype`` takes, and why, in words."""
+        """How many threads a run of ``B`` rows in ``dtype`` takes, and why, in words: above
+        ``LOOP_ROWS`` rows each thread samples rows of its own (feedrows.py), else each computes
+        its share of every step (feedsplit.py)."""
+        if self.use_jit and _rows_loop(B):
+            return feedrows.choose(self, B, self.threads)
         return feedsplit.choose(self, B, dtype, self.threads)
 
     def _split(self, nparts: int, dtype):
@@ -362,10 +384,20 @@ class Generator:
             self._split_fns[key] = _load_jit(code, "generate_part", spin=True), names
         return self._split_fns[key]
 
-    def _buffers(self, params, B, dtype, init_states) -> dict:
+    def _weights(self, params, dtype) -> dict:
+        """The parameters as the loop reads them, shared by every part of a run's rows."""
         bind = {}
         for name, key in self.pnames.items():
             bind[f"P_{key}"] = aligned(np.asarray(params[name]), dtype)
+        for v in self.order:
+            if v.kind == "op" and v.op in ("matmul", "linear"):
+                # on a cache line: the step's products read it from L2 every character
+                bind[f"W_{self.names[v.name]}"] = aligned(np.asarray(params[v.args[0].name]).T, dtype)
+        return bind
+
+    def _states(self, params, B, dtype, init_states) -> dict:
+        """The values of one step of ``B`` rows, and each delayed vertex's ring, from its initial states."""
+        bind = {}
         for v in self.order:
             n = self.names[v.name]
             if v.kind != "op" or is_view(v, self.depth):
@@ -379,9 +411,6 @@ class Generator:
                 bind[f"R_{n}"] = ring
             else:
                 bind[f"S_{n}"] = aligned_zeros((B, v.size), dtype)
-            if v.op in ("matmul", "linear"):
-                # on a cache line: the step's products read it from L2 every character
-                bind[f"W_{n}"] = aligned(np.asarray(params[v.args[0].name]).T, dtype)
         return bind
 
     def _initial(self, v: Vertex, D: int, B: int, dtype, params, given) -> np.ndarray:
@@ -421,6 +450,13 @@ def _needed(graph: Graph, target: Vertex) -> list[Vertex]:
         elif v.kind == "op":
             stack.extend(a for a in v.args if isinstance(a, Vertex))
     return [v for v in graph.step_order() if v.name in need]
+
+
+def _rows_loop(B: int) -> bool:
+    """Whether ``B`` rows are more than the Numba loop's own products take (their products are BLAS's)."""
+    from .kernels.sampling import LOOP_ROWS
+
+    return B > LOOP_ROWS
 
 
 def _load_jit(code: str, name: str, spin: bool = False):

@@ -57,7 +57,8 @@ Spans = list[tuple[int, int]]  # entries [lo, hi) of a buffer's rows
 
 
 def choose(gen, B: int, dtype, threads: int | str = "auto") -> tuple[int, str]:
-    """How many threads generate ``B`` rows of ``dtype`` with ``gen``, and why, in words.
+    """How many threads generate ``B`` rows (at most ``LOOP_ROWS``; more split by rows, feedrows.py)
+    of ``dtype`` with ``gen``, and why, in words.
 
     ``threads``: "auto" splits when the rule below says it pays; a number
     asks for that many threads wherever a split is possible (tests force one
@@ -69,10 +70,6 @@ def choose(gen, B: int, dtype, threads: int | str = "auto") -> tuple[int, str]:
         return 1, "the NumPy generator runs on one thread"
     if np.dtype(dtype) not in (np.float32, np.float64):
         return 1, f"{np.dtype(dtype).name}: only float32 and float64 loops split"
-    from .kernels.sampling import LOOP_ROWS
-
-    if B > LOOP_ROWS:
-        return 1, f"{B} rows: above LOOP_ROWS ({LOOP_ROWS}) the products are BLAS's, on its own threads"
     if threads != "auto":
         return int(threads), f"threads={threads} asked for"
     cores, cap = usable_cores(), thread_cap()
