@@ -84,3 +84,12 @@ def test_a_split_run_samples_every_row_and_states_continue_it():
     rest, _ = gen.run(params, length=30, prime=first[-1:], rng=Uniforms(u[30:]), init_states=states)
     assert gen.ran_on == 2
     np.testing.assert_array_equal(np.concatenate([first, rest]), whole)
+
+
+def test_initial_states_are_checked_against_the_whole_batch_before_the_rows_split():
+    g = char_model(V=11, H=16, layers=1)
+    gen = Generator(g, "tok", "y", jit=True, threads=2)
+    prime = np.zeros((1, 32), dtype=int)
+    bad = {"l0.h": np.zeros((33, 16))}  # one row too many: each part's rows of it would look right
+    with pytest.raises(ValueError, match=r"init_states\['l0.h'\] has shape \[33, 16\]; it must be \[32, 16\]"):
+        gen.run(g.init_params(0), length=5, prime=prime, rng=np.random.default_rng(0), init_states=bad)

@@ -326,13 +326,15 @@ class Generator:
         # the loop reads the token of step t before step t; it runs P + length - 1 steps of the model
         steps = P + length if length > 0 else P
         weights = self._weights(params, dtype)
+        # checked against the whole batch here, as [D, B, F], before a part takes its rows of them
+        given = {k: as_history(self.graph, k, v, B, dtype, "init_states") for k, v in (init_states or {}).items()}
         threads, _ = self.threads_for(B, dtype)
         self.ran_on, self.alone_from = threads, None
+        split_rows = threads > 1 and _rows_loop(B)
 
         def rows(lo: int, hi: int):
             """Rows ``lo:hi`` sampled, on the calling thread or (``threads`` > 1) on a share of each step."""
-            given = {k: np.asarray(v)[..., lo:hi, :] for k, v in (init_states or {}).items()}
-            bind = {**weights, **self._states(params, hi - lo, dtype, given)}
+            bind = {**weights, **self._states(params, hi - lo, dtype, {k: v[:, lo:hi] for k, v in given.items()})}
             out = np.zeros((max(length, 0), hi - lo), dtype=np.int64)
             head = [steps, P, np.ascontiguousarray(prime[:, lo:hi]), np.ascontiguousarray(U[:, lo:hi]),
                     float(temperature), int(top_k or 0), out, np.empty((hi - lo, self.logits.size), np.float64),
@@ -349,7 +351,6 @@ class Generator:
                     self._fn(done, *head, *[bind[n] for n in self.arg_names])
             return out, self._finals(bind, steps)
 
-        split_rows = threads > 1 and _rows_loop(B)
         if not split_rows:
             return rows(0, B)
         parts = feedrows.run(rows, feedrows.parts(B, threads))
