@@ -108,14 +108,17 @@ def every_fused_op_model(V=5, H=4) -> Graph:
     return g
 
 
-@pytest.mark.parametrize("B", [1, 12])  # one row: the product loops; twelve: BLAS
-def test_jit_sampling_matches_numpy_on_every_fused_op(B):
+# one row: the product loops; twelve on one thread: BLAS; forty on two threads: twenty rows a thread, on BLAS
+@pytest.mark.parametrize("B, threads", [(1, 1), (12, 1), (40, 2)])
+def test_jit_sampling_matches_numpy_on_every_fused_op(B, threads):
     pytest.importorskip("numba")
     g = every_fused_op_model()
     params = {k: v * 2 for k, v in g.init_params(4).items()}
     prime = np.random.default_rng(0).integers(0, 5, size=(3, B))
     a, fa = Generator(g, "tok", "y", jit=False).run(params, length=40, prime=prime, rng=np.random.default_rng(3))
-    b, fb = Generator(g, "tok", "y", jit=True).run(params, length=40, prime=prime, rng=np.random.default_rng(3))
+    jit = Generator(g, "tok", "y", jit=True, threads=threads)
+    b, fb = jit.run(params, length=40, prime=prime, rng=np.random.default_rng(3))
+    assert jit.ran_on == threads
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(fa["h"], fb["h"], rtol=1e-10, atol=1e-12)
 
