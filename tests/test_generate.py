@@ -179,3 +179,21 @@ def test_softplus_and_exp_generate_alike_on_numpy_numba_and_reference():
     b, fb = Generator(g, "tok", "y", jit=True).run(params, length=30, prime=prime, rng=np.random.default_rng(2))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(fa["h"], fb["h"], rtol=1e-10, atol=1e-12)
+
+
+def test_many_rows_add_the_row_each_token_picks_instead_of_multiplying_its_one_hot_vector():
+    """Above LOOP_ROWS rows the products are BLAS's: the one-hot part of a layer's input is left
+    out of the product, and each row adds the one row of the weights its token picks."""
+    pytest.importorskip("numba")
+    g = char_model(V=7, H=16, layers=1)
+    code = Generator(g, "tok", "y", jit=True).code
+    assert "[:, 7:23], W_" in code and "[7:23]" in code  # the dense part, h, alone through BLAS
+    assert "picked = W_" in code and "TOK[b]]" in code
+    params = g.init_params(2)
+    prime = np.random.default_rng(0).integers(0, 7, size=(2, 12))
+    a, fa = Generator(g, "tok", "y", jit=False).run(params, length=30, prime=prime, rng=np.random.default_rng(1))
+    b, fb = Generator(g, "tok", "y", jit=True, threads=1).run(params, length=30, prime=prime,
+                                                             rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    for k in fa:
+        np.testing.assert_allclose(fa[k], fb[k], rtol=1e-10, atol=1e-12)

@@ -185,8 +185,28 @@ class Generator:
         # them, whose pool OpenBLAS's must not wake: see onednn.py)
         few = (f"matmul_rows({a[1]}, W_{n}, {dst})" if v.op == "matmul"
                else f"linear_rows({a[1]}, W_{n}, {a[2]}, {dst})")
-        many = [f"    matmul({a[1]}, W_{n}, {dst})"] + ([f"    add({dst}, {a[2]}, {dst})"] if v.op == "linear" else [])
+        many = ["    " + ln for ln in self._many_rows_product(v, dst, a[1], f"W_{n}")]
+        many += [f"    add({dst}, {a[2]}, {dst})"] if v.op == "linear" else []
         return [f"if {a[1]}.shape[0] <= LOOP_ROWS:", f"    {few}", "else:"] + many
+
+    def _many_rows_product(self, v: Vertex, dst: str, x: str, W: str) -> list[str]:
+        """``dst = x · W`` for more than ``LOOP_ROWS`` rows, on BLAS. Where ``x`` concatenates the
+        fed token's one-hot vector with dense parts, the dense parts are BLAS's and the one-hot part
+        adds the one row of ``W`` each token picks: its zeros cost nothing (the row loops skip them
+        too), where BLAS would multiply them all."""
+        parts = self._concat_offsets(v.args[1]) if v.args[1].op == "concat" else []
+        picked = [(u, off) for u, off in parts if u.op == "one_hot" and u.args[0] is self.feed]
+        dense = [(u, off) for u, off in parts if (u, off) not in picked]
+        if not picked or not dense:
+            return [f"matmul({x}, {W}, {dst})"]
+        lines = [f"{'matmul_add' if i else 'matmul'}({x}[:, {off}:{off + u.size}], {W}[{off}:{off + u.size}], {dst})"
+                 for i, (u, off) in enumerate(dense)]
+        for _, off in picked:
+            lines += [f"for b in range({dst}.shape[0]):",
+                      f"    picked = {W}[{off} + TOK[b]]",
+                      f"    for j in range({dst}.shape[1]):",
+                      f"        {dst}[b, j] += picked[j]"]
+        return lines
 
     def _loops_concat(self, v: Vertex) -> list[str]:
         return [line for x, off in self._concat_offsets(v) for line in self._copy_loop(v, x, off)]
