@@ -419,11 +419,8 @@ def _add_start_ratios(row: dict) -> None:
 
 
 def _paired_ratio(subject: dict, other: dict, key: str) -> float:
-    """The median over rounds of subject / other in `key`, or the ratio of the two figures without rounds."""
-    pairs = list(zip(subject.get("rounds", []), other.get("rounds", [])))
-    if not pairs:
-        return subject[key] / other[key]
-    return statistics.median(mine[key] / theirs[key] for mine, theirs in pairs)
+    """The median over rounds of subject / other in `key` (`start_summary` keeps every round)."""
+    return statistics.median(mine[key] / theirs[key] for mine, theirs in zip(subject["rounds"], other["rounds"]))
 
 
 def _short(out: dict) -> str:

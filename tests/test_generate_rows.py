@@ -11,7 +11,7 @@ pytest.importorskip("numba")
 
 from test_generate import char_model  # noqa: E402
 
-from unrolled.engines.compiled import feedrows, feedsplit  # noqa: E402
+from unrolled.engines.compiled import feedsplit, rowsplit  # noqa: E402
 from unrolled.engines.compiled.feedback import Generator  # noqa: E402
 from unrolled.engines.compiled.kernels.sampling import LOOP_ROWS  # noqa: E402
 
@@ -47,7 +47,7 @@ def test_a_split_run_gives_each_row_what_its_part_alone_gives(dtype):
                                temperature=0.9)
     assert split.ran_on == 3 and tokens.shape == (length, B)
     alone = Generator(g, "tok", "y", jit=True, threads=1)
-    for lo, hi in feedrows.parts(B, 3):
+    for lo, hi in rowsplit.even(B, 3):
         t, f = alone.run(params, length=length, prime=prime[:, lo:hi], rng=Uniforms(u[:, lo:hi]),
                          init_states={k: v[lo:hi] for k, v in init.items()}, temperature=0.9)
         np.testing.assert_array_equal(tokens[:, lo:hi], t)

@@ -31,7 +31,7 @@ from unrolled.engines.runio import as_history
 from unrolled.graph.folded import Graph, Param, Vertex
 from unrolled.graph.ops import ELEMENTWISE, OPS
 
-from . import feedrows, feedsplit
+from . import feedrows, feedsplit, rowsplit
 from .fuse import operand_names, scalar_code
 from .plan import is_view
 from .ufunc_calls import spell
@@ -195,8 +195,11 @@ class Generator:
         adds the one row of ``W`` each token picks: its zeros cost nothing (the row loops skip them
         too), where BLAS would multiply them all."""
         parts = self._concat_offsets(v.args[1]) if v.args[1].op == "concat" else []
-        picked = [(u, off) for u, off in parts if u.op == "one_hot" and u.args[0] is self.feed]
-        dense = [(u, off) for u, off in parts if (u, off) not in picked]
+        def picks(u: Vertex) -> bool:
+            return u.op == "one_hot" and u.args[0] is self.feed
+
+        picked = [(u, off) for u, off in parts if picks(u)]
+        dense = [(u, off) for u, off in parts if not picks(u)]
         if not picked or not dense:
             return [f"matmul({x}, {W}, {dst})"]
         lines = [f"{'matmul_add' if i else 'matmul'}({x}[:, {off}:{off + u.size}], {W}[{off}:{off + u.size}], {dst})"
@@ -373,7 +376,7 @@ class Generator:
 
         if not split_rows:
             return rows(0, B)
-        parts = feedrows.run(rows, feedrows.parts(B, threads))
+        parts = feedrows.run(rows, rowsplit.even(B, threads))
         out = np.concatenate([o for o, _ in parts], axis=1)
         return out, {k: np.concatenate([f[k] for _, f in parts], axis=-2) for k in parts[0][1]}
 

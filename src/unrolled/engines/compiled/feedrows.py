@@ -19,10 +19,12 @@ thread's up to such rounding.
 
 from __future__ import annotations
 
+import functools
+
+from . import rowsplit
 from .feedsplit import thread_cap, usable_cores
 from .kernels import onednn
-from .kernels.blas import numpy_blas_on_one_thread
-from .pinned import PinnedThreads, join
+from .pinned import PinnedThreads
 
 MIN_PART_ROWS = 4  # fewer rows a part and a part's run is mostly the step's own overhead
 
@@ -39,26 +41,14 @@ def choose(gen, B: int, threads: int | str = "auto") -> tuple[int, str]:
     n = min(int(threads), B // MIN_PART_ROWS)
     if n < 2:
         return 1, f"{B} rows: fewer than {MIN_PART_ROWS} rows a thread for two threads (feedrows.MIN_PART_ROWS)"
-    return n, f"{B} rows split across {n} threads, {[hi - lo for lo, hi in parts(B, n)]} rows each, one-thread products"
-
-
-def parts(B: int, n: int) -> list[tuple[int, int]]:
-    """The row ranges ``[lo, hi)`` of ``n`` parts of ``B`` rows, as even as they come."""
-    edges = [B * k // n for k in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return n, (f"{B} rows split across {n} threads, {[hi - lo for lo, hi in rowsplit.even(B, n)]} rows each, "
+               "one-thread products")
 
 
 def run(run_part, ranges: list[tuple[int, int]]) -> list:
     """``run_part(lo, hi)`` for each range, the first on the calling thread, each other on a worker
-    thread of its own, every product on one thread; their results in the order of ``ranges``."""
-    with numpy_blas_on_one_thread():  # the parts keep every core busy: NumPy's BLAS, process-wide, on one
-        futures = [w.submit(run_part, lo, hi) for w, (lo, hi) in zip(_workers(len(ranges) - 1), ranges[1:])]
-        try:
-            with onednn.products_on_one_thread():
-                first = run_part(*ranges[0])
-        finally:
-            join(futures)  # a worker writes buffers the caller returns: wait for it even when ours failed
-    return [first] + [f.result() for f in futures]
+    thread of its own, every product on one thread (rowsplit.in_parts); their results in order."""
+    return rowsplit.in_parts([functools.partial(run_part, lo, hi) for lo, hi in ranges], _workers)
 
 
 _workers = PinnedThreads("unrolled-generate-rows", initializer=onednn.one_thread).first  # one-thread products

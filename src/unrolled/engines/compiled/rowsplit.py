@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import numpy as np
 
@@ -63,8 +64,13 @@ def _split(B: int, dtype, threads) -> tuple[list[tuple[int, int]] | None, str | 
     n = min(n, B // MIN_ROWS)
     if n < 2:
         return None, f"{B} rows: fewer than rowsplit.MIN_ROWS ({MIN_ROWS}) rows a thread for two threads"
+    return even(B, n), None
+
+
+def even(B: int, n: int) -> list[tuple[int, int]]:
+    """The row ranges ``[lo, hi)`` of ``n`` parts of ``B`` rows, as even as they come."""
     edges = [B * k // n for k in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:])), None
+    return list(zip(edges[:-1], edges[1:]))
 
 
 class RowSplit:
@@ -117,17 +123,24 @@ def rows(feeds: Feeds, lo: int, hi: int) -> Feeds:
 def run(run_part, feeds: Feeds, ranges: list[tuple[int, int]]) -> RunResult:
     """``run_part(part_feeds, index)`` for each range of rows, merged: the first part on the calling
     thread, each other part on a worker thread of its own, products on one thread in each."""
-    workers = _workers(len(ranges) - 1)
+    return merge(in_parts([functools.partial(run_part, rows(feeds, lo, hi), i) for i, (lo, hi) in enumerate(ranges)],
+                          _workers))
+
+
+def in_parts(calls: list, workers) -> list:
+    """Each of ``calls`` (no arguments), the first on the calling thread, each other on a thread of
+    ``workers(n)`` (a :class:`~.pinned.PinnedThreads`' ``first``), every product on one thread;
+    their results in order. The generator's row split (feedrows.py) runs its parts here too."""
+    pool = workers(len(calls) - 1)
     with numpy_blas_on_one_thread():  # the parts keep every core busy: NumPy's BLAS too runs on one
         # each part in a copy of the caller's context: NumPy's error settings (np.errstate) are in it
-        futures = [workers[i - 1].submit(contextvars.copy_context().run, run_part, rows(feeds, lo, hi), i)
-                   for i, (lo, hi) in enumerate(ranges) if i > 0]
+        futures = [w.submit(contextvars.copy_context().run, call) for w, call in zip(pool, calls[1:])]
         try:
             with onednn.products_on_one_thread():
-                first = run_part(rows(feeds, *ranges[0]), 0)
+                first = calls[0]()
         finally:
             join(futures)  # a worker's buffers are not free until its part is done, even when ours failed
-    return merge([first] + [f.result() for f in futures])
+    return [first] + [f.result() for f in futures]
 
 
 @contextlib.contextmanager
