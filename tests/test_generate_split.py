@@ -76,10 +76,24 @@ def test_the_split_loop_waits_only_where_threads_exchange_entries():
     gen = Generator(g, "tok", "y", jit=True, threads=2)
     code = feedsplit.write(gen, 2, np.float32)
     assert code.count("barrier(BAR, 2)") == 5
-    assert "linear_columns(S_v2, W_v3_cols0_256, P_p1, S_v3, 0, 256, 0)" in code and "PART == 1" in code
-    assert "linear_columns(S_v2, W_v3_cols256_512, P_p1, S_v3, 256, 512, 0)" in code
+    assert "linear_columns_own(S_v2, W_v3_cols0_256, P_p1, S_v3, 0, 256, OWN[PART])" in code and "PART == 1" in code
+    assert "linear_columns_own(S_v2, W_v3_cols256_512, P_p1, S_v3, 256, 512, OWN[PART])" in code
     assert code.count("linear_columns(R_") == 1  # the output product, on one thread, from the whole weights
     assert "linear_columns(R_v31[t % 2], W_v32, P_p5, S_v32, 0, 75, 0)" in code
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_each_thread_sums_its_products_a_page_away_from_the_others(dtype):
+    """The blocks the threads sum their shares of a product in hold the widest product's rows, and
+    from the end of one thread's rows to the next thread's block lies at least a page."""
+    g = char_model(V=75, H=128, cell="lstm", layers=2)
+    gen = Generator(g, "tok", "y", jit=True, threads=2)
+    own = feedsplit.own_blocks(gen, 3, 4, dtype)
+    item = np.dtype(dtype).itemsize
+    used = 4 * 512 * item  # 4 rows of a gate product's 512 columns
+    assert own.shape[0] == 3 and own.dtype == dtype
+    assert own.strides[0] - used >= feedsplit.PAGE
+    assert own.ctypes.data % 64 == 0 and own.strides[0] % feedsplit.PAGE == 0
 
 
 def test_when_the_split_is_taken(monkeypatch):

@@ -367,7 +367,8 @@ class Generator:
                 if threads > 1 and not split_rows:
                     fn, names = self._split(threads, dtype)
                     feedsplit.bind_columns(bind, names)
-                    done = feedsplit.run(fn, threads, head + [bind[n] for n in names])
+                    own = feedsplit.own_blocks(self, threads, hi - lo, dtype)
+                    done = feedsplit.run(fn, threads, [own] + head + [bind[n] for n in names])
                     if done < steps:  # the threads stopped: too busy a machine (kernels/spin.py)
                         self.alone_from = done
                 if done < steps:

@@ -21,6 +21,13 @@ the threads meet at a barrier (kernels/spin.py). :func:`plan` finds those
 places from each stretch of code's reads and writes, around the step loop's
 cycle.
 
+A thread sums its share of a product in a block of its own (:func:`own_blocks`)
+and copies the sums into the shared buffer once. Summed in place, it rewrote
+its entries once for every few rows of the weights, beside the entries of
+another thread; each core's prefetchers, fetching lines near those it writes,
+kept taking the other's lines, and two threads' products ran side by side far
+slower than each alone.
+
 A product's columns are shared in contiguous blocks, even where the loop
 reading them shares its entries otherwise (an LSTM cell's gate loop reads
 the same quarter of each of four gate blocks). Sharing the columns the way
@@ -40,6 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unrolled.graph.buffers import aligned_zeros
 from unrolled.graph.folded import Param, Vertex
 
 from .pinned import PinnedThreads, join
@@ -272,10 +280,13 @@ class Stretches:
         shared = sum(bool(s) for s in spans) > 1
 
         def call(lo, hi):
-            w, first = (columns_name(W, lo, hi), 0) if shared else (W, lo)
+            if shared:  # from the thread's copy of its columns, summed in a block of its own (OWN)
+                w, tail, kind = columns_name(W, lo, hi), "OWN[PART]", "_columns_own"
+            else:
+                w, tail, kind = W, lo, "_columns"
             if v.op == "matmul":
-                return f"matmul_columns({x}, {w}, {dst}, {lo}, {hi}, {first})"
-            return f"linear_columns({x}, {w}, {gen._val(v.args[2])}, {dst}, {lo}, {hi}, {first})"
+                return f"matmul{kind}({x}, {w}, {dst}, {lo}, {hi}, {tail})"
+            return f"linear{kind}({x}, {w}, {gen._val(v.args[2])}, {dst}, {lo}, {hi}, {tail})"
 
         reads = [(v.args[1], [[(0, v.args[1].size)]] * self.n)]
         if v.op == "linear":
@@ -313,8 +324,9 @@ def bind_columns(bind: dict, names: list[str]) -> None:
 
 
 def write(gen, nparts: int, dtype) -> str:
-    """The source of ``generate_part(PART, BAR, N, ...)``: one step loop that ``nparts`` threads run
-    together, thread ``PART`` doing its share, all meeting at the barrier ``BAR``. It returns ``N``,
+    """The source of ``generate_part(PART, BAR, OWN, N, ...)``: one step loop that ``nparts`` threads
+    run together, thread ``PART`` doing its share, all meeting at the barrier ``BAR``, summing its
+    products in ``OWN[PART]`` (:func:`own_blocks`). It returns ``N``,
     or the step at whose barrier the threads stopped (kernels/spin.py): that step is not done, and
     running it again from its start gives what it would have (it reads only the slots of earlier
     steps, and the sampling, its last stretch, comes after every barrier)."""
@@ -328,9 +340,22 @@ def write(gen, nparts: int, dtype) -> str:
             if lines:
                 body += [f"{'if' if first else 'elif'} PART == {p}:"] + ["    " + ln for ln in lines]
                 first = False
-    return "\n".join(["def generate_part(PART, BAR, N, n_prime, PRIME, U, TEMP, TOPK, OUT, PROBS, TOK{args}):",
+    return "\n".join(["def generate_part(PART, BAR, OWN, N, n_prime, PRIME, U, TEMP, TOPK, OUT, PROBS, TOK{args}):",
                       "    B = TOK.shape[0]",
                       "    for t in range(N):"] + ["        " + ln for ln in body] + ["    return N"]) + "\n"
+
+
+def own_blocks(gen, nparts: int, B: int, dtype) -> np.ndarray:
+    """``[nparts, n]``: a block for each thread to sum its share of a product in, room for ``B`` rows
+    of the widest product, with a page between one thread's block and the next: a core's
+    prefetchers fetch lines near those it writes, and a page away they fetch none of them."""
+    widest = max((v.size for v in gen.order if v.kind == "op" and v.op in ("matmul", "linear")), default=1)
+    itemsize = np.dtype(dtype).itemsize
+    stride = -(-B * widest * itemsize // PAGE) * PAGE + PAGE
+    return aligned_zeros((nparts, stride // itemsize), dtype)
+
+
+PAGE = 4096
 
 
 # ---------------------------------------------------------------- the threads
