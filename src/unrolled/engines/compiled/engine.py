@@ -42,6 +42,7 @@ the tests hold the two to 1e-10 in float64 on random cyclic graphs.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +51,7 @@ from unrolled.engines.runio import Binding, Feeds, RunResult, check_combine, pre
 from unrolled.graph.folded import Graph
 
 from .background import WarmStart
+from .kernels.jitcache import jit_turned_off
 from .loops import StepLoops
 from .rowsplit import RowSplit, products_as_in_a_part
 from .stages import StagedRun, cut
@@ -86,15 +88,34 @@ class CompiledEngine:
         if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ValueError(f"threads must be 'auto' or a whole number >= 1 (1: never split a batch's rows "
                              f"across threads), not {threads!r}")
-        self._whole = WholeStrategy(graph, jit, whole)
         if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 1):
             raise ValueError(f"chunk_steps must be a whole number of steps >= 1 (or None to size chunks "
                              f"by memory), not {chunk_steps!r}")
-        self.loops = _loops(graph, jit, chunk_steps)
-        self._rows = RowSplit(self.loops, threads)
+        self._options = dict(jit=jit, chunk_steps=chunk_steps, whole=whole, threads=threads)
         # jit="auto" leaves the choice to the engine: a first run need not wait for Numba (background.py)
-        self.warm_start = (WarmStart(graph, dict(jit=jit, chunk_steps=chunk_steps, whole=whole, threads=threads),
-                                lambda: _loops(graph, False, chunk_steps)) if jit == "auto" else None)
+        self.warm_start = (WarmStart(graph, dict(self._options), lambda: _loops(graph, False, chunk_steps))
+                           if jit == "auto" else None)
+        if self.warm_start is None:  # the engine's own route runs from the first run on: built now
+            _ = self.loops, self._whole
+        else:
+            jit_turned_off()  # a bad UNROLLED_JIT is refused here, as building the loops would
+
+    # Under jit="auto" the engine's own strategies are built when first asked for, not here: the
+    # first runs go to the plain NumPy loops while a child compiles (background.py), and a start
+    # that built them too would be slower than the plain NumPy engine's, which builds only those.
+
+    @functools.cached_property
+    def loops(self):
+        """The step loops (:class:`~.loops.StepLoops`, or :class:`~.stages.StagedRun` stage by stage)."""
+        return _loops(self.graph, self._options["jit"], self._options["chunk_steps"])
+
+    @functools.cached_property
+    def _whole(self) -> WholeStrategy:
+        return WholeStrategy(self.graph, self._options["jit"], self._options["whole"])
+
+    @functools.cached_property
+    def _rows(self) -> RowSplit:
+        return RowSplit(self.loops, self._options["threads"])
 
     @property
     def code(self) -> str:
