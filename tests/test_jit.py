@@ -253,6 +253,17 @@ def test_aligned_arrays_start_on_a_cache_line():
     assert blas.aligned(ready) is ready  # nothing copied when it already is one
 
 
+@pytest.mark.parametrize("dtype", [None, np.float32])
+def test_a_transposed_weight_is_copied_block_by_block_to_the_same_numbers(dtype):
+    """A transposed view wider than one block (buffers.TRANSPOSE_BLOCK columns), flipped, strided
+    or cut from a wider matrix, copies to exactly its numbers."""
+    w = np.random.default_rng(0).standard_normal((300, 157))
+    for src in (w.T, w[:, 7:150].T, w[::-1].T, w[::2, ::3].T, w[:3, :2].T, np.asfortranarray(w)):
+        got = blas.aligned(src, dtype)
+        assert got.flags.c_contiguous and got.ctypes.data % blas.ALIGN == 0 and got.shape == src.shape
+        np.testing.assert_array_equal(got, src.astype(dtype or src.dtype))
+
+
 def test_a_runs_buffers_and_weight_copies_are_aligned():
     g = embedded("one_hot")
     rng = np.random.default_rng(1)
