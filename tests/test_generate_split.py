@@ -69,17 +69,29 @@ def test_delays_of_two_slices_and_learned_states_split_alike(B):
 
 
 def test_the_split_loop_waits_only_where_threads_exchange_entries():
-    """An LSTM stack meets five times a step: before each layer's product (which reads the whole
-    input), after it (the gate loop reads each gate's entries, not the product's halves), and before
-    the output product, which is small and runs on thread 0, as does the sampling after it."""
+    """An LSTM stack meets three times a step: before each layer's product (which reads the whole
+    input) and before the output product, which is small and runs on thread 0, as does the sampling
+    after it. Each thread computes the entries of a gate product its share of the gate loop reads
+    (the same quarter of each gate block), so the loop needs no meeting after the product."""
     g = char_model(V=75, H=128, cell="lstm", layers=2)
     gen = Generator(g, "tok", "y", jit=True, threads=2)
     code = feedsplit.write(gen, 2, np.float32)
-    assert code.count("barrier(BAR, 2)") == 5
-    assert "linear_columns_own(S_v2, W_v3_cols0_256, P_p1, S_v3, 0, 256, OWN[PART])" in code and "PART == 1" in code
-    assert "linear_columns_own(S_v2, W_v3_cols256_512, P_p1, S_v3, 256, 512, OWN[PART])" in code
+    assert code.count("barrier(BAR, 2)") == 3
+    assert ("linear_pieces_own(S_v2, W_v3_cols0_64_cols128_192_cols256_320_cols384_448, P_p1, S_v3, "
+            "(0, 128, 256, 384,), 64, OWN[PART])") in code and "PART == 1" in code
+    assert ("linear_pieces_own(S_v2, W_v3_cols64_128_cols192_256_cols320_384_cols448_512, P_p1, S_v3, "
+            "(64, 192, 320, 448,), 64, OWN[PART])") in code
     assert code.count("linear_columns(R_") == 1  # the output product, on one thread, from the whole weights
     assert "linear_columns(R_v31[t % 2], W_v32, P_p5, S_v32, 0, 75, 0)" in code
+
+
+def test_a_thread_copies_the_columns_of_its_pieces_side_by_side():
+    w = np.arange(4 * 8, dtype=np.float32).reshape(4, 8)
+    name = feedsplit.columns_name("W_v3", [(0, 2), (4, 6)])
+    bind = {"W_v3": w}
+    feedsplit.bind_columns(bind, [name])
+    np.testing.assert_array_equal(bind[name], w[:, [0, 1, 4, 5]])
+    assert bind[name].flags.c_contiguous
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -180,7 +192,7 @@ def test_a_thread_computes_its_columns_from_its_own_copy_as_from_the_whole_weigh
     W = rng.standard_normal((203, 512)).astype(dtype)
     bias = rng.standard_normal(512).astype(dtype)
     bind = {"W_v3": W}
-    names = [feedsplit.columns_name("W_v3", lo, hi) for lo, hi in ((0, 240), (240, 512))]
+    names = [feedsplit.columns_name("W_v3", [span]) for span in ((0, 240), (240, 512))]
     feedsplit.bind_columns(bind, names)
     whole, shared = np.zeros((rows, 512), dtype), np.full((rows, 512), np.nan, dtype)
     linear_columns(x, W, bias, whole, 0, 512, 0)

@@ -28,16 +28,16 @@ another thread; each core's prefetchers, fetching lines near those it writes,
 kept taking the other's lines, and two threads' products ran side by side far
 slower than each alone.
 
-A product's columns are shared in contiguous blocks, even where the loop
-reading them shares its entries otherwise (an LSTM cell's gate loop reads
-the same quarter of each of four gate blocks). Sharing the columns the way
-the loop reads them would spare a barrier, but leaves each thread's weights
-in short pieces, every other one another core's; the caches' prefetchers,
-which fetch neighbouring lines, then fill each core's cache with the other's
-share too, and the products were slower than the barrier they spared. From
-copies of their own the pieces are whole blocks, but each is a product of
-its own, four short ones a thread for an LSTM's gates, and those were
-still slower than one long one and the barriers it needs.
+Where the next loop reads a product's entries in pieces (an LSTM cell's gate
+loop: the same quarter of each of four gate blocks), each thread computes
+just the pieces its share of that loop reads, so the loop needs no barrier
+after the product: two fewer a step for an LSTM. Its copy of the weights
+holds those columns side by side, one block, one product summed in its own
+block and copied out piece by piece. (Earlier forms were slower than the
+barriers they spared: pieces read from the whole matrix, each core's
+prefetchers then filling its cache with the other core's columns; and four
+short products a thread from copies of their own.) Elsewhere a product's
+columns are shared in contiguous blocks.
 """
 
 from __future__ import annotations
@@ -231,7 +231,8 @@ class Stretches:
         ``itemsize``: the bytes of one number, which decide whether a product's weights are worth sharing."""
         gen = self.gen
         out = [[Phase([], [gen._feed_lines()] + [[] for _ in range(self.n - 1)], {}, {"TOK": self.alone(1)})]]
-        for group in gen._groups():
+        groups = gen._groups()
+        for i, group in enumerate(groups):
             v = group[0]
             comment = [f"# {u.name} = {u.op}({', '.join(a.name for a in u.args)})" for u in group]
             if gen._fusable(v):
@@ -239,7 +240,12 @@ class Stretches:
                                       lambda spans, group=group: self._elementwise_access(group, spans), comment))
             elif v.op in ("matmul", "linear"):
                 ways = [self._product(v, self.shares(v.size), comment), self._product(v, self.alone(v.size), comment)]
-                out.append(ways if np.prod(v.args[0].shape) * itemsize >= MIN_SHARED_WEIGHT else ways[::-1])
+                if np.prod(v.args[0].shape) * itemsize < MIN_SHARED_WEIGHT:
+                    ways.reverse()
+                else:
+                    read = self._as_read(v, groups[i + 1] if i + 1 < len(groups) else [])
+                    ways[:0] = [self._product(v, read, comment)] if read else []
+                out.append(ways)
             elif v.op == "concat":
                 for x, off in gen._concat_offsets(v):
                     out.append(self._ways(x.size, lambda span, v=v, x=x, off=off: gen._copy_loop(v, x, off, span),
@@ -272,41 +278,63 @@ class Stretches:
     def _copy_access(self, v, x, off, spans):
         return self.access([(x, spans)]), self.access([(v, [[(off + a, off + b) for a, b in s] for s in spans])])
 
+    def _as_read(self, v: Vertex, group: list[Vertex]) -> list[Spans] | None:
+        """The entries of product ``v`` each thread's share of the elementwise loop ``group`` reads
+        (an LSTM cell's gate loop: the same quarter of each gate block), when every thread reads
+        some, all in pieces of one length: computed so, the product needs no barrier before that
+        loop. None where ``group`` is no such loop."""
+        if not group or not self.gen._fusable(group[0]) or group[0].size < MIN_SHARE:
+            return None
+        reads, _ = self._elementwise_access(group, self.shares(group[0].size))
+        at = self.where(v)
+        spans = reads.get(at[0]) if at else None
+        if not spans or not all(spans) or spans == self.shares(v.size):
+            return None
+        spans = [sorted(set(s)) for s in spans]
+        edges = [edge for lo, hi in sorted(span for s in spans for span in s) for edge in (lo, hi)]
+        tiles = edges[0] == 0 and edges[-1] == v.size and all(a == b for a, b in zip(edges[1:-1:2], edges[2::2]))
+        one_length = len({hi - lo for s in spans for lo, hi in s}) == 1 and len({len(s) for s in spans}) == 1
+        return spans if tiles and one_length else None
+
     def _product(self, v: Vertex, spans: list[Spans], comment) -> Phase:
         """Product ``v``, each thread computing its columns (``spans``) from the whole input: shared
-        out, from its own copy of those columns (:func:`columns_name`); alone, from the weights."""
+        out, from its own copy of those columns (:func:`columns_name`), summed in a block of its own
+        (``OWN``); alone, from the weights."""
         gen = self.gen
         dst, x, W = gen._val(v), gen._val(v.args[1]), f"W_{gen.names[v.name]}"
         shared = sum(bool(s) for s in spans) > 1
+        bias = f", {gen._val(v.args[2])}" if v.op == "linear" else ""
 
-        def call(lo, hi):
-            if shared:  # from the thread's copy of its columns, summed in a block of its own (OWN)
-                w, tail, kind = columns_name(W, lo, hi), "OWN[PART]", "_columns_own"
-            else:
-                w, tail, kind = W, lo, "_columns"
-            if v.op == "matmul":
-                return f"matmul{kind}({x}, {w}, {dst}, {lo}, {hi}, {tail})"
-            return f"linear{kind}({x}, {w}, {gen._val(v.args[2])}, {dst}, {lo}, {hi}, {tail})"
+        def calls(s: Spans) -> list[str]:
+            if not s:
+                return []
+            if not shared:
+                return [f"{v.op}_columns({x}, {W}{bias}, {dst}, {lo}, {hi}, {lo})" for lo, hi in s]
+            if len(s) == 1:
+                (lo, hi), = s
+                return [f"{v.op}_columns_own({x}, {columns_name(W, s)}{bias}, {dst}, {lo}, {hi}, OWN[PART])"]
+            starts = "(" + ", ".join(str(lo) for lo, _ in s) + ",)"
+            return [f"{v.op}_pieces_own({x}, {columns_name(W, s)}{bias}, {dst}, {starts}, {s[0][1] - s[0][0]}, "
+                    "OWN[PART])"]
 
         reads = [(v.args[1], [[(0, v.args[1].size)]] * self.n)]
         if v.op == "linear":
             reads.append((v.args[2], spans))
-        return Phase(comment, [[call(a, b) for a, b in s] for s in spans],
-                     self.access(reads), self.access([(v, spans)]))
+        return Phase(comment, [calls(s) for s in spans], self.access(reads), self.access([(v, spans)]))
 
 
-COLUMNS_SUFFIX = r"_cols\d+_\d+"  # what columns_name adds to the weights' name, as a regular expression
+COLUMNS_SUFFIX = r"(?:_cols\d+_\d+)+"  # what columns_name adds to the weights' name, as a regular expression
 
 
-def columns_name(weights: str, lo: int, hi: int) -> str:
+def columns_name(weights: str, spans: Spans) -> str:
     """The name generated code gives a thread's own copy of columns ``lo:hi`` of ``weights``.
 
     A thread's share of a product's weights, as columns of the whole matrix, is
     a short piece of every row, the rest of each row another core's; the cache
     then streams it as many short runs, at well below the rate it streams one
     contiguous block. Its own copy, made once a run (:func:`bind_columns`), is
-    that one block, and lies in its core's cache alone."""
-    return f"{weights}_cols{lo}_{hi}"
+    that one block, and lies in its core's cache alone. Several spans: their columns side by side."""
+    return weights + "".join(f"_cols{lo}_{hi}" for lo, hi in spans)
 
 
 def bind_columns(bind: dict, names: list[str]) -> None:
@@ -314,10 +342,10 @@ def bind_columns(bind: dict, names: list[str]) -> None:
     from .kernels.blas import aligned
 
     for name in names:
-        weights, sep, cols = name.rpartition("_cols")
-        if sep:
-            lo, hi = (int(c) for c in cols.split("_"))
-            bind[name] = aligned(bind[weights][:, lo:hi])
+        weights, *spans = name.split("_cols")
+        if spans:
+            cuts = [tuple(int(c) for c in span.split("_")) for span in spans]
+            bind[name] = aligned(np.concatenate([bind[weights][:, lo:hi] for lo, hi in cuts], axis=1))
 
 
 # ---------------------------------------------------------------- the code

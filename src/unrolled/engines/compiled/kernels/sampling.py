@@ -184,6 +184,41 @@ if numba is not None:
         _copy_columns(block, out, lo, hi)
 
     @_jit
+    def matmul_pieces_own(x, W, out, starts, n, own):
+        """``out[:, s:s + n] = x @ W[:, k n:(k + 1) n]`` for the k-th start ``s``: a thread's pieces of a
+        product (feedsplit.py gives it the entries its share of the next loop reads, as one copy
+        of their columns side by side), summed in ``own`` as ``matmul_columns_own`` sums."""
+        block = _pieces_block(out, starts, n, own)
+        for i in range(block.shape[0]):
+            for m in range(block.shape[1]):
+                block[i, m] = 0
+        _accumulate_columns(x, W, block, 0, block.shape[1], 0)
+        _copy_pieces(block, out, starts, n)
+
+    @_jit
+    def linear_pieces_own(x, W, bias, out, starts, n, own):
+        """``matmul_pieces_own`` plus the bias, written first so that the product adds onto it."""
+        block = _pieces_block(out, starts, n, own)
+        for i in range(block.shape[0]):
+            for k in range(len(starts)):
+                for m in range(n):
+                    block[i, k * n + m] = entry(bias, i, starts[k] + m)
+        _accumulate_columns(x, W, block, 0, block.shape[1], 0)
+        _copy_pieces(block, out, starts, n)
+
+    @_jit
+    def _pieces_block(out, starts, n, own):
+        rows, width = out.shape[0], n * len(starts)
+        return own[:rows * width].reshape((rows, width))
+
+    @_jit
+    def _copy_pieces(block, out, starts, n):
+        for i in range(block.shape[0]):
+            for k in range(len(starts)):
+                for m in range(n):
+                    out[i, starts[k] + m] = block[i, k * n + m]
+
+    @_jit
     def _copy_columns(block, out, lo, hi):
         for i in range(block.shape[0]):
             for m in range(hi - lo):
