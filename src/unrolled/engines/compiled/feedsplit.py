@@ -310,9 +310,6 @@ class Stretches:
                 return []
             if not shared:
                 return [f"{v.op}_columns({x}, {W}{bias}, {dst}, {lo}, {hi}, {lo})" for lo, hi in s]
-            if len(s) == 1:
-                (lo, hi), = s
-                return [f"{v.op}_columns_own({x}, {columns_name(W, s)}{bias}, {dst}, {lo}, {hi}, OWN[PART])"]
             starts = "(" + ", ".join(str(lo) for lo, _ in s) + ",)"
             return [f"{v.op}_pieces_own({x}, {columns_name(W, s)}{bias}, {dst}, {starts}, {s[0][1] - s[0][0]}, "
                     "OWN[PART])"]
@@ -327,7 +324,7 @@ COLUMNS_SUFFIX = r"(?:_cols\d+_\d+)+"  # what columns_name adds to the weights' 
 
 
 def columns_name(weights: str, spans: Spans) -> str:
-    """The name generated code gives a thread's own copy of columns ``lo:hi`` of ``weights``.
+    """The name generated code gives a thread's own copy of the columns ``spans`` of ``weights``.
 
     A thread's share of a product's weights, as columns of the whole matrix, is
     a short piece of every row, the rest of each row another core's; the cache

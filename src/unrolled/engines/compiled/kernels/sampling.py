@@ -6,7 +6,7 @@ same arithmetic in the same order (float64 probabilities, a sequential running
 sum, the first class whose running sum passes ``u * total``), so that both
 paths draw the same token from the same uniform number.
 
-The products (``matmul_rows``, ``linear_rows``, and their ``_columns`` shares) are Numba only: the NumPy
+The products (``matmul_rows``, ``linear_rows``, and their ``_columns`` and ``_pieces`` shares) are Numba only: the NumPy
 path calls ``blas.product``, and above ``LOOP_ROWS`` rows the generated code
 calls the training loops' ``matmul`` instead (see feedback.py). At one row a
 step a product is a matrix-vector product, bound by reading the weights, and BLAS's call costs as much as a
@@ -155,39 +155,17 @@ if numba is not None:
         _accumulate_columns(x, W, out, lo, hi, first)
 
     @_jit
-    def matmul_columns_own(x, W, out, lo, hi, own):
-        """``matmul_columns`` from a thread's copy of its columns (``first`` 0), summed in ``own``,
-        a block of the thread's own, and copied into ``out[:, lo:hi]`` once at the end.
-
-        Summed in place, the product rewrites its entries of ``out`` once for every four rows of
-        ``W``; the entries beside them are another thread's, and a core's prefetchers, fetching the
-        lines near those it writes, keep taking the other core's lines from it, so both threads'
-        products ran far slower side by side than alone. Summed apart, the sums are the same, in
-        the same order."""
-        rows, n = out.shape[0], hi - lo
-        block = own[:rows * n].reshape((rows, n))
-        for i in range(rows):
-            for m in range(n):
-                block[i, m] = 0
-        _accumulate_columns(x, W, block, 0, n, 0)
-        _copy_columns(block, out, lo, hi)
-
-    @_jit
-    def linear_columns_own(x, W, bias, out, lo, hi, own):
-        """``linear_columns`` summed in a block of the thread's own (see ``matmul_columns_own``)."""
-        rows, n = out.shape[0], hi - lo
-        block = own[:rows * n].reshape((rows, n))
-        for i in range(rows):
-            for m in range(n):
-                block[i, m] = entry(bias, i, lo + m)
-        _accumulate_columns(x, W, block, 0, n, 0)
-        _copy_columns(block, out, lo, hi)
-
-    @_jit
     def matmul_pieces_own(x, W, out, starts, n, own):
-        """``out[:, s:s + n] = x @ W[:, k n:(k + 1) n]`` for the k-th start ``s``: a thread's pieces of a
-        product (feedsplit.py gives it the entries its share of the next loop reads, as one copy
-        of their columns side by side), summed in ``own`` as ``matmul_columns_own`` sums."""
+        """``out[:, s:s + n] = x @ W[:, k n:(k + 1) n]`` for the k-th start ``s``: a thread's share of a
+        product, as pieces of ``n`` columns (feedsplit.py: one piece, or the entries its share of
+        the next loop reads) from a copy of their columns side by side.
+
+        The sums go to ``own``, a block of the thread's own, and into ``out`` once at the end.
+        Summed in place, the product rewrote its entries of ``out`` once for every four rows of
+        ``W``; the entries beside them are another thread's, and a core's prefetchers, fetching the
+        lines near those it writes, kept taking the other core's lines from it, so both threads'
+        products ran far slower side by side than alone. Summed apart, each entry gets the same
+        sums in the same order as in ``matmul_rows``."""
         block = _pieces_block(out, starts, n, own)
         for i in range(block.shape[0]):
             for m in range(block.shape[1]):
@@ -217,12 +195,6 @@ if numba is not None:
             for k in range(len(starts)):
                 for m in range(n):
                     out[i, starts[k] + m] = block[i, k * n + m]
-
-    @_jit
-    def _copy_columns(block, out, lo, hi):
-        for i in range(block.shape[0]):
-            for m in range(hi - lo):
-                out[i, lo + m] = block[i, m]
 
     @_jit
     def matmul_rows(x, W, out):
