@@ -97,8 +97,10 @@ class CompiledEngine:
                            if jit == "auto" else None)
         if self.warm_start is None:  # the engine's own route runs from the first run on: built now
             _ = self.loops, self._whole
-        else:
-            jit_turned_off()  # a bad UNROLLED_JIT is refused here, as building the loops would
+        else:  # refused here, not at the first compiled run: a bad UNROLLED_JIT, an insisted-on whole run
+            jit_turned_off()
+            if whole is True:
+                _ = self._whole
 
     # Under jit="auto" the engine's own strategies are built when first asked for, not here: the
     # first runs go to the plain NumPy loops while a child compiles (background.py), and a start
