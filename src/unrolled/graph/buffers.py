@@ -48,7 +48,7 @@ def aligned(a: np.ndarray, dtype=None) -> np.ndarray:
 
 
 # A transposed view copied whole is read a stride apart for every number written: once the matrix
-# outgrows the cache, each number costs a cache line fetched (a 2048 x 512 weight's transpose took
-# ten times as long as its plain copy). Copied this many of its columns at a time, the lines that
+# outgrows the cache, each number costs a cache line fetched, and the copy takes many times as long
+# as a plain one (benchmarks/RESULTS.md). Copied this many of its columns at a time, the lines that
 # block reads stay in the cache until each is used up.
 TRANSPOSE_BLOCK = 64
