@@ -195,6 +195,7 @@ class Generator:
         adds the one row of ``W`` each token picks: its zeros cost nothing (the row loops skip them
         too), where BLAS would multiply them all."""
         parts = self._concat_offsets(v.args[1]) if v.args[1].op == "concat" else []
+
         def picks(u: Vertex) -> bool:
             return u.op == "one_hot" and u.args[0] is self.feed
 

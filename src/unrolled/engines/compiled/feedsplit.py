@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unrolled.graph.buffers import aligned_zeros
+from unrolled.graph.buffers import aligned, aligned_zeros
 from unrolled.graph.folded import Param, Vertex
 
 from .pinned import PinnedThreads, join
@@ -336,8 +336,6 @@ def columns_name(weights: str, spans: Spans) -> str:
 
 def bind_columns(bind: dict, names: list[str]) -> None:
     """Add to ``bind`` each thread's copy of its columns that ``names`` (:func:`columns_name`) asks for."""
-    from .kernels.blas import aligned
-
     for name in names:
         weights, *spans = name.split("_cols")
         if spans:
