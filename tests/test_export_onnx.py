@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("onnx")
@@ -92,8 +92,15 @@ def test_float64_models_match_the_engine_closely(name):
 @given(g=cyclic_graphs(), T=st.sampled_from([1, 7, 50]), B=st.sampled_from([1, 4]), seed=st.integers(0, 2**16),
        every_state=st.booleans())
 def test_random_graphs_match_the_engine(g, T, B, seed, every_state):
+    """A random recurrence may grow without bound (a state fed its own square): over 50 steps in
+    float32 the reference engine then stops at the overflow, and there is nothing to compare."""
     params = make_params(g, np.random.default_rng(seed), np.float32)
-    assert_same_as_engine(g, params, OnnxRunner(to_onnx(g, params)), T, B, seed, every_state)
+    try:
+        assert_same_as_engine(g, params, OnnxRunner(to_onnx(g, params)), T, B, seed, every_state)
+    except RuntimeError as e:
+        if "overflow encountered" not in str(e):
+            raise
+        reject()
 
 
 def test_interface_names_inputs_states_and_outputs(tmp_path):
