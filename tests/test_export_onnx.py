@@ -35,6 +35,7 @@ from unrolled.graph import ops  # noqa: E402
 from unrolled.graph.folded import Graph  # noqa: E402
 
 TOL = 1e-5
+TOL_FLOAT64 = 1e-9  # random graphs, 50 steps (test_random_graphs_match_the_engine)
 SRC = str(Path(unrolled.__file__).parents[1])  # the tree under test, for a subprocess
 NAMED = ["elman", "jordan", "lstm", "gru", "lstm_stack2", "delay2", "delay3_and_1", "learned_init_delay2",
          "given_init_delay2", "embedding", "one_hot", "input_delay"]
@@ -50,17 +51,18 @@ def _exported(name: str):
     return _MODELS[name]
 
 
-def assert_same_as_engine(g: Graph, params, runner: OnnxRunner, T: int, B: int, seed: int, every_state: bool):
+def assert_same_as_engine(g: Graph, params, runner: OnnxRunner, T: int, B: int, seed: int, every_state: bool,
+                          dtype=np.float32, tol: float = TOL):
     rng = np.random.default_rng(seed)
-    inputs = make_inputs(g, T, B, rng, np.float32)
-    init = make_init_states(g, B, rng, every=every_state, dtype=np.float32)
+    inputs = make_inputs(g, T, B, rng, dtype)
+    init = make_init_states(g, B, rng, every=every_state, dtype=dtype)
     want = reference_run(g, params, inputs, init_states=init, backward=False)
     outputs, finals = runner.run(inputs, init)
     assert set(outputs) == set(want.outputs) and set(finals) == set(want.final_states)
     for ours, theirs in ((outputs, want.outputs), (finals, want.final_states)):
         for name, a in theirs.items():
             assert ours[name].shape == a.shape, name
-            np.testing.assert_allclose(ours[name], a, rtol=TOL, atol=TOL, err_msg=name)
+            np.testing.assert_allclose(ours[name], a, rtol=tol, atol=tol, err_msg=name)
 
 
 @pytest.mark.parametrize("B", [1, 4])
@@ -92,11 +94,14 @@ def test_float64_models_match_the_engine_closely(name):
 @given(g=cyclic_graphs(), T=st.sampled_from([1, 7, 50]), B=st.sampled_from([1, 4]), seed=st.integers(0, 2**16),
        every_state=st.booleans())
 def test_random_graphs_match_the_engine(g, T, B, seed, every_state):
-    """A random recurrence may grow without bound (a state fed its own square): over 50 steps in
-    float32 the reference engine then stops at the overflow, and there is nothing to compare."""
-    params = make_params(g, np.random.default_rng(seed), np.float32)
+    """In float64: a random recurrence may be chaotic, and over 50 steps it amplifies float32's
+    rounding, which differs between the two runtimes, beyond any tolerance that still tests; the
+    named models above hold float32. A recurrence may also grow without bound (a state fed its own
+    square): the reference engine then stops at the overflow, and there is nothing to compare."""
+    params = make_params(g, np.random.default_rng(seed), np.float64)
     try:
-        assert_same_as_engine(g, params, OnnxRunner(to_onnx(g, params)), T, B, seed, every_state)
+        assert_same_as_engine(g, params, OnnxRunner(to_onnx(g, params)), T, B, seed, every_state,
+                              np.float64, TOL_FLOAT64)
     except RuntimeError as e:
         if "overflow encountered" not in str(e):
             raise
