@@ -3,6 +3,8 @@ a seed gives the same tokens, and the NumPy and Numba paths agree."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -197,3 +199,27 @@ def test_many_rows_add_the_row_each_token_picks_instead_of_multiplying_its_one_h
     np.testing.assert_array_equal(a, b)
     for k in fa:
         np.testing.assert_allclose(fa[k], fb[k], rtol=1e-10, atol=1e-12)
+
+
+def test_draw_exp_is_one_formula_on_both_paths_and_within_an_ulp():
+    """The draw's e^z (kernels/sampling.py): the Numba and NumPy paths compute the same bits, within
+    an ulp of the C library's exp where it is normal, and 0 below that and for NaN."""
+    numba = pytest.importorskip("numba")
+    from unrolled.engines.compiled.kernels.sampling import EXP_LOWEST, exp_draw, exp_draw_numpy
+
+    @numba.njit
+    def each(z, out):
+        for i in range(z.shape[0]):
+            out[i] = exp_draw(z[i])
+
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.uniform(EXP_LOWEST, 0, 200_000), -rng.random(20_000) * 1e-3,
+                        [0.0, -0.0, -1e-300, EXP_LOWEST, np.nextafter(EXP_LOWEST, -1), -745.0, -np.inf, np.nan]])
+    jit, numpy = np.empty_like(z), np.empty_like(z)
+    each(z, jit)
+    exp_draw_numpy(z, numpy)
+    np.testing.assert_array_equal(jit, numpy)
+    normal = z >= EXP_LOWEST
+    exact = np.array([math.exp(v) for v in z[normal]])
+    assert (np.abs(jit[normal] - exact) <= np.spacing(exact)).all()
+    assert (jit[~normal] == 0).all()

@@ -63,6 +63,14 @@ def _tanh1_overload(x):
 
 
 @intrinsic
+def _f64_from_bits(typingctx, bits):
+    """The float64 whose bit pattern is the int64 ``bits`` (a free reinterpretation in LLVM)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
 def _f32_from_bits(typingctx, bits):
     """The float32 whose bit pattern is the int32 ``bits`` (a free reinterpretation in LLVM)."""
     def codegen(context, builder, signature, args):
