@@ -201,11 +201,11 @@ def test_many_rows_add_the_row_each_token_picks_instead_of_multiplying_its_one_h
         np.testing.assert_allclose(fa[k], fb[k], rtol=1e-10, atol=1e-12)
 
 
-def test_draw_exp_is_one_formula_on_both_paths_and_within_an_ulp():
-    """The draw's e^z (kernels/sampling.py): the Numba and NumPy paths compute the same bits, within
-    an ulp of the C library's exp where it is normal, and 0 below that and for NaN."""
+def test_draw_exp_is_within_an_ulp_of_the_c_library():
+    """The Numba draw's e^z (kernels/sampling.py ``exp_draw``): within an ulp of the C library's exp
+    where that is a normal number, and 0 below and for NaN."""
     numba = pytest.importorskip("numba")
-    from unrolled.engines.compiled.kernels.sampling import EXP_LOWEST, exp_draw, exp_draw_numpy
+    from unrolled.engines.compiled.kernels.sampling import EXP_LOWEST, exp_draw
 
     @numba.njit
     def each(z, out):
@@ -215,11 +215,9 @@ def test_draw_exp_is_one_formula_on_both_paths_and_within_an_ulp():
     rng = np.random.default_rng(0)
     z = np.concatenate([rng.uniform(EXP_LOWEST, 0, 200_000), -rng.random(20_000) * 1e-3,
                         [0.0, -0.0, -1e-300, EXP_LOWEST, np.nextafter(EXP_LOWEST, -1), -745.0, -np.inf, np.nan]])
-    jit, numpy = np.empty_like(z), np.empty_like(z)
-    each(z, jit)
-    exp_draw_numpy(z, numpy)
-    np.testing.assert_array_equal(jit, numpy)
+    drawn = np.empty_like(z)
+    each(z, drawn)
     normal = z >= EXP_LOWEST
     exact = np.array([math.exp(v) for v in z[normal]])
-    assert (np.abs(jit[normal] - exact) <= np.spacing(exact)).all()
-    assert (jit[~normal] == 0).all()
+    assert (np.abs(drawn[normal] - exact) <= np.spacing(exact)).all()
+    assert (drawn[~normal] == 0).all()

@@ -4,11 +4,12 @@ and the matrix products of a batch of one or a few rows.
 The lookups and sampling exist twice, for Numba and for plain NumPy, doing the
 same arithmetic in the same order (float64 probabilities, a sequential running
 sum, the first class whose running sum passes ``u * total``), so that both
-paths draw the same token from the same uniform number. Both take e^z from
-:func:`exp_draw_numpy`'s formula, not the C library's exp: one class at a time,
-the C library's exp was most of a draw, and a draw is on the path of every
-generated character; the formula's loop vectorizes, and NumPy computes the
-very same numbers with it.
+paths draw the same token from the same uniform number. Only e^z differs: the
+Numba draw computes it by a formula (``exp_draw``) whose loop vectorizes, where
+the C library's exp went one class at a time and was most of a draw, on the
+path of every generated character; NumPy's exp and the formula agree within
+an ulp (as NumPy's and the C library's do), so the two paths draw different
+tokens only where ``u * total`` falls within an ulp or so of a class's edge.
 
 The products (``matmul_rows``, ``linear_rows``, and their ``_columns`` and ``_pieces`` shares) are Numba only: the NumPy
 path calls ``blas.product``, and above ``LOOP_ROWS`` rows the generated code
@@ -38,7 +39,7 @@ def gather_rows_numpy(E, idx, out):
     np.take(E, idx, axis=0, out=out)
 
 
-# e^z for z <= 0 in float64 (exp_draw_numpy): z = n ln 2 + r with |r| <= ln 2 / 2, ln 2 in two parts
+# e^z for z <= 0 in float64 (exp_draw): z = n ln 2 + r with |r| <= ln 2 / 2, ln 2 in two parts
 # (Cephes' exp) so that n times the first is exact, and e^r by its Taylor series to r^13, whose
 # remainder is below 1e-17; within an ulp of the C library's exp, checked in tests/test_generate.py
 EXP_LOG2E = 1.4426950408889634
@@ -48,25 +49,11 @@ EXP_LOWEST = -708.0  # below, e^z is subnormal or 0 in float64; the draw takes i
 EXP_TAYLOR = tuple(1.0 / float(np.prod(np.arange(1, k + 1))) for k in range(13, -1, -1))  # 1/13! .. 1/0!
 
 
-def exp_draw_numpy(z, out):
-    """``out = e^z`` for float64 ``z <= 0``, 0 below :data:`EXP_LOWEST` and for NaN: the formula the
-    Numba draw (``exp_draw``) computes one number at a time, operation for operation."""
-    keep = z >= EXP_LOWEST
-    x = np.where(keep, z, 0.0)
-    n = np.floor(x * EXP_LOG2E + 0.5)
-    r = x - n * EXP_LN2_HI
-    r = r - n * EXP_LN2_LO
-    p = np.full_like(r, EXP_TAYLOR[0])
-    for c in EXP_TAYLOR[1:]:
-        p = p * r + c
-    np.copyto(out, np.where(keep, np.ldexp(p, n.astype(np.int64)), 0.0))
-
-
 def sample_rows_numpy(logits, temperature, top_k, u, probs, tok):
     """Draw one class per row from softmax(logits / temperature), keeping only the top k if k > 0."""
     z = logits.astype(np.float64) / temperature
     z -= z.max(axis=1, keepdims=True)
-    exp_draw_numpy(z, probs)
+    np.exp(z, out=probs)
     if top_k > 0:
         threshold = np.sort(z, axis=1)[:, z.shape[1] - top_k][:, None]
         probs[z < threshold] = 0.0
@@ -102,7 +89,7 @@ if numba is not None:
 
     @_jit
     def exp_draw(z):
-        """e^z as :func:`exp_draw_numpy` computes it, for one float64 number."""
+        """e^z of one float64 ``z <= 0`` (see ``EXP_TAYLOR``); 0 below ``EXP_LOWEST`` and for NaN."""
         if not z >= EXP_LOWEST:
             return 0.0
         n = np.floor(z * EXP_LOG2E + 0.5)
