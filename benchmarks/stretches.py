@@ -87,13 +87,10 @@ def compile_instrumented(code: str):
     """The instrumented loop, compiled by Numba with the same imports as the sampler's own."""
     import numba
 
+    from unrolled.engines.compiled.feedback import LOOP_IMPORTS, SPIN_IMPORT
+
     ns = {"cycles": cycles}
-    text = ("import numpy as np\n"
-            "from unrolled.engines.compiled.kernels.arrays import *\n"
-            "from unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1\n"
-            "from unrolled.engines.compiled.kernels.sampling import *\n"
-            "from unrolled.engines.compiled.kernels.spin import barrier\n\n" + code)
-    exec(compile(text, "<stretches>", "exec"), ns)
+    exec(compile(LOOP_IMPORTS + SPIN_IMPORT + "\n" + code, "<stretches>", "exec"), ns)
     return numba.njit(nogil=True, error_model="numpy")(ns["generate_part"])
 
 

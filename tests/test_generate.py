@@ -205,7 +205,7 @@ def test_draw_exp_is_within_an_ulp_of_the_c_library():
     """The Numba draw's e^z (kernels/sampling.py ``exp_draw``): within an ulp of the C library's exp
     where that is a normal number, and 0 below and for NaN."""
     numba = pytest.importorskip("numba")
-    from unrolled.engines.compiled.kernels.sampling import EXP_LOWEST, exp_draw
+    from unrolled.engines.compiled.kernels.scalars import EXP_LOWEST, exp_draw
 
     @numba.njit
     def each(z, out):

@@ -489,12 +489,15 @@ def _load_jit(code: str, name: str, spin: bool = False):
     """Generated loop ``name`` compiled by Numba, through the same on-disk cache as the training loops."""
     from unrolled.engines.compiled.kernels.jitcache import load_module
 
-    text = ("import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import *  # noqa: F401,F403\n"
-            "from unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1  # noqa: F401\n"
-            "from unrolled.engines.compiled.kernels.sampling import *  # noqa: F401,F403\n"
-            + ("from unrolled.engines.compiled.kernels.spin import barrier  # noqa: F401\n" if spin else "")
-            + "\n@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + code)
+    text = LOOP_IMPORTS + (SPIN_IMPORT if spin else "") + "\n@numba.njit(cache=True, nogil=True, error_model=\"numpy\")\n" + code
     return load_module(text, name)[name]
+
+
+# What a generated loop's module imports (benchmarks/stretches.py compiles a loop with them too)
+LOOP_IMPORTS = ("import numba\nimport numpy as np\nfrom unrolled.engines.compiled.kernels.arrays import *  # noqa: F401,F403\n"
+                "from unrolled.engines.compiled.kernels.scalars import cast, sigmoid1, tanh1  # noqa: F401\n"
+                "from unrolled.engines.compiled.kernels.sampling import *  # noqa: F401,F403\n")
+SPIN_IMPORT = "from unrolled.engines.compiled.kernels.spin import barrier  # noqa: F401\n"
 
 
 def _jit_wanted(jit, order) -> bool:

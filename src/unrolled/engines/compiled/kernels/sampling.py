@@ -39,16 +39,6 @@ def gather_rows_numpy(E, idx, out):
     np.take(E, idx, axis=0, out=out)
 
 
-# e^z for z <= 0 in float64 (exp_draw): z = n ln 2 + r with |r| <= ln 2 / 2, ln 2 in two parts
-# (Cephes' exp) so that n times the first is exact, and e^r by its Taylor series to r^13, whose
-# remainder is below 1e-17; within an ulp of the C library's exp, checked in tests/test_generate.py
-EXP_LOG2E = 1.4426950408889634
-EXP_LN2_HI = 6.93145751953125e-1
-EXP_LN2_LO = 1.42860682030941723212e-6
-EXP_LOWEST = -708.0  # below, e^z is subnormal or 0 in float64; the draw takes it as 0
-EXP_TAYLOR = tuple(1.0 / float(np.prod(np.arange(1, k + 1))) for k in range(13, -1, -1))  # 1/13! .. 1/0!
-
-
 def sample_rows_numpy(logits, temperature, top_k, u, probs, tok):
     """Draw one class per row from softmax(logits / temperature), keeping only the top k if k > 0."""
     z = logits.astype(np.float64) / temperature
@@ -70,7 +60,7 @@ except ImportError:  # pragma: no cover - the NumPy versions above serve
 
 if numba is not None:
     from .arrays import entry
-    from .scalars import _f64_from_bits
+    from .scalars import exp_draw
 
     _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
@@ -86,19 +76,6 @@ if numba is not None:
         for b in range(out.shape[0]):
             for j in range(out.shape[1]):
                 out[b, j] = E[idx[b], j]
-
-    @_jit
-    def exp_draw(z):
-        """e^z of one float64 ``z <= 0`` (see ``EXP_TAYLOR``); 0 below ``EXP_LOWEST`` and for NaN."""
-        if not z >= EXP_LOWEST:
-            return 0.0
-        n = np.floor(z * EXP_LOG2E + 0.5)
-        r = z - n * EXP_LN2_HI
-        r = r - n * EXP_LN2_LO
-        p = EXP_TAYLOR[0]
-        for c in EXP_TAYLOR[1:]:
-            p = p * r + c
-        return p * _f64_from_bits((np.int64(n) + np.int64(1023)) << np.int64(52))
 
     @_jit
     def sample_rows(logits, temperature, top_k, u, probs, tok):

@@ -3,14 +3,16 @@ number, and a constant cast to an operand's precision.
 
 In float32 these are pure arithmetic, so that the loops calling them vectorize (the C
 library's tanhf and expf go one number at a time); in float64 they are the C library's,
-exactly as NumPy. The array kernels (arrays.py), the row kernels (rows.py) and the fused
-kernels rendered from the op table (fuse.py, wholestep.py, feedback.py) all inline them.
+exactly as NumPy, but for the sampler's draw (``exp_draw``), whose e^z no engine must match.
+The array kernels (arrays.py), the row kernels (rows.py) and the fused kernels rendered from
+the op table (fuse.py, wholestep.py, feedback.py) all inline them.
 """
 
 from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -105,6 +107,32 @@ def _exp1_overload(x):
             return y * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
         return impl
     return lambda x: math.exp(x)
+
+
+# e^z for z <= 0 in float64 (exp_draw): z = n ln 2 + r with |r| <= ln 2 / 2, ln 2 in two parts
+# (Cephes' exp) so that n times the first is exact, and e^r by its Taylor series to r^13, whose
+# remainder is below 1e-17; within an ulp of the C library's exp, checked in tests/test_generate.py
+EXP_LOG2E = 1.4426950408889634
+EXP_LN2_HI = 6.93145751953125e-1
+EXP_LN2_LO = 1.42860682030941723212e-6
+EXP_LOWEST = -708.0  # below, e^z is subnormal or 0 in float64; the draw takes it as 0
+EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))  # 1/13! .. 1/0!
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def exp_draw(z):
+    """e^z of one float64 ``z <= 0`` (see ``EXP_TAYLOR``); 0 below ``EXP_LOWEST`` and for NaN. The
+    sampler's draw (sampling.py) takes it, unlike ``exp1``'s float64 e^x, which is the C library's
+    as NumPy's engine is: the draw's loop of them vectorizes, and no engine must match it."""
+    if not z >= EXP_LOWEST:
+        return 0.0
+    n = np.floor(z * EXP_LOG2E + 0.5)
+    r = z - n * EXP_LN2_HI
+    r = r - n * EXP_LN2_LO
+    p = EXP_TAYLOR[0]
+    for c in EXP_TAYLOR[1:]:
+        p = p * r + c
+    return p * _f64_from_bits((np.int64(n) + np.int64(1023)) << np.int64(52))
 
 
 def sigmoid1(x):  # pragma: no cover - replaced by the overload in jitted code
