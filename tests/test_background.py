@@ -67,6 +67,20 @@ def test_a_failed_child_is_said_and_the_engine_compiles_here(in_background, monk
     assert_agree(result, reference_run(g, params, inputs), 1e-10)
 
 
+def test_a_child_that_cannot_start_is_said_and_the_engine_compiles_here(in_background, monkeypatch, rng):
+    g, params, inputs = _case(rng, B=5)
+    monkeypatch.setattr(background.sys, "executable", "/nonexistent/python")  # started from a thread of its own
+    engine = CompiledEngine(g)
+    first = engine.run(params, inputs)  # the run does not wait for the start, nor fail with it
+    background.wait()
+    monkeypatch.setattr(background.sys, "executable", sys.executable)
+    with pytest.warns(RuntimeWarning, match="background failed [(]could not start /nonexistent/python: .*[)]"):
+        second = engine.run(params, inputs)
+    expected = reference_run(g, params, inputs)
+    assert_agree(first, expected, 1e-10)
+    assert_agree(second, expected, 1e-10)
+
+
 def test_switched_off_the_first_run_waits_for_the_compiler(in_background, rng):
     g, params, inputs = _case(rng)
     background.set_enabled(False)

@@ -23,6 +23,8 @@ training does (all ranks must apply the same update), and so does a resumed
 
 from __future__ import annotations
 
+import _thread
+import atexit
 import dataclasses
 import hashlib
 import importlib
@@ -31,6 +33,8 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -172,24 +176,48 @@ runpy.run_module({__name__!r}, run_name="__main__", alter_sys=True)
 
 
 class Child:
-    """A child process compiling one job; its standard error kept in a file, for a failure's reason."""
+    """A child process compiling one job; its standard error kept in a file, for a failure's reason.
+
+    Started from a thread of its own: the first run on the NumPy loops has just
+    run oneDNN's products on every core, whose OpenMP threads spin a while after
+    each; a process started then waits for a core until it has become the new
+    interpreter, and whoever started it waits as long, many times what a start
+    takes on a quiet machine. Now only that thread waits (``_thread``'s: unlike
+    ``threading``'s, it does not wait for its own start either), and
+    :func:`_finish_starting` lets it finish at exit."""
 
     def __init__(self, job: bytes):
         self._log, self._last_line = tempfile.TemporaryFile(), ""
-        env = dict(os.environ)
-        here = str(Path(__file__).resolve().parents[3])  # the folder that holds this `unrolled`
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-        # a session of its own: the user's Ctrl-C stops the run, and the child still fills the cache
-        self._process = subprocess.Popen([sys.executable, "-c", _CHILD_START], stdin=subprocess.PIPE,
-                                         stdout=subprocess.DEVNULL, stderr=self._log, env=env,
-                                         start_new_session=True)
+        self._process, self._error = None, ""
+        self._started = threading.Event()
+        _starting.add(self)
+        _thread.start_new_thread(self._start, (job,))
+
+    def _start(self, job: bytes) -> None:
         try:
+            env = dict(os.environ)
+            here = str(Path(__file__).resolve().parents[3])  # the folder that holds this `unrolled`
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+            # a session of its own: the user's Ctrl-C stops the run, and the child still fills the cache
+            self._process = subprocess.Popen([sys.executable, "-c", _CHILD_START], stdin=subprocess.PIPE,
+                                             stdout=subprocess.DEVNULL, stderr=self._log, env=env,
+                                             start_new_session=True)
             self._process.stdin.write(job)
             self._process.stdin.close()
-        except OSError:
-            pass  # the child died at once: its exit code and standard error say why
+        except OSError as e:
+            if self._process is None:  # else the child died at once: its exit code and standard error say why
+                self._error = f"could not start {sys.executable}: {e}"
+                self._log.close()
+                self._log = None
+        finally:
+            self._started.set()
+            _starting.discard(self)
 
     def state(self) -> str:
+        if not self._started.is_set():
+            return "running"
+        if self._process is None:
+            return "failed"
         code = self._process.poll()
         if code is None:
             return "running"
@@ -197,25 +225,41 @@ class Child:
         return "ready" if code == 0 else "failed"
 
     def wait(self, timeout: float | None = None) -> None:
+        begun = time.monotonic()
+        if not self._started.wait(timeout) or self._process is None:
+            return
         try:
-            self._process.wait(timeout)
+            self._process.wait(None if timeout is None else max(0.0, timeout - (time.monotonic() - begun)))
         except subprocess.TimeoutExpired:
             return
         self._keep_last_line()
 
     def failure(self) -> str:
-        """The last line the child wrote to standard error, or its exit code."""
+        """Why it could not start, or the last line the child wrote to standard error, or its exit code."""
+        if self._error:
+            return self._error
         self._keep_last_line()
         return self._last_line or f"exit code {self._process.returncode}"
 
     def _keep_last_line(self) -> None:
-        if self._log is None or self._process.returncode is None:
+        if self._log is None or self._process is None or self._process.returncode is None:
             return
         self._log.seek(0)
         lines = [ln for ln in self._log.read().decode(errors="replace").splitlines() if ln.strip()]
         self._last_line = lines[-1].strip() if lines else ""
         self._log.close()
         self._log = None
+
+
+_starting: set[Child] = set()  # children whose thread has not started them yet
+
+
+@atexit.register
+def _finish_starting() -> None:
+    """At exit, let each child's start finish: ``_thread``'s threads end with the interpreter, and a
+    process that ran one update and ended would otherwise leave its cache unfilled."""
+    for child in list(_starting):
+        child._started.wait(10)
 
 
 def _child_for(job: dict) -> Child:
