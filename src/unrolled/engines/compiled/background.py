@@ -262,6 +262,10 @@ def _finish_starting() -> None:
         child._started.wait(10)
 
 
+# a forked copy of this process has no starting thread to wait for
+os.register_at_fork(after_in_child=_starting.clear)
+
+
 def _child_for(job: dict) -> Child:
     data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
     digest = hashlib.sha256(data).hexdigest()
