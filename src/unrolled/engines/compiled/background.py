@@ -178,13 +178,13 @@ runpy.run_module({__name__!r}, run_name="__main__", alter_sys=True)
 class Child:
     """A child process compiling one job; its standard error kept in a file, for a failure's reason.
 
-    Started from a thread of its own: the first run on the NumPy loops has just
-    run oneDNN's products on every core, whose OpenMP threads spin a while after
-    each; a process started then waits for a core until it has become the new
-    interpreter, and whoever started it waits as long, many times what a start
-    takes on a quiet machine. Now only that thread waits (``_thread``'s: unlike
-    ``threading``'s, it does not wait for its own start either), and
-    :func:`_finish_starting` lets it finish at exit."""
+    Started from a thread of its own, so that the caller does not wait: the
+    first run on the NumPy loops has just run oneDNN's products on every core,
+    whose OpenMP threads spin a while after each; a process started then waits
+    for a core until it has become the new interpreter, and whoever started it
+    waits as long, many times what a start takes on a quiet machine. The thread
+    is ``_thread``'s (``threading``'s would make the caller wait for the
+    thread's own start) and :func:`_finish_starting` lets it finish at exit."""
 
     def __init__(self, job: bytes):
         self._log, self._last_line = tempfile.TemporaryFile(), ""
