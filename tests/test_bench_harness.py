@@ -226,3 +226,27 @@ def test_the_targets_table_lists_only_what_the_runs_measured():
 def test_runs_must_be_at_least_one(capsys):
     assert harness.main(["W1", "--runs", "0"]) == 2
     assert "--runs >= 1" in capsys.readouterr().err
+
+
+def test_splitcost_figures_an_update_from_when_its_parts_ran():
+    from benchmarks import splitcost
+
+    # the update 0-13 ms; part 0 on the caller 0.3-11.5 ms with 10.5 ms of CPU, 9 of them in
+    # native calls, part 1 0.5-12.0 ms with 11.0; the parts return at 12.1, merged until 12.3
+    ms = 1e-3
+    marks = {"update": (0.0, 13 * ms), "run": (0.0, 12.4 * ms), "clip": (12.4 * ms, 12.5 * ms),
+             "optimizer": (12.5 * ms, 13 * ms), "part0": (0.3 * ms, 11.5 * ms, 10.5 * ms),
+             "part1": (0.5 * ms, 12.0 * ms, 11.0 * ms), "parts": (0.25 * ms, 12.1 * ms), "merge": (12.1 * ms, 12.3 * ms),
+             "natives0": {"products": 4 * ms, "step loops": 5 * ms}, "natives1": {}}
+    rows = {}
+    splitcost._record_split(marks, lambda key, s: rows.setdefault(key, []).append(1e3 * s))
+    got = {k: round(v[0], 6) for k, v in rows.items()}
+    assert {k: v for k, v in got.items() if ":" not in k} == {
+        "split update": 13.0, "part 0 wall": 11.2, "part 0 cpu": 10.5, "part 0 off core": 0.7,
+        "part 1 wall": 11.5, "part 1 cpu": 11.0, "part 1 off core": 0.5, "before the parts": 0.3,
+        "second part's start after the first": 0.2, "parts' ends apart": 0.5,
+        "last part's end to the parts' return": 0.1, "merge": 0.2, "after the merge, in the run": 0.1,
+        "clip": 0.1, "optimizer": 0.5}
+    assert got["part 0: products"] == 4.0 and got["part 0: step loops"] == 5.0 and got["part 0: weight copies"] == 0
+    assert got["part 0: the rest (Python, small NumPy calls)"] == 2.2
+    assert got["part 1: the rest (Python, small NumPy calls)"] == 11.5
