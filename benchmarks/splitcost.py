@@ -70,12 +70,14 @@ def _counting() -> dict[str, float]:
     return _native.times
 
 
-# Before the engine's modules import it: forward.py's op table binds the product it finds.
-blas.product = _charged("products", blas.product)
-
-
 def instrument() -> None:
-    """Charge the engine's native calls (the module docstring's list) to their thread."""
+    """Charge the engine's native calls (the module docstring's list) to their thread. Called
+    before the engine's modules are imported: forward.py's op table binds the product it finds."""
+    import sys
+
+    if "unrolled.engines.compiled.forward" in sys.modules:
+        raise RuntimeError("splitcost.instrument() must run before the compiled engine is imported")
+    blas.product = _charged("products", blas.product)
     from unrolled.engines.compiled import backward, forward
     from unrolled.engines.compiled.kernels import rows
 
