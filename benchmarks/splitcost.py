@@ -78,12 +78,12 @@ def instrument() -> None:
     if "unrolled.engines.compiled.forward" in sys.modules:
         raise RuntimeError("splitcost.instrument() must run before the compiled engine is imported")
     blas.product = _charged("products", blas.product)
-    from unrolled.engines.compiled import backward, forward
+    from unrolled.engines.compiled import backward, forward, weights
     from unrolled.engines.compiled.kernels import rows
 
     backward.weight_gradient = _charged("weight gradients", backward.weight_gradient)
     forward.ForwardRun._call = _charged("step loops", forward.ForwardRun._call)
-    forward.aligned = _charged("weight copies", forward.aligned)
+    weights.derive = _charged("weight copies", weights.derive)
     for name in ("cross_entropy_rows", "cross_entropy_back_rows"):
         setattr(rows, name, _charged("cross-entropy", getattr(rows, name)))
 

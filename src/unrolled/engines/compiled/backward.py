@@ -15,8 +15,9 @@ from unrolled.engines.runio import RunResult, as_state, parameter_copies
 from unrolled.graph.folded import Param, Vertex
 from unrolled.graph.ops import unbroadcast
 
-from .forward import OPS, ForwardRun, flat, offsets, row_kernels, slot
+from .forward import OPS, ForwardRun, flat, row_kernels, slot
 from .plan import Split
+from .weights import offsets, wanted
 
 
 class Run(ForwardRun):
@@ -251,18 +252,20 @@ class Run(ForwardRun):
             weight_gradient(Gf, self._pre_inputs(v, s)[t0 * B: t1 * B], self.grads[s.W][:, lo:hi])
         else:
             self._add_pre_columns(s, product(Gf.T, self._pre_inputs(v, s)[t0 * B: t1 * B]))
-        wanted = [(part, off, hi - lo) for (part, lo, hi), off in zip(s.pre, offsets(s.pre))
-                  if part.name in p.wants_grad]
-        for part, off, width in wanted:
+        want = wanted(p, s)
+        for part, off, width in want:
             key = (v.name, off)
             if key not in self.pre_grads:
                 self.pre_grads[key] = (part, aligned_empty((self.T, B, width), self.dtype))
-        if len(wanted) == 1 and wanted[0][2] == len(s.pre_cols):  # the input's gradient is the whole product
-            steps = self.pre_grads[(v.name, wanted[0][1])][1][t0:t1]
-            product(Gf, self._pre_columns(v, s), out=steps.reshape(-1, steps.shape[2]))
-        elif wanted:
-            gx = product(Gf, self._pre_columns(v, s)).reshape(t1 - t0, B, -1)
-            for part, off, width in wanted:
+        if not want:
+            return
+        Wp = self.weights[f"Wp_{self.w.names[v.name]}"]
+        if len(want) == 1 and want[0][2] == len(s.pre_cols):  # the input's gradient is the whole product
+            steps = self.pre_grads[(v.name, want[0][1])][1][t0:t1]
+            product(Gf, Wp, out=steps.reshape(-1, steps.shape[2]))
+        else:
+            gx = product(Gf, Wp).reshape(t1 - t0, B, -1)
+            for part, off, width in want:
                 self.pre_grads[(v.name, off)][1][t0:t1] = gx[:, :, off:off + width]
 
     def _add_pre_columns(self, s: Split, dWp: np.ndarray, transposed: bool = False) -> None:

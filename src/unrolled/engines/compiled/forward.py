@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unrolled.engines.compiled.kernels.blas import aligned, aligned_empty, product
+from unrolled.engines.compiled.kernels.blas import aligned_empty, product
 from unrolled.engines.compiled.kernels.layouts import DEFAULT, step_kernels
 from unrolled.engines.runio import Feeds, RunResult, as_state
 from unrolled.graph.folded import Param, Vertex
@@ -26,10 +26,12 @@ OPS = with_product(product)  # the op table, its matmul and linear on blas.produ
 class ForwardRun:
     """One run's arrays and its forward pass: the batched phases run here, the loops in generated code."""
 
-    def __init__(self, loops, params, feeds: Feeds, part: int = 0):
+    def __init__(self, loops, params, feeds: Feeds, weights: dict[str, np.ndarray], part: int = 0):
         """``loops``: the :class:`~unrolled.engines.compiled.loops.StepLoops` whose generated loops,
-        plan and kept buffers this run uses (``part``: which set of buffers, one per thread)."""
-        self.loops, self.params, self.f = loops, params, feeds
+        plan and kept buffers this run uses (``part``: which set of buffers, one per thread);
+        ``weights``: the pieces of its weights the products read (weights.py), shared by the parts
+        of a row split."""
+        self.loops, self.params, self.f, self.weights = loops, params, feeds, weights
         self.p, self.w, self.g = loops.plan, loops.writer, loops.graph
         self.T, self.B, self.dtype = feeds.T, feeds.B, feeds.dtype
         self.buf = loops.buffers(self.T, self.B, self.dtype, part)
@@ -145,14 +147,7 @@ class ForwardRun:
                 bind[f"S_{n}"] = self.alloc(f"S_{n}", (B, v.size))
             if v.name in p.split:
                 s = p.split[v.name]
-                W = self.params[s.W]
-                # copied (unless the weight already is its own loop half, on a cache line): a BLAS
-                # product reads a row-strided view of the columns more slowly than a contiguous copy,
-                # and SciPy's BLAS takes only C-contiguous operands; the transpose is copied too (once
-                # a run, against every step's product): a library may read one layout faster than
-                # the other through its transpose flag, so each step product may read either
-                Wc = aligned(column_view(W, s.core_cols))
-                bind[f"W_{n}"], bind[f"WT_{n}"] = Wc, aligned(Wc.T)
+                bind[f"W_{n}"], bind[f"WT_{n}"] = self.weights[f"W_{n}"], self.weights[f"WT_{n}"]
                 # which one each reads, and on which library, as measured on this machine
                 # (kernels/layouts.py); the plain NumPy loops, which run while Numba compiles, read
                 # the copies and measure nothing
@@ -163,8 +158,7 @@ class ForwardRun:
                     bind[f"C_{n}"] = self.alloc(f"C_{n}", (B, len(s.core_cols)))
                     bind[f"CG_{n}"] = self.alloc(f"CG_{n}", (B, len(s.core_cols)))
                 if s.tokens is not None:
-                    WX = bind[f"WX_{n}"] = aligned_empty((len(s.pre_cols), v.size), self.dtype)
-                    np.add(column_view(W, s.pre_cols).T, self.params[s.bias] if s.bias else 0, out=WX)
+                    bind[f"WX_{n}"] = self.weights[f"WX_{n}"]
                     bind[f"TOK_{n}"] = np.ascontiguousarray(self.value(s.tokens), dtype=np.intp)
                 elif s.pre:
                     bind[f"Y_{n}"] = self.alloc(f"Y_{n}", (self.K, B, v.size))
@@ -178,24 +172,9 @@ class ForwardRun:
         """The loop-free half of a split product for steps t0..t1-1: ``W[:, pre] · x_pre + b``, into ``Y``."""
         n = self.w.names[v.name]
         Y = self.bind[f"Y_{n}"][:t1 - t0].reshape(-1, v.size)
-        product(self._pre_inputs(v, s)[t0 * self.B: t1 * self.B], self._pre_weights(v, s), out=Y)
+        product(self._pre_inputs(v, s)[t0 * self.B: t1 * self.B], self.weights[f"WpT_{n}"], out=Y)
         if s.bias:
             Y += self.params[s.bias]
-
-    def _pre_weights(self, v: Vertex, s: Split) -> np.ndarray:
-        """``W[:, pre]``, transposed and contiguous: the operand the forward product reads (BLAS
-        reads a transposed view more slowly than the copy, made once a run)."""
-        key = f"WpT:{v.name}"
-        if key not in self.X:
-            self.X[key] = aligned(column_view(self.params[s.W], s.pre_cols).T)
-        return self.X[key]
-
-    def _pre_columns(self, v: Vertex, s: Split) -> np.ndarray:
-        """``W[:, pre]``, contiguous: the operand of the gradient the loop sends to its pre vertices."""
-        key = f"Wp:{v.name}"
-        if key not in self.X:
-            self.X[key] = aligned(column_view(self.params[s.W], s.pre_cols))
-        return self.X[key]
 
     def _pre_inputs(self, v: Vertex, s: Split) -> np.ndarray:
         """``x_pre`` for all steps, ``[T*B, F]``: what the product reads, and its weight gradient too."""
@@ -242,13 +221,6 @@ def flat(a: np.ndarray) -> np.ndarray:
     return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
-def column_view(W: np.ndarray, cols: list[int]) -> np.ndarray:
-    """``W[:, cols]`` as a view when the columns are one run (BLAS takes its row stride), else a copy."""
-    if cols and cols == list(range(cols[0], cols[-1] + 1)):
-        return W[:, cols[0]: cols[-1] + 1]
-    return W[:, cols]
-
-
 def slot(index: int, D: int, ring: bool) -> int:
     return index % (D + 1) if ring else index
 
@@ -262,10 +234,3 @@ def row_kernels(numba_ok: bool):
         return add_rows, scatter_add_rows
     return (lambda out, W, idx: np.add(out, W[idx], out=out)), None
 
-
-def offsets(parts) -> list[int]:
-    out, o = [], 0
-    for _, lo, hi in parts:
-        out.append(o)
-        o += hi - lo
-    return out

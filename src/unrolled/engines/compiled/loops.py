@@ -21,7 +21,7 @@ from unrolled.engines.runio import Feeds, RunResult
 from unrolled.graph.folded import Graph, Vertex
 from unrolled.graph.ops import ELEMENTWISE
 
-from . import fuse
+from . import fuse, weights
 from .backward import Run
 from .codegen import INLINE, Writer, header, with_arguments
 from .forward import OPS, row_kernels
@@ -204,10 +204,18 @@ class StepLoops:
         """Load the Numba loops now (a row split does, once, before its threads would each try)."""
         self.jit_namespace()
 
-    def run(self, params, feeds: Feeds, combine: str, backward: bool, part: int = 0) -> RunResult:
-        """One run over the rows of ``feeds``, in this thread; ``part`` picks its set of buffers."""
+    def weights(self, params, dtype, backward: bool) -> dict[str, np.ndarray]:
+        """The pieces of the weights a run's products read (weights.py), from ``params``."""
+        return weights.derive(self.plan, self.writer.names, params, dtype, backward)
+
+    def run(self, params, feeds: Feeds, combine: str, backward: bool, part: int = 0,
+            shared: dict[str, np.ndarray] | None = None) -> RunResult:
+        """One run over the rows of ``feeds``, in this thread; ``part`` picks its set of buffers;
+        ``shared``: the weights' pieces (:meth:`weights`) when made once for several parts."""
         with np.errstate(under="ignore", over="ignore"):
-            run = Run(self, params, feeds, part)
+            if shared is None:
+                shared = self.weights(params, feeds.dtype, backward)
+            run = Run(self, params, feeds, shared, part)
             run.forward()
             result = run.collect()
             if backward:

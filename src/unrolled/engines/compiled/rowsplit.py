@@ -96,10 +96,12 @@ class RowSplit:
                         "measured faster there (kernels/libraries.py)")
 
     def run(self, params, feeds: Feeds, combine: str, backward: bool, ranges: list[tuple[int, int]]) -> RunResult:
-        """The run of ``feeds`` as one run per range of rows, merged; the Numba loops are loaded
-        here first, once, not in each thread at the same time."""
+        """The run of ``feeds`` as one run per range of rows, merged. The Numba loops are loaded
+        here first, once, not in each thread at the same time; the weights' pieces the products
+        read are made here too, once for all parts (weights.py says why)."""
         self.loops.compile_jit()
-        return run(lambda part, i: self.loops.run(params, part, combine, backward, i), feeds, ranges)
+        shared = self.loops.weights(params, feeds.dtype, backward)
+        return run(lambda part, i: self.loops.run(params, part, combine, backward, i, shared), feeds, ranges)
 
 
 def rows(feeds: Feeds, lo: int, hi: int) -> Feeds:

@@ -163,17 +163,25 @@ class StagedRun:
         for _, loops in self.stages:
             loops.jit_namespace()
 
-    def run(self, params, feeds: Feeds, combine: str, backward: bool, part: int = 0) -> RunResult:
-        """One run over the rows of ``feeds``, in this thread; ``part`` picks each stage's set of buffers."""
-        with np.errstate(under="ignore", over="ignore"):
-            return self._run(params, feeds, combine, backward, part)
+    def weights(self, params, dtype, backward: bool) -> list[dict[str, np.ndarray]]:
+        """Each stage's pieces of its weights (:meth:`StepLoops.weights`), in order."""
+        return [loops.weights(params, dtype, backward) for _, loops in self.stages]
 
-    def _run(self, params, feeds: Feeds, combine, backward, part: int) -> RunResult:
+    def run(self, params, feeds: Feeds, combine: str, backward: bool, part: int = 0,
+            shared: list[dict[str, np.ndarray]] | None = None) -> RunResult:
+        """One run over the rows of ``feeds``, in this thread; ``part`` picks each stage's set of buffers;
+        ``shared``: the stages' weight pieces (:meth:`weights`) when made once for several parts."""
+        with np.errstate(under="ignore", over="ignore"):
+            if shared is None:
+                shared = self.weights(params, feeds.dtype, backward)
+            return self._run(params, feeds, combine, backward, part, shared)
+
+    def _run(self, params, feeds: Feeds, combine, backward, part: int, shared) -> RunResult:
         """Forward through the stages in order, then BPTT back through them in reverse: the
         gradient a stage sends to an input it imported is an output gradient of the stage before."""
         values = dict(feeds.inputs)
         runs = []
-        for st, eng in self.stages:
+        for (st, eng), pieces in zip(self.stages, shared):
             g = eng.graph
             sub = prepare(
                 g, {k: params[k] for k in g.params}, {n: values[n] for n in st.imports},
@@ -183,7 +191,7 @@ class StagedRun:
                 output_grads={k: v for k, v in feeds.output_grads.items() if k in st.outputs},
                 check_finite=False)  # the whole run's arrays were scanned
             sub.norms = {k: feeds.norms[k] for k in sub.norms}  # a part of the rows keeps the batch's divisors
-            state = Run(eng, {k: params[k] for k in g.params}, sub, part)
+            state = Run(eng, {k: params[k] for k in g.params}, sub, pieces, part)
             state.forward()
             r = state.collect()
             for n in st.exports:
