@@ -57,6 +57,7 @@ class StepLoops:
         self._jit_namespace: dict | None = None
         self._jit_code: str | None = None
         self._buffers: dict = {}  # part -> ((T, B, dtype), that run's arrays by name)
+        self._weight_arrays: dict = {}  # the weights' pieces (weights.py), rewritten by each run
         self.picked_only = _picked_only(graph, self.plan, self.writer.skip)
 
     @property
@@ -206,7 +207,7 @@ class StepLoops:
 
     def weights(self, params, dtype, backward: bool) -> dict[str, np.ndarray]:
         """The pieces of the weights a run's products read (weights.py), from ``params``."""
-        return weights.derive(self.plan, self.writer.names, params, dtype, backward)
+        return weights.derive(self.plan, self.writer.names, params, dtype, backward, self._weight_arrays)
 
     def run(self, params, feeds: Feeds, combine: str, backward: bool, part: int = 0,
             shared: dict[str, np.ndarray] | None = None) -> RunResult:

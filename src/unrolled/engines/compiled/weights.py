@@ -26,25 +26,31 @@ from .plan import Plan, Split
 
 
 def derive(plan: Plan, names: dict[str, str], params: dict[str, np.ndarray], dtype,
-           backward: bool) -> dict[str, np.ndarray]:
+           backward: bool, keep: dict) -> dict[str, np.ndarray]:
     """Each split product's weight pieces, by the name the run binds them to (``names``: the
     generated code's name of each vertex): ``W_n``, ``WT_n``, and ``WX_n`` (one-hot columns plus
-    bias) or ``WpT_n``; with ``backward``, ``Wp_n`` where the loop-free half's inputs want a gradient."""
+    bias) or ``WpT_n``; with ``backward``, ``Wp_n`` where the loop-free half's inputs want a gradient.
+    They are written into the arrays ``keep`` holds from the last run (``buffers.aligned``): a
+    run's pieces serve that run only."""
     out: dict[str, np.ndarray] = {}
     for v in plan.of("core"):
         s = plan.split.get(v.name)
         if s is None:
             continue
         n, W = names[v.name], params[s.W]
-        out[f"W_{n}"] = Wc = aligned(column_view(W, s.core_cols))
-        out[f"WT_{n}"] = aligned(Wc.T)
+        out[f"W_{n}"] = Wc = aligned(column_view(W, s.core_cols), keep=keep, key=f"W_{n}")
+        out[f"WT_{n}"] = aligned(Wc.T, keep=keep, key=f"WT_{n}")
         if s.tokens is not None:
-            WX = out[f"WX_{n}"] = aligned_empty((len(s.pre_cols), v.size), dtype)
+            shape = (len(s.pre_cols), v.size)
+            WX = keep.get(f"WX_{n}")
+            if WX is None or WX.shape != shape or WX.dtype != dtype:
+                WX = keep[f"WX_{n}"] = aligned_empty(shape, dtype)
             np.add(column_view(W, s.pre_cols).T, params[s.bias] if s.bias else 0, out=WX)
+            out[f"WX_{n}"] = WX
         elif s.pre:
-            out[f"WpT_{n}"] = aligned(column_view(W, s.pre_cols).T)
+            out[f"WpT_{n}"] = aligned(column_view(W, s.pre_cols).T, keep=keep, key=f"WpT_{n}")
         if backward and wanted(plan, s):
-            out[f"Wp_{n}"] = aligned(column_view(W, s.pre_cols))
+            out[f"Wp_{n}"] = aligned(column_view(W, s.pre_cols), keep=keep, key=f"Wp_{n}")
     return out
 
 
