@@ -233,4 +233,3 @@ def row_kernels(numba_ok: bool):
 
         return add_rows, scatter_add_rows
     return (lambda out, W, idx: np.add(out, W[idx], out=out)), None
-
