@@ -33,20 +33,25 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
     return a
 
 
+def kept(keep: dict, key, shape, dtype) -> np.ndarray:
+    """The uninitialized array ``keep[key]``, made on a cache line where there is none of this
+    shape and dtype yet: a buffer a loop of runs rewrites, rather than a new array each run whose
+    pages are faulted in anew."""
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    out = keep.get(key)
+    if out is None or out.shape != shape or out.dtype != dtype:
+        out = keep[key] = aligned_empty(shape, dtype)
+    return out
+
+
 def aligned(a: np.ndarray, dtype=None, keep: dict | None = None, key=None) -> np.ndarray:
     """``a`` as a C-contiguous array on a cache line (``a`` itself when it already is one).
 
-    With ``keep``, the copy goes into the array ``keep[key]``, made on the first call and
-    reused while the shape and dtype hold: a copy made every run of a training loop would
-    otherwise be a new array each time, its pages faulted in anew."""
+    With ``keep``, the copy goes into :func:`kept`'s array ``keep[key]``."""
     dtype = a.dtype if dtype is None else np.dtype(dtype)
     if a.dtype == dtype and a.flags.c_contiguous and a.ctypes.data % ALIGN == 0:
         return a
-    out = None if keep is None else keep.get(key)
-    if out is None or out.shape != a.shape or out.dtype != dtype:
-        out = aligned_empty(a.shape, dtype)
-        if keep is not None:
-            keep[key] = out
+    out = aligned_empty(a.shape, dtype) if keep is None else kept(keep, key, a.shape, dtype)
     if a.ndim == 2 and abs(a.strides[0]) < abs(a.strides[1]):  # a transposed view, as of a weight
         for j in range(0, a.shape[1], TRANSPOSE_BLOCK):
             np.copyto(out[:, j:j + TRANSPOSE_BLOCK], a[:, j:j + TRANSPOSE_BLOCK])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unrolled.engines.compiled.kernels.blas import aligned_empty, aligned_zeros, product
+from unrolled.engines.compiled.kernels.blas import aligned_empty, aligned_zeros, kept, product
 from unrolled.engines.compiled.kernels.libraries import weight_gradient
 from unrolled.engines.runio import RunResult, as_state, parameter_copies
 from unrolled.graph.folded import Param, Vertex
@@ -183,10 +183,7 @@ class Run(ForwardRun):
         for width in w.temp_widths:
             bind[f"T{width}"] = self.alloc(f"T{width}", (B, width))
         for width in w.mask_widths:
-            m = self.buf.get(f"M_{width}")
-            if m is None or m.shape != (B, width):
-                m = self.buf[f"M_{width}"] = aligned_empty((B, width), bool)
-            bind[f"M_{width}"] = m
+            bind[f"M_{width}"] = kept(self.buf, f"M_{width}", (B, width), bool)
         self.bind = bind
 
     def _start_chunk(self, t0: int, t1: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unrolled.engines.compiled.kernels.blas import aligned_empty, product
+from unrolled.engines.compiled.kernels.blas import kept, product
 from unrolled.engines.compiled.kernels.layouts import DEFAULT, step_kernels
 from unrolled.engines.runio import Feeds, RunResult, as_state
 from unrolled.graph.folded import Param, Vertex
@@ -43,10 +43,7 @@ class ForwardRun:
     # ---- buffers
 
     def alloc(self, name: str, shape) -> np.ndarray:
-        a = self.buf.get(name)
-        if a is None or a.shape != tuple(shape):
-            a = self.buf[name] = aligned_empty(shape, self.dtype)
-        return a
+        return kept(self.buf, name, shape, self.dtype)
 
     def value(self, v: Vertex) -> np.ndarray:
         """``v``'s value for all steps, ``[T, B, F]``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unrolled.engines.compiled.kernels.blas import aligned, aligned_empty
+from unrolled.engines.compiled.kernels.blas import aligned, kept
 
 from .plan import Plan, Split
 
@@ -30,7 +30,7 @@ def derive(plan: Plan, names: dict[str, str], params: dict[str, np.ndarray], dty
     """Each split product's weight pieces, by the name the run binds them to (``names``: the
     generated code's name of each vertex): ``W_n``, ``WT_n``, and ``WX_n`` (one-hot columns plus
     bias) or ``WpT_n``; with ``backward``, ``Wp_n`` where the loop-free half's inputs want a gradient.
-    They are written into the arrays ``keep`` holds from the last run (``buffers.aligned``): a
+    They are written into the arrays ``keep`` holds from the last run (``buffers.kept``): a
     run's pieces serve that run only."""
     out: dict[str, np.ndarray] = {}
     for v in plan.of("core"):
@@ -41,12 +41,8 @@ def derive(plan: Plan, names: dict[str, str], params: dict[str, np.ndarray], dty
         out[f"W_{n}"] = Wc = aligned(column_view(W, s.core_cols), keep=keep, key=f"W_{n}")
         out[f"WT_{n}"] = aligned(Wc.T, keep=keep, key=f"WT_{n}")
         if s.tokens is not None:
-            shape = (len(s.pre_cols), v.size)
-            WX = keep.get(f"WX_{n}")
-            if WX is None or WX.shape != shape or WX.dtype != dtype:
-                WX = keep[f"WX_{n}"] = aligned_empty(shape, dtype)
+            WX = out[f"WX_{n}"] = kept(keep, f"WX_{n}", (len(s.pre_cols), v.size), dtype)
             np.add(column_view(W, s.pre_cols).T, params[s.bias] if s.bias else 0, out=WX)
-            out[f"WX_{n}"] = WX
         elif s.pre:
             out[f"WpT_{n}"] = aligned(column_view(W, s.pre_cols).T, keep=keep, key=f"WpT_{n}")
         if backward and wanted(plan, s):

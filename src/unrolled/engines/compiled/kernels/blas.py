@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from unrolled.graph.buffers import ALIGN, aligned, aligned_empty, aligned_zeros  # noqa: F401 (the fast path's buffers, re-exported)
+from unrolled.graph.buffers import ALIGN, aligned, aligned_empty, aligned_zeros, kept  # noqa: F401 (the fast path's buffers, re-exported)
 
 from . import onednn
 
