@@ -112,13 +112,38 @@ def test_start_rows_take_turns_round_by_round_and_report_their_medians():
             return {"cold_s": s, "warm_s": s / 2, "cold": {}, "warm": {}, "engine": label}
 
     rows = harness.start_rows(["unrolled"])
-    row = Runner().starts(None, rows, rounds=3)
+    row = Runner().starts(None, rows, rounds=3, own_rounds=3)
     assert order == ["unrolled", "unrolled-numpy"] * 3
     assert row["unrolled"]["cold_s"] == 0.6 and row["unrolled-numpy"]["warm_s"] == 0.35
     assert [r["cold_s"] for r in row["unrolled"]["rounds"]] == [0.6, 0.5, 0.9]
     harness._add_start_ratios(row)
     # the median of the rounds' ratios (1.2, 0.714, 1.125), not the ratio of the medians (0.6 / 0.7)
     assert row["unrolled"]["ratio_cold_s"]["unrolled-numpy"] == pytest.approx(1.125)
+
+
+def test_unrolleds_two_start_rows_take_more_rounds_and_ratios_pair_the_rounds_both_ran():
+    order = []
+
+    class Runner(harness._Runner):
+        def __init__(self):
+            self.seconds = {"unrolled": iter([1.0, 2.0, 3.0, 4.0, 5.0]), "unrolled-numpy": iter([1.0] * 5),
+                            "torch": iter([2.0, 4.0])}
+
+        def start(self, w, system, variant, extra_env):
+            label = "unrolled-numpy" if extra_env else system
+            order.append(label)
+            s = next(self.seconds[label])
+            return {"cold_s": s, "warm_s": s, "cold": {}, "warm": {}}
+
+    rows = [row for row in harness.start_rows(["unrolled", "torch"]) if row[0] != "torch-compile"]
+    row = Runner().starts(None, rows, rounds=2, own_rounds=5)
+    assert order == ["unrolled", "unrolled-numpy", "torch"] * 2 + ["unrolled", "unrolled-numpy"] * 3
+    assert len(row["unrolled-numpy"]["rounds"]) == 5 and len(row["torch"]["rounds"]) == 2
+    assert row["unrolled"]["cold_s"] == 3.0 and row["torch"]["cold_s"] == 3.0
+    harness._add_start_ratios(row)
+    assert row["unrolled"]["ratio_cold_s"]["unrolled-numpy"] == 3.0  # median of 1, 2, 3, 4, 5
+    assert row["unrolled"]["ratio_cold_s"]["torch"] == 0.5  # rounds 1 and 2 only: 1 / 2, 2 / 4
+    assert "the median of 2 or 5 rounds" in harness._render_start(harness.workloads.get("W6"), row)[0]
 
 
 def test_a_start_row_that_failed_in_any_round_reports_the_error():
@@ -130,6 +155,8 @@ def test_a_start_row_that_failed_in_any_round_reports_the_error():
 def test_start_rounds_must_be_at_least_one(capsys):
     assert harness.main(["W6", "--start-rounds", "0"]) == 2
     assert "--start-rounds >= 1" in capsys.readouterr().err
+    assert harness.main(["W6", "--own-start-rounds", "0"]) == 2
+    assert "--own-start-rounds >= 1" in capsys.readouterr().err
 
 
 def test_speedup_is_the_most_threads_over_one_thread():
