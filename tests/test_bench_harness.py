@@ -277,3 +277,29 @@ def test_splitcost_figures_an_update_from_when_its_parts_ran():
     assert got["part 0: products"] == 4.0 and got["part 0: step loops"] == 5.0 and got["part 0: weight copies"] == 0
     assert got["part 0: the rest (Python, small NumPy calls)"] == 2.2
     assert got["part 1: the rest (Python, small NumPy calls)"] == 11.5
+
+
+def test_steprows_names_the_row_counts_where_a_new_block_is_paid_for():
+    from benchmarks import steprows
+
+    us = {16: 9.8, 17: 12.9, 18: 13.0, 24: 14.0, 25: 17.1, 26: 17.1, 33: 21.3}
+    table = [{"rows": r, "forward_us": t} for r, t in us.items()]
+    assert steprows.block_edges(table) == [17, 25]  # 33 follows 26, not 32: no edge read across a gap
+
+
+def test_steprows_times_right_products_of_each_row_count_both_ways():
+    from benchmarks import steprows
+    from unrolled.engines.compiled.kernels import onednn
+
+    if onednn.SGEMM is None:
+        pytest.skip("oneDNN is not loaded")
+    table = steprows.measure(onednn.SGEMM, [1, 3], inner=4, outer=8, reps=2, rounds=1)
+    assert [r["rows"] for r in table] == [1, 3]
+    assert all(r[k] > 0 for r in table for k in ("forward_us", "back_us", "forward_gflops", "back_gflops"))
+
+
+def test_steprows_refuses_a_backward_row_range():
+    from benchmarks import steprows
+
+    with pytest.raises(SystemExit):
+        steprows.main(["--rows", "9-8"])
