@@ -301,7 +301,8 @@ class _Runner:
 
     def starts(self, w, rows, rounds: int, own_rounds: int) -> dict:
         """W6: every row's cold and warm start, `rounds` times (unrolled's rows `own_rounds` times, at
-        least `rounds`), the rows taking turns within a round.
+        least `rounds`), the rows taking turns within a round, in the opposite order every other
+        round: no row always starts right after the same one (after a long compile, say).
 
         One start is a process of well under a second, and two of the same
         engine differ by a tenth of that from run to run; turns let a drift of
@@ -313,7 +314,7 @@ class _Runner:
         and their starts are short enough to take more rounds."""
         samples = {label: [] for label, *_ in rows}
         for i in range(max(rounds, own_rounds)):
-            for label, system, variant, extra_env in rows:
+            for label, system, variant, extra_env in (rows if i % 2 == 0 else rows[::-1]):
                 if i < (max(rounds, own_rounds) if system == SUBJECT else rounds):
                     samples[label].append(self.start(w, system, variant, extra_env))
         return {label: start_summary(runs) for label, runs in samples.items()}

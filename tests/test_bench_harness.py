@@ -113,7 +113,7 @@ def test_start_rows_take_turns_round_by_round_and_report_their_medians():
 
     rows = harness.start_rows(["unrolled"])
     row = Runner().starts(None, rows, rounds=3, own_rounds=3)
-    assert order == ["unrolled", "unrolled-numpy"] * 3
+    assert order == ["unrolled", "unrolled-numpy", "unrolled-numpy", "unrolled", "unrolled", "unrolled-numpy"]
     assert row["unrolled"]["cold_s"] == 0.6 and row["unrolled-numpy"]["warm_s"] == 0.35
     assert [r["cold_s"] for r in row["unrolled"]["rounds"]] == [0.6, 0.5, 0.9]
     harness._add_start_ratios(row)
@@ -137,7 +137,8 @@ def test_unrolleds_two_start_rows_take_more_rounds_and_ratios_pair_the_rounds_bo
 
     rows = [row for row in harness.start_rows(["unrolled", "torch"]) if row[0] != "torch-compile"]
     row = Runner().starts(None, rows, rounds=2, own_rounds=5)
-    assert order == ["unrolled", "unrolled-numpy", "torch"] * 2 + ["unrolled", "unrolled-numpy"] * 3
+    assert order == ["unrolled", "unrolled-numpy", "torch", "torch", "unrolled-numpy", "unrolled",
+                     "unrolled", "unrolled-numpy", "unrolled-numpy", "unrolled", "unrolled", "unrolled-numpy"]
     assert len(row["unrolled-numpy"]["rounds"]) == 5 and len(row["torch"]["rounds"]) == 2
     assert row["unrolled"]["cold_s"] == 3.0 and row["torch"]["cold_s"] == 3.0
     harness._add_start_ratios(row)
