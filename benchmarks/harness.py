@@ -165,6 +165,8 @@ def run_child(args: list[str], env: dict, timeout: float) -> dict:
     out = _parse(proc)
     if "end_time" in out:   # W6: from the start of the fresh process to the end of its first update
         out["wall_s"] = out.pop("end_time") - spawned
+        if "marks" in out:  # when each of its steps ended, in seconds from the spawn
+            out["marks_s"] = {k: t - spawned for k, t in out.pop("marks").items()}
     if busy0 is not None and busy1 is not None and wall > 0:
         out["others_cpu"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
     return out
@@ -342,7 +344,9 @@ def start_summary(runs: list[dict]) -> dict:
     sometimes fails is not a start to compare."""
     first = runs[0]
     row = {key: first[key] for key in ("engine", "version", "cold", "warm") if key in first}
-    row["rounds"] = [{k: r.get(k) for k in ("cold_s", "warm_s")} for r in runs]
+    row["rounds"] = [{**{k: r.get(k) for k in ("cold_s", "warm_s")},
+                      **{f"{k}_marks_s": r[k]["marks_s"] for k in ("cold", "warm") if "marks_s" in r.get(k, {})}}
+                     for r in runs]
     failed = [r for r in runs if "error" in r]
     if failed:
         row["error"] = failed[0]["error"]

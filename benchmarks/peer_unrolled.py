@@ -50,12 +50,15 @@ def run(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
 
 
 def _first_update(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
-    """W6: the default character model's first update; the harness times it from the process's start."""
+    """W6: the default character model's first update; the harness times it from the process's start,
+    and each step's end (``marks``, wall-clock seconds) shows where a slow start spent its time."""
+    marks = {"worker": time.time()}  # the interpreter, the worker's imports and the corpus
     from unrolled.charlm import model as charmodel
     from unrolled.engines.registry import make_engine
     from unrolled.train.clip import clip_by_global_norm
     from unrolled.train.optim import make_optimizer
 
+    marks["imports"] = time.time()
     model, train = charmodel.ModelConfig(vocab_size=corpus.V), charmodel.TrainConfig()
     assert (model.cell, model.hidden, model.layers, train.seq, train.batch) == (
         workload.cell, workload.hidden, workload.layers, workload.T, workload.B), "W6 is the default model"
@@ -64,17 +67,19 @@ def _first_update(workload: Workload, corpus: Corpus, protocol: Protocol) -> dic
     engine = make_engine(g)
     optimizer = make_optimizer(train.optimizer, train.lr)
     x, y = Chunks(corpus, train.seq, train.batch).next()
+    marks["model"] = time.time()
     r = engine.run(params, {charmodel.INPUT_NAME: x, charmodel.TARGET_NAME: y})
+    marks["run"] = time.time()
     clip_by_global_norm(r.grads, train.clip)
     optimizer.step(params, r.grads)
-    end_time = time.time()  # before asking the route, which may import Numba
+    end_time = marks["update"] = time.time()  # before asking the route, which may import Numba
     engine_used = _first_run(engine, train.batch)
     # The child compiling in the background would go on beside the next row's worker: wait for it
     # here, after the time is taken, so every row starts on a quiet machine.
     from unrolled.engines.compiled import background
 
     background.wait()
-    return {"end_time": end_time, "loss": float(r.loss), "engine": engine_used}
+    return {"end_time": end_time, "marks": marks, "loss": float(r.loss), "engine": engine_used}
 
 
 def _first_run(engine, B: int) -> str:

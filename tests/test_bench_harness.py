@@ -147,6 +147,14 @@ def test_unrolleds_two_start_rows_take_more_rounds_and_ratios_pair_the_rounds_bo
     assert "the median of 2 or 5 rounds" in harness._render_start(harness.workloads.get("W6"), row)[0]
 
 
+def test_a_start_row_keeps_each_rounds_step_marks():
+    runs = [{"cold_s": 0.5, "warm_s": 0.4, "cold": {"marks_s": {"run": 0.45}}, "warm": {"marks_s": {"run": 0.35}}},
+            {"cold_s": 0.6, "warm_s": 0.3, "cold": {}, "warm": {}}]
+    row = harness.start_summary(runs)
+    assert row["rounds"][0] == {"cold_s": 0.5, "warm_s": 0.4, "cold_marks_s": {"run": 0.45}, "warm_marks_s": {"run": 0.35}}
+    assert row["rounds"][1] == {"cold_s": 0.6, "warm_s": 0.3}
+
+
 def test_a_start_row_that_failed_in_any_round_reports_the_error():
     runs = [{"cold_s": 0.5, "warm_s": 0.4}, {"error": "worker exit 1: boom", "busy": True}]
     row = harness.start_summary(runs)
