@@ -117,6 +117,15 @@ def test_the_installed_onednn_is_found():
     assert onednn.version() == importlib.metadata.version(onednn.DISTRIBUTION)
 
 
+@pytest.mark.skipif(not INSTALLED, reason="the onednn-cpu-gomp wheel is not installed")
+def test_the_wheels_library_is_loaded_without_looking_for_the_systems(monkeypatch):
+    def system_lookup(name):  # runs ldconfig in a process of its own: every import would wait for it
+        raise AssertionError(f"looked for the system's {name} though the wheel's loads")
+
+    monkeypatch.setattr(onednn.ctypes.util, "find_library", system_lookup)
+    assert onednn._find() is not None
+
+
 def test_unrolled_onednn_0_turns_it_off():
     code = ("from unrolled.engines.compiled.kernels import blas, onednn\n"
             "import unrolled.engines.compiled.kernels.arrays as j\n"

@@ -37,19 +37,22 @@ import numpy as np
 DISTRIBUTION = "onednn-cpu-gomp"  # the wheel the fast extra installs: CPU only, GNU OpenMP threads
 
 
-def _library_paths() -> list[str]:
-    """Where ``libdnnl`` may be: the installed distribution's own file first, then the system's."""
-    found = []
+def _library_paths():
+    """Where ``libdnnl`` may be: the installed distribution's own files, then the system's. A
+    generator, asked for the next place only when the last one did not load: looking for the
+    system's library runs ``ldconfig`` in a process of its own, which every import of the engine
+    would otherwise wait for."""
+    seen = set()
     try:
         for f in importlib.metadata.files(DISTRIBUTION) or []:
-            if f.name.startswith("libdnnl.so"):
-                found.append(str(f.locate()))
+            if f.name.startswith("libdnnl.so") and str(f.locate()) not in seen:
+                seen.add(str(f.locate()))
+                yield str(f.locate())
     except importlib.metadata.PackageNotFoundError:
         pass
     system = ctypes.util.find_library("dnnl")
-    if system:
-        found.append(system)
-    return sorted(set(found), key=found.index)
+    if system and system not in seen:
+        yield system
 
 
 def _find():
