@@ -315,9 +315,10 @@ class _Runner:
         three ratios, each as uncertain as that, cannot tell which is ahead,
         and their starts are short enough to take more rounds."""
         samples = {label: [] for label, *_ in rows}
-        for i in range(max(rounds, own_rounds)):
+        own_rounds = max(rounds, own_rounds)
+        for i in range(own_rounds):
             for label, system, variant, extra_env in (rows if i % 2 == 0 else rows[::-1]):
-                if i < (max(rounds, own_rounds) if system == SUBJECT else rounds):
+                if i < (own_rounds if system == SUBJECT else rounds):
                     samples[label].append(self.start(w, system, variant, extra_env))
         return {label: start_summary(runs) for label, runs in samples.items()}
 

@@ -45,9 +45,10 @@ def _library_paths():
     seen = set()
     try:
         for f in importlib.metadata.files(DISTRIBUTION) or []:
-            if f.name.startswith("libdnnl.so") and str(f.locate()) not in seen:
-                seen.add(str(f.locate()))
-                yield str(f.locate())
+            path = str(f.locate())
+            if f.name.startswith("libdnnl.so") and path not in seen:
+                seen.add(path)
+                yield path
     except importlib.metadata.PackageNotFoundError:
         pass
     system = ctypes.util.find_library("dnnl")
