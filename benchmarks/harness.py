@@ -192,6 +192,7 @@ def _parse(proc: subprocess.CompletedProcess) -> dict:
 # per workload (BENCHMARKS.md: the fastest configuration a competent user reaches for).
 VARIANTS = {"torch": ("eager", "compile")}
 VARIANT_KINDS = {"train", "sample"}    # W5 (memory) and W6 (start) take each variant as it is
+SETTLE_ENV = {"UNROLLED_JIT": "0"}      # W6's settling start: the plain NumPy engine, nothing compiled
 SCALED = ("W2", "W3")                   # reported at every --scaling thread count too
 
 
@@ -250,14 +251,18 @@ class _Runner:
         self.a, self.log, self.flag_at, self.peak = a, log, flag_at, peak_gflops
         self.timeout = a.timeout or 300 + 3 * a.reps * a.seconds
 
-    def one(self, w, system: str, threads: int, variant: str = "", extra_env=None) -> dict:
+    def worker_args(self, w, system: str, threads: int, variant: str = "") -> list[str]:
+        """The worker's command line (after `python -m`) for one row."""
         a = self.a
-        if w.id not in COVERS[system]:
-            return {"error": f"n/a: the {system} peer does not cover {w.id}"}
         args = ["benchmarks.worker", w.id, system, "--seconds", str(a.seconds), "--reps", str(a.reps),
                 "--warmup", str(a.warmup), "--threads", str(threads)]
         args += ["--variant", variant] if variant else []
-        args += ["--corpus", str(a.corpus)] if a.corpus else []
+        return args + (["--corpus", str(a.corpus)] if a.corpus else [])
+
+    def one(self, w, system: str, threads: int, variant: str = "", extra_env=None) -> dict:
+        if w.id not in COVERS[system]:
+            return {"error": f"n/a: the {system} peer does not cover {w.id}"}
+        args = self.worker_args(w, system, threads, variant)
         label = f"{w.id} {system}{' ' + variant if variant else ''} ({threads} thread{'s' * (threads > 1)})"
         self.log(f"{label} ...")
         t0 = time.perf_counter()
@@ -301,6 +306,20 @@ class _Runner:
             out[system] = {"variant": main.get("variant"), "threads": by, **_speedup(by)}
         return out
 
+    def settle(self, w) -> None:
+        """W6: one untimed start of the plain NumPy engine in a cache folder of its own, the same
+        before every timed start of every row.
+
+        A start runs slower right after a start that compiled for twenty seconds
+        than right after a short one (benchmarks/RESULTS.md, 2026-12-07 10:35):
+        without it, the engine's warm start, which follows its own cold start's
+        compile, paid for that in every round, and the plain NumPy engine's,
+        which follows a third of a second, never did. After a settling start
+        every timed start follows the same short process."""
+        with tempfile.TemporaryDirectory(prefix="unrolled-bench-settle-") as tmp:
+            env = {**child_env(self.a.threads), **SETTLE_ENV, **cache_env(Path(tmp))}
+            run_child(self.worker_args(w, SUBJECT, self.a.threads), env, self.timeout)
+
     def starts(self, w, rows, rounds: int, own_rounds: int) -> dict:
         """W6: every row's cold and warm start, `rounds` times (unrolled's rows `own_rounds` times, at
         least `rounds`), the rows taking turns within a round, in the opposite order every other
@@ -323,10 +342,13 @@ class _Runner:
         return {label: start_summary(runs) for label, runs in samples.items()}
 
     def start(self, w, system: str, variant: str, extra_env: dict) -> dict:
-        """W6: a fresh process with empty compile caches, then one more with the caches it left."""
+        """W6: a fresh process with empty compile caches, then one more with the caches it left,
+        each right after the same untimed settling start (:meth:`settle`)."""
         with tempfile.TemporaryDirectory(prefix="unrolled-bench-cache-") as tmp:
             env = {**extra_env, **cache_env(Path(tmp))}
+            self.settle(w)
             cold = self.one(w, system, self.a.threads, variant, env)
+            self.settle(w)
             warm = self.one(w, system, self.a.threads, variant, env)
         row = {"cold_s": cold.get("wall_s"), "warm_s": warm.get("wall_s"), "cold": cold, "warm": warm}
         for key in ("engine", "version"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -145,6 +146,30 @@ def test_unrolleds_two_start_rows_take_more_rounds_and_ratios_pair_the_rounds_bo
     assert row["unrolled"]["ratio_cold_s"]["unrolled-numpy"] == 3.0  # median of 1, 2, 3, 4, 5
     assert row["unrolled"]["ratio_cold_s"]["torch"] == 0.5  # rounds 1 and 2 only: 1 / 2, 2 / 4
     assert "the median of 2 or 5 rounds" in harness._render_start(harness.workloads.get("W6"), row)[0]
+
+
+def test_every_timed_start_follows_the_same_settling_start(monkeypatch):
+    """W6: a start right after a long compile runs slower, so every cold and warm start of every row
+    comes right after one untimed start of the plain NumPy engine, in a cache folder of its own."""
+    calls = []
+
+    def fake_child(args, env, timeout):
+        calls.append((args, env))
+        return {"wall_s": 0.3}
+
+    monkeypatch.setattr(harness, "run_child", fake_child)
+    a = SimpleNamespace(threads=2, seconds=1, reps=1, warmup=0, corpus=None, timeout=60)
+    runner = harness._Runner(a, lambda line: None, 3.9, None)
+    for system in ("torch", "unrolled"):
+        calls.clear()
+        row = runner.start(harness.workloads.get("W6"), system, "", {})
+        assert row["cold_s"] == row["warm_s"] == 0.3
+        settles, timed = calls[0::2], calls[1::2]
+        assert [args[2] for args, _ in timed] == [system, system]
+        for args, env in settles:
+            assert args[1:3] == ["W6", "unrolled"] and env["UNROLLED_JIT"] == "0"
+        folders = [Path(env["UNROLLED_CACHE"]).parent for _, env in calls]
+        assert folders[1] == folders[3] and len({folders[0], folders[1], folders[2]}) == 3  # warm reuses cold's
 
 
 def test_a_start_row_keeps_each_rounds_step_marks():
