@@ -192,7 +192,7 @@ def _parse(proc: subprocess.CompletedProcess) -> dict:
 # per workload (BENCHMARKS.md: the fastest configuration a competent user reaches for).
 VARIANTS = {"torch": ("eager", "compile")}
 VARIANT_KINDS = {"train", "sample"}    # W5 (memory) and W6 (start) take each variant as it is
-SETTLE_ENV = {"UNROLLED_JIT": "0"}      # W6's settling start: the plain NumPy engine, nothing compiled
+PLAIN_NUMPY_ENV = {"UNROLLED_JIT": "0"}  # unrolled as the plain NumPy engine: nothing compiles
 SCALED = ("W2", "W3")                   # reported at every --scaling thread count too
 
 
@@ -317,7 +317,7 @@ class _Runner:
         which follows a third of a second, never did. After a settling start
         every timed start follows the same short process."""
         with tempfile.TemporaryDirectory(prefix="unrolled-bench-settle-") as tmp:
-            env = {**child_env(self.a.threads), **SETTLE_ENV, **cache_env(Path(tmp))}
+            env = {**child_env(self.a.threads), **PLAIN_NUMPY_ENV, **cache_env(Path(tmp))}
             run_child(self.worker_args(w, SUBJECT, self.a.threads), env, self.timeout)
 
     def starts(self, w, rows, rounds: int, own_rounds: int) -> dict:
@@ -389,7 +389,7 @@ def start_rows(systems) -> list[tuple[str, str, str, dict]]:
     """
     rows = {
         "unrolled": [("unrolled", "unrolled", "", {}),
-                     ("unrolled-numpy", "unrolled", "", {"UNROLLED_JIT": "0"})],
+                     ("unrolled-numpy", "unrolled", "", PLAIN_NUMPY_ENV)],
         "torch": [("torch", "torch", "eager", {}), ("torch-compile", "torch", "compile", {})],
         "jax": [("jax", "jax", "", {})],
     }

@@ -9,6 +9,7 @@ scaling table's speedup is the fastest thread count over one thread.
 from __future__ import annotations
 
 import ast
+import contextlib
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -170,6 +171,25 @@ def test_every_timed_start_follows_the_same_settling_start(monkeypatch):
             assert args[1:3] == ["W6", "unrolled"] and env["UNROLLED_JIT"] == "0"
         folders = [Path(env["UNROLLED_CACHE"]).parent for _, env in calls]
         assert folders[1] == folders[3] and len({folders[0], folders[1], folders[2]}) == 3  # warm reuses cold's
+
+
+def test_start_history_times_a_warm_start_after_each_history_in_turns():
+    from benchmarks import starthistory
+
+    log, seconds = [], iter([0.33, 0.30, 0.28, 0.32])
+
+    @contextlib.contextmanager
+    def new_round():
+        log.append("cache")
+        yield (lambda: log.append("timed") or next(seconds)), {
+            "after_compile": lambda: log.append("compile"), "after_short": lambda: log.append("short")}
+
+    rows = starthistory.rounds(2, new_round, settle=lambda: log.append("settle"))
+    assert log == ["cache", "compile", "settle", "timed", "short", "settle", "timed",
+                   "cache", "short", "settle", "timed", "compile", "settle", "timed"]
+    assert rows == [{"after_compile": 0.33, "after_short": 0.30}, {"after_short": 0.28, "after_compile": 0.32}]
+    out = starthistory.summary(rows)
+    assert out["ratio"] == pytest.approx((0.33 / 0.30 + 0.32 / 0.28) / 2) and out["after_short_s"] == pytest.approx(0.29)
 
 
 def test_a_start_row_keeps_each_rounds_step_marks():
