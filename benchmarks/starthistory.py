@@ -3,7 +3,7 @@
 W6 times fresh processes of well under a second, one after another. This
 measures whether what ran just before moves such a start: each round makes
 a warm cache for the engine (one cold start), then times the engine's warm
-start after each of two histories, in turns (the order flips every round):
+start after each of two histories, in turns (the order flips from round to round):
 
 - after a compile: a cold start of the engine in a throwaway cache, whose
   child compiles for tens of seconds (what the engine's warm row followed
@@ -38,7 +38,7 @@ HISTORIES = ("after_compile", "after_short")
 def rounds(n: int, new_round, settle=None) -> list[dict]:
     """``n`` rounds; ``new_round()`` is a context giving a round's ``(time_warm, histories)``: a
     warm start's seconds, and each history by name (an untimed call). Each history runs, then
-    ``settle`` (untimed) if given, then the timed warm start; the order flips every other round."""
+    ``settle`` (untimed) if given, then the timed warm start; the order flips from round to round."""
     out = []
     for i in range(n):
         with new_round() as (time_warm, histories):

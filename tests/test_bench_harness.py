@@ -2,8 +2,9 @@
 
 The harness reports, per workload, the fastest configuration of a peer that
 learned; the JAX peer must not wait for an update before dispatching the
-next (issue 19); W6's cold start must find every compile cache empty; the
-scaling table's speedup is the fastest thread count over one thread.
+next (issue 19); W6's cold start must find every compile cache empty, and
+every start of every row follows the same settling start; the scaling
+table's speedup is the fastest thread count over one thread.
 """
 
 from __future__ import annotations
