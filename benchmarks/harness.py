@@ -310,12 +310,12 @@ class _Runner:
         """W6: one untimed start of the plain NumPy engine in a cache folder of its own, the same
         before every timed start of every row.
 
-        A start runs slower right after a start that compiled for twenty seconds
+        A start runs slower right after a start whose child compiled everything
         than right after a short one (benchmarks/RESULTS.md, 2026-12-07 10:35):
         without it, the engine's warm start, which follows its own cold start's
         compile, paid for that in every round, and the plain NumPy engine's,
-        which follows a third of a second, never did. After a settling start
-        every timed start follows the same short process."""
+        which follows a short start, never did. After a settling start every
+        timed start follows the same short process."""
         with tempfile.TemporaryDirectory(prefix="unrolled-bench-settle-") as tmp:
             env = {**child_env(self.a.threads), **PLAIN_NUMPY_ENV, **cache_env(Path(tmp))}
             run_child(self.worker_args(w, SUBJECT, self.a.threads), env, self.timeout)

@@ -6,7 +6,7 @@ a warm cache for the engine (one cold start), then times the engine's warm
 start after each of two histories, in turns (the order flips from round to round):
 
 - after a compile: a cold start of the engine in a throwaway cache, whose
-  child compiles for tens of seconds (what the engine's warm row followed
+  child compiles every loop and kernel (what the engine's warm row followed
   in the harness before every start was settled);
 - after a short process: a cold start of the plain NumPy engine (what its
   warm row followed).
