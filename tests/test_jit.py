@@ -352,3 +352,26 @@ def test_float32_fast_functions_are_accurate_and_saturate(name):
     out = np.empty_like(special)
     getattr(jitkernels, name)(special, out)
     assert out[0, 0] == 1.0 and out[1, 0] == (-1.0 if name == "tanh" else 0.0) and np.isnan(out[2, 0])
+
+
+def test_the_plain_numpy_engine_never_imports_the_whole_run_module():
+    """With ``UNROLLED_JIT=0`` Numba is ruled out before the whole-run function is asked whether it
+    can run the graph: the plain NumPy engine's start does not import a module it can never use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from unrolled.charlm import model as m\n"
+        "from unrolled.engines.registry import make_engine\n"
+        "config = m.ModelConfig(vocab_size=5, hidden=8, layers=2)\n"
+        "engine = make_engine(m.build_graph(config))\n"
+        "x = np.arange(12).reshape(4, 3) % 5\n"
+        "r = engine.run(m.init_params(config, 0), {m.INPUT_NAME: x, m.TARGET_NAME: (x + 1) % 5})\n"
+        "assert np.isfinite(r.loss) and r.grads\n"
+        "assert 'not the whole-run function: UNROLLED_JIT=0 turns Numba off' in engine.explain(4, 3)\n"
+        "print('imported' if 'unrolled.engines.compiled.wholestep' in sys.modules else 'not imported')\n")
+    env = dict(os.environ, UNROLLED_JIT="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "not imported"

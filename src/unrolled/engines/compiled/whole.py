@@ -60,14 +60,22 @@ def step_macs(graph: Graph) -> int:
 
 
 def _whole_run(graph: Graph, jit, whole):
-    """The graph's WholeRun when it may take one (else None), and why not, in words (None when it may)."""
-    from . import wholestep
-
+    """The graph's WholeRun when it may take one (else None), and why not, in words (None when it may).
+    The whole-run module is imported only once Numba may run: with ``UNROLLED_JIT=0`` an engine's
+    start never pays for it."""
     if whole is False:
         return None, "whole=False"
     if whole == "auto" and jit != "auto":
         return None, f"jit={jit!r}: the whole-run function is chosen only with jit='auto'"
-    why = numba_refusal(True if whole is True else "auto", wholestep.unsupported(graph), "the whole-run function")
+
+    def unsupported():
+        from . import wholestep
+
+        return wholestep.unsupported(graph)
+
+    why = numba_refusal(True if whole is True else "auto", unsupported, "the whole-run function")
     if why is not None:
         return None, why
+    from . import wholestep
+
     return wholestep.WholeRun(graph), None

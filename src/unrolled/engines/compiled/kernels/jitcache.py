@@ -205,13 +205,18 @@ def numba_allowed(jit, unsupported: set[str], what: str) -> bool:
     return numba_refusal(jit, unsupported, what) is None
 
 
-def numba_refusal(jit, unsupported: set[str], what: str) -> str | None:
+def numba_refusal(jit, unsupported, what: str) -> str | None:
     """Why ``what`` may not run under Numba, in words (None: it may); :func:`numba_allowed`'s one rule,
-    kept here so that ``CompiledEngine.explain`` reports the very condition that decided."""
+    kept here so that ``CompiledEngine.explain`` reports the very condition that decided.
+
+    ``unsupported``: the ops ``what`` cannot run, or a function that finds them, called only where
+    Numba is not already ruled out (finding them may import the module of a path that needs Numba)."""
     if jit is False:
         return "jit=False"
     if jit is not True and jit_turned_off():
         return "UNROLLED_JIT=0 turns Numba off"
+    if callable(unsupported):
+        unsupported = unsupported()
     if unsupported:
         if jit is True:
             raise ValueError(f"{what} cannot run {', '.join(sorted(unsupported))}; use jit=False or 'auto'")
