@@ -146,9 +146,6 @@ def test_products_in_numba_take_any_view_blas_can_read(dtype, scale):
 def test_products_in_numba_without_numpys_blas():
     """Without NumPy's BLAS (and oneDNN) the products go to SciPy's BLAS when every operand is
     contiguous, else to loops: ``matmul`` and ``matmul_add`` each way, in a process of their own."""
-    import subprocess
-    import sys
-
     code = (
         "import numba, numpy as np\n"
         "import unrolled.engines.compiled.kernels.blas as b\n"
@@ -163,9 +160,7 @@ def test_products_in_numba_without_numpys_blas():
         "    o = np.full((5, 4), np.nan); f(x, y, o); assert np.allclose(o, x @ y)\n"
         "    o = np.ones((5, 4)); g(x, y, o); assert np.allclose(o, 1 + x @ y)\n"
         "print('ok')\n")
-    env = dict(os.environ, UNROLLED_ONEDNN="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert _python(code, UNROLLED_ONEDNN="0") == "ok"
 
 
 def test_numpy_blas_is_found_for_numpys_own_openblas():
@@ -357,9 +352,6 @@ def test_float32_fast_functions_are_accurate_and_saturate(name):
 def test_the_plain_numpy_engine_never_imports_the_whole_run_module():
     """With ``UNROLLED_JIT=0`` Numba is ruled out before the whole-run function is asked whether it
     can run the graph: the plain NumPy engine's start does not import a module it can never use."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, numpy as np\n"
         "from unrolled.charlm import model as m\n"
@@ -371,7 +363,15 @@ def test_the_plain_numpy_engine_never_imports_the_whole_run_module():
         "assert np.isfinite(r.loss) and r.grads\n"
         "assert 'not the whole-run function: UNROLLED_JIT=0 turns Numba off' in engine.explain(4, 3)\n"
         "print('imported' if 'unrolled.engines.compiled.wholestep' in sys.modules else 'not imported')\n")
-    env = dict(os.environ, UNROLLED_JIT="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert _python(code, UNROLLED_JIT="0") == "not imported"
+
+
+def _python(code: str, **env) -> str:
+    """What ``code`` prints, run in a fresh interpreter with ``env`` added to this one's environment."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "not imported"
+    return out.stdout.strip()
