@@ -12,6 +12,8 @@ load any native library (the BLAS bindings live in blas.py and onednn.py).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 ALIGN = 64  # bytes: a cache line, and one AVX-512 register
@@ -20,7 +22,8 @@ ALIGN = 64  # bytes: a cache line, and one AVX-512 register
 def aligned_empty(shape, dtype) -> np.ndarray:
     """An uninitialized C-contiguous array whose data starts on a cache line."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # math.prod: NumPy's prod of a tuple builds an array and runs a reduction, many times the cost
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start:start + nbytes].view(dtype).reshape(shape)
