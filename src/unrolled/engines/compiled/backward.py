@@ -286,10 +286,11 @@ class Run(ForwardRun):
             self._add_grad(target, self.bind[f"GX_{w.names[target.name]}"])
         for name, D in p.depth.items():
             if p.phase[name] == "core":
-                GH = self.bind[f"GH_{w.names[name]}"]
-                ring = w.in_ring(self.g.vertices[name])
-                first = GH[[slot(k, D, ring) for k in range(D)]]
-                self.init_grads[name] = self.init_grads.get(name, 0) + first
+                # the initial states' slots, 0 .. D-1 in a ring (slot(k) = k for k < D) as in a history;
+                # a view: _finish copies it out
+                first = self.bind[f"GH_{w.names[name]}"][:D]
+                ig = self.init_grads.get(name)
+                self.init_grads[name] = first if ig is None else ig + first
 
     def _finish(self, result: RunResult, combine: str) -> None:
         g, f, T = self.g, self.f, self.T
