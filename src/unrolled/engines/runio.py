@@ -363,6 +363,23 @@ def parameter_copies(graph: Graph, T: int, given_init) -> dict[str, int]:
     return out
 
 
+class CopyCounts:
+    """:func:`parameter_copies` of one graph, counted once for each ``(T, given_init)``: an engine
+    divides by them on every run with ``combine="mean"``, and its graph cannot change under it
+    (:class:`Binding`)."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self._counts: dict[tuple, dict[str, int]] = {}
+
+    def __call__(self, T: int, given_init: frozenset) -> dict[str, int]:
+        key = (T, given_init)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = parameter_copies(self.graph, T, given_init)
+        return counts
+
+
 @dataclass(frozen=True)
 class Binding:
     """The graph an engine was made for, as it was then: a run refuses the graph once it has changed.

@@ -11,7 +11,7 @@ import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import aligned_empty, aligned_zeros, kept, product
 from unrolled.engines.compiled.kernels.libraries import weight_gradient
-from unrolled.engines.runio import RunResult, as_state, parameter_copies
+from unrolled.engines.runio import RunResult, as_state
 from unrolled.graph.folded import Param, Vertex
 from unrolled.graph.ops import unbroadcast
 
@@ -303,10 +303,10 @@ class Run(ForwardRun):
             self.init_grads[name] = ig
             if v.init == "learned" and name not in f.given_init:
                 self.grads[g.init_param_name(name)] += ig.sum(axis=(0, 1))
-        copies = self._copies() if combine == "mean" else {}
+        copies = self.loops.copies(T, f.given_init) if combine == "mean" else {}
         for name, grad in self.grads.items():
             if copies.get(name):
-                grad = grad / copies[name]
+                grad /= copies[name]  # the run's own array, made in backward()
             result.grads[name] = grad.astype(self.dtype, copy=False)
         for v in g.inputs:
             if v.kind == "input":
@@ -315,6 +315,3 @@ class Run(ForwardRun):
                                               else np.array(gx, dtype=self.dtype))
         for name, ig in self.init_grads.items():
             result.init_grads[name] = as_state(np.array(ig, dtype=self.dtype))
-
-    def _copies(self) -> dict[str, int]:
-        return parameter_copies(self.g, self.T, self.f.given_init)

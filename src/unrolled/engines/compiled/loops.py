@@ -17,7 +17,7 @@ import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import product
 from unrolled.engines.compiled.kernels.jitcache import jit_turned_off, load_jit_loops, load_module, numba_refusal
-from unrolled.engines.runio import Feeds, RunResult
+from unrolled.engines.runio import CopyCounts, Feeds, RunResult
 from unrolled.graph.folded import Graph, Vertex
 from unrolled.graph.ops import ELEMENTWISE
 
@@ -44,6 +44,7 @@ class StepLoops:
         self.graph = graph
         self.chunk_steps = chunk_steps
         self.plan = plan(graph)
+        self.copies = CopyCounts(graph)  # combine="mean"'s divisors, per (T, given_init)
         self.jit = jit
         self.jit_why = _jit_refusal(jit, self.plan)  # why the Numba loop may not run, or None
         self.fuse_why = _fuse_refusal(jit)  # why the NumPy loop calls no fused kernels, or None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unrolled.engines.runio import Feeds, RunResult, parameter_copies, prepare
+from unrolled.engines.runio import CopyCounts, Feeds, RunResult, prepare
 from unrolled.graph.folded import Graph, Param, Vertex
 
 from .backward import Run
@@ -143,6 +143,7 @@ class StagedRun:
         self.graph = graph
         self.stages = [(st, StepLoops(st.graph.check(), jit=jit, chunk_steps=chunk_steps)) for st in parts]
         self.code = "\n".join(loops.code for _, loops in self.stages)
+        self.copies = CopyCounts(graph)  # combine="mean"'s divisors, per (T, given_init)
 
     @property
     def cores(self) -> list[StepLoops]:
@@ -223,12 +224,13 @@ class StagedRun:
                 for k, grad in r.grads.items():
                     result.grads[k] = grad if k not in result.grads else result.grads[k] + grad
         if backward:
-            result.grads = {k: result.grads.get(k, np.zeros(p.shape, dtype=feeds.dtype))  # unused ones get zeros
+            grads = result.grads  # unused ones get zeros (made only for them)
+            result.grads = {k: grads[k] if k in grads else np.zeros(p.shape, dtype=feeds.dtype)
                             for k, p in self.graph.params.items()}
-            if combine == "mean":
-                copies = parameter_copies(self.graph, feeds.T, feeds.given_init)
-                result.grads = {k: (g / copies[k]).astype(feeds.dtype, copy=False) if copies.get(k) else g
-                                for k, g in result.grads.items()}
+            if combine == "mean":  # every array here is this run's own: a stage's, a sum or zeros
+                for k, c in self.copies(feeds.T, feeds.given_init).items():
+                    if c:
+                        result.grads[k] /= c
             for v in self.graph.inputs:
                 if v.kind == "input":
                     parts = [r.input_grads[v.name] for _, _, r in runs if v.name in r.input_grads]

@@ -39,7 +39,7 @@ import re
 import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import aligned_empty, aligned_zeros
-from unrolled.engines.runio import Feeds, RunResult, as_state, parameter_copies, scan_feeds
+from unrolled.engines.runio import CopyCounts, Feeds, RunResult, as_state, scan_feeds
 from unrolled.graph.folded import Graph, Param, Vertex
 from unrolled.graph.ops import ELEMENTWISE, OPS
 
@@ -75,7 +75,7 @@ class WholeRun:
         self.arguments = _arguments(self.code)  # the workspace arrays, after the feeds
         self._fn = None
         self._workspaces: dict[tuple, _Workspace] = {}
-        self._copy_counts: dict[tuple, dict[str, int]] = {}
+        self._copies = CopyCounts(graph)
 
     def locate(self, v: Vertex) -> tuple[str, str, int | None]:
         """Where ``v``'s steps live: (array kind, short name, first step's row). A vertex read through
@@ -143,12 +143,6 @@ class WholeRun:
         r.grads = grads
         r.input_grads = {name: view.copy() for name, view in views.input_grads}
         return r
-
-    def _copies(self, T: int, given_init: frozenset) -> dict[str, int]:
-        key = (T, given_init)
-        if key not in self._copy_counts:
-            self._copy_counts[key] = parameter_copies(self.g, T, given_init)
-        return self._copy_counts[key]
 
 
 def _feeds(w: WholeRun) -> list[tuple[str, str, str]]:
