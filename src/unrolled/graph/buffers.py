@@ -19,13 +19,19 @@ import numpy as np
 ALIGN = 64  # bytes: a cache line, and one AVX-512 register
 
 
+def address(a: np.ndarray) -> int:
+    """Where ``a``'s data start, as a C pointer takes it: read from the array interface, which is
+    made in C, where ``a.ctypes`` builds a Python object on every call."""
+    return a.__array_interface__["data"][0]
+
+
 def aligned_empty(shape, dtype) -> np.ndarray:
     """An uninitialized C-contiguous array whose data starts on a cache line."""
     dtype = np.dtype(dtype)
     # math.prod: NumPy's prod of a tuple builds an array and runs a reduction, many times the cost
     nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
-    start = -raw.ctypes.data % ALIGN
+    start = -address(raw) % ALIGN
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
@@ -52,7 +58,7 @@ def aligned(a: np.ndarray, dtype=None, keep: dict | None = None, key=None) -> np
 
     With ``keep``, the copy goes into :func:`kept`'s array ``keep[key]``."""
     dtype = a.dtype if dtype is None else np.dtype(dtype)
-    if a.dtype == dtype and a.flags.c_contiguous and a.ctypes.data % ALIGN == 0:
+    if a.dtype == dtype and a.flags.c_contiguous and address(a) % ALIGN == 0:
         return a
     out = aligned_empty(a.shape, dtype) if keep is None else kept(keep, key, a.shape, dtype)
     if a.ndim == 2 and abs(a.strides[0]) < abs(a.strides[1]):  # a transposed view, as of a weight

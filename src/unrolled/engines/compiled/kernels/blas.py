@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from unrolled.graph.buffers import ALIGN, aligned, aligned_empty, aligned_zeros, kept  # noqa: F401 (the fast path's buffers, re-exported)
+from unrolled.graph.buffers import ALIGN, address, aligned, aligned_empty, aligned_zeros, kept  # noqa: F401 (the fast path's buffers, re-exported)
 
 from . import onednn
 
@@ -158,8 +158,8 @@ def on_numpy_blas(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: boo
         return False
     gemm = GEMM[0] if a.dtype == np.float32 else GEMM[1]
     M, K = a.shape
-    gemm(ROW_MAJOR, ta, tb, M, b.shape[1], K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
-         1.0 if accumulate else 0.0, out.ctypes.data, ldo)
+    gemm(ROW_MAJOR, ta, tb, M, b.shape[1], K, 1.0, address(a), lda, address(b), ldb,
+         1.0 if accumulate else 0.0, address(out), ldo)
     return True
 
 
@@ -181,8 +181,8 @@ def product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, accumul
         to, ldo = lead(out)
         if ta and tb and to == NO_TRANS:
             M, K = a.shape
-            sgemm(_FLAG[ta], _FLAG[tb], M, b.shape[1], K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
-                  1.0 if accumulate else 0.0, out.ctypes.data, ldo)
+            sgemm(_FLAG[ta], _FLAG[tb], M, b.shape[1], K, 1.0, address(a), lda, address(b), ldb,
+                  1.0 if accumulate else 0.0, address(out), ldo)
             return out
     if out is None:
         return a @ b
