@@ -203,11 +203,9 @@ class Run(ForwardRun):
         loop's gradients of pre vertices through split products."""
         p, w, B = self.p, self.w, self.B
         rows = slice(t0 * B, t1 * B)
-        for v in p.of("core"):
+        for v in p.weighted():
             n = w.names[v.name]
-            if v.kind == "delay":
-                continue
-            if v.kind == "op" and not p.is_view(v) and w.has_full_grad(v) and v.name not in p.depth:
+            if not p.is_view(v) and w.has_full_grad(v) and v.name not in p.depth:
                 G = self.bind[f"GF_{n}"][:t1 - t0]
             elif v.name in p.depth:
                 D = p.depth[v.name]
@@ -223,7 +221,7 @@ class Run(ForwardRun):
                     self._pre_param_grads(v, s, Gf, t0, t1)
                 if s.bias:
                     self.grads[s.bias] += Gf.sum(axis=0)
-            elif v.kind == "op" and any(isinstance(a, Param) for a in v.args):
+            else:
                 args = [self.params[a.name] if isinstance(a, Param) else flat(self.value(a))[rows] for a in v.args]
                 gs = OPS[v.op].vjp(G.reshape(-1, v.size), args, flat(self.value(v))[rows],
                                    dict(v.attrs, dtype=self.dtype))

@@ -10,6 +10,8 @@ handed down to it: this module imports nothing above it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import kept, product
@@ -222,6 +224,7 @@ def slot(index: int, D: int, ring: bool) -> int:
     return index % (D + 1) if ring else index
 
 
+@functools.cache  # asked on every run: its import statement costs more than the lookup
 def row_kernels(numba_ok: bool):
     """(add_rows, scatter_add_rows): Numba's where the engine may use it; else NumPy's pick and no scatter
     (NumPy's ``add.at`` is slower than the dense product with the one-hot rows it would replace)."""

@@ -9,6 +9,8 @@ values the backward pass needs kept for every step.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 from unrolled.graph.folded import Graph, Param, Vertex
@@ -48,11 +50,12 @@ class Split:
     pre: list[tuple[Vertex, int, int]]  # (part, first column, last column + 1)
     core: list[tuple[Vertex, int, int]]
 
-    @property
+    # made once: a split is fixed once planned, and every run reads its columns
+    @functools.cached_property
     def core_cols(self) -> list[int]:
         return [c for _, a, b in self.core for c in range(a, b)]
 
-    @property
+    @functools.cached_property
     def pre_cols(self) -> list[int]:
         return [c for _, a, b in self.pre for c in range(a, b)]
 
@@ -98,6 +101,14 @@ class Plan:
         if key not in self.memo:
             self.memo[key] = [v for v in self.order if self.phase[v.name] == phase]
         return self.memo[key]
+
+    def weighted(self) -> list[Vertex]:
+        """The core's ops that read a parameter (the split products among them), in the loop's order:
+        those whose weight gradients the backward pass takes after the loop, over a chunk's rows; cached."""
+        if "weighted" not in self.memo:
+            self.memo["weighted"] = [v for v in self.of("core") if v.kind == "op" and (
+                v.name in self.split or any(isinstance(a, Param) for a in v.args))]
+        return self.memo["weighted"]
 
     def batched(self, phase: str) -> list[Vertex]:
         """Cached :meth:`_batched`."""
