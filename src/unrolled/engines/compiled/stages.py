@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unrolled.engines.runio import CopyCounts, Feeds, RunResult, prepare
+from unrolled.engines.runio import CopyCounts, Feeds, RunResult
 from unrolled.graph.folded import Graph, Param, Vertex
 
 from .backward import Run
@@ -132,6 +132,26 @@ def _param(g: Graph, p: Param) -> Param:
     return g.params[p.name] if p.name in g.params else g.param(p.name, p.shape, init=p.init)
 
 
+def stage_feeds(st: Stage, feeds: Feeds, values: dict[str, np.ndarray], params) -> Feeds:
+    """A stage's arrays, cut from the whole run's (which :func:`~unrolled.engines.runio.prepare` has
+    checked and converted): its inputs from ``values`` (the graph's inputs and what earlier stages
+    exported), its states' initial values (the last ``D`` of the whole history, for a stage that
+    reads a state less deep), its losses' masks and the whole batch's divisors. Nothing is checked
+    or converted again: every stage of every part of a row split would repeat the whole run's checks."""
+    g, delayed = st.graph, st.delayed
+    return Feeds(
+        T=feeds.T, B=feeds.B, dtype=feeds.dtype,
+        inputs={n: values[n] for n in st.imports},
+        init={k: feeds.init[k][len(feeds.init[k]) - D:] for k, D in delayed.items()},
+        masks={l.name: feeds.masks[l.name] for l in g.losses},
+        norms={l.name: feeds.norms[l.name] for l in g.losses},
+        final_state_grads={k: v for k, v in feeds.final_state_grads.items() if k in delayed},
+        output_grads={k: v for k, v in feeds.output_grads.items() if k in st.outputs},
+        given_init=frozenset(k for k in feeds.given_init if k in delayed),
+        params={k: params[k] for k in g.params},
+    )
+
+
 class StagedRun:
     """A graph of several recurrent cores run stage by stage, each stage on step loops of its own.
 
@@ -183,16 +203,8 @@ class StagedRun:
         values = dict(feeds.inputs)
         runs = []
         for (st, eng), pieces in zip(self.stages, shared):
-            g = eng.graph
-            sub = prepare(
-                g, {k: params[k] for k in g.params}, {n: values[n] for n in st.imports},
-                {k: v for k, v in feeds.init.items() if k in st.delayed and k in feeds.given_init},
-                {k: v for k, v in feeds.masks.items() if k in g.vertices}, steps=feeds.T, batch=feeds.B,
-                final_state_grads={k: v for k, v in feeds.final_state_grads.items() if k in st.delayed},
-                output_grads={k: v for k, v in feeds.output_grads.items() if k in st.outputs},
-                check_finite=False)  # the whole run's arrays were scanned
-            sub.norms = {k: feeds.norms[k] for k in sub.norms}  # a part of the rows keeps the batch's divisors
-            state = Run(eng, {k: params[k] for k in g.params}, sub, pieces, part)
+            sub = stage_feeds(st, feeds, values, params)
+            state = Run(eng, sub.params, sub, pieces, part)
             state.forward()
             r = state.collect()
             for n in st.exports:
