@@ -186,11 +186,14 @@ class ForwardRun:
             self.X[key] = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=1)
         return self.X[key]
 
-    def collect(self) -> RunResult:
+    def collect(self, outputs=None) -> RunResult:
+        """The run's result; ``outputs``: the names of the outputs to hand out (all the graph's when
+        None). A stage's exports are not among them: the next stage reads them in place."""
         g, T, f = self.g, self.T, self.f
         step_losses = {l.name: self.value(l.vertex)[:, :, 0] * f.masks[l.name] for l in g.losses}
         loss = sum(float(step_losses[l.name].sum(dtype=np.float64)) / f.norms[l.name] for l in g.losses)
-        outputs = {v.name: self._output(v) for v in g.outputs}
+        wanted = g.outputs if outputs is None else [g.vertices[n] for n in outputs]
+        outputs = {v.name: self._output(v) for v in wanted}
         finals = {}
         for name, D in self.p.depth.items():
             v = g.vertices[name]

@@ -206,9 +206,9 @@ class StagedRun:
             sub = stage_feeds(st, feeds, values, params)
             state = Run(eng, sub.params, sub, pieces, part)
             state.forward()
-            r = state.collect()
-            for n in st.exports:
-                values[n] = r.outputs[n]
+            r = state.collect(st.outputs)
+            for n in st.exports:  # read in place: nothing writes the stage's buffers before this run ends
+                values[n] = np.ascontiguousarray(state.value(eng.graph.vertices[n]))
             runs.append((st, state, r))
         if backward:
             sent: dict[str, np.ndarray] = {}  # gradients later stages send back, by vertex
