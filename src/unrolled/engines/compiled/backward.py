@@ -7,6 +7,8 @@ and each weight gradient is one product over a chunk's rows after it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from unrolled.engines.compiled.kernels.blas import aligned_empty, aligned_zeros, kept, product
@@ -135,7 +137,7 @@ class Run(ForwardRun):
         product(gf, self.params[W], out=history.reshape(T * B, x.size), accumulate=True)
         weight_gradient(gf, flat(self.value(x)), self.grads[W])
         if v.op == "linear":
-            self.grads[v.args[2].name] += gf.sum(axis=0)
+            add_column_sums(gf, self.grads[v.args[2].name])
         return True
 
     def _delay_backward(self, v: Vertex, g: np.ndarray) -> None:
@@ -220,7 +222,7 @@ class Run(ForwardRun):
                 if s.pre:
                     self._pre_param_grads(v, s, Gf, t0, t1)
                 if s.bias:
-                    self.grads[s.bias] += Gf.sum(axis=0)
+                    add_column_sums(Gf, self.grads[s.bias])
             else:
                 args = [self.params[a.name] if isinstance(a, Param) else flat(self.value(a))[rows] for a in v.args]
                 gs = OPS[v.op].vjp(G.reshape(-1, v.size), args, flat(self.value(v))[rows],
@@ -313,3 +315,17 @@ class Run(ForwardRun):
                                               else np.array(gx, dtype=self.dtype))
         for name, ig in self.init_grads.items():
             result.init_grads[name] = as_state(np.array(ig, dtype=self.dtype))
+
+
+def add_column_sums(G: np.ndarray, out: np.ndarray) -> None:
+    """``out += G.sum(axis=0)`` (a bias's gradient over all rows), as the product of a row of ones
+    and ``G`` added into ``out`` by BLAS itself: NumPy's reduction over rows adds row after row
+    into a new array, slower on a chunk's few thousand rows (benchmarks/RESULTS.md)."""
+    product(_ones_row(G.shape[0], G.dtype.str), G, out=out.reshape(1, -1), accumulate=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _ones_row(n: int, dtype: str) -> np.ndarray:
+    ones = np.ones((1, n), dtype=dtype)
+    ones.flags.writeable = False  # shared by every run of this many rows
+    return ones
