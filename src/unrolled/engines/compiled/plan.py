@@ -10,7 +10,6 @@ values the backward pass needs kept for every step.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 
 from unrolled.graph.folded import Graph, Param, Vertex
