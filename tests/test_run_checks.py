@@ -20,6 +20,7 @@ from helpers import GRAPHS, make_init_states, make_inputs, make_params
 from unrolled.engines.compiled.engine import CompiledEngine
 from unrolled.engines.reference import run as reference_run
 from unrolled.engines.registry import available_engines, make_engine
+from unrolled.engines.runio import scan_arrays
 from unrolled.graph.folded import Graph
 
 ENGINES = available_engines()
@@ -139,6 +140,21 @@ def test_large_finite_values_and_index_inputs_pass(engine, rng):
     masks = {l.name: np.full((T, B), 1e300) for l in g.losses}
     r = make_engine(g, engine).run(params, **dict(kw, masks=masks))
     assert np.isfinite(r.loss)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_scan_names_every_nonfinite_value_and_passes_overflowing_squares(dtype):
+    """The scan reads an array once, through its dot product with itself: values whose squares
+    overflow (1e30 in float32, 1e200 in float64) still pass, and a NaN, an infinity or a negative
+    infinity anywhere is named at its place."""
+    big = 1e30 if dtype == np.float32 else 1e200
+    scan_arrays({"W": np.full((3, 4), big, dtype=dtype), "b": np.array([-big, big], dtype=dtype)})
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in [(0, 0), (2, 3), (1, 2)]:
+            W = np.full((3, 4), 0.5, dtype=dtype)
+            W[at] = bad
+            with pytest.raises(ValueError, match=rf"parameter 'W' holds {bad} at \[{at[0]}, {at[1]}\]"):
+                scan_arrays({"W": W})
 
 
 # ------------------------------------------------------------------ parameters: lists, None, names

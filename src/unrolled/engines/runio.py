@@ -11,6 +11,7 @@ the caller passes is scanned once for NaN and infinities (``check_finite``).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -149,9 +150,14 @@ def _refuse_nonfinite(a, what: str, axes: str = "", hint: str = SKIP_HINT) -> No
 def _nonfinite(a: np.ndarray, axes: str = "") -> str | None:
     """Where ``a``'s first NaN or infinity is, in words (``axes`` names the index's parts), or None.
 
-    One pass (``np.isfinite``) over a float array; an integer array (an index
-    input) cannot hold either and is not read."""
-    if a.dtype.kind != "f" or np.isfinite(a).all():
+    One pass over a float array: its dot product with itself, which is NaN or infinite when any of
+    its numbers is (and, rarely, when the squares overflow: then ``np.isfinite`` decides); an integer
+    array (an index input) cannot hold either and is not read. The dot product reads the array at
+    BLAS's pace and makes no array of flags, as ``np.isfinite(a).all()`` does."""
+    if a.dtype.kind != "f":
+        return None
+    flat_a = a.reshape(-1)
+    if math.isfinite(float(np.vdot(flat_a, flat_a))) or np.isfinite(a).all():
         return None
     flat = int(np.flatnonzero(~np.isfinite(a))[0])
     where = ", ".join(str(int(i)) for i in np.unravel_index(flat, a.shape))
