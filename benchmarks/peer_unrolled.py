@@ -19,6 +19,7 @@ for W6's cold start).
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import numpy as np
@@ -28,10 +29,11 @@ from .protocol import Protocol, peak_rss_during, time_steps
 from .workloads import Workload
 
 
-def _graph(workload: Workload, V: int):
-    from unrolled.graph.folded import Graph
-    from unrolled.models import cells
-
+def _graph(workload: Workload, V: int, package: str = "unrolled"):
+    """The workload's model, built by ``package``'s graph layer (``benchmarks/revisions.py`` builds one
+    with an older copy of the package: an engine reads only its own package's graphs)."""
+    Graph = importlib.import_module(f"{package}.graph.folded").Graph
+    cells = importlib.import_module(f"{package}.models.cells")
     g = Graph(workload.name)
     x = g.one_hot(g.index_input("x", V), name="x1h")
     h = cells.stack(g, workload.cell, x, workload.hidden, workload.layers)

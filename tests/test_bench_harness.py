@@ -358,3 +358,23 @@ def test_steprows_refuses_a_backward_row_range():
 
     with pytest.raises(SystemExit):
         steprows.main(["--rows", "9-8"])
+
+
+def test_revisions_renames_the_package_s_imports_and_leaves_prose():
+    from benchmarks.revisions import renamed
+
+    text = ('"""Runs the unrolled graph. See unrolled.engines.runio."""\n'
+            "import unrolled\n"
+            "from unrolled import words\n"
+            "from unrolled.graph.folded import Graph\n"
+            "    from unrolled.engines.compiled.kernels.arrays import jit\n"
+            'HEAD = "from unrolled.engines.compiled.kernels.rows import *"\n'
+            "x = 1  # the graph is unrolled. Then\n")
+    assert renamed(text) == (
+        '"""Runs the unrolled graph. See unrolled_rev.engines.runio."""\n'
+        "import unrolled_rev\n"
+        "from unrolled_rev import words\n"
+        "from unrolled_rev.graph.folded import Graph\n"
+        "    from unrolled_rev.engines.compiled.kernels.arrays import jit\n"
+        'HEAD = "from unrolled_rev.engines.compiled.kernels.rows import *"\n'
+        "x = 1  # the graph is unrolled. Then\n")
