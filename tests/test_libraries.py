@@ -121,3 +121,26 @@ def test_one_thread_is_given_back_when_the_last_leaves():
         assert blas.numpy_blas_threads() == 2
     finally:
         put(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_transposed_copy_is_the_view_s_values_in_place_or_made_once(dtype):
+    """blas.aligned_copy: a weight's columns read as rows (a transposed view, rows apart by the
+    weight's width) come out as a contiguous, cache-line aligned array equal to the view, written
+    into the array kept under its key; anything else goes to buffers.aligned as before."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((7, 12)).astype(dtype)
+    keep = {}
+    for view in (W[:, 3:8].T, W.T):
+        out = blas.aligned_copy(view, keep, "k")
+        assert np.array_equal(out, view) and out.flags.c_contiguous and out.dtype == dtype
+        assert out.ctypes.data % blas.ALIGN == 0
+        assert keep["k"] is out and blas.aligned_copy(view, keep, "k") is out  # kept for the next run
+        keep.clear()
+    # not a transposed view: as buffers.aligned copies it (NumPy lays out W[:, cols] column-major,
+    # so its transpose is contiguous already)
+    for other in (W[:, 3:8], W[:, [0, 2, 5]].T):
+        out = blas.aligned_copy(other, keep, "p")
+        assert np.array_equal(out, other) and out.flags.c_contiguous
+    if blas.OMATCOPY is None:
+        pytest.skip("NumPy's BLAS has no omatcopy here: only the fallback ran")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unrolled.engines.compiled.kernels.blas import aligned, kept
+from unrolled.engines.compiled.kernels.blas import aligned, aligned_copy
 
 from .plan import Plan, Split
 
@@ -39,12 +39,13 @@ def derive(plan: Plan, names: dict[str, str], params: dict[str, np.ndarray], dty
             continue
         n, W = names[v.name], params[s.W]
         out[f"W_{n}"] = Wc = aligned(column_view(W, s.core_cols), keep=keep, key=f"W_{n}")
-        out[f"WT_{n}"] = aligned(Wc.T, keep=keep, key=f"WT_{n}")
+        out[f"WT_{n}"] = aligned_copy(Wc.T, keep, f"WT_{n}")
         if s.tokens is not None:
-            WX = out[f"WX_{n}"] = kept(keep, f"WX_{n}", (len(s.pre_cols), v.size), dtype)
-            np.add(column_view(W, s.pre_cols).T, params[s.bias] if s.bias else 0, out=WX)
+            WX = out[f"WX_{n}"] = aligned_copy(column_view(W, s.pre_cols).T, keep, f"WX_{n}")
+            if s.bias:
+                WX += params[s.bias]
         elif s.pre:
-            out[f"WpT_{n}"] = aligned(column_view(W, s.pre_cols).T, keep=keep, key=f"WpT_{n}")
+            out[f"WpT_{n}"] = aligned_copy(column_view(W, s.pre_cols).T, keep, f"WpT_{n}")
         if backward and wanted(plan, s):
             out[f"Wp_{n}"] = aligned(column_view(W, s.pre_cols), keep=keep, key=f"Wp_{n}")
     return out
