@@ -67,7 +67,9 @@ def offsets(parts) -> list[int]:
 
 
 def column_view(W: np.ndarray, cols: list[int]) -> np.ndarray:
-    """``W[:, cols]`` as a view when the columns are one run (BLAS takes its row stride), else a copy."""
-    if cols and cols == list(range(cols[0], cols[-1] + 1)):
+    """``W[:, cols]`` as a view when the columns are one run (BLAS takes its row stride), else a copy.
+    ``cols`` increase, as a split's do (plan.py numbers a concatenation's columns in order), so they
+    are one run when they span as many columns as they hold."""
+    if cols and cols[-1] - cols[0] + 1 == len(cols):
         return W[:, cols[0]: cols[-1] + 1]
     return W[:, cols]
