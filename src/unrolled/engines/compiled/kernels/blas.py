@@ -85,9 +85,8 @@ DGEMM = _checked(_find("d"), np.float64) if SGEMM is not None else None
 GEMM = (SGEMM, DGEMM) if SGEMM is not None and DGEMM is not None else None
 
 
-def _thread_count():
-    """``(get, set)`` of the thread count of the OpenBLAS that holds :data:`GEMM`, or None (another
-    BLAS, or none found)."""
+def _gemm_library():
+    """The shared library that holds :data:`GEMM` (NumPy's BLAS), whose other functions we call too; or None."""
     if GEMM is None:
         return None
     for path in _candidates():
@@ -95,15 +94,24 @@ def _thread_count():
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        if getattr(lib, GEMM[0].__name__, None) is None:
-            continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
-            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                put.restype, put.argtypes = None, [ctypes.c_int]
-                return get, put
+        if getattr(lib, GEMM[0].__name__, None) is not None:
+            return lib
+    return None
+
+
+def _thread_count():
+    """``(get, set)`` of the thread count of the OpenBLAS that holds :data:`GEMM`, or None (another
+    BLAS, or none found)."""
+    lib = _gemm_library()
+    if lib is None:
+        return None
+    for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+        get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+        put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+        if get is not None and put is not None:
+            get.restype, get.argtypes = ctypes.c_int, []
+            put.restype, put.argtypes = None, [ctypes.c_int]
+            return get, put
     return None
 
 
@@ -113,36 +121,28 @@ THREAD_COUNT = _thread_count()
 def _omatcopy():
     """``(somatcopy, domatcopy)`` of the OpenBLAS that holds :data:`GEMM` (its out-of-place matrix
     copy, transposing on the way), each checked on a small matrix, or None."""
-    if GEMM is None:
+    lib = _gemm_library()
+    if lib is None:
         return None
-    integer = GEMM[0].argtypes[3]
-    for path in _candidates():
+    integer, found = GEMM[0].argtypes[3], []
+    for kind, real in (("s", ctypes.c_float), ("d", ctypes.c_double)):
+        fn = next((getattr(lib, name) for name in (f"scipy_cblas_{kind}omatcopy64_", f"cblas_{kind}omatcopy64_",
+                                                   f"cblas_{kind}omatcopy") if hasattr(lib, name)), None)
+        if fn is None:
+            return None
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, integer, integer, real, ctypes.c_void_p, integer,
+                       ctypes.c_void_p, integer]
+        a = np.arange(6, dtype=np.float32 if kind == "s" else np.float64).reshape(2, 3)
+        out = np.zeros((3, 2), dtype=a.dtype)
         try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        if getattr(lib, GEMM[0].__name__, None) is None:
-            continue
-        found = []
-        for kind, real in (("s", ctypes.c_float), ("d", ctypes.c_double)):
-            fn = next((getattr(lib, name) for name in (f"scipy_cblas_{kind}omatcopy64_", f"cblas_{kind}omatcopy64_",
-                                                       f"cblas_{kind}omatcopy") if hasattr(lib, name)), None)
-            if fn is None:
-                return None
-            fn.restype = None
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, integer, integer, real, ctypes.c_void_p, integer,
-                           ctypes.c_void_p, integer]
-            a = np.arange(6, dtype=np.float32 if kind == "s" else np.float64).reshape(2, 3)
-            out = np.zeros((3, 2), dtype=a.dtype)
-            try:
-                fn(ROW_MAJOR, TRANS, 2, 3, 1.0, address(a), 3, address(out), 2)
-            except Exception:  # pragma: no cover - a foreign library
-                return None
-            if not np.array_equal(out, a.T):
-                return None
-            found.append(fn)
-        return tuple(found)
-    return None
+            fn(ROW_MAJOR, TRANS, 2, 3, 1.0, address(a), 3, address(out), 2)
+        except Exception:  # pragma: no cover - a foreign library
+            return None
+        if not np.array_equal(out, a.T):
+            return None
+        found.append(fn)
+    return tuple(found)
 
 
 OMATCOPY = _omatcopy()
