@@ -99,10 +99,12 @@ def _gemm_library():
     return None
 
 
-def _thread_count():
-    """``(get, set)`` of the thread count of the OpenBLAS that holds :data:`GEMM`, or None (another
-    BLAS, or none found)."""
-    lib = _gemm_library()
+GEMM_LIBRARY = _gemm_library()
+
+
+def _thread_count(lib):
+    """``(get, set)`` of the thread count of ``lib`` (the OpenBLAS that holds :data:`GEMM`), or None
+    (another BLAS, or none found)."""
     if lib is None:
         return None
     for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
@@ -115,13 +117,12 @@ def _thread_count():
     return None
 
 
-THREAD_COUNT = _thread_count()
+THREAD_COUNT = _thread_count(GEMM_LIBRARY)
 
 
-def _omatcopy():
-    """``(somatcopy, domatcopy)`` of the OpenBLAS that holds :data:`GEMM` (its out-of-place matrix
-    copy, transposing on the way), each checked on a small matrix, or None."""
-    lib = _gemm_library()
+def _omatcopy(lib):
+    """``(somatcopy, domatcopy)`` of ``lib`` (the OpenBLAS that holds :data:`GEMM`: its out-of-place
+    matrix copy, transposing on the way), each checked on a small matrix, or None."""
     if lib is None:
         return None
     integer, found = GEMM[0].argtypes[3], []
@@ -145,7 +146,7 @@ def _omatcopy():
     return tuple(found)
 
 
-OMATCOPY = _omatcopy()
+OMATCOPY = _omatcopy(GEMM_LIBRARY)
 
 
 def aligned_copy(a: np.ndarray, keep: dict, key) -> np.ndarray:
