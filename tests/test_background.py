@@ -2,7 +2,8 @@
 
 Each test turns the background on (conftest.py turns it off for every other
 test) with Numba allowed, and checks what a user relies on: the first run
-returns the reference engine's numbers without waiting for Numba, the engine
+returns the reference engine's numbers without waiting for Numba, the child
+starts with the second run of a kind (or at ``background.wait()``), the engine
 takes its own compiled route once the child is done, a failed child is said
 and the compile happens here instead, and the optimizers keep to NumPy while
 a child compiles.
@@ -38,20 +39,38 @@ def _case(rng, T=6, B=3):
     return g, make_params(g, rng), make_inputs(g, T, B, rng)
 
 
-def test_first_run_takes_numpy_then_the_compiled_route(in_background, rng):
+def test_first_runs_take_numpy_then_the_compiled_route(in_background, monkeypatch, rng):
     g, params, inputs = _case(rng)
     expected = reference_run(g, params, inputs)
+    started = []
+    real = background.Child
+    monkeypatch.setattr(background, "Child", lambda job: started.append(job) or real(job))
     engine = CompiledEngine(g)
     assert "plain NumPy loops" in engine.explain(6, 3, np.float64)
     first = engine.run(params, inputs)
-    assert engine.warm_start.numpy_runs == 1
+    assert (engine.warm_start.numpy_runs, len(started)) == (1, 0), "the first run starts no child"
     assert_agree(first, expected, 1e-10)
-    background.wait()
     second = engine.run(params, inputs)
-    assert engine.warm_start.numpy_runs == 1, "the child is done: the engine takes its own route"
+    assert (engine.warm_start.numpy_runs, len(started)) == (2, 1), "the second run starts the child"
     assert_agree(second, expected, 1e-10)
+    background.wait()
+    third = engine.run(params, inputs)
+    assert engine.warm_start.numpy_runs == 2, "the child is done: the engine takes its own route"
+    assert_agree(third, expected, 1e-10)
     assert "plain NumPy loops" not in engine.explain(6, 3, np.float64)
     assert engine.strategies(6, 3, np.float64) & {"whole", "numba_loop"}
+
+
+def test_wait_starts_the_child_of_a_kind_run_once(in_background, rng):
+    """A benchmark's set-up runs once and waits: the run after it is the compiled engine's own."""
+    g, params, inputs = _case(rng, B=2)
+    engine = CompiledEngine(g)
+    engine.run(params, inputs)
+    background.wait()
+    result = engine.run(params, inputs)
+    assert engine.warm_start.numpy_runs == 1
+    assert "plain NumPy loops" not in engine.explain(6, 2, np.float64)
+    assert_agree(result, reference_run(g, params, inputs), 1e-10)
 
 
 def test_a_failed_child_is_said_and_the_engine_compiles_here(in_background, monkeypatch, rng):
@@ -105,8 +124,9 @@ def test_one_job_one_child(in_background, monkeypatch, rng):
     real = background.Child
     monkeypatch.setattr(background, "Child", lambda job: started.append(job) or real(job))
     a, b = CompiledEngine(g), CompiledEngine(g)
-    a.run(params, inputs)
-    b.run(params, inputs)
+    for engine in (a, b, a, b):
+        engine.run(params, inputs)
+    background.wait()
     assert len(started) == 1
 
 

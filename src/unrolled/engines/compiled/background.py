@@ -5,13 +5,22 @@ kernels, which takes far longer than many updates on the plain NumPy loops;
 later processes load the machine code from the on-disk cache
 (:mod:`~unrolled.engines.compiled.kernels.jitcache`), and even that load
 costs more than one NumPy update. So a :class:`~.engine.CompiledEngine` made
-with ``jit="auto"`` does not wait: its first run of a kind (rows, precision,
-with or without the backward pass) goes to the NumPy loops, and starts a
-child process (:func:`main`) that makes the same engine and runs it once on
-zeros of the same shapes. The child's compilations land in the caches; once
-it has exited, the next run loads them and takes the engine's own route.
-With a warm cache the child only loads and exits. The optimizers' and the
-clipping's Numba passes follow the same rule (:func:`compiling`).
+with ``jit="auto"`` does not wait: its runs of a kind (rows, precision, with
+or without the backward pass) go to the NumPy loops, and the second of them
+starts a child process (:func:`main`) that makes the same engine and runs it
+once on zeros of the same shapes. The child's compilations land in the
+caches; once it has exited, the next run loads them and takes the engine's
+own route. With a warm cache the child only loads and exits. The optimizers'
+and the clipping's Numba passes follow the same rule (:func:`compiling`).
+
+The child waits for a second run because starting it costs the parent's own
+thread time (pickling the job, and ``subprocess``'s Python code, which takes
+the interpreter's lock from the work that follows the run):
+the first run, the first update a user waits for, runs exactly as the plain
+NumPy engine's would, and a process that runs a kind once (a look at a loss,
+a gradient check) starts no compile it would never use. :func:`wait` starts
+the children of kinds run once, so that after it every kind run so far takes
+its own route.
 
 The two agree to rounding (the agreement tests hold the NumPy loops to the
 reference engine), so a process whose first updates ran on NumPy differs in
@@ -48,6 +57,8 @@ _children: dict[str, Child] = {}  # one child per distinct job, shared by every 
 # (engine, kind) for every kind of run an engine still sends to NumPy: asked by every optimizer step,
 # so kept as one set rather than found by walking the engines
 _waiting: set[tuple[int, tuple]] = set()
+# engines with a kind run once and its child not started yet, for wait() to start
+_run_once: weakref.WeakSet[WarmStart] = weakref.WeakSet()
 
 
 def set_enabled(on: bool) -> None:
@@ -82,7 +93,10 @@ def _child_running() -> bool:
 
 
 def wait(timeout: float | None = None) -> None:
-    """Wait for every child (a benchmark's set-up does, so that it times the compiled code)."""
+    """Start the children of kinds run only once, and wait for every child: after it, every kind run so
+    far takes its engine's own route (a benchmark's set-up relies on it, to time the compiled code)."""
+    for warm in list(_run_once):
+        warm.start_children()
     for child in list(_children.values()):
         child.wait(timeout)
 
@@ -97,6 +111,7 @@ class WarmStart:
         self.graph, self.options = graph, options
         self._make_numpy_loops, self._numpy = numpy_loops, None
         self._jobs: dict[tuple, Child] = {}
+        self._once: dict[tuple, dict] = {}  # the job of each kind run once, its child not started yet
         self._ready: set[tuple] = set()
         self.numpy_runs = 0  # runs that went to the NumPy loops while a child compiled
         weakref.finalize(self, _forget, id(self))  # an engine dropped while waiting holds nothing back
@@ -125,19 +140,33 @@ class WarmStart:
         return True
 
     def run_numpy(self, feeds, combine: str, backward: bool):
-        """The run on the plain NumPy loops. The first of its kind has the cores to itself, and starts
-        the child when done (one child at a time: a second kind waits, and may find the work cached);
-        while a child runs, the products take one thread, as threads that wait for the core the child
-        holds make each product many times slower."""
+        """The run on the plain NumPy loops. Until its kind's child starts, a run has the cores to
+        itself; the second run of a kind starts the child when done (one child at a time: a second
+        kind waits, and may find the work cached). While a child runs, the products take one thread,
+        as threads that wait for the core the child holds make each product many times slower."""
         from .kernels.onednn import products_on_one_thread
 
         key = _kind(feeds.B, feeds.dtype, backward)
         if key not in self._jobs and not _child_running():
             result = self.numpy_loops().run(feeds.params, feeds, combine, backward)
-            self._jobs[key] = _child_for(self._job(feeds, combine, backward))
+            if key in self._once:
+                self._start(key)
+            else:
+                self._once[key] = self._job(feeds, combine, backward)
+                _run_once.add(self)
             return result
         with products_on_one_thread():
             return self.numpy_loops().run(feeds.params, feeds, combine, backward)
+
+    def start_children(self) -> None:
+        """Start the child of every kind run once so far (:func:`wait` does, before it waits)."""
+        for key in list(self._once):
+            self._start(key)
+
+    def _start(self, key: tuple) -> None:
+        self._jobs[key] = _child_for(self._once.pop(key))
+        if not self._once:
+            _run_once.discard(self)
 
     def pending(self, B: int, dtype, backward: bool = True) -> bool:
         """Whether a run of this kind would go to the NumPy loops now (``explain`` says so)."""
@@ -257,7 +286,7 @@ _starting: set[Child] = set()  # children whose thread has not started them yet
 @atexit.register
 def _finish_starting() -> None:
     """At exit, let each child's start finish: ``_thread``'s threads end with the interpreter, and a
-    process that ran one update and ended would otherwise leave its cache unfilled."""
+    process that ran a few updates and ended would otherwise leave its cache unfilled."""
     for child in list(_starting):
         child._started.wait(10)
 
