@@ -333,6 +333,7 @@ class _Runner:
         same first update and differ by a few percent at most: a median of
         three ratios, each as uncertain as that, cannot tell which is ahead,
         and their starts are short enough to take more rounds."""
+        compile_sources()
         samples = {label: [] for label, *_ in rows}
         own_rounds = max(rounds, own_rounds)
         for i in range(own_rounds):
@@ -358,6 +359,25 @@ class _Runner:
             row["error"] = cold.get("error") or warm.get("error")
         row["busy"] = bool(cold.get("busy") or warm.get("busy"))
         return row
+
+
+def compile_sources() -> list[Path]:
+    """W6: write the `.pyc` of unrolled's and the bench's own modules, as pip does when it installs a
+    package; returns the folders compiled.
+
+    The peers come from wheels, whose install compiled their modules. A source
+    checkout run where ``PYTHONDONTWRITEBYTECODE`` is set (some environments
+    set it for every process) never gets its `.pyc`, and every fresh process
+    would compile unrolled's modules from source again: a start no installed
+    unrolled makes."""
+    import compileall
+
+    import unrolled
+
+    folders = [Path(unrolled.__file__).parent, Path(__file__).parent]
+    for folder in folders:
+        compileall.compile_dir(folder, quiet=1)
+    return folders
 
 
 def start_summary(runs: list[dict]) -> dict:

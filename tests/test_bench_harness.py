@@ -93,6 +93,20 @@ def test_cold_start_points_every_cache_into_the_given_empty_folder(tmp_path):
     assert len({env[v] for v in ("UNROLLED_CACHE", "NUMBA_CACHE_DIR")}) == 2
 
 
+def test_starts_find_unrolleds_modules_compiled_as_an_installed_package_has_them():
+    """W6 compares with peers installed from wheels, whose `.pyc` pip wrote; a checkout where
+    PYTHONDONTWRITEBYTECODE is set would otherwise compile its modules in every fresh process."""
+    import importlib.util
+
+    import unrolled
+
+    folders = harness.compile_sources()
+    assert Path(unrolled.__file__).parent in folders and Path(harness.__file__).parent in folders
+    for source in (Path(unrolled.__file__), Path(unrolled.__file__).parent / "engines/compiled/engine.py",
+                   Path(harness.__file__)):
+        assert Path(importlib.util.cache_from_source(str(source))).is_file(), source
+
+
 def test_start_rows_include_the_plain_numpy_engine_and_both_torch_variants():
     rows = {label: (system, variant, env) for label, system, variant, env in
             harness.start_rows(["unrolled", "torch", "jax", "numpy"])}
