@@ -272,6 +272,30 @@ def test_engine_reuses_buffers_across_runs():
         assert_agree(reference_run(g, params, inputs), eng.run(params, inputs), 1e-10)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_run_leaves_the_callers_parameters_as_they_were(jit):
+    """A one-unit cell fed by tokens, its weight on a cache line: the engine's copy of the weight's
+    token columns, to which it adds the bias, is a copy even though those columns are laid out as
+    the copy would be (weights.derive, blas.aligned_copy)."""
+    from unrolled.engines.compiled.kernels.blas import aligned
+    from unrolled.models import cells
+
+    g = Graph("one-unit")
+    h = cells.elman(g, g.one_hot(g.index_input("tokens", 5), name="x"), 1)
+    y = g.output(g.linear(g.param("V", (3, 1)), h, g.param("c", (3,)), name="y"))
+    g.loss("cross_entropy", y, g.index_input("t", 3))
+    rng = np.random.default_rng(0)
+    params = {k: aligned(v) for k, v in g.init_params(rng).items()}
+    params["b"][:] = 0.5
+    before = {k: v.copy() for k, v in params.items()}
+    inputs = {"tokens": rng.integers(0, 5, (4, 2)), "t": rng.integers(0, 3, (4, 2))}
+    engine = CompiledEngine(g, jit=jit)
+    for _ in range(2):
+        assert_agree(reference_run(g, params, inputs), engine.run(params, inputs), 1e-10)
+    for k, v in params.items():
+        assert np.array_equal(v, before[k]), f"the run changed parameter {k}"
+
+
 def test_code_is_readable_and_per_copy_is_refused():
     from unrolled.models.small_networks import small_network
 

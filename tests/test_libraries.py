@@ -142,5 +142,9 @@ def test_a_transposed_copy_is_the_view_s_values_in_place_or_made_once(dtype):
     for other in (W[:, 3:8], W[:, [0, 2, 5]].T):
         out = blas.aligned_copy(other, keep, "p")
         assert np.array_equal(out, other) and out.flags.c_contiguous
+    # laid out as the copy would be already: still a copy, never the input (callers write it)
+    laid_out = blas.aligned(W[:, 3:8])
+    out = blas.aligned_copy(laid_out, keep, "q")
+    assert out is not laid_out and not np.shares_memory(out, laid_out) and np.array_equal(out, laid_out)
     if blas.OMATCOPY is None:
         pytest.skip("NumPy's BLAS has no omatcopy here: only the fallback ran")

@@ -61,6 +61,11 @@ def aligned(a: np.ndarray, dtype=None, keep: dict | None = None, key=None) -> np
     if a.dtype == dtype and a.flags.c_contiguous and address(a) % ALIGN == 0:
         return a
     out = aligned_empty(a.shape, dtype) if keep is None else kept(keep, key, a.shape, dtype)
+    return copy_into(out, a)
+
+
+def copy_into(out: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``a``'s values written into ``out`` (same shape); a transposed view in blocks of columns."""
     if a.ndim == 2 and abs(a.strides[0]) < abs(a.strides[1]):  # a transposed view, as of a weight
         for j in range(0, a.shape[1], TRANSPOSE_BLOCK):
             np.copyto(out[:, j:j + TRANSPOSE_BLOCK], a[:, j:j + TRANSPOSE_BLOCK])

@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from unrolled.graph.buffers import ALIGN, address, aligned, aligned_empty, aligned_zeros, kept  # noqa: F401 (the fast path's buffers, re-exported)
+from unrolled.graph.buffers import ALIGN, address, aligned, aligned_empty, aligned_zeros, copy_into, kept  # noqa: F401 (the fast path's buffers, re-exported)
 
 from . import onednn
 
@@ -150,18 +150,20 @@ OMATCOPY = _omatcopy(GEMM_LIBRARY)
 
 
 def aligned_copy(a: np.ndarray, keep: dict, key) -> np.ndarray:
-    """:func:`~unrolled.graph.buffers.aligned` ``(a, keep=keep, key=key)``; a transposed view (a
-    weight's columns read as rows) is copied by OpenBLAS's ``omatcopy`` where NumPy's BLAS is
-    OpenBLAS: its blocked transpose runs several times as fast as NumPy's copies of column blocks."""
-    if OMATCOPY is None or a.ndim != 2 or a.dtype not in (np.float32, np.float64):
-        return aligned(a, keep=keep, key=key)
-    t, ld = lead(a)
-    if t != TRANS or a.flags.c_contiguous:
-        return aligned(a, keep=keep, key=key)
+    """``a`` copied into :func:`kept`'s array ``keep[key]`` (C-contiguous, on a cache line): never
+    ``a`` itself, even where ``a`` is already laid out so (:func:`aligned` would return it), as the
+    caller may write the copy (a weight's token rows plus its bias). A transposed view (a weight's
+    columns read as rows) is copied by OpenBLAS's ``omatcopy`` where NumPy's BLAS is OpenBLAS: its
+    blocked transpose runs several times as fast as NumPy's copies of column blocks."""
     out = kept(keep, key, a.shape, a.dtype)
-    rows, cols = a.shape  # the source is a.T: cols x rows, rows ld apart
-    OMATCOPY[0 if a.dtype == np.float32 else 1](ROW_MAJOR, TRANS, cols, rows, 1.0, address(a), ld, address(out), cols)
-    return out
+    if OMATCOPY is not None and a.ndim == 2 and a.dtype in (np.float32, np.float64) and not a.flags.c_contiguous:
+        t, ld = lead(a)
+        if t == TRANS:
+            rows, cols = a.shape  # the source is a.T: cols x rows, rows ld apart
+            OMATCOPY[0 if a.dtype == np.float32 else 1](ROW_MAJOR, TRANS, cols, rows, 1.0, address(a), ld,
+                                                        address(out), cols)
+            return out
+    return copy_into(out, a)
 
 
 class _OneThread:
