@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -103,16 +104,19 @@ def _settle(run_once) -> None:
     run_once()
 
 
-def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
-    from unrolled.engines.registry import make_engine
-    from unrolled.train.clip import clip_by_global_norm, clip_by_value
-    from unrolled.train.optim import make_optimizer
+def trainer(workload: Workload, corpus: Corpus, seed: int, package: str = "unrolled") -> SimpleNamespace:
+    """A training workload's ``engine``, ``params`` and corpus ``chunks``, and ``step()``: one update
+    (the states carried from the last, the workload's clipping and optimizer), returning its loss.
+    ``package`` as in :func:`_graph`: ``benchmarks/revisions.py`` times an older copy of the
+    package's updates beside this one's, each as the bench times it."""
+    def module(name: str):
+        return importlib.import_module(f"{package}.{name}")
 
-    t0 = time.perf_counter()
-    g = _graph(workload, corpus.V)
-    params = g.init_params(protocol.seed, np.float32)
-    engine = make_engine(g)
-    optimizer = make_optimizer(workload.optimizer, workload.lr)
+    g = _graph(workload, corpus.V, package)
+    params = g.init_params(seed, np.float32)
+    engine = module("engines.registry").make_engine(g)
+    clip = module("train.clip")
+    optimizer = module("train.optim").make_optimizer(workload.optimizer, workload.lr)
     chunks = Chunks(corpus, workload.T, workload.B)
     carried = {"state": None}
 
@@ -121,12 +125,19 @@ def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
         r = engine.run(params, {"x": x, "target": y}, init_states=carried["state"])
         carried["state"] = r.final_states
         if workload.clip == "value":
-            clip_by_value(r.grads, workload.clip_at)
+            clip.clip_by_value(r.grads, workload.clip_at)
         elif workload.clip == "norm":
-            clip_by_global_norm(r.grads, workload.clip_at)
+            clip.clip_by_global_norm(r.grads, workload.clip_at)
         optimizer.step(params, r.grads)
         return r.loss
 
+    return SimpleNamespace(engine=engine, params=params, chunks=chunks, step=step)
+
+
+def _train(workload: Workload, corpus: Corpus, protocol: Protocol) -> dict:
+    t0 = time.perf_counter()
+    run = trainer(workload, corpus, protocol.seed)
+    engine, params, chunks, step = run.engine, run.params, run.chunks, run.step
     jit = engine.uses_jit(workload.B) if hasattr(engine, "uses_jit") else False
     extra = {"engine": engine.name + (" (numba loop)" if jit else " (numpy loop)"), "products": _products(engine, workload.B)}
     if workload.kind == "memory":

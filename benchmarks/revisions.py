@@ -34,10 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .corpus import Chunks
-from .peer_unrolled import _graph
+from . import peer_unrolled
 
 RENAMED = "unrolled_rev"
 _IMPORTS = re.compile(r"\bunrolled(?=\.[a-z_])|(?<=from )unrolled(?= import )|(?<=import )unrolled\b")
@@ -68,26 +65,10 @@ def extract(rev: str, into: Path, repo: Path) -> Path:
 
 
 def trainer(package: str, workload, corpus):
-    """``update()``: one training update of ``workload`` on ``package``'s engine, as peer_unrolled runs it."""
-    def module(name: str):
-        return importlib.import_module(f"{package}.{name}")
-
-    module("engines.compiled.background").set_enabled(False)  # compile here, before the timing
-    graph = _graph(workload, corpus.V, package)
-    params = graph.init_params(0, np.float32)
-    engine = module("engines.registry").make_engine(graph)
-    clip = module("train.clip").clip_by_global_norm
-    opt = module("train.optim").make_optimizer(workload.optimizer, workload.lr)
-    chunks, state = Chunks(corpus, workload.T, workload.B), {"carried": None}
-
-    def update() -> None:
-        x, y = chunks.next()
-        r = engine.run(params, {"x": x, "target": y}, init_states=state["carried"])
-        state["carried"] = r.final_states
-        clip(r.grads, workload.clip_at)
-        opt.step(params, r.grads)
-
-    return update
+    """``update()``: one training update of ``workload`` on ``package``'s engine, as the bench runs it
+    (:func:`~benchmarks.peer_unrolled.trainer`), compiled in this process before the timing."""
+    importlib.import_module(f"{package}.engines.compiled.background").set_enabled(False)
+    return peer_unrolled.trainer(workload, corpus, 0, package).step
 
 
 def in_turns(updates: dict, pairs: int, warmup: int) -> dict:
