@@ -178,6 +178,27 @@ def test_threads_that_stop_on_a_busy_machine_leave_the_rest_to_one(monkeypatch):
     assert_identical(one, two)
 
 
+def test_the_one_thread_loop_is_compiled_before_a_shared_run_needs_it(monkeypatch):
+    """The loop that finishes a run whose threads stopped is ready before the threads start: compiled
+    at its first use instead, a busy moment would stall that run while Numba compiles it. Readied,
+    it runs no step: the tokens are those of one thread."""
+    g = char_model(V=11, H=48, cell="lstm")
+    params = g.init_params(3, np.float32)
+    prime = np.array([[1, 2], [3, 4]])
+    gen = Generator(g, "tok", "y", jit=True, threads=2)
+    first_steps = []
+
+    def shared(fn, threads, args, real=feedsplit.run):
+        first_steps.append(len(gen._fn.signatures))  # what the one-thread loop has compiled by now
+        return real(fn, threads, args)
+
+    monkeypatch.setattr(feedsplit, "run", shared)
+    two = gen.run(params, length=50, prime=prime, rng=np.random.default_rng(2))
+    assert gen.ran_on == 2 and gen.alone_from is None and first_steps == [1]
+    one = Generator(g, "tok", "y", jit=True, threads=1).run(params, length=50, prime=prime, rng=np.random.default_rng(2))
+    assert_identical(one, two)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_thread_computes_its_columns_from_its_own_copy_as_from_the_whole_weights(rows, dtype):

@@ -80,6 +80,7 @@ class Generator:
         self.threads = threads
         self.split_code: dict[tuple[int, str], str] = {}  # the loop shared by threads, by (count, dtype)
         self._split_fns: dict[tuple[int, str], tuple] = {}
+        self._alone_ready: set[tuple[int, str]] = set()  # (rows, dtype) the one-thread loop is compiled for
         self.ran_on: int | None = None  # threads the last run took
         self.alone_from: int | None = None  # the step from which it went on alone, if its threads stopped
 
@@ -366,6 +367,7 @@ class Generator:
             with np.errstate(under="ignore", over="ignore"):
                 done = 0
                 if threads > 1 and not split_rows:
+                    self._ready_alone(head, bind, dtype)
                     fn, names = self._split(threads, dtype)
                     feedsplit.bind_columns(bind, names)
                     own = feedsplit.own_blocks(self, threads, hi - lo, dtype)
@@ -381,6 +383,19 @@ class Generator:
         parts = feedrows.run(rows, rowsplit.even(B, threads))
         out = np.concatenate([o for o, _ in parts], axis=1)
         return out, {k: np.concatenate([f[k] for _, f in parts], axis=-2) for k in parts[0][1]}
+
+    def _ready_alone(self, head: list, bind: dict, dtype) -> None:
+        """Compile (or load) the one-thread loop before a shared run needs it to finish alone.
+
+        Shared threads stop when the machine is too busy for them (kernels/spin.py), at any step
+        of any run, and the caller finishes on the one-thread loop. Compiled only then, its first
+        use would stall that run for as long as Numba takes (seconds, with an empty cache): the
+        fallback for a busy moment must be ready before the moment. Called with its first step at
+        its last (``T0 = N``), the loop is compiled for these arguments and runs no step."""
+        key = (head[-1].shape[0], np.dtype(dtype).name)
+        if self.use_jit and key not in self._alone_ready:
+            self._fn(head[0], *head, *[bind[n] for n in self.arg_names])
+            self._alone_ready.add(key)
 
     def _finals(self, bind: dict, steps: int) -> dict[str, np.ndarray]:
         """Each state after the last step, read from its ring (``[B, F]``, or ``[D, B, F]`` with D > 1)."""
