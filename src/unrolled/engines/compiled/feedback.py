@@ -80,7 +80,7 @@ class Generator:
         self.threads = threads
         self.split_code: dict[tuple[int, str], str] = {}  # the loop shared by threads, by (count, dtype)
         self._split_fns: dict[tuple[int, str], tuple] = {}
-        self._alone_ready: set[tuple[int, str]] = set()  # (rows, dtype) the one-thread loop is compiled for
+        self._alone_ready: set[str] = set()  # the dtypes the one-thread loop is compiled for (any rows)
         self.ran_on: int | None = None  # threads the last run took
         self.alone_from: int | None = None  # the step from which it went on alone, if its threads stopped
 
@@ -392,7 +392,7 @@ class Generator:
         use would stall that run for as long as Numba takes (seconds, with an empty cache): the
         fallback for a busy moment must be ready before the moment. Called with its first step at
         its last (``T0 = N``), the loop is compiled for these arguments and runs no step."""
-        key = (head[-1].shape[0], np.dtype(dtype).name)
+        key = np.dtype(dtype).name  # Numba compiles for the arguments' types, not their sizes
         if self.use_jit and key not in self._alone_ready:
             self._fn(head[0], *head, *[bind[n] for n in self.arg_names])
             self._alone_ready.add(key)
