@@ -320,6 +320,21 @@ class _Runner:
             env = {**child_env(self.a.threads), **PLAIN_NUMPY_ENV, **cache_env(Path(tmp))}
             run_child(self.worker_args(w, SUBJECT, self.a.threads), env, self.timeout)
 
+    def compile_aside(self, w) -> None:
+        """W6: an untimed cold start of the engine in a throwaway cache folder, whose child then
+        compiles every loop and kernel, as the engine's own cold start does before its warm start.
+
+        The plain NumPy engine's warm start follows it, so that the two rows
+        unrolled's warm start is judged by follow the same history: a compile,
+        then the settling start. The settle alone did not take the compile's
+        aftermath away: over the 135 paired rounds of fifteen full runs
+        (benchmarks/RESULTS.md, 2026-12-07 21:15), the engine's warm start was
+        the slower of the two in 85, its cold start, which both rows begin
+        alike, in 65."""
+        with tempfile.TemporaryDirectory(prefix="unrolled-bench-aside-") as tmp:
+            env = {**child_env(self.a.threads), **cache_env(Path(tmp))}
+            run_child(self.worker_args(w, SUBJECT, self.a.threads), env, self.timeout)
+
     def starts(self, w, rows, rounds: int, own_rounds: int) -> dict:
         """W6: every row's cold and warm start, `rounds` times (unrolled's rows `own_rounds` times, at
         least `rounds`), the rows taking turns within a round, in the opposite order every other
@@ -344,11 +359,14 @@ class _Runner:
 
     def start(self, w, system: str, variant: str, extra_env: dict) -> dict:
         """W6: a fresh process with empty compile caches, then one more with the caches it left,
-        each right after the same untimed settling start (:meth:`settle`)."""
+        each right after the same untimed settling start (:meth:`settle`); the plain NumPy
+        engine's warm start also after the engine's compile (:meth:`compile_aside`)."""
         with tempfile.TemporaryDirectory(prefix="unrolled-bench-cache-") as tmp:
             env = {**extra_env, **cache_env(Path(tmp))}
             self.settle(w)
             cold = self.one(w, system, self.a.threads, variant, env)
+            if system == SUBJECT and extra_env.get("UNROLLED_JIT") == PLAIN_NUMPY_ENV["UNROLLED_JIT"]:
+                self.compile_aside(w)
             self.settle(w)
             warm = self.one(w, system, self.a.threads, variant, env)
         row = {"cold_s": cold.get("wall_s"), "warm_s": warm.get("wall_s"), "cold": cold, "warm": warm}

@@ -188,6 +188,33 @@ def test_every_timed_start_follows_the_same_settling_start(monkeypatch):
         assert folders[1] == folders[3] and len({folders[0], folders[1], folders[2]}) == 3  # warm reuses cold's
 
 
+def test_the_plain_numpy_engines_warm_start_follows_the_engines_compile_too(monkeypatch):
+    """W6: the engine's warm start follows its cold start's compile; the plain NumPy engine's, which
+    its ratio is taken to, follows an untimed cold start of the engine (whose child compiles) in a
+    throwaway folder, then the settle: both rows' warm starts have the same history."""
+    calls = []
+
+    def fake_child(args, env, timeout):
+        calls.append((args, env))
+        return {"wall_s": 0.3}
+
+    monkeypatch.setattr(harness, "run_child", fake_child)
+    monkeypatch.delenv("UNROLLED_JIT", raising=False)  # the workers inherit the caller's environment
+    a = SimpleNamespace(threads=2, seconds=1, reps=1, warmup=0, corpus=None, timeout=60)
+    runner = harness._Runner(a, lambda line: None, 3.9, None)
+    row = runner.start(harness.workloads.get("W6"), "unrolled", "", harness.PLAIN_NUMPY_ENV)
+    assert row["cold_s"] == row["warm_s"] == 0.3
+    settle, cold, aside, settle2, warm = calls
+    for args, env in (settle, cold, settle2, warm):
+        assert env["UNROLLED_JIT"] == "0"
+    assert aside[0][1:3] == ["W6", "unrolled"] and aside[1].get("UNROLLED_JIT", "1") == "1"  # the engine
+    folder = {name: Path(env["UNROLLED_CACHE"]).parent for name, (_, env) in zip("sca2w", calls)}
+    assert folder["c"] == folder["w"] and len({folder["s"], folder["c"], folder["a"], folder["2"]}) == 4
+    calls.clear()
+    runner.start(harness.workloads.get("W6"), "unrolled", "", {})
+    assert len(calls) == 4  # the engine's own cold start compiles: nothing aside
+
+
 def test_start_history_times_a_warm_start_after_each_history_in_turns():
     from benchmarks import starthistory
 
