@@ -316,9 +316,7 @@ class _Runner:
         compile, paid for that in every round, and the plain NumPy engine's,
         which follows a short start, never did. After a settling start every
         timed start follows the same short process."""
-        with tempfile.TemporaryDirectory(prefix="unrolled-bench-settle-") as tmp:
-            env = {**child_env(self.a.threads), **PLAIN_NUMPY_ENV, **cache_env(Path(tmp))}
-            run_child(self.worker_args(w, SUBJECT, self.a.threads), env, self.timeout)
+        self._start_aside(w, PLAIN_NUMPY_ENV, "settle")
 
     def compile_aside(self, w) -> None:
         """W6: an untimed cold start of the engine in a throwaway cache folder, whose child then
@@ -331,8 +329,13 @@ class _Runner:
         (benchmarks/RESULTS.md, 2026-12-07 21:15), the engine's warm start was
         the slower of the two in 85, its cold start, which both rows begin
         alike, in 65."""
-        with tempfile.TemporaryDirectory(prefix="unrolled-bench-aside-") as tmp:
-            env = {**child_env(self.a.threads), **cache_env(Path(tmp))}
+        self._start_aside(w, {}, "aside")
+
+    def _start_aside(self, w, extra_env: dict, what: str) -> None:
+        """W6: one untimed start of unrolled in a cache folder of its own, thrown away after: run for
+        what it leaves the machine in (:meth:`settle`, :meth:`compile_aside`), not for its time."""
+        with tempfile.TemporaryDirectory(prefix=f"unrolled-bench-{what}-") as tmp:
+            env = {**child_env(self.a.threads), **extra_env, **cache_env(Path(tmp))}
             run_child(self.worker_args(w, SUBJECT, self.a.threads), env, self.timeout)
 
     def starts(self, w, rows, rounds: int, own_rounds: int) -> dict:
@@ -365,7 +368,7 @@ class _Runner:
             env = {**extra_env, **cache_env(Path(tmp))}
             self.settle(w)
             cold = self.one(w, system, self.a.threads, variant, env)
-            if system == SUBJECT and extra_env.get("UNROLLED_JIT") == PLAIN_NUMPY_ENV["UNROLLED_JIT"]:
+            if system == SUBJECT and extra_env == PLAIN_NUMPY_ENV:
                 self.compile_aside(w)
             self.settle(w)
             warm = self.one(w, system, self.a.threads, variant, env)
